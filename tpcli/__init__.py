@@ -1,0 +1,16 @@
+"""tpcli: tensor parallelism for Hugging Face transformers, from the command line.
+
+Importing `tpcli` is cheap (no torch, no transformers); `tpcli.load_model` is resolved lazily.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model"]
+
+
+def __getattr__(name: str):
+    if name == "load_model":
+        from .loading import load_model
+
+        return load_model
+    raise AttributeError(f"module 'tpcli' has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""The `tpcli` command line: parse flags, call the library, render. Nothing else lives here.
+
+Importing this module must stay cheap: torch and transformers are imported inside commands only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import TpcliError, UsageError
+
+app = typer.Typer(
+    name="tpcli",
+    help="Tensor parallelism for Hugging Face transformers: inspect, verify, shard, run, gather.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Option aliases shared by several commands.
+PlanOpt = Annotated[str | None, typer.Option("--plan", help="JSON plan file merged over the model's plan.")]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Cast while streaming: bf16, fp16 or fp32.")]
+
+
+def _version(value: bool):
+    if value:
+        print(f"tpcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+):
+    """Tensor parallelism for Hugging Face transformers."""
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be >= 1 (got {value}).")
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="Local model folder or hub id (org/name).")],
+    tp: Annotated[int | None, typer.Option("--tp", help="Show per-rank shapes and memory at this TP size.")] = None,
+    plan: PlanOpt = None,
+    revision: RevisionOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
+    _positive("--tp", tp)
+    from .inspection import inspect_model
+    from .render import print_json, render_inspect
+
+    report = inspect_model(model, tp=tp, plan_file=plan, revision=revision)
+    print_json(report) if json_out else render_inspect(report)
+
+
+@app.command()
+def verify(
+    target: Annotated[str, typer.Argument(help="Model folder / hub id (static, --numerics) or a sharded folder.")],
+    tp: Annotated[int | None, typer.Option("--tp", help="TP size to check (required for a model).")] = None,
+    plan: PlanOpt = None,
+    revision: RevisionOpt = None,
+    numerics: Annotated[bool, typer.Option("--numerics", help="Run TP workers on a fixed batch and compare logits.")] = False,
+    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max abs logit error (default fp32 1e-5, bf16/fp16 2e-2).")] = None,
+    gpus: Annotated[bool, typer.Option("--gpus", help="Run --numerics workers on GPUs (default: CPU/gloo).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Sharded folder: skip sha256 of the files.")] = False,
+    json_out: JsonOpt = False,
+):
+    """Catch a broken TP setup before it costs GPU hours."""
+    _positive("--tp", tp)
+    from . import verification
+    from .render import print_json, render_verify
+
+    result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
+                                 tolerance=tolerance, gpus=gpus, quick=quick, progress=not json_out)
+    print_json(result) if json_out else render_verify(result)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def shard(
+    model: Annotated[str, typer.Argument(help="Model folder, hub id, or a tpcli/DCP sharded folder (reshard).")],
+    tp: Annotated[int, typer.Option("--tp", help="Number of ranks to split into.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder (written atomically).")],
+    plan: PlanOpt = None,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+):
+    """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
+    _positive("--tp", tp)
+    from .render import print_json, render_shard
+    from .sharding import shard_checkpoint
+
+    result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision, force=force,
+                              progress=not json_out)
+    print_json(result) if json_out else render_shard(result)
+
+
+@app.command()
+def gather(
+    directory: Annotated[str, typer.Argument(help="A tpcli or transformers DCP sharded folder.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder for the merged checkpoint.")],
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output file, e.g. 5GB.")] = "5GB",
+    dtype: DtypeOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+):
+    """Merge per-rank shards into a standard checkpoint that from_pretrained loads without TP."""
+    from .gathering import gather_checkpoint
+    from .render import print_json, render_gather
+
+    result = gather_checkpoint(directory, out=out, max_shard_size=max_shard_size, dtype=dtype, force=force,
+                               progress=not json_out)
+    print_json(result) if json_out else render_gather(result)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    script: Annotated[str | None, typer.Argument(help="Python script (or use -m MODULE), then its arguments.")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="Workers on this many CUDA GPUs (nccl).")] = None,
+    cpu: Annotated[int | None, typer.Option("--cpu", help="Workers on CPU (gloo), GPUs hidden.")] = None,
+    module: Annotated[str | None, typer.Option("-m", "--module", help="Run a module instead of a script.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model or sharded folder: preflight it, export TPCLI_MODEL.")] = None,
+    plan: PlanOpt = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", help="Number of nodes.")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,
+    rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Rendezvous id shared by all nodes.")] = "tpcli",
+    max_restarts: Annotated[int, typer.Option("--max-restarts", help="torchrun restarts on failure.")] = 0,
+    log_dir: Annotated[str | None, typer.Option("--log-dir", help="Keep per-rank logs and error files here.")] = None,
+    tee: Annotated[str | None, typer.Option("--tee", help="torchrun --tee: 0 none, 1 stdout, 2 stderr, 3 both.")] = None,
+    ranks_filter: Annotated[str | None, typer.Option("--ranks-filter", help="Only show these local ranks, e.g. 0 or 0,1.")] = None,
+    skip_preflight: Annotated[bool, typer.Option("--skip-preflight", help="Do not check --model before spawning.")] = False,
+):
+    """Launch torchrun workers (one command), with preflight and clear failure reports."""
+    from .launch import LaunchSpec, launch
+    from .render import err_console
+
+    argv = list(ctx.args)
+    if module and script is not None:
+        argv.insert(0, script)
+        script = None
+    if (script is None) == (module is None):
+        raise UsageError("give exactly one of SCRIPT.py or -m MODULE.")
+    if gpus is not None and cpu is not None:
+        raise UsageError("--gpus and --cpu are exclusive; pick one.")
+    _positive("--gpus", gpus)
+    _positive("--cpu", cpu)
+    _positive("--nnodes", nnodes)
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node).")
+    spec = LaunchSpec(
+        script=script, module=module, args=argv, gpus=gpus, cpu=cpu if cpu is not None else (None if gpus else 1),
+        model=model, plan_file=plan, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+        rdzv_id=rdzv_id, max_restarts=max_restarts, log_dir=log_dir, tee=tee, ranks_filter=ranks_filter,
+        preflight=not skip_preflight,
+    )
+    code = launch(spec, report=lambda line: err_console.print(line, highlight=False))
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point: run the app, render TpcliError once as a one-line message."""
+    try:
+        app(standalone_mode=False)
+    except TpcliError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort,):
+        _fail("aborted", 1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+def _fail(message: str, code: int) -> None:
+    if os.environ.get("TPCLI_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(code)

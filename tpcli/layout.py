@@ -1,0 +1,79 @@
+"""Slicing maths: which global indices of a tensor each rank holds, computed by DTensor's own placement code.
+
+For a placement `p` over `W` ranks, `p._split_tensor(arange(N), W)` returns exactly the indices DTensor puts on
+each rank, so tpcli never re-derives `torch.chunk` rounding (chunk = ceil(N/W); trailing ranks may be short or
+empty) nor the `_StridedShard` interleave (rank r holds chunk r of each of the `sf` groups).
+
+A rank's slice of dimension `dim` is a list of half-open runs `[(start, stop), ...]`; one run for `Shard`,
+up to `sf` runs for `_StridedShard`. Every other dimension is whole.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .styles import ParamPlacement
+
+Runs = tuple[tuple[int, int], ...]
+
+
+@lru_cache(maxsize=4096)
+def rank_runs(size: int, placement: ParamPlacement, world: int) -> tuple[Runs, ...]:
+    """Per rank, the runs of `dim` that rank holds (replicated: the whole range on every rank)."""
+    if not placement.is_sharded or world == 1:
+        return tuple(((0, size),) if size else () for _ in range(world))
+    import torch
+
+    along_0 = ParamPlacement(placement.kind, 0, placement.split_factor).to_torch()  # an index vector is 1-D
+    pieces, _ = along_0._split_tensor(torch.arange(size), world, with_padding=False)
+    return tuple(_to_runs(piece.tolist()) for piece in pieces)
+
+
+def _to_runs(indices: list[int]) -> Runs:
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return tuple(runs)
+
+
+def local_shape(shape: tuple[int, ...], placement: ParamPlacement, world: int, rank: int) -> tuple[int, ...]:
+    """Shape of rank `rank`'s local tensor."""
+    if not placement.is_sharded:
+        return tuple(shape)
+    runs = rank_runs(shape[placement.dim], placement, world)[rank]
+    out = list(shape)
+    out[placement.dim] = sum(b - a for a, b in runs)
+    return tuple(out)
+
+
+def contiguous_chunk(shape: tuple[int, ...], placement: ParamPlacement, world: int, rank: int):
+    """(offsets, sizes) of rank's chunk in a DCP file, where `_StridedShard` is saved as plain `Shard`."""
+    p = placement.as_contiguous()
+    offsets = [0] * len(shape)
+    sizes = list(shape)
+    if p.is_sharded:
+        runs = rank_runs(shape[p.dim], p, world)[rank]
+        start, stop = runs[0] if runs else (0, 0)
+        offsets[p.dim], sizes[p.dim] = (start if runs else 0), stop - start
+    return offsets, sizes
+
+
+def take(tensor, dim: int, runs: Runs):
+    """Index `runs` of `dim` out of a tensor (or a safetensors slice), concatenated in order."""
+    import torch
+
+    parts = []
+    for a, b in runs:
+        index = [slice(None)] * tensor.ndim if hasattr(tensor, "ndim") else None
+        if index is None:
+            index = [slice(None)] * len(tensor.get_shape())
+        index[dim] = slice(a, b)
+        parts.append(tensor[tuple(index)])
+    if not parts:
+        shape = list(tensor.shape)
+        shape[dim] = 0
+        return torch.empty(shape, dtype=tensor.dtype)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)

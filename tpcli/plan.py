@@ -1,0 +1,226 @@
+"""Plan resolution, done by transformers itself on a meta-device model.
+
+`resolve_plan` builds the model skeleton from its config on the `meta` device (no weight memory), lets
+transformers merge its plans (`init_parallel_plans`: config `base_model_tp_plan`, head `_tp_plan` such as
+`lm_head`, the automatic `embed_tokens` rule) and a user dict on top (`_resolve_parallel_plans`, exactly what
+`from_pretrained(tp_plan=...)` runs), then records per state-dict tensor its run-time name, shape, dtype, the rule
+and style that matched it and its DTensor placement (`tpcli.styles`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelError, PlanError
+from .styles import ParamPlacement, is_known_style, param_placement
+
+
+@dataclass
+class TensorInfo:
+    """One state-dict entry of the run-time model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix
+    style: str | None
+    rule: str | None
+    placement: ParamPlacement
+    tied_to: str | None = None  # first name of the parameter this one is tied to
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
+
+
+@dataclass
+class ResolvedPlan:
+    """The effective plan for one model: rules as transformers holds them, and per tensor what they imply."""
+
+    architecture: str
+    model_type: str
+    dtype: str
+    rules: dict[str, str]  # wildcard rule -> style, after merging the user plan
+    plan_source: str
+    tensors: dict[str, TensorInfo]  # state-dict order
+    module_rules: dict[str, str] = field(default_factory=dict)  # expanded module name -> hook style
+    config: object = None
+    model: object = None  # the meta model, for callers that need transformers objects
+
+    @property
+    def unique_tensors(self) -> list[TensorInfo]:
+        return [t for t in self.tensors.values() if t.tied_to is None]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.unique_tensors)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.unique_tensors)
+
+
+_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int32": 4,
+                "int64": 8, "int16": 2, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+def dtype_size(name: str) -> int:
+    return _DTYPE_SIZES.get(name, 4)
+
+
+def load_plan_file(path: str | Path) -> dict[str, str]:
+    """A plan file: JSON `{pattern: style}`, or `{"tp_plan": {pattern: style}}` (both documented in README)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"--plan {p}: no such file.") from None
+    except ValueError as exc:
+        raise PlanError(f"--plan {p}: not valid JSON ({exc}); expected {{\"pattern\": \"style\"}}.") from None
+    if isinstance(data, dict) and isinstance(data.get("tp_plan"), dict):
+        data = data["tp_plan"]
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise PlanError(f"--plan {p}: expected a JSON object mapping module patterns to style names.")
+    for key, style in data.items():
+        if not is_known_style(style):
+            raise PlanError(f"--plan {p}: rule {key!r} has unknown style {style!r}; see `tpcli inspect --help` for styles.")
+    return data
+
+
+def load_config(path: Path, *, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        raise ModelError(f"{path / 'config.json'}: {msg}") from None
+    except OSError as exc:
+        raise ModelError(f"{path / 'config.json'}: cannot be read ({str(exc).splitlines()[0]}).") from None
+
+
+def _model_class(config):
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModelForCausalLM, AutoModel):
+        if type(config) in auto._model_mapping:
+            return auto._model_mapping[type(config)]
+    raise ModelError(f"model_type {config.model_type!r} has no transformers model class; is transformers too old?")
+
+
+def build_meta_model(config):
+    """The model skeleton on the meta device, in the checkpoint's dtype (config.dtype)."""
+    import torch
+
+    cls = _model_class(config)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls._from_config(config, dtype=dtype)
+
+
+class _CollectWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: str | None = None) -> ResolvedPlan:
+    """Resolve the effective TP plan exactly as `from_pretrained(tp_plan=user_plan or "auto")` does."""
+    from transformers.distributed import DistributedConfig
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    model = build_meta_model(config)
+    default_rules = dict(model.tp_plan or {})
+    if not default_rules and not user_plan:
+        raise PlanError(
+            f"{type(model).__name__} ({config.model_type}) has no TP plan in transformers; "
+            "write one and pass it with --plan FILE (see README, 'Plan files')."
+        )
+    # tp_size only has to be > 1 for transformers to keep the plan; the expansion does not depend on it.
+    dc = DistributedConfig(tp_size=2, tp_plan=dict(user_plan) if user_plan else "auto")
+    tf_logger = logging.getLogger("transformers.distributed.mixin")
+    catcher = _CollectWarnings()
+    tf_logger.addHandler(catcher)
+    try:
+        expanded, _, _ = model._resolve_parallel_plans(dc)
+    except ValueError as exc:
+        where = f"--plan {plan_file}" if plan_file else "the model's plan"
+        raise PlanError(f"{where}: {str(exc).splitlines()[0]}") from None
+    finally:
+        tf_logger.removeHandler(catcher)
+    rules = dict(model.tp_plan)
+
+    params_by_id: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first = params_by_id.setdefault(id(p), name)
+        if first != name:
+            tied[name] = first
+
+    tensors: dict[str, TensorInfo] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        style = expanded.get(name)
+        rule = None
+        if style is not None:
+            generic = replace_layer_number_by_wildcard(name)
+            rule = generic if generic in rules else generic.rsplit(".", 1)[0]
+        tensors[name] = TensorInfo(
+            name=name,
+            shape=tuple(t.shape),
+            dtype=str(t.dtype).removeprefix("torch."),
+            style=style,
+            rule=rule,
+            placement=param_placement(style, name, t.dim()),
+            tied_to=tied.get(name),
+        )
+    module_rules = {k: v for k, v in expanded.items() if k not in tensors}
+    source = "transformers default" + (f" + {plan_file}" if plan_file else " + user plan" if user_plan else "")
+    if user_plan and not default_rules:
+        source = plan_file or "user plan"
+    return ResolvedPlan(
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        dtype=str(getattr(config, "dtype", None) or "float32").removeprefix("torch."),
+        rules=rules,
+        plan_source=source,
+        tensors=tensors,
+        module_rules=module_rules,
+        config=config,
+        model=model,
+    )
+
+
+def rule_matches(plan: ResolvedPlan) -> dict[str, list[str]]:
+    """Rule -> concrete module/parameter names it applies to (empty list: matches nothing)."""
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    out: dict[str, list[str]] = {rule: [] for rule in plan.rules}
+    for name in list(plan.module_rules) + [t.name for t in plan.tensors.values() if t.rule]:
+        generic = replace_layer_number_by_wildcard(name)
+        for candidate in (generic, generic.rsplit(".", 1)[0]):
+            if candidate in out:
+                out[candidate].append(name)
+                break
+    return out

@@ -1,0 +1,99 @@
+"""Rich rendering of library results. Nothing here computes; it only draws dicts the library returned."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def shape(s) -> str:
+    return "(" + ", ".join(map(str, s)) + ")"
+
+
+def render_findings(findings: list[dict], title: str = "Findings") -> None:
+    if not findings:
+        console.print(f"[green]{title}: no problems found[/green]")
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("severity")
+    table.add_column("check")
+    table.add_column("message", overflow="fold")
+    for f in findings:
+        table.add_row(f"[{SEVERITY_STYLE[f['severity']]}]{f['severity']}[/]", f["code"], f["message"])
+    console.print(table)
+
+
+def render_inspect(r: dict) -> None:
+    s = r["summary"]
+    src = r["source"]
+    where = src["hub_id"] + (f"@{src['revision']}" if src.get("revision") else "") if src.get("hub_id") else src["path"]
+    console.print(f"[bold]{s['architecture']}[/bold] ({s['model_type']}) from {where}")
+    console.print(f"  parameters {s['parameters']:,}  dtype {s['dtype']}  size {human_bytes(s['total_bytes'])}  "
+                  f"plan: {s['plan_source']}")
+
+    table = Table(title="TP plan", title_justify="left")
+    for col in ("rule", "style", "matches", "params", "bytes sharded"):
+        table.add_column(col, justify="right" if col in ("matches", "params", "bytes sharded") else "left")
+    for rule in r["plan"]:
+        m = str(rule["matches"]) if rule["matches"] else "[red]0 (matches nothing)[/red]"
+        table.add_row(rule["rule"], rule["style"], m, str(rule["parameters"]), human_bytes(rule["bytes_sharded"]))
+    console.print(table)
+
+    c = r["coverage"]
+    console.print(f"Coverage: {c['sharded_fraction'] * 100:.1f}% of parameter bytes sharded, "
+                  f"{human_bytes(c['replicated_bytes'])} replicated on every rank")
+    if c["largest_replicated"]:
+        console.print("  largest replicated: " + ", ".join(
+            f"{p['name']} {shape(p['shape'])} {human_bytes(p['bytes'])}" for p in c["largest_replicated"][:3]))
+
+    tp = r.get("tp")
+    if tp:
+        table = Table(title=f"Per-rank shapes at tp={tp['size']}", title_justify="left")
+        table.add_column("parameter group")
+        table.add_column("n", justify="right")
+        table.add_column("placement")
+        table.add_column("global")
+        table.add_column("local per rank", overflow="fold")
+        for g in tp["groups"]:
+            locals_ = [shape(s) for s in g["local_shapes"]]
+            local = locals_[0] if len(set(locals_)) == 1 else " / ".join(locals_)
+            table.add_row(g["pattern"], str(g["count"]), g["placement"], shape(g["global_shape"]), local)
+        console.print(table)
+        table = Table(title="Memory per rank (weights only)", title_justify="left")
+        for col in ("rank", "sharded", "replicated", "total"):
+            table.add_column(col, justify="right")
+        for rk in tp["ranks"]:
+            mark = " *" if rk["rank"] == tp["largest_rank"] else ""
+            table.add_row(f"{rk['rank']}{mark}", human_bytes(rk["sharded_bytes"]), human_bytes(rk["replicated_bytes"]),
+                          human_bytes(rk["total_bytes"]))
+        console.print(table)
+        console.print(f"  largest: rank {tp['largest_rank']}")
+        render_findings(tp["findings"], title=f"Checks at tp={tp['size']}")
+
+    console.print("Valid TP sizes: " + (", ".join(map(str, r["valid_tp_sizes"])) or "none"))
+    invalid = r["invalid_tp_sizes"]
+    if invalid:
+        shown = list(invalid.items())[:6]
+        for k, reason in shown:
+            console.print(f"  [dim]tp={k}: {reason}[/dim]")
+        if len(invalid) > len(shown):
+            console.print(f"  [dim]... and {len(invalid) - len(shown)} more invalid sizes (see --json)[/dim]")

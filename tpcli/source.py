@@ -1,0 +1,116 @@
+"""Where a model comes from: a local directory or a hub id resolved through the HF cache.
+
+Only `config.json` is fetched for planning; weights are fetched (safetensors only) when a command needs them.
+`HF_HUB_OFFLINE=1` and `HF_HOME` are honoured because everything goes through `huggingface_hub`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError, ModelError
+
+# Files worth carrying next to weights: config, generation config, tokenizer and chat template.
+AUX_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+    "added_tokens.json",
+    "preprocessor_config.json",
+)
+
+
+@dataclass
+class Source:
+    """A resolved model: `path` is a local folder holding at least `config.json`."""
+
+    spec: str
+    path: Path
+    hub_id: str | None = None
+    revision: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "hub_id": self.hub_id, "revision": self.revision}
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve(spec: str, *, revision: str | None = None, weights: bool = False) -> Source:
+    """Resolve MODEL to a local folder. With `weights=True` the safetensors files are made available too."""
+    local = Path(spec).expanduser()
+    if local.exists() or not _looks_like_hub_id(spec):
+        if not local.is_dir():
+            raise ModelError(f"MODEL {spec!r}: no such directory (pass a local model folder or a hub id org/name).")
+        if not (local / "config.json").is_file():
+            raise ModelError(f"MODEL {spec!r}: {local / 'config.json'} is missing; point MODEL at a transformers model folder.")
+        return Source(spec=spec, path=local.resolve(), revision=None)
+    return _resolve_hub(spec, revision=revision, weights=weights)
+
+
+def _resolve_hub(repo_id: str, *, revision: str | None, weights: bool) -> Source:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+    try:
+        config_file = hf_hub_download(repo_id, "config.json", revision=revision)
+        path = Path(config_file).parent
+        if weights:
+            path = Path(
+                snapshot_download(
+                    repo_id, revision=revision, allow_patterns=["*.safetensors", "*.safetensors.index.json", *AUX_PATTERNS]
+                )
+            )
+    except LocalEntryNotFoundError:
+        hint = "unset HF_HUB_OFFLINE or download it first" if offline else "check your network or HF_HOME"
+        raise ModelError(f"MODEL {repo_id!r} (revision {revision or 'main'}) is not in the HF cache; {hint}.") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"MODEL {repo_id!r}: no such repository on the hub (or it is gated: log in first).") from None
+    except HfHubHTTPError as exc:
+        raise ModelError(f"MODEL {repo_id!r}: hub request failed ({exc}).") from None
+    return Source(spec=repo_id, path=path, hub_id=repo_id, revision=revision)
+
+
+def weight_files(source: Source) -> list[Path]:
+    """The safetensors files of an ordinary checkpoint, in index order; refuses pickled checkpoints."""
+    folder = source.path
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc}).") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{missing[0]} is listed in {index.name} but missing; re-download the checkpoint.")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise CheckpointError(
+            f"{folder} holds only pickled weights (*.bin); convert them first: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes safetensors."
+        )
+    raise CheckpointError(f"{folder} has no *.safetensors weights.")
+
+
+def aux_files(folder: Path) -> list[Path]:
+    """Config, generation config and tokenizer files to copy next to written weights."""
+    out: list[Path] = []
+    for pattern in AUX_PATTERNS:
+        out.extend(p for p in folder.glob(pattern) if p.is_file() and p not in out)
+    return out
