@@ -97,3 +97,52 @@ def render_inspect(r: dict) -> None:
             console.print(f"  [dim]tp={k}: {reason}[/dim]")
         if len(invalid) > len(shown):
             console.print(f"  [dim]... and {len(invalid) - len(shown)} more invalid sizes (see --json)[/dim]")
+
+
+class _NoBar:
+    def advance(self, n: int) -> None:
+        pass
+
+
+class _Bar:
+    def __init__(self, progress, task):
+        self.progress, self.task = progress, task
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+
+class progress_bar:  # noqa: N801 - used as a context manager
+    """A Rich progress bar in bytes on stderr; does nothing when `enabled` is False."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True):
+        self.total, self.description, self.enabled = total, description, enabled
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return _NoBar()
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+        self._progress.__enter__()
+        return _Bar(self._progress, self._progress.add_task(self.description, total=self.total))
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
+
+
+def render_shard(r: dict) -> None:
+    console.print(f"[green]Wrote[/green] {r['out']}: tp={r['tp_size']}, {r['tensors']} tensors, "
+                  f"{len(r['files'])} rank files, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
+    for name, f in r["files"].items():
+        console.print(f"  {name}  {human_bytes(f['bytes'])}  sha256 {f['sha256'][:12]}…")
+    if r["unexpected_keys"]:
+        console.print(f"[yellow]skipped {len(r['unexpected_keys'])} checkpoint keys the model does not use "
+                      f"(e.g. {r['unexpected_keys'][0]})[/yellow]")
+    for w in r["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w['message']}")

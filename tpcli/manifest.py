@@ -1,0 +1,59 @@
+"""`tpcli.json`: what a sharded folder holds, how it was made, and how to check it.
+
+Format (version 1), all keys always present:
+
+    format            "tpcli.sharded"
+    format_version    1
+    versions          {"tpcli", "transformers", "torch"}
+    source            {"spec", "path", "hub_id", "revision", "kind": "checkpoint" | "sharded"}
+    tp_size           N
+    architecture, model_type
+    dtype             the --dtype cast, or null
+    plan              {"rules": {pattern: style}, "user_plan": {...} | null, "source": str}
+    tensors           {run-time name: {"style", "placement", "shape", "dtype", "tied_to",
+                                       "chunks": [{"rank", "file", "offsets", "sizes"}]}}
+    files             {file name: {"rank", "bytes", "sha256"}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import CheckpointError
+
+NAME = "tpcli.json"
+FORMAT = "tpcli.sharded"
+VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"tpcli": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def write(folder: Path, manifest: dict) -> None:
+    (folder / NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def read(folder: Path) -> dict | None:
+    """The manifest of `folder`, or None when there is none (e.g. a plain transformers DCP save)."""
+    path = folder / NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); restore it or re-run `tpcli shard`.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tpcli manifest (format {data.get('format') if isinstance(data, dict) else '?'}).")
+    if data.get("format_version") != VERSION:
+        raise CheckpointError(f"{path}: manifest version {data.get('format_version')} is not supported by this tpcli.")
+    for key in ("tp_size", "tensors", "files", "plan"):
+        if key not in data:
+            raise CheckpointError(f"{path}: manifest lacks {key!r}; re-run `tpcli shard`.")
+    return data

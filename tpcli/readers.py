@@ -1,0 +1,125 @@
+"""Streaming readers of run-time tensors, one small step at a time.
+
+`CheckpointReader` reads an ordinary safetensors checkpoint (single file or index-sharded) and yields run-time
+tensors through transformers' converters (`tpcli.convert`). `ShardedReader` reassembles full tensors from a
+DCP-style sharded folder (tpcli's or transformers'). Both expose the same two calls:
+
+    reader.steps()          -> list of steps (opaque)
+    reader.preview(step)    -> [(run-time name, shape, dtype)] without reading data (a meta-device dry run)
+    reader.read(step)       -> {run-time name: full tensor}
+
+so that a writer can lay out every output file before the first byte is read, and memory holds one step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .convert import Conversions
+from .dcp import ShardedTensor, scan
+from .errors import CheckpointError
+from .storage import CODE_DTYPES, read_header
+
+
+class CheckpointReader:
+    def __init__(self, model, files: list[Path]):
+        self.files = files
+        self.key_file: dict[str, Path] = {}
+        self.key_meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for f in files:
+            header, _ = read_header(f)
+            for key, entry in header.items():
+                self.key_file[key] = f
+                self.key_meta[key] = (CODE_DTYPES.get(entry["dtype"], "float32"), tuple(entry["shape"]))
+        self.conversions = Conversions(model)
+        self.groups, self.unexpected = self.conversions.groups(list(self.key_file))
+        self._handles: dict[Path, object] = {}
+        self.source_bytes = sum(f.stat().st_size for f in files)
+
+    def steps(self):
+        return self.groups
+
+    def step_bytes(self, group) -> int:
+        from .plan import dtype_size
+
+        total = 0
+        for key in group.keys:
+            dtype, shape = self.key_meta[key]
+            n = dtype_size(dtype)
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    def preview(self, group) -> list[tuple[str, tuple[int, ...], str]]:
+        import torch
+
+        def meta(key):
+            dtype, shape = self.key_meta[key]
+            return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+
+        out = self.conversions.realize(group, meta)
+        return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in out.items()]
+
+    def _handle(self, path: Path):
+        from safetensors import safe_open
+
+        h = self._handles.get(path)
+        if h is None:
+            try:
+                h = self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({exc}).") from None
+        return h
+
+    def load(self, key: str):
+        return self._handle(self.key_file[key]).get_tensor(key)
+
+    def read(self, group) -> dict:
+        return self.conversions.realize(group, self.load)
+
+
+class ShardedReader:
+    def __init__(self, folder: Path, tensors: dict[str, ShardedTensor] | None = None,
+                 expected_files: list[str] | None = None):
+        self.folder = folder
+        self.tensors = tensors if tensors is not None else scan(folder, expected_files=expected_files)
+        self._handles: dict[str, object] = {}
+        self.source_bytes = sum((folder / f).stat().st_size for f in {c.file for t in self.tensors.values() for c in t.chunks})
+        self.unexpected: list[str] = []
+
+    def steps(self):
+        return list(self.tensors)
+
+    def step_bytes(self, name: str) -> int:
+        return self.tensors[name].nbytes
+
+    def preview(self, name: str):
+        t = self.tensors[name]
+        return [(name, t.shape, t.dtype)]
+
+    def _handle(self, file: str):
+        from safetensors import safe_open
+
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = self._handles[file] = safe_open(str(self.folder / file), framework="pt")
+            except Exception as exc:
+                raise CheckpointError(f"{self.folder / file}: cannot be read as safetensors ({exc}).") from None
+        return h
+
+    def read_full(self, name: str):
+        import torch
+
+        t = self.tensors[name]
+        if len(t.chunks) == 1 and tuple(t.chunks[0].sizes) == t.shape:
+            return self._handle(t.chunks[0].file).get_tensor(name)
+        full = torch.empty(t.shape, dtype=getattr(torch, t.dtype))
+        for c in t.chunks:
+            index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
+            full[index] = self._handle(c.file).get_tensor(name)
+        return full
+
+    def read(self, name: str) -> dict:
+        return {name: self.read_full(name)}

@@ -1,0 +1,201 @@
+"""`tpcli shard`: stream a checkpoint into per-rank files in transformers' pre-sharded (DCP) layout.
+
+No process group and no model in RAM: every run-time tensor is read once (through transformers' converters),
+cut into each rank's contiguous chunk, and appended to that rank's file. Peak memory is about one conversion
+group (the largest fused tensor) plus its chunks. The same engine reshards a sharded folder N -> M.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import dcp, manifest
+from . import source as sources
+from .checks import check_plan, errors
+from .errors import CheckpointError, PlanError, UsageError
+from .plan import ResolvedPlan, TensorInfo, load_config, load_plan_file, resolve_plan
+from .readers import CheckpointReader, ShardedReader
+from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
+          "float32": "float32"}
+
+
+def parse_dtype(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.lower() not in DTYPES:
+        raise UsageError(f"--dtype {value}: use bf16, fp16 or fp32.")
+    return DTYPES[value.lower()]
+
+
+def open_source(model: str, *, plan_file: str | None, revision: str | None):
+    """(Source, ResolvedPlan, reader, kind) for an ordinary checkpoint or a sharded folder."""
+    local = Path(model).expanduser()
+    if dcp.is_sharded_dir(local):
+        meta = manifest.read(local)
+        user_plan = load_plan_file(plan_file) if plan_file else (meta or {}).get("plan", {}).get("user_plan")
+        if not (local / "config.json").is_file():
+            raise CheckpointError(f"{local / 'config.json'} is missing; a sharded folder needs the model's config.")
+        plan = resolve_plan(load_config(local), user_plan=user_plan, plan_file=plan_file)
+        reader = ShardedReader(local, expected_files=list(meta["files"]) if meta else None)
+        src = sources.Source(spec=model, path=local.resolve())
+        return src, plan, reader, "sharded"
+    src = sources.resolve(model, revision=revision, weights=True)
+    user_plan = load_plan_file(plan_file) if plan_file else None
+    plan = resolve_plan(load_config(src.path), user_plan=user_plan, plan_file=plan_file)
+    reader = CheckpointReader(plan.model, sources.weight_files(src))
+    return src, plan, reader, "checkpoint"
+
+
+def preflight(plan: ResolvedPlan, tp: int) -> list:
+    findings = check_plan(plan, tp)
+    errs = errors(findings)
+    if errs:
+        more = f" (+{len(errs) - 1} more; see `tpcli verify`)" if len(errs) > 1 else ""
+        raise PlanError(f"--tp {tp} is invalid for {plan.architecture}: {errs[0].message}{more}.")
+    return findings
+
+
+def layout(plan: ResolvedPlan, reader, cast: str | None) -> tuple[list[TensorInfo], list[tuple[object, list[str]]]]:
+    """Dry-run every step: the output tensors (state-dict order) and, per step, the names it yields in order."""
+    produced: dict[str, tuple[tuple[int, ...], str]] = {}
+    steps: list[tuple[object, list[str]]] = []
+    for step in reader.steps():
+        names = []
+        for name, shape, dtype in reader.preview(step):
+            expected = plan.tensors.get(name)
+            if expected is None:
+                continue
+            if tuple(shape) != expected.shape:
+                raise CheckpointError(f"checkpoint tensor {name} has shape {list(shape)} but the config expects "
+                                      f"{list(expected.shape)}; is config.json from the same model?")
+            produced[name] = (shape, cast or dtype)
+            names.append(name)
+        steps.append((step, names))
+    for t in plan.tensors.values():  # tied copies that the checkpoint stores once
+        if t.name not in produced and t.tied_to in produced:
+            produced[t.name] = produced[t.tied_to]
+    missing = [n for n in plan.tensors if n not in produced]
+    if missing:
+        raise CheckpointError(f"checkpoint has no tensor for {missing[0]}" +
+                              (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "") +
+                              "; is it complete and from the same model as config.json?")
+    infos = [replace(t, dtype=produced[t.name][1]) for t in plan.tensors.values()]
+    return infos, steps
+
+
+def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = None, dtype: str | None = None,
+                     revision: str | None = None, force: bool = False, progress: bool = False) -> dict:
+    """Write `out` with one file per rank plus tpcli.json; returns a summary dict."""
+    from .render import progress_bar
+
+    cast = parse_dtype(dtype)
+    out_path = prepare_output(out, force=force)
+    started = time.perf_counter()
+    src, plan, reader, kind = open_source(model, plan_file=plan_file, revision=revision)
+    if out_path == src.path.resolve():
+        raise UsageError(f"--out {out} is the source folder; write somewhere else.")
+    findings = preflight(plan, tp)
+    infos, steps = layout(plan, reader, cast)
+    chunks = dcp.plan_chunks(infos, tp)
+    chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
+    by_name = {t.name: t for t in infos}
+    tied_after: dict[str, list[str]] = {}
+    produced_by_steps = {n for _, names in steps for n in names}
+    for t in infos:
+        if t.name not in produced_by_steps:
+            tied_after.setdefault(t.tied_to, []).append(t.name)
+    order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
+
+    with atomic_dir(out_path) as tmp:
+        writers = []
+        try:
+            for r in range(tp):
+                rank_chunks = [chunk_of[(r, n)] for n in order if (r, n) in chunk_of]
+                entries = [(c.name, c.dtype, c.sizes) for c in rank_chunks]
+                writers.append(StreamWriter(tmp / dcp.shard_file_name(r), entries, dcp.sharding_metadata(
+                    [c for c in chunks[r]])))
+            total = sum(reader.step_bytes(s) for s, _ in steps)
+            with progress_bar(total, f"shard tp={tp}", progress) as bar:
+                for step, names in steps:
+                    tensors = reader.read(step)
+                    for name in names:
+                        full = tensors[name]
+                        for alias in [name, *tied_after.get(name, [])]:
+                            for r in range(tp):
+                                c = chunk_of.get((r, alias))
+                                if c is not None:
+                                    index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
+                                    writers[r].write(alias, _cast(full[index], c.dtype))
+                    del tensors
+                    bar.advance(reader.step_bytes(step))
+            hashes = [w.close() for w in writers]
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        copied = copy_aux(src.path, tmp, sources.aux_files(src.path))
+        if cast:
+            _set_config_dtype(tmp / "config.json", cast)
+        files = {w.path.name: {"rank": r, "bytes": w.path.stat().st_size, "sha256": h}
+                 for r, (w, h) in enumerate(zip(writers, hashes, strict=True))}
+        user_plan = load_plan_file(plan_file) if plan_file else None
+        if user_plan is None and kind == "sharded":
+            user_plan = (manifest.read(src.path) or {}).get("plan", {}).get("user_plan")
+        doc = {
+            "format": manifest.FORMAT,
+            "format_version": manifest.VERSION,
+            "versions": manifest.versions(),
+            "source": {**src.describe(), "spec": model, "kind": kind},
+            "tp_size": tp,
+            "architecture": plan.architecture,
+            "model_type": plan.model_type,
+            "dtype": cast,
+            "plan": {"rules": plan.rules, "user_plan": user_plan, "source": plan.plan_source},
+            "tensors": {
+                t.name: {
+                    "style": t.style,
+                    "placement": t.placement.describe(),
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "tied_to": t.tied_to,
+                    "chunks": [{"rank": c.rank, "file": c.file, "offsets": list(c.offsets), "sizes": list(c.sizes)}
+                               for r in range(tp) if (c := chunk_of.get((r, t.name))) is not None],
+                }
+                for t in infos
+            },
+            "files": files,
+        }
+        manifest.write(tmp, doc)
+    return {
+        "out": str(out_path),
+        "tp_size": tp,
+        "source": doc["source"],
+        "kind": kind,
+        "tensors": len(infos),
+        "files": files,
+        "copied": copied,
+        "bytes_written": sum(f["bytes"] for f in files.values()),
+        "unexpected_keys": list(reader.unexpected),
+        "warnings": [f.to_dict() for f in findings if f.severity == "warning"],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _cast(t, dtype: str):
+    import torch
+
+    target = getattr(torch, dtype)
+    return t if t.dtype == target else t.to(target)
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    if path.is_file():
+        cfg = json.loads(path.read_text())
+        cfg["dtype"] = dtype
+        cfg.pop("torch_dtype", None)
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

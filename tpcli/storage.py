@@ -1,0 +1,165 @@
+"""Where bytes hit disk: streaming safetensors writing, hashing, and atomic output folders.
+
+`StreamWriter` writes a safetensors file whose header is known up front (names, dtypes, shapes), then takes the
+tensors one at a time in header order, so memory never holds more than one tensor and the sha256 of the file is
+computed while writing. The layout is standard safetensors: 8-byte little-endian header length, JSON header padded
+with spaces to 8 bytes, then the raw little-endian data of each tensor at its `data_offsets`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+from .errors import CheckpointError, OutputError
+
+# safetensors dtype codes
+DTYPE_CODES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+HASH_CHUNK = 16 * 2**20
+
+
+def _elt(dtype: str) -> int:
+    from .plan import dtype_size
+
+    return dtype_size(dtype)
+
+
+class StreamWriter:
+    """Write one safetensors file tensor by tensor, in the order of `entries`.
+
+    entries: list of (name, dtype name, shape). `write(name, tensor)` must follow that order.
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+        self.path = Path(path)
+        self.order = [name for name, _, _ in entries]
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        self.sizes: dict[str, int] = {}
+        for name, dtype, shape in entries:
+            n = _elt(dtype)
+            for s in shape:
+                n *= s
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.sizes[name] = n
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.total = 8 + len(raw) + offset
+        self._next = 0
+        self._hash = hashlib.sha256()
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._emit(struct.pack("<Q", len(raw)) + raw)
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, tensor) -> None:
+        expected = self.order[self._next]
+        if name != expected:
+            raise AssertionError(f"{self.path.name}: expected {expected}, got {name}")
+        import torch
+
+        t = tensor.detach().contiguous()
+        if t.numel():
+            data = t.view(-1).view(torch.uint8).numpy().data if t.dtype != torch.bool else t.numpy().tobytes()
+            if len(data) != self.sizes[name]:
+                raise AssertionError(f"{name}: {len(data)} bytes, header says {self.sizes[name]}")
+            self._emit(data)
+        self._next += 1
+
+    def close(self) -> str:
+        """Finish the file and return its sha256."""
+        if self._next != len(self.order):
+            raise AssertionError(f"{self.path.name}: {len(self.order) - self._next} tensors never written")
+        self._file.close()
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, __metadata__) of a safetensors file; raises CheckpointError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated (no safetensors header).")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 2**20:
+                raise CheckpointError(f"{path}: corrupt safetensors header length {n}.")
+            raw = f.read(n)
+            header = json.loads(raw)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing.") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON).") from None
+    meta = header.pop("__metadata__", None) or {}
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if os.path.getsize(path) < 8 + n + end:
+        raise CheckpointError(f"{path}: truncated ({os.path.getsize(path)} bytes, header needs {8 + n + end}).")
+    return header, meta
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_output(out: str | Path, *, force: bool) -> Path:
+    """Check OUT before any work: refuse a non-empty folder without --force, or a file."""
+    path = Path(out).expanduser().resolve()
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"--out {out}: exists and is not a directory; pick another path.")
+        if any(path.iterdir()) and not force:
+            raise OutputError(f"--out {out}: directory is not empty; pass --force to replace it or pick another path.")
+    if not path.parent.exists():
+        raise OutputError(f"--out {out}: parent directory {path.parent} does not exist.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.tpcli-old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_aux(src_folder: Path, dst: Path, files: list[Path]) -> list[str]:
+    copied = []
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    return copied
