@@ -146,3 +146,9 @@ def render_shard(r: dict) -> None:
                       f"(e.g. {r['unexpected_keys'][0]})[/yellow]")
     for w in r["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w['message']}")
+
+
+def render_gather(r: dict) -> None:
+    console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from a tp={r['tp_size']} "
+                  f"{r['source_kind']} folder, {len(r['files'])} file(s), {human_bytes(r['bytes_written'])} "
+                  f"in {r['seconds']:.1f} s")

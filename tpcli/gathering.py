@@ -1,0 +1,127 @@
+"""`tpcli gather`: merge a sharded folder (tpcli's or transformers' DCP save) into a standard checkpoint.
+
+Streaming: one reverse-conversion group at a time is assembled from its chunks, reverted to checkpoint names by
+transformers' `revert_weight_conversion`, and appended to its output file. Files are split with
+huggingface_hub's `split_state_dict_into_shards_factory` over the run-time tensors, as `save_pretrained` does, and
+every output file's header is laid out (by a meta-device dry run) before the first byte is read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import dcp, manifest
+from .errors import CheckpointError
+from .integrity import check_folder
+from .plan import dtype_size
+from .readers import ShardedReader
+from .sharding import _cast, _set_config_dtype, parse_dtype
+from .source import aux_files
+from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "5GB", dtype: str | None = None,
+                      force: bool = False, progress: bool = False) -> dict:
+    import torch
+    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+
+    from .render import progress_bar
+
+    started = time.perf_counter()
+    folder = Path(directory).expanduser().resolve()
+    if not dcp.is_sharded_dir(folder):
+        raise CheckpointError(f"DIR {directory}: no shard-*-model-*.safetensors files; pass a folder written by "
+                              "`tpcli shard` or save_pretrained(distributed_checkpoint=True).")
+    cast = parse_dtype(dtype)
+    out_path = prepare_output(out, force=force)
+    if out_path == folder:
+        raise CheckpointError(f"--out {out} is the input folder; write somewhere else.")
+    # hashes, coverage, config agreement; raises naming the first bad file before anything is written
+    integrity = check_folder(folder, quick=False, with_plan=True)
+    reader = ShardedReader(folder, tensors=integrity["tensors"])
+    plan = integrity["plan"]
+    model = plan.model
+
+    names = [n for n in reader.tensors if n in plan.tensors and not plan.tensors[n].tied_to]
+    missing = [n for n, t in plan.tensors.items() if not t.tied_to and n not in reader.tensors]
+    if missing:
+        raise CheckpointError(f"{folder}: no shard holds {missing[0]}" +
+                              (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "") + "; is the folder complete?")
+    for n in names:
+        if reader.tensors[n].shape != plan.tensors[n].shape:
+            raise CheckpointError(f"{folder}: {n} has shape {list(reader.tensors[n].shape)} in the shards but "
+                                  f"{list(plan.tensors[n].shape)} in config.json.")
+
+    from .convert import Conversions
+
+    conv = Conversions(model)
+    groups = conv.reverse_groups(names)
+    meta = {n: torch.empty(reader.tensors[n].shape, dtype=getattr(torch, cast or reader.tensors[n].dtype),
+                           device="meta") for n in names}
+    outputs: list[list[tuple[str, tuple[int, ...], str]]] = []
+    for group in groups:
+        reverted = conv.revert({n: meta[n] for n in group})
+        outputs.append([(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in reverted.items()])
+
+    split = split_state_dict_into_shards_factory(
+        meta, get_storage_size=lambda t: t.numel() * t.element_size(), get_storage_id=lambda t: None,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    file_of_runtime = {n: f for f, ts in split.filename_to_tensors.items() for n in ts}
+    per_file: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {f: [] for f in split.filename_to_tensors}
+    weight_map: dict[str, str] = {}
+    for group, outs in zip(groups, outputs, strict=True):
+        file = file_of_runtime[group[0]]
+        for key, shape, dt in outs:
+            per_file[file].append((key, dt, shape))
+            weight_map[key] = file
+    per_file = {f: e for f, e in per_file.items() if e}
+
+    with atomic_dir(out_path) as tmp:
+        writers = {f: StreamWriter(tmp / f, entries, {"format": "pt"}) for f, entries in per_file.items()}
+        try:
+            total = sum(reader.step_bytes(n) for n in names)
+            with progress_bar(total, "gather", progress) as bar:
+                for group in groups:
+                    full = {n: _cast(reader.read_full(n), cast) if cast else reader.read_full(n) for n in group}
+                    for key, tensor in conv.revert(full).items():
+                        writers[weight_map[key]].write(key, tensor)
+                    del full
+                    bar.advance(sum(reader.step_bytes(n) for n in group))
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        if len(writers) > 1:
+            total_size = sum(dtype_size(dt) * _numel(shape) for entries in per_file.values() for _, dt, shape in entries)
+            index = {"metadata": {"total_parameters": plan.parameter_count, "total_size": total_size},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        copied = copy_aux(folder, tmp, [p for p in aux_files(folder) if p.name != manifest.NAME])
+        if cast:
+            _set_config_dtype(tmp / "config.json", cast)
+        files = {f: (tmp / f).stat().st_size for f in writers}
+    return {
+        "out": str(out_path),
+        "source": str(folder),
+        "source_kind": "tpcli" if integrity["manifest"] else "transformers-dcp",
+        "tp_size": integrity["tp_size"],
+        "tensors": len(weight_map),
+        "files": files,
+        "copied": copied,
+        "bytes_written": sum(files.values()),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

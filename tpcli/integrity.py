@@ -1,0 +1,88 @@
+"""Integrity of a sharded folder: manifest, files, hashes, coverage, and agreement with config.json.
+
+`check_folder` raises `CheckpointError` at the first problem, naming the file and what is wrong; `gather`, `run`'s
+preflight and `verify SHARDED_DIR` all go through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import dcp, manifest
+from .errors import CheckpointError
+from .storage import sha256_file
+
+
+def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False) -> dict:
+    """Check `folder`; returns {"manifest", "tp_size", "tensors", "files", "plan"?}."""
+    folder = Path(folder)
+    meta = manifest.read(folder)
+    present = {p.name for p in dcp.shard_files(folder)}
+    if meta:
+        listed = set(meta["files"])
+        for name in sorted(listed):
+            path = folder / name
+            if name not in present:
+                raise CheckpointError(f"{path}: missing (rank {meta['files'][name].get('rank')} of {meta['tp_size']}).")
+            size = path.stat().st_size
+            if size != meta["files"][name]["bytes"]:
+                raise CheckpointError(f"{path}: {size} bytes, the manifest records {meta['files'][name]['bytes']} "
+                                      "(truncated or replaced).")
+        extra = sorted(present - listed)
+        if extra:
+            raise CheckpointError(f"{folder / extra[0]}: not listed in {manifest.NAME}; remove it or re-shard.")
+        if not quick:
+            for name in sorted(listed):
+                digest = sha256_file(folder / name)
+                if digest != meta["files"][name]["sha256"]:
+                    raise CheckpointError(f"{folder / name}: sha256 {digest[:12]}… does not match the manifest "
+                                          f"({meta['files'][name]['sha256'][:12]}…); the file is corrupt.")
+    tensors = dcp.scan(folder, expected_files=list(meta["files"]) if meta else None)
+    if meta:
+        _compare_manifest(folder, meta, tensors)
+        tp = meta["tp_size"]
+    else:
+        tp = len(present)
+    result = {"manifest": meta, "tp_size": tp, "tensors": tensors, "files": sorted(present)}
+    if with_plan:
+        result["plan"] = _check_config(folder, meta, tensors)
+    return result
+
+
+def _compare_manifest(folder: Path, meta: dict, tensors: dict) -> None:
+    where = folder / manifest.NAME
+    recorded = meta["tensors"]
+    missing = sorted(set(recorded) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: lists {missing[0]}, which no shard file holds.")
+    unlisted = sorted(set(tensors) - set(recorded))
+    if unlisted:
+        raise CheckpointError(f"{where}: does not list {unlisted[0]}, which a shard file holds.")
+    for name, t in tensors.items():
+        rec = recorded[name]
+        if list(t.shape) != list(rec["shape"]) or t.dtype != rec["dtype"]:
+            raise CheckpointError(f"{where}: {name} is recorded as {rec['dtype']} {rec['shape']} but stored as "
+                                  f"{t.dtype} {list(t.shape)}; the manifest was edited.")
+        stored = sorted((c.file, list(c.offsets), list(c.sizes)) for c in t.chunks)
+        listed = sorted((c["file"], c["offsets"], c["sizes"]) for c in rec["chunks"])
+        if stored != listed:
+            raise CheckpointError(f"{where}: chunks of {name} differ from the shard files; the manifest was edited.")
+
+
+def _check_config(folder: Path, meta: dict | None, tensors: dict):
+    from .plan import load_config, resolve_plan
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder / 'config.json'}: missing; a sharded folder needs the model's config.")
+    plan = resolve_plan(load_config(folder), user_plan=(meta or {}).get("plan", {}).get("user_plan"))
+    for name, t in tensors.items():
+        expected = plan.tensors.get(name)
+        if expected is None:
+            raise CheckpointError(f"{folder}: shards hold {name}, which {plan.architecture} (config.json) does not have.")
+        if tuple(t.shape) != expected.shape:
+            raise CheckpointError(f"{folder}: {name} is {list(t.shape)} in the shards but {list(expected.shape)} "
+                                  "per config.json.")
+    absent = [n for n, t in plan.tensors.items() if n not in tensors and not (t.tied_to and t.tied_to in tensors)]
+    if absent:
+        raise CheckpointError(f"{folder}: no shard holds {absent[0]}, which config.json's model needs.")
+    return plan
