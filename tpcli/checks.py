@@ -47,8 +47,12 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
     from .plan import rule_matches
 
     for rule, names in rule_matches(plan).items():
-        if not names:
-            add(Finding(ERROR, "unused-rule", f"rule {rule!r} matches no module or parameter of {plan.architecture}", rule))
+        if names:
+            continue
+        if rule in plan.user_rules:  # transformers raises for these, tpcli says so before loading
+            add(Finding(ERROR, "unused-rule", f"plan rule {rule!r} matches no module or parameter of {plan.architecture}", rule))
+        else:  # a default rule for layers this config does not build (transformers skips it with a warning)
+            add(Finding(WARNING, "unused-rule", f"default rule {rule!r} matches nothing in this config and is skipped", rule))
 
     for t in plan.tensors.values():
         own = _wild(t.name)

@@ -54,6 +54,7 @@ class ResolvedPlan:
     plan_source: str
     tensors: dict[str, TensorInfo]  # state-dict order
     module_rules: dict[str, str] = field(default_factory=dict)  # expanded module name -> hook style
+    user_rules: dict[str, str] = field(default_factory=dict)  # the user plan, as given
     config: object = None
     model: object = None  # the meta model, for callers that need transformers objects
 
@@ -137,15 +138,6 @@ def build_meta_model(config):
         return cls._from_config(config, dtype=dtype)
 
 
-class _CollectWarnings(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: str | None = None) -> ResolvedPlan:
     """Resolve the effective TP plan exactly as `from_pretrained(tp_plan=user_plan or "auto")` does."""
     from transformers.distributed import DistributedConfig
@@ -160,16 +152,17 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
         )
     # tp_size only has to be > 1 for transformers to keep the plan; the expansion does not depend on it.
     dc = DistributedConfig(tp_size=2, tp_plan=dict(user_plan) if user_plan else "auto")
+    # transformers warns about default rules that match nothing; tpcli reports those itself (tpcli.checks).
     tf_logger = logging.getLogger("transformers.distributed.mixin")
-    catcher = _CollectWarnings()
-    tf_logger.addHandler(catcher)
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
     try:
         expanded, _, _ = model._resolve_parallel_plans(dc)
     except ValueError as exc:
         where = f"--plan {plan_file}" if plan_file else "the model's plan"
         raise PlanError(f"{where}: {str(exc).splitlines()[0]}") from None
     finally:
-        tf_logger.removeHandler(catcher)
+        tf_logger.setLevel(level)
     rules = dict(model.tp_plan)
 
     params_by_id: dict[int, str] = {}
@@ -207,6 +200,7 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
         plan_source=source,
         tensors=tensors,
         module_rules=module_rules,
+        user_rules=dict(user_plan or {}),
         config=config,
         model=model,
     )
