@@ -18,15 +18,15 @@ ORACLES = Path(__file__).parent / "oracles"
 INPUT_IDS = [[1, 17, 256, 3, 999, 42, 7, 512], [1, 5, 6, 7, 8, 900, 13, 21]]
 DIST_TIMEOUT = 240  # per torchrun; collectives inside time out at 90 s, pytest-timeout at 300 s
 
-# Fixture models: name -> (kind, build overrides). "*3" variants are valid at tp=3 (6 heads, 3 KV heads).
+# Fixture models: name -> (kind, build overrides). "*3" variants are valid at tp=2 and tp=3 (6 heads, 6 KV heads).
 MODELS = {
     "llama": ("llama", {"max_shard_size": "100KB"}),  # several files + index.json
     "qwen3": ("qwen3", {"tokenizer": True}),  # tied embeddings, q/k norms
     "mixtral": ("mixtral", {}),  # MoE: per-expert w1/w2/w3 on disk, fused gate_up_proj at run time
     "phi3": ("phi3", {}),
     "qwen3_moe": ("qwen3_moe", {}),
-    "mixtral3": ("mixtral", {"heads": 6, "kv_heads": 3, "hidden": 96}),
-    "llama3": ("llama", {"heads": 6, "kv_heads": 3, "hidden": 96}),
+    "mixtral3": ("mixtral", {"heads": 6, "kv_heads": 6, "hidden": 96}),
+    "llama3": ("llama", {"heads": 6, "kv_heads": 6, "hidden": 96}),
     "opt": ("opt", {}),
 }
 

@@ -80,8 +80,8 @@ def _check_config(folder: Path, meta: dict | None, tensors: dict):
         if expected is None:
             raise CheckpointError(f"{folder}: shards hold {name}, which {plan.architecture} (config.json) does not have.")
         if tuple(t.shape) != expected.shape:
-            raise CheckpointError(f"{folder}: {name} is {list(t.shape)} in the shards but {list(expected.shape)} "
-                                  "per config.json.")
+            raise CheckpointError(f"{folder}: the shards cover {name} as {list(t.shape)} but config.json needs "
+                                  f"{list(expected.shape)}; a rank file is missing, or config.json is another model's.")
     absent = [n for n, t in plan.tensors.items() if n not in tensors and not (t.tied_to and t.tied_to in tensors)]
     if absent:
         raise CheckpointError(f"{folder}: no shard holds {absent[0]}, which config.json's model needs.")
