@@ -149,7 +149,6 @@ def run(
 ):
     """Launch torchrun workers (one command), with preflight and clear failure reports."""
     from .launch import LaunchSpec, launch
-    from .render import err_console
 
     argv = list(ctx.args)
     if module and script is not None:
@@ -170,7 +169,7 @@ def run(
         rdzv_id=rdzv_id, max_restarts=max_restarts, log_dir=log_dir, tee=tee, ranks_filter=ranks_filter,
         preflight=not skip_preflight,
     )
-    code = launch(spec, report=lambda line: err_console.print(line, highlight=False))
+    code = launch(spec, report=lambda line: print(line, file=sys.stderr, flush=True))
     raise typer.Exit(code)
 
 

@@ -65,13 +65,21 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
 
 def write_tokenizer(out: Path, vocab_size: int) -> None:
     """A byte-level tokenizer whose vocabulary fits `vocab_size`, so demo generations decode to text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(alphabet):
         vocab.setdefault(ch, len(vocab))
+    # fill the rest of the vocabulary with " syllable" tokens so that any generated id decodes to text
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    two = [c + v for c in consonants for v in vowels]
+    syllables = two + [a + b for a in two for b in two]
+    for syl in syllables:
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault("\u0120" + syl, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,0 +1,1 @@
+"""Scripts shipped with tpcli, to run with `tpcli run -m tpcli.examples.NAME`."""
