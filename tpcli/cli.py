@@ -176,7 +176,7 @@ def run(
 def main() -> None:
     """Entry point: run the app, render TpcliError once as a one-line message."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
     except TpcliError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -192,6 +192,7 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 def _fail(message: str, code: int) -> None:
