@@ -49,6 +49,7 @@ class LaunchSpec:
     tee: str | None = None
     ranks_filter: str | None = None
     preflight: bool = True
+    quiet: bool = False  # keep worker output out of the console (it still goes to the per-rank logs)
 
     @property
     def nproc(self) -> int:
@@ -140,8 +141,9 @@ def launch(spec: LaunchSpec, report: Callable[[str], None] = print) -> int:
     proc = subprocess.Popen(cmd, env=worker_env(spec, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, text=True, bufsize=1)
     agent_lines: list[str] = []
-    pumps = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, None), daemon=True),
-             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, agent_lines), daemon=True)]
+    out, err = (None, None) if spec.quiet else (sys.stdout, sys.stderr)
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, None), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, err, agent_lines), daemon=True)]
     for t in pumps:
         t.start()
     interrupted = _wait(proc, report)
@@ -176,8 +178,9 @@ def _pump(stream, sink, agent_lines: list[str] | None) -> None:
             if line.startswith("Traceback (most recent call last)") or in_dump:
                 in_dump = True  # torchrun's ChildFailedError trace; tpcli prints its own summary instead
                 continue
-        sink.write(line)
-        sink.flush()
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
 
 
 def _wait(proc: subprocess.Popen, report: Callable[[str], None]) -> bool:

@@ -152,3 +152,32 @@ def render_gather(r: dict) -> None:
     console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from a tp={r['tp_size']} "
                   f"{r['source_kind']} folder, {len(r['files'])} file(s), {human_bytes(r['bytes_written'])} "
                   f"in {r['seconds']:.1f} s")
+
+
+def render_verify(r: dict) -> None:
+    verdict = "[green]OK[/green]" if r["ok"] else "[bold red]FAILED[/bold red]"
+    if r["mode"] == "integrity":
+        console.print(f"{r['target']}: sharded folder, tp={r['tp']}, {r['tensors']} tensors, "
+                      f"hashes {'checked' if r['hashes_checked'] else 'not checked'}: {verdict}")
+        render_findings(r["findings"], title="Integrity")
+        return
+    console.print(f"{r['architecture']} at tp={r['tp']} (plan: {r['plan_source']}): {verdict}")
+    render_findings(r["findings"], title="Static checks")
+    n = r.get("numerics")
+    if not n:
+        return
+    if "skipped" in n or "error" in n:
+        console.print(f"[yellow]numerics: {n.get('skipped') or n.get('error')}[/yellow]")
+        return
+    table = Table(title=f"Numerics: tp={n['world_size']} vs single process ({n['dtype']}, tolerance {n['tolerance']:g})",
+                  title_justify="left")
+    for col in ("output", "max abs err", "max rel err", ""):
+        table.add_column(col, justify="right" if "err" in col else "left")
+    for row in [*n["layers"], {"name": "logits", **n["logits"]}]:
+        bad = row["max_abs"] > n["tolerance"]
+        table.add_row(row["name"], f"{row['max_abs']:.3g}", f"{row['max_rel']:.3g}", "[red]X[/red]" if bad else "")
+    console.print(table)
+    if n.get("generate_error"):
+        console.print(f"[red]greedy decoding with the TP model failed: {n['generate_error']}[/red]")
+    console.print(f"greedy tokens {'equal' if n['tokens_equal'] else '[red]differ[/red]'}" +
+                  (f"; first divergence at {n['first_bad']}" if n["first_bad"] else ""))

@@ -1,0 +1,89 @@
+"""Worker of `tpcli verify --numerics` (started through `tpcli.launch`, like `tpcli run`).
+
+    python -m tpcli.numerics MODEL OUT.json [--plan FILE]
+
+Every rank loads the model with the TP plan (transformers' own `from_pretrained(tp_plan=...)`), rank 0 also loads
+the plain single-process model, both run one fixed batch with `output_hidden_states=True` and greedy-decode a few
+tokens. Rank 0 writes, per decoder layer and for the logits, the max absolute and relative error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+BATCH, SEQ, NEW_TOKENS = 2, 12, 4
+
+
+def fixed_batch(vocab_size: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, vocab_size, (BATCH, SEQ), generator=g)
+    ids[:, 0] = 1
+    return ids
+
+
+def _errors(a, b) -> dict:
+    a, b = a.float(), b.float()
+    diff = (a - b).abs().max().item()
+    scale = b.abs().max().item() or 1.0
+    return {"max_abs": diff, "max_rel": diff / scale}
+
+
+def main() -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--plan")
+    args = parser.parse_args()
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=timedelta(seconds=float(os.environ.get("TPCLI_TIMEOUT", 600))))
+    rank = dist.get_rank()
+    plan = json.loads(Path(args.plan).read_text()) if args.plan else "auto"
+    if isinstance(plan, dict) and isinstance(plan.get("tp_plan"), dict):
+        plan = plan["tp_plan"]
+    tp_model = AutoModelForCausalLM.from_pretrained(args.model, tp_plan=plan)
+    ids = fixed_batch(tp_model.config.get_text_config().vocab_size)
+    device = tp_model.device
+    with torch.no_grad():
+        tp_out = tp_model(ids.to(device), output_hidden_states=True)
+        try:  # a wrong plan can run the prompt yet crash on a 1-token step: report it, keep the forward numbers
+            tp_tokens, generate_error = tp_model.generate(ids.to(device), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                          pad_token_id=0), None
+        except RuntimeError as exc:
+            tp_tokens, generate_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    if rank == 0:
+        ref_model = AutoModelForCausalLM.from_pretrained(args.model)
+        with torch.no_grad():
+            ref_out = ref_model(ids, output_hidden_states=True)
+            ref_tokens = ref_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        layers = []
+        # hidden_states[0] is the embedding output, [i] the output of decoder layer i-1 (the last one after the norm)
+        for i, (a, b) in enumerate(zip(tp_out.hidden_states, ref_out.hidden_states, strict=True)):
+            layers.append({"name": "embeddings" if i == 0 else f"layer {i - 1}", **_errors(a.cpu(), b)})
+        result = {
+            "dtype": str(ref_model.dtype).removeprefix("torch."),
+            "world_size": dist.get_world_size(),
+            "layers": layers,
+            "logits": _errors(tp_out.logits.cpu(), ref_out.logits),
+            "tokens_equal": tp_tokens is not None and bool(torch.equal(tp_tokens.cpu(), ref_tokens)),
+            "tokens_tp": tp_tokens[:, SEQ:].tolist() if tp_tokens is not None else None,
+            "tokens_ref": ref_tokens[:, SEQ:].tolist(),
+            "generate_error": generate_error,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
