@@ -45,7 +45,9 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
     """Build, randomly initialise and save a tiny model of `kind` into `out`; returns the folder."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {', '.join(KINDS)}")
     cfg = tiny_config(kind, **overrides)
