@@ -1,7 +1,6 @@
 """The command line as a user runs it: output, exit codes, one-line errors, cheap --help."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

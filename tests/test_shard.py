@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same_shards, single_process_logits, torchrun
-
+from conftest import assert_same_shards, single_process_logits
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
 from tpcli.errors import CheckpointError, OutputError, PlanError

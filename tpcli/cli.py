@@ -183,7 +183,7 @@ def main() -> None:
         _fail("interrupted", 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (typer.Abort,):
+    except typer.Abort:
         _fail("aborted", 1)
     except Exception as exc:  # click usage errors
         import click

@@ -73,8 +73,8 @@ def check_devices(spec: LaunchSpec) -> None:
 def preflight_model(spec: LaunchSpec) -> list[str]:
     """Static checks of --model at tp = world size; returns notes to print, raises on errors."""
     from . import dcp
-    from .integrity import check_folder
     from .inspection import load_resolved
+    from .integrity import check_folder
     from .sharding import preflight
 
     tp = spec.world_size

@@ -103,7 +103,6 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     infos, steps = layout(plan, reader, cast)
     chunks = dcp.plan_chunks(infos, tp)
     chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
-    by_name = {t.name: t for t in infos}
     tied_after: dict[str, list[str]] = {}
     produced_by_steps = {n for _, names in steps for n in names}
     for t in infos:

@@ -52,9 +52,9 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {', '.join(KINDS)}")
     cfg = tiny_config(kind, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, cfg.dtype if isinstance(cfg.dtype, str) else "float32"))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, cfg.dtype))
     with torch.no_grad():  # norms start at 1.0; perturb them so a wrong slice of them would show in the numerics
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     out = Path(out)
@@ -88,3 +88,24 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     assert len(vocab) <= vocab_size
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m tpcli.tiny KIND OUT [--tokenizer] [--hidden N --layers N --heads N --kv-heads N --vocab N]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tpcli.tiny", description="Build a tiny random model locally.")
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("out")
+    parser.add_argument("--tokenizer", action="store_true", help="also write a small byte-level tokenizer")
+    for flag in ("hidden", "layers", "heads", "kv-heads", "vocab", "intermediate"):
+        parser.add_argument(f"--{flag}", type=int)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in ("hidden", "layers", "heads", "kv_heads", "vocab", "intermediate") and v is not None}
+    path = build_tiny(args.kind, args.out, tokenizer=args.tokenizer, **overrides)
+    print(f"built {args.kind} in {path}")
+
+
+if __name__ == "__main__":
+    main()

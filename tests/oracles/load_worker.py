@@ -8,7 +8,6 @@ Writes OUT/rank{r}.json: placements/local tensors equal?, bytes read, and (rank 
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch

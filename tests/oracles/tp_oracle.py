@@ -8,7 +8,6 @@ OUT/tokens.pt (rank 0) for a fixed batch, and with --dcp-out calls save_pretrain
 
 import argparse
 import json
-import os
 from datetime import timedelta
 from pathlib import Path
 
