@@ -138,7 +138,9 @@ def test_two_node_rendezvous_on_loopback(tmp_path):
         "dist.init_process_group('gloo', timeout=timedelta(seconds=60))\n"
         "t = torch.tensor([dist.get_rank() + 1.0])\n"
         "dist.all_reduce(t)\n"
-        "print('world', dist.get_world_size(), 'rank', dist.get_rank(), 'sum', int(t.item()), flush=True)\n")
+        "print('world', dist.get_world_size(), 'rank', dist.get_rank(), 'sum', int(t.item()), flush=True)\n"
+        "dist.barrier()\n"
+        "dist.destroy_process_group()\n")
     port = _free_port()
     nodes = [subprocess.Popen([*TPCLI, "run", "--cpu", "1", "--nnodes", "2", "--node-rank", str(r),
                                "--rdzv-endpoint", f"127.0.0.1:{port}", str(script)], env=base_env(),
