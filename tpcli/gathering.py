@@ -16,7 +16,7 @@ from . import dcp, manifest
 from .errors import CheckpointError
 from .integrity import check_folder
 from .plan import dtype_size
-from .readers import ShardedReader
+from .readers import ShardedReader, stream
 from .sharding import _cast, _set_config_dtype, parse_dtype
 from .source import aux_files
 from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
@@ -41,8 +41,9 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     out_path = prepare_output(out, force=force)
     if out_path == folder:
         raise CheckpointError(f"--out {out} is the input folder; write somewhere else.")
-    # hashes, coverage, config agreement; raises naming the first bad file before anything is written
-    integrity = check_folder(folder, quick=False, with_plan=True)
+    # sizes, headers, coverage, config agreement now; the hashes run alongside the gather and are checked before the
+    # output is published (it is written into a temporary folder), so a corrupt input never yields an output.
+    integrity = check_folder(folder, quick=False, with_plan=True, defer_hashes=True)
     reader = ShardedReader(folder, tensors=integrity["tensors"])
     plan = integrity["plan"]
     model = plan.model
@@ -86,14 +87,16 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         try:
             total = sum(reader.step_bytes(n) for n in names)
             with progress_bar(total, "gather", progress) as bar:
-                for group in groups:
-                    full = {n: _cast(reader.read_full(n), cast) if cast else reader.read_full(n) for n in group}
+                for group, full in stream(reader, groups):
+                    if cast:
+                        full = {n: _cast(t, cast) for n, t in full.items()}
                     for key, tensor in conv.revert(full).items():
                         writers[weight_map[key]].write(key, tensor)
                     del full
-                    bar.advance(sum(reader.step_bytes(n) for n in group))
+                    bar.advance(reader.step_bytes(group))
             for w in writers.values():
                 w.close()
+            integrity["check_hashes"]()
         except BaseException:
             for w in writers.values():
                 w.abort()

@@ -10,11 +10,15 @@ from pathlib import Path
 
 from . import dcp, manifest
 from .errors import CheckpointError
-from .storage import sha256_file
+from .storage import sha256_files
 
 
-def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False) -> dict:
-    """Check `folder`; returns {"manifest", "tp_size", "tensors", "files", "plan"?}."""
+def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, defer_hashes: bool = False) -> dict:
+    """Check `folder`; returns {"manifest", "tp_size", "tensors", "files", "plan"?, "check_hashes"}.
+
+    With `defer_hashes`, the sha256 of the files runs on helper threads and `result["check_hashes"]()` waits for
+    it and raises on a mismatch: a caller writing into a temporary folder calls it before publishing its output.
+    """
     folder = Path(folder)
     meta = manifest.read(folder)
     present = {p.name for p in dcp.shard_files(folder)}
@@ -31,22 +35,38 @@ def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False) 
         extra = sorted(present - listed)
         if extra:
             raise CheckpointError(f"{folder / extra[0]}: not listed in {manifest.NAME}; remove it or re-shard.")
-        if not quick:
-            for name in sorted(listed):
-                digest = sha256_file(folder / name)
-                if digest != meta["files"][name]["sha256"]:
-                    raise CheckpointError(f"{folder / name}: sha256 {digest[:12]}… does not match the manifest "
-                                          f"({meta['files'][name]['sha256'][:12]}…); the file is corrupt.")
+    check_hashes = _hash_check(folder, meta) if meta and not quick else (lambda: None)
+    if not defer_hashes:
+        check_hashes()
     tensors = dcp.scan(folder, expected_files=list(meta["files"]) if meta else None)
     if meta:
         _compare_manifest(folder, meta, tensors)
         tp = meta["tp_size"]
     else:
         tp = len(present)
-    result = {"manifest": meta, "tp_size": tp, "tensors": tensors, "files": sorted(present)}
+    result = {"manifest": meta, "tp_size": tp, "tensors": tensors, "files": sorted(present),
+              "check_hashes": check_hashes}
     if with_plan:
         result["plan"] = _check_config(folder, meta, tensors)
     return result
+
+
+def _hash_check(folder: Path, meta: dict):
+    """Start hashing every listed file in the background; returns a callable that waits and raises on a mismatch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = sorted(meta["files"])
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(sha256_files, [folder / n for n in names])
+    pool.shutdown(wait=False)
+
+    def check() -> None:
+        for name, digest in zip(names, future.result(), strict=True):
+            if digest != meta["files"][name]["sha256"]:
+                raise CheckpointError(f"{folder / name}: sha256 {digest[:12]}… does not match the manifest "
+                                      f"({meta['files'][name]['sha256'][:12]}…); the file is corrupt.")
+
+    return check
 
 
 def _compare_manifest(folder: Path, meta: dict, tensors: dict) -> None:

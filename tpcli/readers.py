@@ -13,12 +13,30 @@ so that a writer can lay out every output file before the first byte is read, an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .convert import Conversions
 from .dcp import ShardedTensor, scan
-from .errors import CheckpointError
-from .storage import CODE_DTYPES, read_header
+from .storage import CODE_DTYPES, TensorFile, read_header
+
+PREFETCH_BYTES = 512 * 2**20  # read the next step ahead only when it is this small: memory stays bounded
+
+
+def stream(reader, steps: list, prefetch_bytes: int = PREFETCH_BYTES) -> Iterator[tuple[object, dict]]:
+    """Yield (step, reader.read(step)) in order, reading the next step on a helper thread while the caller
+    writes this one (file reads and writes release the GIL). A step above `prefetch_bytes` is read on its own;
+    0 turns prefetching off (measured: it only pays when no other thread is busy hashing)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, step in enumerate(steps):
+            tensors = pending.result() if pending is not None else reader.read(step)
+            pending = None
+            if i + 1 < len(steps) and reader.step_bytes(steps[i + 1]) <= prefetch_bytes:
+                pending = pool.submit(reader.read, steps[i + 1])
+            yield step, tensors
+            del tensors
 
 
 class CheckpointReader:
@@ -61,15 +79,10 @@ class CheckpointReader:
         out = self.conversions.realize(group, meta)
         return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in out.items()]
 
-    def _handle(self, path: Path):
-        from safetensors import safe_open
-
+    def _handle(self, path: Path) -> TensorFile:
         h = self._handles.get(path)
         if h is None:
-            try:
-                h = self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as exc:
-                raise CheckpointError(f"{path}: cannot be read as safetensors ({exc}).") from None
+            h = self._handles[path] = TensorFile(path)
         return h
 
     def load(self, key: str):
@@ -91,22 +104,17 @@ class ShardedReader:
     def steps(self):
         return list(self.tensors)
 
-    def step_bytes(self, name: str) -> int:
-        return self.tensors[name].nbytes
+    def step_bytes(self, step: str | list[str]) -> int:
+        return sum(self.tensors[n].nbytes for n in _names(step))
 
     def preview(self, name: str):
         t = self.tensors[name]
         return [(name, t.shape, t.dtype)]
 
-    def _handle(self, file: str):
-        from safetensors import safe_open
-
+    def _handle(self, file: str) -> TensorFile:
         h = self._handles.get(file)
         if h is None:
-            try:
-                h = self._handles[file] = safe_open(str(self.folder / file), framework="pt")
-            except Exception as exc:
-                raise CheckpointError(f"{self.folder / file}: cannot be read as safetensors ({exc}).") from None
+            h = self._handles[file] = TensorFile(self.folder / file)
         return h
 
     def read_full(self, name: str):
@@ -118,8 +126,17 @@ class ShardedReader:
         full = torch.empty(t.shape, dtype=getattr(torch, t.dtype))
         for c in t.chunks:
             index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
-            full[index] = self._handle(c.file).get_tensor(name)
+            region = full[index]
+            if region.is_contiguous():  # a dim-0 chunk: read it in place, no extra copy
+                self._handle(c.file).read_into(name, region)
+            else:
+                region.copy_(self._handle(c.file).get_tensor(name))
         return full
 
-    def read(self, name: str) -> dict:
-        return {name: self.read_full(name)}
+    def read(self, step: str | list[str]) -> dict:
+        """A step is one run-time name, or a group of names read together."""
+        return {n: self.read_full(n) for n in _names(step)}
+
+
+def _names(step: str | list[str]) -> list[str]:
+    return [step] if isinstance(step, str) else list(step)

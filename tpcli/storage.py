@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import CheckpointError, OutputError
@@ -38,6 +39,8 @@ class StreamWriter:
     """Write one safetensors file tensor by tensor, in the order of `entries`.
 
     entries: list of (name, dtype name, shape). `write(name, tensor)` must follow that order.
+    The sha256 runs on a helper thread (hashlib releases the GIL), one buffer behind the writes, so hashing
+    overlaps reading and writing instead of adding to them.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
@@ -60,11 +63,19 @@ class StreamWriter:
         self.total = 8 + len(raw) + offset
         self._next = 0
         self._hash = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future | None = None
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._emit(struct.pack("<Q", len(raw)) + raw)
+        self._emit(struct.pack("<Q", len(raw)) + raw, keep=None)
 
-    def _emit(self, data) -> None:
+    def _emit(self, data, keep) -> None:
+        """Write `data`; hash it in the background (`keep` holds the tensor owning the buffer alive until then)."""
         self._file.write(data)
+        if self._pending is not None:
+            self._pending.result()  # at most one buffer in flight: memory stays bounded
+        self._pending = self._hasher.submit(self._update, data, keep)
+
+    def _update(self, data, keep) -> None:
         self._hash.update(data)
 
     def write(self, name: str, tensor) -> None:
@@ -78,7 +89,7 @@ class StreamWriter:
             data = t.view(-1).view(torch.uint8).numpy().data if t.dtype != torch.bool else t.numpy().tobytes()
             if len(data) != self.sizes[name]:
                 raise AssertionError(f"{name}: {len(data)} bytes, header says {self.sizes[name]}")
-            self._emit(data)
+            self._emit(data, keep=t)
         self._next += 1
 
     def close(self) -> str:
@@ -86,10 +97,12 @@ class StreamWriter:
         if self._next != len(self.order):
             raise AssertionError(f"{self.path.name}: {len(self.order) - self._next} tensors never written")
         self._file.close()
+        self._hasher.shutdown(wait=True)
         return self._hash.hexdigest()
 
     def abort(self) -> None:
         self._file.close()
+        self._hasher.shutdown(wait=True, cancel_futures=True)
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:
@@ -115,12 +128,64 @@ def read_header(path: Path) -> tuple[dict, dict[str, str]]:
     return header, meta
 
 
+class TensorFile:
+    """Reads whole tensors of a safetensors file with plain reads into fresh buffers.
+
+    safetensors' `safe_open` maps the file: every page a streaming pass touches then stays in the process's RSS
+    until the file is closed, so a one-pass reader would grow to the size of the model. Reading with `readinto`
+    keeps memory at the tensors actually held.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header, self.metadata = read_header(self.path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+        self.data_start = 8 + n
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def read_into(self, name: str, out) -> None:
+        """Read tensor `name` straight into the contiguous tensor `out` (same dtype and number of elements)."""
+        start, stop = self.header[name]["data_offsets"]
+        if stop == start:
+            return
+        self._file.seek(self.data_start + start)
+        if self._file.readinto(out.view(-1).view(__import__("torch").uint8).numpy()) != stop - start:
+            raise CheckpointError(f"{self.path}: truncated while reading {name}.")
+
+    def get_tensor(self, name: str):
+        import torch
+
+        entry = self.header[name]
+        start, stop = entry["data_offsets"]
+        dtype = getattr(torch, CODE_DTYPES[entry["dtype"]])
+        if stop == start:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buf = torch.empty(stop - start, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+        self._file.seek(self.data_start + start)
+        if self._file.readinto(buf.numpy()) != stop - start:
+            raise CheckpointError(f"{self.path}: truncated while reading {name}.")
+        return buf.view(dtype).reshape(entry["shape"])
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """sha256 of several files, two at a time (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(2, max(1, len(paths)))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def prepare_output(out: str | Path, *, force: bool) -> Path:
