@@ -16,7 +16,7 @@ from . import dcp, manifest
 from .errors import CheckpointError
 from .integrity import check_folder
 from .plan import dtype_size
-from .readers import ShardedReader, stream
+from .readers import ShardedReader
 from .sharding import _cast, _set_config_dtype, parse_dtype
 from .source import aux_files
 from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
@@ -87,7 +87,8 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         try:
             total = sum(reader.step_bytes(n) for n in names)
             with progress_bar(total, "gather", progress) as bar:
-                for group, full in stream(reader, groups):
+                for group in groups:
+                    full = reader.read(group)
                     if cast:
                         full = {n: _cast(t, cast) for n, t in full.items()}
                     for key, tensor in conv.revert(full).items():

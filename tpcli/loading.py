@@ -116,7 +116,7 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
                 runs = rank_runs(entry["shape"][placement.dim], placement, len(doc["files"]))[rank]
             else:
                 runs = None
-            local.copy_(reader.read(name, entry, placement.dim, runs))
+            reader.read_into(local, name, entry, placement.dim, runs)
     for t in model.state_dict(keep_vars=True).values():
         t._is_hf_initialized = True
     model.initialize_weights()  # non-persistent buffers (rotary frequencies) only
@@ -141,37 +141,58 @@ def _placement(p):
 
 
 class _SliceReader:
-    """Reads index ranges of one dimension of a tensor from whichever rank files hold them."""
+    """Fills local tensors from the rank files, reading only the byte ranges they need.
+
+    At tp == world size a rank's Shard(d) slice is exactly one chunk of one file, contiguous on disk whatever d
+    is, and a replicated tensor is one whole entry: both are read straight into the parameter's storage with
+    `readinto`. Only `_StridedShard` slices (packed gate/up) span several chunks; they are sliced out of the
+    files with safetensors' `get_slice`.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.handles: dict[str, object] = {}
+        self.files: dict[str, object] = {}
+        self.slicers: dict[str, object] = {}
         self.bytes_read = 0
 
-    def _handle(self, file: str):
+    def _file(self, file: str):
+        from .storage import TensorFile
+
+        if file not in self.files:
+            self.files[file] = TensorFile(self.folder / file)
+        return self.files[file]
+
+    def _slicer(self, file: str):
         from safetensors import safe_open
 
-        if file not in self.handles:
-            self.handles[file] = safe_open(str(self.folder / file), framework="pt")
-        return self.handles[file]
+        if file not in self.slicers:
+            self.slicers[file] = safe_open(str(self.folder / file), framework="pt")
+        return self.slicers[file]
 
-    def read(self, name: str, entry: dict, dim: int | None, runs):
+    def read_into(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
         import torch
 
         chunks = entry["chunks"]
+        whole = None
         if runs is None:  # replicated: one copy, stored in one file
-            t = self._handle(chunks[0]["file"]).get_tensor(name)
-            self.bytes_read += t.numel() * t.element_size()
-            return t
+            whole = chunks[0]
+        elif len(runs) == 1:
+            whole = next((c for c in chunks if (c["offsets"][dim], c["offsets"][dim] + c["sizes"][dim]) == runs[0]),
+                         None)
+        if whole is not None and out.is_contiguous() and list(out.shape) == whole["sizes"]:
+            self._file(whole["file"]).read_into(name, out)
+            self.bytes_read += out.numel() * out.element_size()
+            return
         parts = []
-        for start, stop in runs:
+        for start, stop in runs or [(0, entry["shape"][0])]:
             for c in chunks:  # the contiguous chunks on disk that overlap [start, stop)
-                lo, hi = c["offsets"][dim], c["offsets"][dim] + c["sizes"][dim]
+                d = dim if dim is not None else 0
+                lo, hi = c["offsets"][d], c["offsets"][d] + c["sizes"][d]
                 a, b = max(start, lo), min(stop, hi)
                 if a < b:
                     index = [slice(None)] * len(entry["shape"])
-                    index[dim] = slice(a - lo, b - lo)
-                    part = self._handle(c["file"]).get_slice(name)[tuple(index)]
+                    index[d] = slice(a - lo, b - lo)
+                    part = self._slicer(c["file"]).get_slice(name)[tuple(index)]
                     self.bytes_read += part.numel() * part.element_size()
                     parts.append(part)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+        out.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim or 0))

@@ -13,30 +13,11 @@ so that a writer can lay out every output file before the first byte is read, an
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .convert import Conversions
 from .dcp import ShardedTensor, scan
 from .storage import CODE_DTYPES, TensorFile, read_header
-
-PREFETCH_BYTES = 512 * 2**20  # read the next step ahead only when it is this small: memory stays bounded
-
-
-def stream(reader, steps: list, prefetch_bytes: int = PREFETCH_BYTES) -> Iterator[tuple[object, dict]]:
-    """Yield (step, reader.read(step)) in order, reading the next step on a helper thread while the caller
-    writes this one (file reads and writes release the GIL). A step above `prefetch_bytes` is read on its own;
-    0 turns prefetching off (measured: it only pays when no other thread is busy hashing)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for i, step in enumerate(steps):
-            tensors = pending.result() if pending is not None else reader.read(step)
-            pending = None
-            if i + 1 < len(steps) and reader.step_bytes(steps[i + 1]) <= prefetch_bytes:
-                pending = pool.submit(reader.read, steps[i + 1])
-            yield step, tensors
-            del tensors
 
 
 class CheckpointReader:

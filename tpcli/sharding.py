@@ -17,7 +17,7 @@ from . import source as sources
 from .checks import check_plan, errors
 from .errors import CheckpointError, PlanError, UsageError
 from .plan import ResolvedPlan, TensorInfo, load_config, load_plan_file, resolve_plan
-from .readers import CheckpointReader, ShardedReader, stream
+from .readers import CheckpointReader, ShardedReader
 from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
@@ -120,8 +120,8 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
                     [c for c in chunks[r]])))
             total = sum(reader.step_bytes(s) for s, _ in steps)
             with progress_bar(total, f"shard tp={tp}", progress) as bar:
-                for (step, tensors), (_, names) in zip(stream(reader, [s for s, _ in steps], prefetch_bytes=0),
-                                                        steps, strict=True):
+                for step, names in steps:
+                    tensors = reader.read(step)
                     for name in names:
                         full = tensors[name]
                         for alias in [name, *tied_after.get(name, [])]:
