@@ -44,8 +44,10 @@ def test_inspect_json_is_stable_and_complete(model_dirs):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["schema"] == "tpcli.inspect/1"
-    assert set(doc) == {"schema", "source", "summary", "plan", "unused_rules", "valid_tp_sizes", "invalid_tp_sizes",
-                        "coverage", "tp"}
+    assert set(doc) == {"schema", "source", "summary", "checkpoint", "plan", "unused_rules", "valid_tp_sizes",
+                        "invalid_tp_sizes", "coverage", "tp"}
+    assert doc["checkpoint"]["files"] == 1 and sum(doc["checkpoint"]["parameters_by_dtype"].values()) == \
+        doc["summary"]["parameters"]
     assert doc["summary"]["architecture"] == "MixtralForCausalLM"
     groups = {g["pattern"]: g for g in doc["tp"]["groups"]}
     assert groups["model.embed_tokens.weight"]["local_shapes"] == [[334, 96], [334, 96], [333, 96]]

@@ -102,6 +102,8 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
             for w in writers.values():
                 w.abort()
             raise
+        finally:
+            reader.close()
         if len(writers) > 1:
             total_size = sum(dtype_size(dt) * _numel(shape) for entries in per_file.values() for _, dt, shape in entries)
             index = {"metadata": {"total_parameters": plan.parameter_count, "total_size": total_size},

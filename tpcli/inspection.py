@@ -60,6 +60,7 @@ def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max
             "total_bytes": plan.total_bytes,
             "plan_source": plan.plan_source,
         },
+        "checkpoint": sources.checkpoint_summary(src),
         "plan": rules,
         "unused_rules": [r["rule"] for r in rules if r["matches"] == 0],
         "valid_tp_sizes": valid,

@@ -20,8 +20,27 @@ from .dcp import ShardedTensor, scan
 from .storage import CODE_DTYPES, TensorFile, read_header
 
 
-class CheckpointReader:
+class _OpenFiles:
+    """The safetensors files a reader has open, by path."""
+
+    def __init__(self):
+        self._handles: dict[Path, TensorFile] = {}
+
+    def _handle(self, path: Path) -> TensorFile:
+        h = self._handles.get(path)
+        if h is None:
+            h = self._handles[path] = TensorFile(path)
+        return h
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+
+
+class CheckpointReader(_OpenFiles):
     def __init__(self, model, files: list[Path]):
+        super().__init__()
         self.files = files
         self.key_file: dict[str, Path] = {}
         self.key_meta: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -32,7 +51,6 @@ class CheckpointReader:
                 self.key_meta[key] = (CODE_DTYPES.get(entry["dtype"], "float32"), tuple(entry["shape"]))
         self.conversions = Conversions(model)
         self.groups, self.unexpected = self.conversions.groups(list(self.key_file))
-        self._handles: dict[Path, object] = {}
         self.source_bytes = sum(f.stat().st_size for f in files)
 
     def steps(self):
@@ -60,12 +78,6 @@ class CheckpointReader:
         out = self.conversions.realize(group, meta)
         return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in out.items()]
 
-    def _handle(self, path: Path) -> TensorFile:
-        h = self._handles.get(path)
-        if h is None:
-            h = self._handles[path] = TensorFile(path)
-        return h
-
     def load(self, key: str):
         return self._handle(self.key_file[key]).get_tensor(key)
 
@@ -73,12 +85,12 @@ class CheckpointReader:
         return self.conversions.realize(group, self.load)
 
 
-class ShardedReader:
+class ShardedReader(_OpenFiles):
     def __init__(self, folder: Path, tensors: dict[str, ShardedTensor] | None = None,
                  expected_files: list[str] | None = None):
+        super().__init__()
         self.folder = folder
         self.tensors = tensors if tensors is not None else scan(folder, expected_files=expected_files)
-        self._handles: dict[str, object] = {}
         self.source_bytes = sum((folder / f).stat().st_size for f in {c.file for t in self.tensors.values() for c in t.chunks})
         self.unexpected: list[str] = []
 
@@ -92,26 +104,20 @@ class ShardedReader:
         t = self.tensors[name]
         return [(name, t.shape, t.dtype)]
 
-    def _handle(self, file: str) -> TensorFile:
-        h = self._handles.get(file)
-        if h is None:
-            h = self._handles[file] = TensorFile(self.folder / file)
-        return h
-
     def read_full(self, name: str):
         import torch
 
         t = self.tensors[name]
         if len(t.chunks) == 1 and tuple(t.chunks[0].sizes) == t.shape:
-            return self._handle(t.chunks[0].file).get_tensor(name)
+            return self._handle(self.folder / t.chunks[0].file).get_tensor(name)
         full = torch.empty(t.shape, dtype=getattr(torch, t.dtype))
         for c in t.chunks:
             index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
             region = full[index]
             if region.is_contiguous():  # a dim-0 chunk: read it in place, no extra copy
-                self._handle(c.file).read_into(name, region)
+                self._handle(self.folder / c.file).read_into(name, region)
             else:
-                region.copy_(self._handle(c.file).get_tensor(name))
+                region.copy_(self._handle(self.folder / c.file).get_tensor(name))
         return full
 
     def read(self, step: str | list[str]) -> dict:

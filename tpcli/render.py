@@ -49,6 +49,11 @@ def render_inspect(r: dict) -> None:
     console.print(f"[bold]{s['architecture']}[/bold] ({s['model_type']}) from {where}")
     console.print(f"  parameters {s['parameters']:,}  dtype {s['dtype']}  size {human_bytes(s['total_bytes'])}  "
                   f"plan: {s['plan_source']}")
+    ck = r.get("checkpoint")
+    if ck:
+        on_disk = f", {human_bytes(ck['bytes'])}" if ck.get("bytes") else ""
+        by_dtype = ", ".join(f"{k} {v:,}" for k, v in ck["parameters_by_dtype"].items())
+        console.print(f"  checkpoint: {ck['files']} safetensors file(s){on_disk}; parameters by dtype: {by_dtype}")
 
     table = Table(title="TP plan", title_justify="left")
     for col in ("rule", "style", "matches", "params", "bytes sharded"):

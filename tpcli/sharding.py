@@ -137,6 +137,8 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
             for w in writers:
                 w.abort()
             raise
+        finally:
+            reader.close()
         copied = copy_aux(src.path, tmp, sources.aux_files(src.path))
         if cast:
             _set_config_dtype(tmp / "config.json", cast)

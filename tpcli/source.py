@@ -114,3 +114,38 @@ def aux_files(folder: Path) -> list[Path]:
     for pattern in AUX_PATTERNS:
         out.extend(p for p in folder.glob(pattern) if p.is_file() and p not in out)
     return out
+
+
+def checkpoint_summary(source: Source) -> dict | None:
+    """What the weights on disk hold (files, bytes, parameters per dtype), from safetensors headers only.
+
+    Local folders: the headers of the files present. Hub ids: huggingface_hub's safetensors metadata API (a few
+    KB per file, no weights), skipped when offline; None when nothing can be read.
+    """
+    from collections import Counter
+
+    from .storage import read_header
+
+    files = sorted(source.path.glob("*.safetensors"))
+    dtypes: Counter = Counter()
+    if files:
+        for f in files:
+            try:
+                header, _ = read_header(f)
+            except CheckpointError:
+                return None
+            for entry in header.values():
+                n = 1
+                for s in entry["shape"]:
+                    n *= s
+                dtypes[entry["dtype"]] += n
+        return {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "parameters_by_dtype": dict(dtypes)}
+    if source.hub_id and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in {"1", "true", "yes"}:
+        try:
+            from huggingface_hub import get_safetensors_metadata
+
+            meta = get_safetensors_metadata(source.hub_id, revision=source.revision)
+        except Exception:  # no safetensors on the hub, gated, network: the plan does not need it
+            return None
+        return {"files": len(meta.files_metadata), "bytes": None, "parameters_by_dtype": dict(meta.parameter_count)}
+    return None
