@@ -43,7 +43,8 @@ class StreamWriter:
     overlaps reading and writing instead of adding to them.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None):
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None,
+                 *, sha256: bool = True):
         self.path = Path(path)
         self.order = [name for name, _, _ in entries]
         header: dict = {}
@@ -62,7 +63,7 @@ class StreamWriter:
         raw += b" " * (-len(raw) % 8)
         self.total = 8 + len(raw) + offset
         self._next = 0
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if sha256 else None
         self._hasher = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
@@ -71,6 +72,8 @@ class StreamWriter:
     def _emit(self, data, keep) -> None:
         """Write `data`; hash it in the background (`keep` holds the tensor owning the buffer alive until then)."""
         self._file.write(data)
+        if self._hash is None:
+            return
         if self._pending is not None:
             self._pending.result()  # at most one buffer in flight: memory stays bounded
         self._pending = self._hasher.submit(self._update, data, keep)
@@ -92,13 +95,13 @@ class StreamWriter:
             self._emit(data, keep=t)
         self._next += 1
 
-    def close(self) -> str:
-        """Finish the file and return its sha256."""
+    def close(self) -> str | None:
+        """Finish the file and return its sha256 (None when made with sha256=False)."""
         if self._next != len(self.order):
             raise AssertionError(f"{self.path.name}: {len(self.order) - self._next} tensors never written")
         self._file.close()
         self._hasher.shutdown(wait=True)
-        return self._hash.hexdigest()
+        return self._hash.hexdigest() if self._hash is not None else None
 
     def abort(self) -> None:
         self._file.close()
