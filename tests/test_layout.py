@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from tpcli.layout import contiguous_chunk, local_shape, rank_runs, take
+from tpcli.layout import contiguous_chunk, local_shape, rank_runs
 from tpcli.styles import ParamPlacement, param_placement
+
+
+def take(tensor, dim, runs):
+    """The runs of `dim`, concatenated: what a rank holds."""
+    parts = [tensor.narrow(dim, a, b - a) for a, b in runs]
+    return torch.cat(parts, dim=dim) if parts else tensor.narrow(dim, 0, 0)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 3, 4])

@@ -57,23 +57,5 @@ def contiguous_chunk(shape: tuple[int, ...], placement: ParamPlacement, world: i
     if p.is_sharded:
         runs = rank_runs(shape[p.dim], p, world)[rank]
         start, stop = runs[0] if runs else (0, 0)
-        offsets[p.dim], sizes[p.dim] = (start if runs else 0), stop - start
+        offsets[p.dim], sizes[p.dim] = start, stop - start
     return offsets, sizes
-
-
-def take(tensor, dim: int, runs: Runs):
-    """Index `runs` of `dim` out of a tensor (or a safetensors slice), concatenated in order."""
-    import torch
-
-    parts = []
-    for a, b in runs:
-        index = [slice(None)] * tensor.ndim if hasattr(tensor, "ndim") else None
-        if index is None:
-            index = [slice(None)] * len(tensor.get_shape())
-        index[dim] = slice(a, b)
-        parts.append(tensor[tuple(index)])
-    if not parts:
-        shape = list(tensor.shape)
-        shape[dim] = 0
-        return torch.empty(shape, dtype=tensor.dtype)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
