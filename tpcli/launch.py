@@ -84,9 +84,10 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
         preflight(info["plan"], tp)
         notes = [f"preflight: {local} is a tp={info['tp_size']} sharded folder; files and manifest OK"]
         if info["tp_size"] != tp:
-            notes.append(f"preflight: its tp={info['tp_size']} differs from the world size {tp}: transformers will "
-                         "reshard it on load (DCP), every rank reading more than its 1/N; "
-                         f"`tpcli shard {local} --tp {tp} --out DIR` makes a matching copy once")
+            notes.append(f"preflight: its tp={info['tp_size']} differs from the world size {tp}: tpcli.load_model "
+                         "falls back to transformers, which reshards it on load through DCP (a collective load plan, "
+                         f"every rank opening every file); `tpcli shard {local} --tp {tp} --out DIR` makes a matching "
+                         "copy once")
         return notes
     _, plan = load_resolved(spec.model, plan_file=spec.plan_file)
     findings = preflight(plan, tp)

@@ -87,8 +87,11 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
     dc = DistributedConfig(tp_plan=user_plan or "auto")
     dc, device_map, mesh_manager = cls.prepare_distribute_model(dc)
     config.distributed_config = dc
-    if dtype is None:
-        dtype = getattr(torch, doc["dtype"] or str(getattr(config, "dtype", None) or "float32").removeprefix("torch."))
+    if dtype is None:  # what the files hold (the most common tensor dtype), as dtype="auto" would pick
+        from collections import Counter
+
+        stored = Counter(t["dtype"] for t in doc["tensors"].values()).most_common(1)
+        dtype = getattr(torch, doc["dtype"] or (stored[0][0] if stored else "float32"))
     from transformers.utils.generic import ContextManagers
 
     # the same init context as from_pretrained: meta device, the checkpoint dtype, weights not tied yet
@@ -116,7 +119,10 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
                 runs = rank_runs(entry["shape"][placement.dim], placement, len(doc["files"]))[rank]
             else:
                 runs = None
-            reader.read_into(local, name, entry, placement.dim, runs)
+            if str(local.dtype).removeprefix("torch.") != entry["dtype"]:  # e.g. dtype= asked for another precision
+                local.copy_(reader.read_tensor(name, entry, placement.dim, runs))
+            else:
+                reader.read_into(local, name, entry, placement.dim, runs)
     for t in model.state_dict(keep_vars=True).values():
         t._is_hf_initialized = True
     model.initialize_weights()  # non-persistent buffers (rotary frequencies) only
@@ -168,6 +174,21 @@ class _SliceReader:
         if file not in self.slicers:
             self.slicers[file] = safe_open(str(self.folder / file), framework="pt")
         return self.slicers[file]
+
+    def read_tensor(self, name: str, entry: dict, dim: int | None, runs):
+        """This rank's slice as a new tensor in the stored dtype."""
+        import torch
+
+        out = torch.empty(self._local_shape(entry, dim, runs), dtype=getattr(torch, entry["dtype"]))
+        self.read_into(out, name, entry, dim, runs)
+        return out
+
+    @staticmethod
+    def _local_shape(entry: dict, dim: int | None, runs) -> list[int]:
+        shape = list(entry["shape"])
+        if runs is not None:
+            shape[dim] = sum(b - a for a, b in runs)
+        return shape
 
     def read_into(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
         import torch
