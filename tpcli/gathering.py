@@ -91,9 +91,10 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
                     full = reader.read(group)
                     if cast:
                         full = {n: _cast(t, cast) for n, t in full.items()}
+                    tensor = None
                     for key, tensor in conv.revert(full).items():
                         writers[weight_map[key]].write(key, tensor)
-                    del full
+                    del full, tensor  # the loop variable would keep this group alive while the next is read
                     bar.advance(reader.step_bytes(group))
             for w in writers.values():
                 w.close()

@@ -121,7 +121,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
             total = sum(reader.step_bytes(s) for s, _ in steps)
             with progress_bar(total, f"shard tp={tp}", progress) as bar:
                 for step, names in steps:
-                    tensors = reader.read(step)
+                    tensors, full = reader.read(step), None
                     for name in names:
                         full = tensors[name]
                         for alias in [name, *tied_after.get(name, [])]:
@@ -130,7 +130,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
                                 if c is not None:
                                     index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
                                     writers[r].write(alias, _cast(full[index], c.dtype))
-                    del tensors
+                    del tensors, full  # the loop variable would keep this step alive while the next is read
                     bar.advance(reader.step_bytes(step))
             hashes = [w.close() for w in writers]
         except BaseException:
