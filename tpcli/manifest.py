@@ -36,6 +36,33 @@ def versions() -> dict[str, str]:
     return {"tpcli": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
 
 
+def build(*, source: dict, tp: int, plan, tensors: list, chunks: list[list], dtype: str | None,
+          files: dict) -> dict:
+    """The manifest of a sharded folder: `tensors` are TensorInfo, `chunks` the per-rank dcp.Chunk lists."""
+    by_name: dict[str, list] = {}
+    for rank_chunks in chunks:
+        for c in rank_chunks:
+            by_name.setdefault(c.name, []).append(
+                {"rank": c.rank, "file": c.file, "offsets": list(c.offsets), "sizes": list(c.sizes)})
+    return {
+        "format": FORMAT,
+        "format_version": VERSION,
+        "versions": versions(),
+        "source": source,
+        "tp_size": tp,
+        "architecture": plan.architecture,
+        "model_type": plan.model_type,
+        "dtype": dtype,
+        "plan": {"rules": plan.rules, "user_plan": plan.user_rules or None, "source": plan.plan_source},
+        "tensors": {
+            t.name: {"style": t.style, "placement": t.placement.describe(), "shape": list(t.shape), "dtype": t.dtype,
+                     "tied_to": t.tied_to, "chunks": sorted(by_name.get(t.name, []), key=lambda c: c["rank"])}
+            for t in tensors
+        },
+        "files": files,
+    }
+
+
 def write(folder: Path, manifest: dict) -> None:
     (folder / NAME).write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -116,8 +116,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
             for r in range(tp):
                 rank_chunks = [chunk_of[(r, n)] for n in order if (r, n) in chunk_of]
                 entries = [(c.name, c.dtype, c.sizes) for c in rank_chunks]
-                writers.append(StreamWriter(tmp / dcp.shard_file_name(r), entries, dcp.sharding_metadata(
-                    [c for c in chunks[r]])))
+                writers.append(StreamWriter(tmp / dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
             total = sum(reader.step_bytes(s) for s, _ in steps)
             with progress_bar(total, f"shard tp={tp}", progress) as bar:
                 for step, names in steps:
@@ -144,33 +143,8 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
             _set_config_dtype(tmp / "config.json", cast)
         files = {w.path.name: {"rank": r, "bytes": w.path.stat().st_size, "sha256": h}
                  for r, (w, h) in enumerate(zip(writers, hashes, strict=True))}
-        user_plan = load_plan_file(plan_file) if plan_file else None
-        if user_plan is None and kind == "sharded":
-            user_plan = (manifest.read(src.path) or {}).get("plan", {}).get("user_plan")
-        doc = {
-            "format": manifest.FORMAT,
-            "format_version": manifest.VERSION,
-            "versions": manifest.versions(),
-            "source": {**src.describe(), "spec": model, "kind": kind},
-            "tp_size": tp,
-            "architecture": plan.architecture,
-            "model_type": plan.model_type,
-            "dtype": cast,
-            "plan": {"rules": plan.rules, "user_plan": user_plan, "source": plan.plan_source},
-            "tensors": {
-                t.name: {
-                    "style": t.style,
-                    "placement": t.placement.describe(),
-                    "shape": list(t.shape),
-                    "dtype": t.dtype,
-                    "tied_to": t.tied_to,
-                    "chunks": [{"rank": c.rank, "file": c.file, "offsets": list(c.offsets), "sizes": list(c.sizes)}
-                               for r in range(tp) if (c := chunk_of.get((r, t.name))) is not None],
-                }
-                for t in infos
-            },
-            "files": files,
-        }
+        doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
+                             tensors=infos, chunks=chunks, dtype=cast, files=files)
         manifest.write(tmp, doc)
     return {
         "out": str(out_path),
