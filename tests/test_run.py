@@ -48,6 +48,19 @@ def test_load_model_matches_transformers_and_single_process(model_dirs, tmp_path
 
 
 @pytest.mark.dist
+def test_load_model_casts_like_from_pretrained(model_dirs, tmp_path):
+    model = tmp_path / "sharded"
+    shard_checkpoint(str(model_dirs("mixtral")), tp=2, out=str(model))
+    out = tmp_path / "out"
+    tpcli_run("--cpu", 2, "--model", model, ORACLES / "load_worker.py", model_dirs("mixtral"), out,
+              "--dtype", "bfloat16")
+    for r in range(2):
+        rep = json.loads((out / f"rank{r}.json").read_text())
+        assert rep["mismatch"] == [] and rep["logits_equal_to_transformers_tp"], rep
+    assert torch.load(out / "logits.pt").dtype == torch.bfloat16
+
+
+@pytest.mark.dist
 def test_generate_example_decodes_text(model_dirs, tmp_path):
     model = tmp_path / "s"
     shard_checkpoint(str(model_dirs("qwen3")), tp=2, out=str(model))

@@ -1,7 +1,7 @@
 """Worker for tests (run by `tpcli run`): load with tpcli.load_model and with transformers' own
 from_pretrained(ORIGINAL, tp_plan="auto"), and compare them inside the process group.
 
-    tpcli run --cpu N --model PATH load_worker.py ORIGINAL OUT [--eager-experts]
+    tpcli run --cpu N --model PATH load_worker.py ORIGINAL OUT [--dtype bfloat16]
 
 Writes OUT/rank{r}.json: placements/local tensors equal?, bytes read, and (rank 0) OUT/logits.pt, OUT/tokens.pt.
 """
@@ -20,13 +20,11 @@ INPUT_IDS = [[1, 17, 256, 3, 999, 42, 7, 512], [1, 5, 6, 7, 8, 900, 13, 21]]
 parser = argparse.ArgumentParser()
 parser.add_argument("original")
 parser.add_argument("out")
-parser.add_argument("--eager-experts", action="store_true")
+parser.add_argument("--dtype")
 args = parser.parse_args()
-extra = {"experts_implementation": "eager"} if args.eager_experts else {}
+extra = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
 
-ours = tpcli.load_model(**extra) if extra else tpcli.load_model()  # path from $TPCLI_MODEL
-if extra:
-    ours.set_experts_implementation("eager") if hasattr(ours, "set_experts_implementation") else None
+ours = tpcli.load_model(**extra)  # path from $TPCLI_MODEL
 rank = torch.distributed.get_rank()
 theirs = AutoModelForCausalLM.from_pretrained(args.original, tp_plan="auto", **extra)
 
