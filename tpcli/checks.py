@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .layout import rank_runs
-from .plan import ResolvedPlan, dtype_size
-from .styles import HEAD_SPLITTING, is_known_style
+from .plan import ResolvedPlan, dtype_size, rule_matches
+from .styles import HEAD_SPLITTING, HOOK_ONLY, is_known_style
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
@@ -43,8 +43,6 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
     for rule, style in plan.rules.items():
         if not is_known_style(style):
             add(Finding(ERROR, "unknown-style", f"rule {rule!r} uses style {style!r}, which transformers does not know", rule))
-
-    from .plan import rule_matches
 
     for rule, names in rule_matches(plan).items():
         if names:
@@ -85,8 +83,6 @@ def _wild(name: str) -> str:
 
 
 def _shards_params(style: str) -> bool:
-    from .styles import HOOK_ONLY
-
     return style not in HOOK_ONLY
 
 
