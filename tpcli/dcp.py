@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .layout import contiguous_chunk
-from .plan import TensorInfo
+from .plan import TensorInfo, tensor_bytes
 from .storage import CODE_DTYPES, read_header
 
 SHARD_FILE_RE = re.compile(r"^shard-([0-9]{5})-model-([0-9]{5})-of-([0-9]{5})\.safetensors$")
@@ -86,12 +86,7 @@ class ShardedTensor:
 
     @property
     def nbytes(self) -> int:
-        from .plan import dtype_size
-
-        n = dtype_size(self.dtype)
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_bytes(self.dtype, self.shape)
 
 
 def is_sharded_dir(path: Path) -> bool:

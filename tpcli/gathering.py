@@ -15,7 +15,7 @@ from pathlib import Path
 from . import dcp, manifest
 from .errors import CheckpointError
 from .integrity import check_folder
-from .plan import dtype_size
+from .plan import tensor_bytes
 from .readers import ShardedReader
 from .sharding import _cast, _set_config_dtype, parse_dtype
 from .source import aux_files
@@ -106,7 +106,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         finally:
             reader.close()
         if len(writers) > 1:
-            total_size = sum(dtype_size(dt) * _numel(shape) for entries in per_file.values() for _, dt, shape in entries)
+            total_size = sum(tensor_bytes(dt, shape) for entries in per_file.values() for _, dt, shape in entries)
             index = {"metadata": {"total_parameters": plan.parameter_count, "total_size": total_size},
                      "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -126,9 +126,3 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         "seconds": round(time.perf_counter() - started, 3),
     }
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

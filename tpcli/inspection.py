@@ -10,7 +10,7 @@ from collections import OrderedDict
 from . import source as sources
 from .checks import check_plan, valid_tp_sizes
 from .layout import local_shape
-from .plan import ResolvedPlan, dtype_size, load_config, load_plan_file, resolve_plan, rule_matches
+from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches, tensor_bytes
 
 SCHEMA = "tpcli.inspect/1"
 
@@ -83,9 +83,7 @@ def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max
                                         "dtype": t.dtype, "global_shape": list(t.shape), "local_shapes": shapes})
             g["count"] += 1
             for r in range(tp):
-                b = dtype_size(t.dtype)
-                for s in shapes[r]:
-                    b *= s
+                b = tensor_bytes(t.dtype, shapes[r])
                 per_rank[r]["sharded_bytes" if t.placement.is_sharded else "replicated_bytes"] += b
         for r in per_rank:
             r["total_bytes"] = r["sharded_bytes"] + r["replicated_bytes"]

@@ -94,7 +94,7 @@ def _check_config(folder: Path, meta: dict | None, tensors: dict):
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder / 'config.json'}: missing; a sharded folder needs the model's config.")
-    plan = resolve_plan(load_config(folder), user_plan=(meta or {}).get("plan", {}).get("user_plan"))
+    plan = resolve_plan(load_config(folder), user_plan=manifest.user_plan(meta))
     for name, t in tensors.items():
         expected = plan.tensors.get(name)
         if expected is None:

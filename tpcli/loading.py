@@ -18,6 +18,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+from . import manifest
 from .errors import CheckpointError
 
 
@@ -43,7 +44,6 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     """Return a TP-sharded model for this process's rank (world size = TP size)."""
     import torch
 
-    from . import manifest
     from .dcp import is_sharded_dir
 
     path = Path(path or os.environ.get("TPCLI_MODEL") or "")
@@ -56,8 +56,8 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     doc = manifest.read(path) if path.is_dir() and is_sharded_dir(path) else None
     if doc is not None and doc["tp_size"] == world and world > 1 and tp_plan == "auto" and not kwargs:
         return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class)
-    if doc is not None and doc.get("plan", {}).get("user_plan") and tp_plan == "auto":
-        tp_plan = doc["plan"]["user_plan"]
+    if manifest.user_plan(doc) and tp_plan == "auto":
+        tp_plan = manifest.user_plan(doc)
     cls = auto_class or _auto_class(path)
     extra = {"dtype": dtype} if dtype is not None else {}
     if world == 1:
@@ -83,8 +83,7 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
     rank = torch.distributed.get_rank()
     config = AutoConfig.from_pretrained(str(folder))
     cls = _model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
-    user_plan = doc["plan"].get("user_plan")
-    dc = DistributedConfig(tp_plan=user_plan or "auto")
+    dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
     dc, device_map, mesh_manager = cls.prepare_distribute_model(dc)
     config.distributed_config = dc
     if dtype is None:  # what the files hold (the most common tensor dtype), as dtype="auto" would pick

@@ -63,6 +63,11 @@ def build(*, source: dict, tp: int, plan, tensors: list, chunks: list[list], dty
     }
 
 
+def user_plan(manifest: dict | None) -> dict | None:
+    """The --plan a sharded folder was made with (None: the model's own plan, or no manifest)."""
+    return (manifest or {}).get("plan", {}).get("user_plan")
+
+
 def write(folder: Path, manifest: dict) -> None:
     (folder / NAME).write_text(json.dumps(manifest, indent=1) + "\n")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * dtype_size(self.dtype)
+        return tensor_bytes(self.dtype, self.shape)
 
 
 @dataclass
@@ -77,6 +75,11 @@ _DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8":
 
 def dtype_size(name: str) -> int:
     return _DTYPE_SIZES.get(name, 4)
+
+
+def tensor_bytes(dtype: str, shape) -> int:
+    """Bytes of a dense tensor of `shape` in dtype `dtype` (a torch dtype name)."""
+    return dtype_size(dtype) * math.prod(shape)
 
 
 def load_plan_file(path: str | Path) -> dict[str, str]:

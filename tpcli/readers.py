@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .convert import Conversions
 from .dcp import ShardedTensor, scan
+from .plan import tensor_bytes
 from .storage import CODE_DTYPES, TensorFile, read_header
 
 
@@ -57,16 +58,7 @@ class CheckpointReader(_OpenFiles):
         return self.groups
 
     def step_bytes(self, group) -> int:
-        from .plan import dtype_size
-
-        total = 0
-        for key in group.keys:
-            dtype, shape = self.key_meta[key]
-            n = dtype_size(dtype)
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        return sum(tensor_bytes(*self.key_meta[key]) for key in group.keys)
 
     def preview(self, group) -> list[tuple[str, tuple[int, ...], str]]:
         import torch

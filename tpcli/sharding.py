@@ -16,7 +16,7 @@ from . import dcp, manifest
 from . import source as sources
 from .checks import check_plan, errors
 from .errors import CheckpointError, PlanError, UsageError
-from .plan import ResolvedPlan, TensorInfo, load_config, load_plan_file, resolve_plan
+from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
 from .readers import CheckpointReader, ShardedReader
 from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
 
@@ -37,7 +37,7 @@ def open_source(model: str, *, plan_file: str | None, revision: str | None):
     local = Path(model).expanduser()
     if dcp.is_sharded_dir(local):
         meta = manifest.read(local)
-        user_plan = load_plan_file(plan_file) if plan_file else (meta or {}).get("plan", {}).get("user_plan")
+        user_plan = load_plan_file(plan_file) if plan_file else manifest.user_plan(meta)
         if not (local / "config.json").is_file():
             raise CheckpointError(f"{local / 'config.json'} is missing; a sharded folder needs the model's config.")
         plan = resolve_plan(load_config(local), user_plan=user_plan, plan_file=plan_file)
@@ -60,8 +60,9 @@ def preflight(plan: ResolvedPlan, tp: int) -> list:
     return findings
 
 
-def layout(plan: ResolvedPlan, reader, cast: str | None) -> tuple[list[TensorInfo], list[tuple[object, list[str]]]]:
-    """Dry-run every step: the output tensors (state-dict order) and, per step, the names it yields in order."""
+def layout(plan: ResolvedPlan, reader, cast: str | None):
+    """Dry-run every step. Returns the output tensors (state-dict order), per step the names it yields in order,
+    and the tied copies the checkpoint stores once ({name read: [tied names written from it]})."""
     produced: dict[str, tuple[tuple[int, ...], str]] = {}
     steps: list[tuple[object, list[str]]] = []
     for step in reader.steps():
@@ -76,16 +77,18 @@ def layout(plan: ResolvedPlan, reader, cast: str | None) -> tuple[list[TensorInf
             produced[name] = (shape, cast or dtype)
             names.append(name)
         steps.append((step, names))
+    aliases: dict[str, list[str]] = {}
     for t in plan.tensors.values():  # tied copies that the checkpoint stores once
         if t.name not in produced and t.tied_to in produced:
             produced[t.name] = produced[t.tied_to]
+            aliases.setdefault(t.tied_to, []).append(t.name)
     missing = [n for n in plan.tensors if n not in produced]
     if missing:
         raise CheckpointError(f"checkpoint has no tensor for {missing[0]}" +
                               (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "") +
                               "; is it complete and from the same model as config.json?")
     infos = [replace(t, dtype=produced[t.name][1]) for t in plan.tensors.values()]
-    return infos, steps
+    return infos, steps, aliases
 
 
 def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = None, dtype: str | None = None,
@@ -100,14 +103,9 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     if out_path == src.path.resolve():
         raise UsageError(f"--out {out} is the source folder; write somewhere else.")
     findings = preflight(plan, tp)
-    infos, steps = layout(plan, reader, cast)
+    infos, steps, tied_after = layout(plan, reader, cast)
     chunks = dcp.plan_chunks(infos, tp)
     chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
-    tied_after: dict[str, list[str]] = {}
-    produced_by_steps = {n for _, names in steps for n in names}
-    for t in infos:
-        if t.name not in produced_by_steps:
-            tied_after.setdefault(t.tied_to, []).append(t.name)
     order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
 
     with atomic_dir(out_path) as tmp:

@@ -7,6 +7,7 @@ Only `config.json` is fetched for planning; weights are fetched (safetensors onl
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,10 +136,7 @@ def checkpoint_summary(source: Source) -> dict | None:
             except CheckpointError:
                 return None
             for entry in header.values():
-                n = 1
-                for s in entry["shape"]:
-                    n *= s
-                dtypes[entry["dtype"]] += n
+                dtypes[entry["dtype"]] += math.prod(entry["shape"])
         return {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "parameters_by_dtype": dict(dtypes)}
     if source.hub_id and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in {"1", "true", "yes"}:
         try:

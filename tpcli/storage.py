@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import CheckpointError, OutputError
+from .plan import tensor_bytes
 
 # safetensors dtype codes
 DTYPE_CODES = {
@@ -29,12 +30,6 @@ DTYPE_CODES = {
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 HASH_CHUNK = 16 * 2**20
 HASH_LAG = 64 * 2**20  # measured: hashing one buffer behind cost ~17% of shard time; 64 MB behind recovers it
-
-
-def _elt(dtype: str) -> int:
-    from .plan import dtype_size
-
-    return dtype_size(dtype)
 
 
 class StreamWriter:
@@ -55,9 +50,7 @@ class StreamWriter:
         offset = 0
         self.sizes: dict[str, int] = {}
         for name, dtype, shape in entries:
-            n = _elt(dtype)
-            for s in shape:
-                n *= s
+            n = tensor_bytes(dtype, shape)
             header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             self.sizes[name] = n
             offset += n
