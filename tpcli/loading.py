@@ -21,6 +21,8 @@ from pathlib import Path
 from . import manifest
 from .errors import CheckpointError
 
+MIN_STAGING = 16 * 2**20  # bytes per staging buffer at least: one allocation covers most layers
+
 
 def _init_process_group(timeout_s: float) -> None:
     import torch
@@ -118,10 +120,8 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
                 runs = rank_runs(entry["shape"][placement.dim], placement, len(doc["files"]))[rank]
             else:
                 runs = None
-            if str(local.dtype).removeprefix("torch.") != entry["dtype"]:  # e.g. dtype= asked for another precision
-                local.copy_(reader.read_tensor(name, entry, placement.dim, runs))
-            else:
-                reader.read_into(local, name, entry, placement.dim, runs)
+            reader.read_into(local, name, entry, placement.dim, runs)  # any device, any dtype (cast on copy)
+    reader.finish()  # the last copies to the device have landed; the staging buffers can go
     for t in model.state_dict(keep_vars=True).values():
         t._is_hf_initialized = True
     model.initialize_weights()  # non-persistent buffers (rotary frequencies) only
@@ -149,16 +149,24 @@ class _SliceReader:
     """Fills local tensors from the rank files, reading only the byte ranges they need.
 
     At tp == world size a rank's Shard(d) slice is exactly one chunk of one file, contiguous on disk whatever d
-    is, and a replicated tensor is one whole entry: both are read straight into the parameter's storage with
-    `readinto`. Only `_StridedShard` slices (packed gate/up) span several chunks; they are sliced out of the
-    files with safetensors' `get_slice`.
+    is, and a replicated tensor is one whole entry: both are read with one `readinto`. Only `_StridedShard` slices
+    (packed gate/up) span several chunks; they are sliced out of the files with safetensors' `get_slice`.
+
+    Where the bytes land depends on the target, never on the path that read them:
+    * host-direct: a CPU target of the stored dtype is read straight into its own storage (no copy);
+    * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled by reading the bytes into
+      a host staging buffer and copying that to the target with `_to_target` (`copy_` casts when the dtypes
+      differ). Device memory is never touched from the host: no `.numpy()`, no `readinto` into a device tensor.
+    `stage=True` forces staging for CPU targets too (tests compare it with the direct path byte for byte).
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *, stage: bool = False):
         self.folder = folder
         self.files: dict[str, object] = {}
         self.slicers: dict[str, object] = {}
         self.bytes_read = 0
+        self.force_stage = stage
+        self.staging = _Staging()
 
     def _file(self, file: str):
         from .storage import TensorFile
@@ -174,14 +182,6 @@ class _SliceReader:
             self.slicers[file] = safe_open(str(self.folder / file), framework="pt")
         return self.slicers[file]
 
-    def read_tensor(self, name: str, entry: dict, dim: int | None, runs):
-        """This rank's slice as a new tensor in the stored dtype."""
-        import torch
-
-        out = torch.empty(self._local_shape(entry, dim, runs), dtype=getattr(torch, entry["dtype"]))
-        self.read_into(out, name, entry, dim, runs)
-        return out
-
     @staticmethod
     def _local_shape(entry: dict, dim: int | None, runs) -> list[int]:
         shape = list(entry["shape"])
@@ -189,7 +189,37 @@ class _SliceReader:
             shape[dim] = sum(b - a for a, b in runs)
         return shape
 
+    def read_tensor(self, name: str, entry: dict, dim: int | None, runs):
+        """This rank's slice as a new CPU tensor in the stored dtype."""
+        import torch
+
+        out = torch.empty(self._local_shape(entry, dim, runs), dtype=getattr(torch, entry["dtype"]))
+        self._read_host(out, name, entry, dim, runs)
+        return out
+
     def read_into(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
+        """Fill `out` (any device, any dtype, this rank's local shape) with this rank's slice of `name`."""
+        import torch
+
+        stored = getattr(torch, entry["dtype"])
+        direct = out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage
+        if direct:
+            self._read_host(out, name, entry, dim, runs)
+            return
+        host, event = self.staging.buffer(self._local_shape(entry, dim, runs), stored, out.device)
+        self._read_host(host, name, entry, dim, runs)
+        self._to_target(out, host)
+        self.staging.copied(event, out.device)
+
+    def _to_target(self, out, host) -> None:
+        """The one step that touches the target: a device-side copy (a no-op on meta; async from pinned memory)."""
+        out.copy_(host, non_blocking=host.is_pinned())
+
+    def finish(self) -> None:
+        self.staging.wait_all()
+
+    def _read_host(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
+        """Read this rank's slice into the contiguous CPU tensor `out` of the stored dtype."""
         import torch
 
         chunks = entry["chunks"]
@@ -199,7 +229,7 @@ class _SliceReader:
         elif len(runs) == 1:
             whole = next((c for c in chunks if (c["offsets"][dim], c["offsets"][dim] + c["sizes"][dim]) == runs[0]),
                          None)
-        if whole is not None and out.is_contiguous() and list(out.shape) == whole["sizes"]:
+        if whole is not None and list(out.shape) == whole["sizes"]:
             self._file(whole["file"]).read_into(name, out)
             self.bytes_read += out.numel() * out.element_size()
             return
@@ -215,4 +245,56 @@ class _SliceReader:
                     part = self._slicer(c["file"]).get_slice(name)[tuple(index)]
                     self.bytes_read += part.numel() * part.element_size()
                     parts.append(part)
-        out.copy_(parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim or 0))
+        if len(parts) == 1:
+            out.copy_(parts[0])
+        else:
+            torch.cat(parts, dim=dim or 0, out=out)
+
+
+class _Staging:
+    """Two alternating host buffers between the files and a device: read tensor i+1 while tensor i is copied.
+
+    For an accelerator target the buffers are pinned, so `copy_(non_blocking=True)` runs as a DMA on the current
+    stream while the host reads the next tensor into the other buffer. An event recorded after each copy is
+    waited on before its buffer is refilled (or grown), so a buffer is never overwritten while the device still
+    reads from it. CPU and `meta` targets copy synchronously: no pinning, no events.
+    """
+
+    def __init__(self):
+        self.buffers: list = [None, None]
+        self.events: list = [None, None]
+        self.turn = 0
+
+    def buffer(self, shape: list[int], dtype, device):
+        """A host tensor of `shape`/`dtype` in the next staging buffer, safe to overwrite; and its slot."""
+        import math
+
+        import torch
+
+        slot, self.turn = self.turn, 1 - self.turn
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()  # the device has finished reading this buffer
+            self.events[slot] = None
+        nbytes = math.prod(shape) * dtype.itemsize
+        pin = device.type not in ("cpu", "meta")
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() < nbytes or buf.is_pinned() != pin:
+            # grown only to the largest tensor seen (the embedding comes first, so this is rare); pinning is costly
+            buf = self.buffers[slot] = torch.empty(max(nbytes, MIN_STAGING), dtype=torch.uint8, pin_memory=pin)
+        return buf[:nbytes].view(dtype).view(shape), slot
+
+    def copied(self, slot: int, device) -> None:
+        """Mark the end of the copy out of `slot` (on the device's current stream)."""
+        import torch
+
+        if device.type not in ("cpu", "meta"):
+            event = torch.Event(device=device)
+            event.record(torch.accelerator.current_stream(device))  # the stream `copy_` was queued on
+            self.events[slot] = event
+
+    def wait_all(self) -> None:
+        for slot, event in enumerate(self.events):
+            if event is not None:
+                event.synchronize()
+                self.events[slot] = None
+        self.buffers = [None, None]

@@ -151,12 +151,21 @@ class TensorFile:
         return list(self.header)
 
     def read_into(self, name: str, out) -> None:
-        """Read tensor `name` straight into the contiguous tensor `out` (same dtype and number of elements)."""
+        """Read tensor `name` straight into `out`: a contiguous CPU tensor (same dtype and number of elements).
+
+        Only host memory can be a `readinto` target; a device tensor (CUDA, meta) is filled through a host staging
+        buffer by the caller (`loading._SliceReader`), so asking for one here is a bug, reported as such.
+        """
+        import torch
+
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"TensorFile.read_into({name!r}): needs a contiguous CPU tensor, got one on "
+                             f"{out.device}; read into host memory and copy it to the device.")
         start, stop = self.header[name]["data_offsets"]
         if stop == start:
             return
         self._file.seek(self.data_start + start)
-        if self._file.readinto(out.view(-1).view(__import__("torch").uint8).numpy()) != stop - start:
+        if self._file.readinto(out.view(-1).view(torch.uint8).numpy()) != stop - start:
             raise CheckpointError(f"{self.path}: truncated while reading {name}.")
 
     def get_tensor(self, name: str):
