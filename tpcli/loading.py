@@ -10,6 +10,9 @@
   forward hooks, then `_move_missing_keys_from_meta_to_device` and `tie_weights`, as its own DCP load does), and each
   rank copies in only the bytes of its local shards, read straight from the rank files with `get_slice`: about 1/N of
   the model plus the replicated tensors. No collective, no DCP planning, no redistribution of strided shards.
+* Devices: each rank's model lives on `local_device()` (cuda:LOCAL_RANK on GPUs, as transformers binds it; the CPU
+  otherwise). The fast path never reads into device memory from the host: `_SliceReader` stages device-bound
+  bytes in a pinned host buffer and copies them over (see `_Staging`).
 """
 
 from __future__ import annotations
@@ -24,19 +27,31 @@ from .errors import CheckpointError
 MIN_STAGING = 16 * 2**20  # bytes per staging buffer at least: one allocation covers most layers
 
 
+def local_device():
+    """This process's device: the accelerator at LOCAL_RANK, where transformers' TP load binds a rank, or the CPU."""
+    import torch
+
+    device_type = torch._C._get_accelerator().type
+    if device_type in ("cpu", "mps"):  # transformers' TP mesh falls back to the CPU on MPS
+        return torch.device("cpu")
+    return torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def _init_process_group(timeout_s: float) -> None:
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
         return
-    device_type = torch._C._get_accelerator().type
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    device = local_device()
+    backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")  # cuda: nccl, cpu: gloo
     kwargs = {}
-    if device_type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        kwargs["device_id"] = torch.device("cuda", local)
+    if device.type != "cpu":
+        # bind before init, as transformers does: each rank's NCCL communicator (and every tensor allocated without
+        # an explicit device) then lives on its own GPU, not all on GPU 0
+        torch.accelerator.set_device_index(device.index)
+        if backend == "nccl":
+            kwargs["device_id"] = device
     # transformers would use a 2-hour timeout; a hung collective should fail a lot sooner than that.
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
 
@@ -63,6 +78,9 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     cls = auto_class or _auto_class(path)
     extra = {"dtype": dtype} if dtype is not None else {}
     if world == 1:
+        device = local_device()
+        if device.type != "cpu" and "device_map" not in kwargs:  # `tpcli run --gpus 1`: on the GPU, as at tp > 1
+            extra["device_map"] = device
         return cls.from_pretrained(str(path), **extra, **kwargs)
     return cls.from_pretrained(str(path), tp_plan=tp_plan, **extra, **kwargs)
 

@@ -5,6 +5,9 @@
 Every rank loads the model with the TP plan (transformers' own `from_pretrained(tp_plan=...)`), rank 0 also loads
 the plain single-process model, both run one fixed batch with `output_hidden_states=True` and greedy-decode a few
 tokens. Rank 0 writes, per decoder layer and for the logits, the max absolute and relative error.
+
+On GPUs (`verify --numerics --gpus`) the TP model lives on cuda:LOCAL_RANK and gets its inputs there; the reference
+stays on rank 0's CPU (the oracle), and every comparison is made on the CPU.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import timedelta
 from pathlib import Path
 
 BATCH, SEQ, NEW_TOKENS = 2, 12, 4
@@ -39,14 +41,17 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from tpcli.loading import _init_process_group
+
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     parser.add_argument("out")
     parser.add_argument("--plan")
     args = parser.parse_args()
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=timedelta(seconds=float(os.environ.get("TPCLI_TIMEOUT", 600))))
+    # the same set-up as tpcli.load_model: on GPUs, nccl with each rank bound to cuda:LOCAL_RANK before init (a bare
+    # init_process_group("nccl") leaves every rank on GPU 0 until transformers binds it, and barrier() unbound)
+    _init_process_group(float(os.environ.get("TPCLI_TIMEOUT", 600)))
     rank = dist.get_rank()
     plan = json.loads(Path(args.plan).read_text()) if args.plan else "auto"
     if isinstance(plan, dict) and isinstance(plan.get("tp_plan"), dict):

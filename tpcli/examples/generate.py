@@ -1,6 +1,7 @@
 """Greedy generation with a TP-sharded model.
 
     tpcli run --cpu 2 -m tpcli.examples.generate --model DIR --prompt "Hello"
+    tpcli run --gpus 2 -m tpcli.examples.generate --model DIR --prompt "Hello"
 
 Decodes text when the model folder has a tokenizer, prints token ids otherwise. Rank 0 prints.
 """
@@ -31,12 +32,13 @@ def main() -> None:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     else:
         ids = torch.tensor([[1] + [3 + (ord(c) % 200) for c in args.prompt]])
+    ids = ids.to(model.device)  # the tokenizer makes CPU tensors; on GPUs each rank's model is on cuda:LOCAL_RANK
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
                              pad_token_id=model.generation_config.pad_token_id or 0)
     if rank == 0:
-        new = out[0, ids.shape[1]:]
-        print("tokens:", new.tolist())
+        new = out[0, ids.shape[1]:].tolist()
+        print("tokens:", new)
         if tokenizer is not None:
             print("text:", repr(tokenizer.decode(new, skip_special_tokens=True)))
 
