@@ -6,7 +6,7 @@ DEMO   ?= .cache/demo
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-quick lint bench clean
+.PHONY: install demo demo-gpu gpu-check test test-quick lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,29 @@ demo: install
 	$(BIN)/tpcli gather $(DEMO)/tp2 --out $(DEMO)/merged --force
 	$(BIN)/python -m tpcli.examples.compare_logits $(DEMO)/model $(DEMO)/merged
 	@echo "demo OK: inspect -> verify -> shard -> run -> gather"
+
+# On a GPU machine: the gpu-marked tests (skipped elsewhere), then the demo with workers on GPUs (nccl).
+GPUS ?= 2
+gpu-check: install
+	@$(BIN)/python -c "import sys, torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; \
+	print(f'gpu-check: torch {torch.__version__}, {n} CUDA GPU(s) visible'); \
+	sys.exit(0 if n else 'gpu-check: no CUDA GPU visible: run it on a GPU machine with a CUDA build of torch ' \
+	'(pip install torch==2.13.0 from PyPI on Linux is one).')"
+	$(BIN)/python -m pytest -q -m gpu -rs tests/test_gpu.py
+	$(MAKE) demo-gpu GPUS=$$($(BIN)/python -c "import torch; print(min($(GPUS), torch.cuda.device_count()))")
+
+demo-gpu: install
+	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.tiny qwen3 $(DEMO)/model --tokenizer
+	$(BIN)/tpcli run --gpus 1 --model $(DEMO)/model -m tpcli.examples.generate --prompt "Tensor parallel" --max-new-tokens 12
+	@if [ "$(GPUS)" -lt 2 ]; then echo "demo-gpu: one GPU: the TP steps need GPUS >= 2"; exit 0; fi; set -e; set -x; \
+	$(BIN)/tpcli verify $(DEMO)/model --tp $(GPUS) --numerics --gpus; \
+	$(BIN)/tpcli shard $(DEMO)/model --tp $(GPUS) --out $(DEMO)/gpu-tp$(GPUS) --force; \
+	$(BIN)/tpcli verify $(DEMO)/gpu-tp$(GPUS); \
+	$(BIN)/tpcli run --gpus $(GPUS) --model $(DEMO)/gpu-tp$(GPUS) -m tpcli.examples.generate --prompt "Tensor parallel" \
+	  --max-new-tokens 12; \
+	$(BIN)/tpcli gather $(DEMO)/gpu-tp$(GPUS) --out $(DEMO)/gpu-merged --force; \
+	$(BIN)/python -m tpcli.examples.compare_logits $(DEMO)/model $(DEMO)/gpu-merged
+	@echo "demo-gpu OK: run --gpus 1 -> verify --numerics --gpus -> shard -> run --gpus $(GPUS) -> gather"
 
 test: install
 	$(BIN)/python -m pytest -q
