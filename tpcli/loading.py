@@ -234,7 +234,12 @@ class _SliceReader:
         out.copy_(host, non_blocking=host.is_pinned())
 
     def finish(self) -> None:
+        """Wait for the last copies to the device, then drop the staging buffers and close the files."""
         self.staging.wait_all()
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+        self.slicers.clear()
 
     def _read_host(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
         """Read this rank's slice into the contiguous CPU tensor `out` of the stored dtype."""
