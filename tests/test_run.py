@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +164,103 @@ def test_two_node_rendezvous_on_loopback(tmp_path):
     assert [n.returncode for n in nodes] == [0, 0], outs
     assert "world 2 rank 0 sum 3" in outs[0][0] and "world 2 rank 1 sum 3" in outs[1][0]
     assert "[n1.rank0]:" in outs[1][0]
+
+
+def _start(args, cwd=None, **kwargs):
+    return subprocess.Popen([*TPCLI, "run", *map(str, args)], env=base_env(), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (dead, not yet reaped by init) counts as gone
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _ready_pids(proc, n: int) -> set[int]:
+    """Read worker lines 'ready PID PPID' until n workers reported; returns the worker pids and torchrun's pid."""
+    pids: set[int] = set()
+    seen = 0
+    deadline = time.monotonic() + 120
+    while seen < n and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "ready" in line:
+            seen += 1
+            pids.update(int(x) for x in line.split()[-2:])
+    assert seen == n
+    return pids
+
+
+@pytest.mark.dist
+def test_script_gets_every_argument_and_its_exit_code_is_tpclis(tmp_path):
+    script = tmp_path / "args.py"
+    script.write_text("import os, sys\nprint('ARGS', sys.argv[1:], flush=True)\n"
+                      "sys.exit(3 if os.environ['RANK'] == '0' else 0)\n")
+    proc = tpcli_run("--cpu", 2, script, "--cpu", 5, "--help", "-m", "x", "--model", "y", "--", "z", check=False)
+    assert proc.returncode == 3, proc.stderr
+    expected = "ARGS ['--cpu', '5', '--help', '-m', 'x', '--model', 'y', '--', 'z']"
+    assert f"[rank0]:{expected}" in proc.stdout and f"[rank1]:{expected}" in proc.stdout
+    assert "rank 0 failed with exit code 3" in proc.stderr
+    logs = proc.stderr.split("per-rank logs kept in ")[1].split()[0]
+    kept = os.path.dirname(logs)  # a fresh mkdtemp folder that only its owner can read
+    assert os.path.isdir(logs) and (os.stat(kept).st_mode & 0o077) == 0
+    shutil.rmtree(kept)
+
+
+@pytest.mark.dist
+def test_module_args_and_the_installed_tpcli_win_over_a_clone_in_cwd(tmp_path):
+    """A `tpcli/` folder in the current directory (a clone) must not replace the installed package in workers;
+    the module itself is still found in the current directory, as with `python -m`."""
+    (tmp_path / "tpcli").mkdir()
+    (tmp_path / "tpcli" / "__init__.py").write_text("FAKE = True\n")
+    (tmp_path / "mod.py").write_text("import sys, tpcli\nprint('MOD', sys.argv[1:], hasattr(tpcli, 'load_model'),"
+                                     " hasattr(tpcli, 'FAKE'), flush=True)\n")
+    tpcli = Path(sys.executable).parent / "tpcli"  # the console script, as a user runs it (`python -m` finds the clone)
+    proc = subprocess.run([tpcli, "run", "--cpu", "1", "-m", "mod", "--cpu", "5", "-h"], cwd=tmp_path,
+                          env=base_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "[rank0]:MOD ['--cpu', '5', '-h'] True False" in proc.stdout
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("how", ["SIGHUP", "SIGKILL"])
+def test_no_process_outlives_tpcli(tmp_path, how):
+    script = tmp_path / "sleep.py"
+    script.write_text("import os, time\nprint('ready', os.getpid(), os.getppid(), flush=True)\ntime.sleep(120)\n")
+    proc = _start(["--cpu", 2, script])
+    pids = _ready_pids(proc, 2)  # 2 workers + their torchrun agent
+    assert len(pids) == 3
+    proc.send_signal(getattr(signal, how))
+    proc.wait(timeout=60)
+    assert proc.returncode == (128 + signal.SIGHUP if how == "SIGHUP" else -signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)]
+
+
+@pytest.mark.dist
+def test_output_into_a_closed_pipe_does_not_hang(tmp_path):
+    script = tmp_path / "many.py"
+    script.write_text("for i in range(200000):\n    print('line', i)\n")
+    proc = _start(["--cpu", 1, script])
+    assert proc.stdout.readline().startswith("[rank0]:line 0")
+    proc.stdout.close()  # like `| head -1`
+    proc.wait(timeout=120)  # before the fix the pump died and torchrun blocked on a full pipe forever
+    assert proc.returncode == 0, proc.stderr.read()
+
+
+@pytest.mark.dist
+def test_timeout_stops_a_hanging_rank_and_names_it(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import os, time\nprint('started', flush=True)\nif os.environ['RANK'] == '1':\n"
+                      "    print('rank one waits forever', flush=True)\n    time.sleep(300)\n")
+    proc = tpcli_run("--cpu", 2, "--timeout", "40s", script, check=False)
+    assert proc.returncode == 124, proc.stderr
+    assert "--timeout 40s expired" in proc.stderr and "still running then: rank 1" in proc.stderr
+    assert "rank one waits forever" in proc.stderr.split("expired")[1]

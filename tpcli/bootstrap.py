@@ -2,43 +2,57 @@
 `record`, so an uncaught exception lands in torchrun's error file (tpcli reports it as the root cause), and
 records the worker's pid so that `tpcli run` can make sure no worker outlives it.
 
-    python -m tpcli.bootstrap script PATH [ARGS...]
-    python -m tpcli.bootstrap module NAME [ARGS...]
+    python /path/to/tpcli/bootstrap.py script PATH [ARGS...]
+    python /path/to/tpcli/bootstrap.py module NAME [ARGS...]
+
+It is started by file path, not `-m tpcli.bootstrap`: `-m` puts the current directory first on sys.path, so a
+`tpcli/` folder there (a clone) would shadow the installed package. The installed `tpcli` is imported before the
+user's directory is added; then sys.path is what `python SCRIPT` (script's folder first) or `python -m MODULE`
+(current directory first) would give.
 """
 
 import os
-import runpy
-import signal
 import sys
+
+if __name__ == "__main__" and sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]  # this file's folder (tpcli/): its modules must not be importable as top-level names
+
+import runpy  # noqa: E402
+import signal  # noqa: E402
 
 
 def _die_with_parent() -> None:
     """Linux: get SIGKILL if the torchrun agent dies, so no worker is orphaned."""
+    parent = os.getppid()
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the agent died before prctl: nobody would send the signal
+        os._exit(1)
 
 
 def main() -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    kind, target, *args = sys.argv[1:]
+    _die_with_parent()
     run_dir = os.environ.get("TPCLI_RUN_DIR")
     if run_dir:
         with open(os.path.join(run_dir, f"pid-{os.environ.get('RANK', '0')}"), "w") as f:
             f.write(str(os.getpid()))
-    _die_with_parent()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    import tpcli  # noqa: F401  the installed package, cached before the user's folder goes first on sys.path
+
+    kind, target, *args = sys.argv[1:]
 
     @record
     def run() -> None:
+        sys.argv = [target, *args]
         if kind == "module":
-            sys.argv = [target, *args]
+            sys.path.insert(0, os.getcwd())
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            sys.argv = [target, *args]
             sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
             runpy.run_path(target, run_name="__main__")
 

@@ -6,6 +6,8 @@ Importing this module must stay cheap: torch and transformers are imported insid
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 from typing import Annotated
 
@@ -20,6 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # Option aliases shared by several commands.
@@ -39,13 +43,41 @@ def _version(value: bool):
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Let transformers' own warnings and logs through.")] = False,
 ):
     """Tensor parallelism for Hugging Face transformers."""
+    if not verbose:  # before transformers is imported; workers inherit it. An explicit setting wins.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _positive(flag: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{flag} must be >= 1 (got {value}).")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # as transformers' convert_file_size_to_int
+
+
+def _size_bytes(flag: str, text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    if unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise UsageError(f"{flag} {text!r}: expected a positive size such as 500MB, 5GB or 2GiB.")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+_DURATION = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_s(flag: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError(f"{flag} {text!r}: expected a positive duration such as 90s, 30m, 2h or plain seconds.")
+    return float(m.group(1)) * _DURATION[m.group(2)]
 
 
 @app.command()
@@ -63,6 +95,8 @@ def inspect(
 
     report = inspect_model(model, tp=tp, plan_file=plan, revision=revision)
     print_json(report) if json_out else render_inspect(report)
+    if report["tp"] and not report["tp"]["valid"]:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -72,7 +106,7 @@ def verify(
     plan: PlanOpt = None,
     revision: RevisionOpt = None,
     numerics: Annotated[bool, typer.Option("--numerics", help="Run TP workers on a fixed batch and compare logits.")] = False,
-    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max abs logit error (default fp32 1e-5, bf16/fp16 2e-2).")] = None,
+    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max abs logit error (default fp32 1e-5, bf16/fp16 5e-2).")] = None,
     gpus: Annotated[bool, typer.Option("--gpus", help="Run --numerics workers on GPUs (default: CPU/gloo).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Sharded folder: skip sha256 of the files.")] = False,
     json_out: JsonOpt = False,
@@ -120,15 +154,19 @@ def gather(
     json_out: JsonOpt = False,
 ):
     """Merge per-rank shards into a standard checkpoint that from_pretrained loads without TP."""
+    size = _size_bytes("--max-shard-size", max_shard_size)
     from .gathering import gather_checkpoint
     from .render import print_json, render_gather
 
-    result = gather_checkpoint(directory, out=out, max_shard_size=max_shard_size, dtype=dtype, force=force,
+    result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
                                progress=not json_out)
     print_json(result) if json_out else render_gather(result)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# Everything after SCRIPT belongs to the script (as with python and torchrun): option parsing stops at the first
+# positional argument; `main` inserts "--" after `-m MODULE` for the same effect.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "allow_interspersed_args": False})
 def run(
     ctx: typer.Context,
     script: Annotated[str | None, typer.Argument(help="Python script (or use -m MODULE), then its arguments.")] = None,
@@ -146,8 +184,12 @@ def run(
     tee: Annotated[str | None, typer.Option("--tee", help="torchrun --tee: 0 none, 1 stdout, 2 stderr, 3 both.")] = None,
     ranks_filter: Annotated[str | None, typer.Option("--ranks-filter", help="Only show these local ranks, e.g. 0 or 0,1.")] = None,
     skip_preflight: Annotated[bool, typer.Option("--skip-preflight", help="Do not check --model before spawning.")] = False,
+    timeout: Annotated[str | None, typer.Option("--timeout", help="Stop every worker after this long (90s, 30m, 2h, "
+                                                "or seconds) and exit 124.")] = None,
 ):
-    """Launch torchrun workers (one command), with preflight and clear failure reports."""
+    """Launch torchrun workers (one command), with preflight and clear failure reports.
+
+    Everything after SCRIPT (or -m MODULE) is passed to the script unchanged."""
     from .launch import LaunchSpec, launch
 
     argv = list(ctx.args)
@@ -167,32 +209,119 @@ def run(
         script=script, module=module, args=argv, gpus=gpus, cpu=cpu if cpu is not None else (None if gpus else 1),
         model=model, plan_file=plan, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id, max_restarts=max_restarts, log_dir=log_dir, tee=tee, ranks_filter=ranks_filter,
-        preflight=not skip_preflight,
+        preflight=not skip_preflight, timeout_s=_duration_s("--timeout", timeout),
     )
     code = launch(spec, report=lambda line: print(line, file=sys.stderr, flush=True))
     raise typer.Exit(code)
 
 
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP: unwinds like Ctrl-C (so `storage.atomic_dir` removes its temporary output), but is not
+    a KeyboardInterrupt, which typer would turn into a silent exit. Exit code 128 + signal number (130 for Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
+def _split_run_args(args: list[str]) -> list[str]:
+    """`run ... -m MODULE ARGS`: insert "--" after MODULE so that ARGS reach the module untouched."""
+    if not args or args[0] != "run":
+        return args
+    takes_value = {"--gpus", "--cpu", "--model", "--plan", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id",
+                   "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision"}
+    i = 1
+    while i < len(args):
+        a = args[i]
+        if a == "--" or not a.startswith("-"):
+            return args  # SCRIPT (parsing stops there by itself) or an explicit "--"
+        if a in ("-m", "--module"):
+            return args[:i + 2] + ["--"] + args[i + 2:] if i + 1 < len(args) else args
+        if a.startswith(("--module=", "-m")):
+            return args[:i + 1] + ["--"] + args[i + 1:]
+        i += 2 if a in takes_value else 1
+    return args
+
+
+def _click_exception_types() -> tuple[type, ...]:
+    """typer >= 0.29 raises its vendored click's exceptions; older typer raises click's own."""
+    types = []
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        types.append(TyperClickException)
+    except ImportError:
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        types.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _show_usage_error(exc) -> int:
+    """One line on stderr: `Error: <what>` plus where to find help; no-arguments shows the help on stdout (exit 2)."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        print(ctx.get_help())
+        return 2
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = " ".join(exc.format_message().split())
+    print(f"Error: {message}{hint}", file=sys.stderr)
+    return getattr(exc, "exit_code", 2)
+
+
 def main() -> None:
     """Entry point: run the app, render TpcliError once as a one-line message."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    from . import versions
+
+    note = versions.warning() if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version") else None
+    if note:
+        print(note, file=sys.stderr)
     try:
-        rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        rc = app(args=_split_run_args(sys.argv[1:]), prog_name="tpcli", standalone_mode=False)
     except TpcliError as exc:
         _fail(str(exc), exc.exit_code)
+    except Interrupted as exc:
+        _fail(f"interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         _fail("aborted", 1)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        _quiet_stdout()  # `tpcli inspect ... | head`: the reader has what it wanted
+        sys.exit(0)
+    except SystemExit as exc:  # typer turns a BrokenPipeError into sys.exit(1); for a pipe reader that is success
+        if isinstance(exc.__context__, BrokenPipeError):
+            _quiet_stdout()
+            sys.exit(0)
+        raise
+    except Exception as exc:
+        if isinstance(exc, _click_exception_types()):
+            sys.exit(_show_usage_error(exc))
+        moved = versions.moved_internal(exc)
+        if moved:
+            _fail(moved, 1)
         raise
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise BrokenPipeError again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(message: str, code: int) -> None:

@@ -55,7 +55,7 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
         out = Path(tmp) / "numerics.json"
         args = [str(path), str(out)] + (["--plan", str(Path(plan_file).resolve())] if plan_file else [])
         spec = LaunchSpec(module="tpcli.numerics", args=args, gpus=tp if gpus else None, cpu=None if gpus else tp,
-                          preflight=False, quiet=True)
+                          preflight=False, quiet=True, raise_on_interrupt=True)  # Ctrl-C: "interrupted", exit 130
         lines: list[str] = []
         code = launch(spec, report=lines.append)
         if code != 0 or not out.exists():
