@@ -1,14 +1,29 @@
-"""Rich rendering of library results. Nothing here computes; it only draws dicts the library returned."""
+"""Rich rendering of library results. Nothing here computes; it only draws dicts the library returned.
+
+Names, paths and numbers are never cut: lines are not hard-wrapped (`soft_wrap`: a terminal wraps them visually,
+so they copy and grep whole), table cells fold instead of ending in "…", and when the output is not a terminal
+(a pipe, a log, CI) there is no width limit at all, whatever COLUMNS says.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+UNLIMITED = 100_000  # columns for non-terminal output: tables take their natural width
+
+
+def make_console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, soft_wrap=True, width=None if tty else UNLIMITED)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -29,13 +44,24 @@ def shape(s) -> str:
     return "(" + ", ".join(map(str, s)) + ")"
 
 
+def rank_runs(values: list) -> list[tuple[str, object]]:
+    """Consecutive ranks with equal values as one entry: [a, a, b] -> [("0-1", a), ("2", b)]."""
+    runs: list[list] = []
+    for r, v in enumerate(values):
+        if runs and runs[-1][2] == v:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r, v])
+    return [(f"{a}" if a == b else f"{a}-{b}", v) for a, b, v in runs]
+
+
 def render_findings(findings: list[dict], title: str = "Findings") -> None:
     if not findings:
         console.print(f"[green]{title}: no problems found[/green]")
         return
     table = Table(title=title, title_justify="left")
-    table.add_column("severity")
-    table.add_column("check")
+    table.add_column("severity", no_wrap=True)
+    table.add_column("check", no_wrap=True)
     table.add_column("message", overflow="fold")
     for f in findings:
         table.add_row(f"[{SEVERITY_STYLE[f['severity']]}]{f['severity']}[/]", f["code"], f["message"])
@@ -57,7 +83,8 @@ def render_inspect(r: dict) -> None:
 
     table = Table(title="TP plan", title_justify="left")
     for col in ("rule", "style", "matches", "params", "bytes sharded"):
-        table.add_column(col, justify="right" if col in ("matches", "params", "bytes sharded") else "left")
+        numeric = col in ("matches", "params", "bytes sharded")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
     for rule in r["plan"]:
         m = str(rule["matches"]) if rule["matches"] else "[red]0 (matches nothing)[/red]"
         table.add_row(rule["rule"], rule["style"], m, str(rule["parameters"]), human_bytes(rule["bytes_sharded"]))
@@ -73,23 +100,29 @@ def render_inspect(r: dict) -> None:
     tp = r.get("tp")
     if tp:
         table = Table(title=f"Per-rank shapes at tp={tp['size']}", title_justify="left")
-        table.add_column("parameter group")
-        table.add_column("n", justify="right")
-        table.add_column("placement")
-        table.add_column("global")
+        table.add_column("parameter group", overflow="fold")
+        table.add_column("n", justify="right", no_wrap=True)
+        table.add_column("placement", overflow="fold")
+        table.add_column("global", no_wrap=True)
         table.add_column("local per rank", overflow="fold")
         for g in tp["groups"]:
             locals_ = [shape(s) for s in g["local_shapes"]]
-            local = locals_[0] if len(set(locals_)) == 1 else " / ".join(locals_)
+            if len(set(locals_)) == 1:
+                local = locals_[0]
+            elif len(locals_) <= 8:
+                local = " / ".join(locals_)
+            else:  # large tp: one entry per run of equal shapes
+                local = " / ".join(f"{s} ranks {runs}" for runs, s in rank_runs(locals_))
             table.add_row(g["pattern"], str(g["count"]), g["placement"], shape(g["global_shape"]), local)
         console.print(table)
         table = Table(title="Memory per rank (weights only)", title_justify="left")
-        for col in ("rank", "sharded", "replicated", "total"):
-            table.add_column(col, justify="right")
-        for rk in tp["ranks"]:
-            mark = " *" if rk["rank"] == tp["largest_rank"] else ""
-            table.add_row(f"{rk['rank']}{mark}", human_bytes(rk["sharded_bytes"]), human_bytes(rk["replicated_bytes"]),
-                          human_bytes(rk["total_bytes"]))
+        for col in ("ranks", "sharded", "replicated", "total"):
+            table.add_column(col, justify="right", no_wrap=True)
+        layouts = [(rk["sharded_bytes"], rk["replicated_bytes"], rk["total_bytes"]) for rk in tp["ranks"]]
+        largest = layouts[tp["largest_rank"]] if layouts else None
+        for ranks, (sharded, replicated, total) in rank_runs(layouts):  # one row per run of equal ranks
+            mark = " *" if (sharded, replicated, total) == largest else ""
+            table.add_row(f"{ranks}{mark}", human_bytes(sharded), human_bytes(replicated), human_bytes(total))
         console.print(table)
         console.print(f"  largest: rank {tp['largest_rank']}")
         render_findings(tp["findings"], title=f"Checks at tp={tp['size']}")
@@ -168,8 +201,11 @@ def render_gather(r: dict) -> None:
 def render_verify(r: dict) -> None:
     verdict = "[green]OK[/green]" if r["ok"] else "[bold red]FAILED[/bold red]"
     if r["mode"] == "integrity":
-        console.print(f"{r['target']}: sharded folder, tp={r['tp']}, {r['tensors']} tensors, "
-                      f"hashes {'checked' if r['hashes_checked'] else 'not checked'}: {verdict}")
+        if r["tp"] is None:  # the check stopped at the first error: only that is known
+            console.print(f"{r['target']}: sharded folder: {verdict}")
+        else:
+            console.print(f"{r['target']}: sharded folder, tp={r['tp']}, {r['tensors']} tensors, "
+                          f"hashes {'checked' if r['hashes_checked'] else 'not checked'}: {verdict}")
         render_findings(r["findings"], title="Integrity")
         return
     console.print(f"{r['architecture']} at tp={r['tp']} (plan: {r['plan_source']}): {verdict}")

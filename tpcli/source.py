@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,12 @@ class Source:
         return {"path": str(self.path), "hub_id": self.hub_id, "revision": self.revision}
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # huggingface_hub's rules
+PROBE_TIMEOUT_S = 3.0  # how long to wait for the hub's address before treating the network as down
+
+
 def _looks_like_hub_id(spec: str) -> bool:
+    """`org/name` shaped (two non-empty parts, not an explicit path); `_resolve_hub` checks the characters."""
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
@@ -57,7 +63,36 @@ def resolve(spec: str, *, revision: str | None = None, weights: bool = False) ->
         if not (local / "config.json").is_file():
             raise ModelError(f"MODEL {spec!r}: {local / 'config.json'} is missing; point MODEL at a transformers model folder.")
         return Source(spec=spec, path=local.resolve(), revision=None)
+    if not HUB_ID.fullmatch(spec) or ".." in spec or "--" in spec:
+        raise ModelError(f"MODEL {spec!r}: no such local folder, and not a valid hub id (org/name: letters, digits, "
+                         "'-', '_' and '.'); check the spelling.")
     return _resolve_hub(spec, revision=revision, weights=weights)
+
+
+def _hub_reachable() -> bool:
+    """Can the hub's host be resolved and connected to within PROBE_TIMEOUT_S? (huggingface_hub itself retries an
+    unreachable host for about 25 s before it falls back to the cache.)"""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=PROBE_TIMEOUT_S).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(PROBE_TIMEOUT_S)
+    return bool(ok)
 
 
 def _resolve_hub(repo_id: str, *, revision: str | None, weights: bool) -> Source:
@@ -65,22 +100,29 @@ def _resolve_hub(repo_id: str, *, revision: str | None, weights: bool) -> Source
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+    unreachable = not offline and not _hub_reachable()
+    local_only = offline or unreachable
+    first = f"MODEL {repo_id!r}: no such local folder; as a hub id"
     try:
-        config_file = hf_hub_download(repo_id, "config.json", revision=revision)
+        config_file = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=local_only)
         path = Path(config_file).parent
         if weights:
             path = Path(
                 snapshot_download(
-                    repo_id, revision=revision, allow_patterns=["*.safetensors", "*.safetensors.index.json", *AUX_PATTERNS]
+                    repo_id, revision=revision, local_files_only=local_only,
+                    allow_patterns=["*.safetensors", "*.safetensors.index.json", *AUX_PATTERNS],
                 )
             )
     except LocalEntryNotFoundError:
-        hint = "unset HF_HUB_OFFLINE or download it first" if offline else "check your network or HF_HOME"
-        raise ModelError(f"MODEL {repo_id!r} (revision {revision or 'main'}) is not in the HF cache; {hint}.") from None
+        if unreachable:
+            hint = "the hub is unreachable (no network?); download it where there is one, or fix the local path"
+        else:
+            hint = "unset HF_HUB_OFFLINE or download it first" if offline else "check your network or HF_HOME"
+        raise ModelError(f"{first} (revision {revision or 'main'}) it is not in the HF cache; {hint}.") from None
     except RepositoryNotFoundError:
-        raise ModelError(f"MODEL {repo_id!r}: no such repository on the hub (or it is gated: log in first).") from None
+        raise ModelError(f"{first}: no such repository on the hub (or it is gated: log in first).") from None
     except HfHubHTTPError as exc:
-        raise ModelError(f"MODEL {repo_id!r}: hub request failed ({exc}).") from None
+        raise ModelError(f"{first}: hub request failed ({' '.join(str(exc).split())}).") from None
     return Source(spec=repo_id, path=path, hub_id=repo_id, revision=revision)
 
 
