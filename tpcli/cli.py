@@ -279,8 +279,15 @@ def _show_usage_error(exc) -> int:
 
 def main() -> None:
     """Entry point: run the app, render TpcliError once as a one-line message."""
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _on_signal)
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _main()
+    finally:  # in-process callers (tests) get their handlers back
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main() -> None:
     from . import versions
 
     note = versions.warning() if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version") else None
