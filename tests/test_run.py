@@ -66,8 +66,8 @@ def test_load_model_casts_like_from_pretrained(model_dirs, tmp_path):
 def test_generate_example_decodes_text(model_dirs, tmp_path):
     model = tmp_path / "s"
     shard_checkpoint(str(model_dirs("qwen3")), tp=2, out=str(model))
-    proc = tpcli_run("--cpu", 2, "-m", "tpcli.examples.generate", "--model", model, "--prompt", "hello",
-                     "--max-new-tokens", 4)
+    proc = tpcli_run("--cpu", 2, "--model", model, "-m", "tpcli.examples.generate", "--prompt", "hello",
+                     "--max-new-tokens", 4)  # tpcli's --model before -m: what follows MODULE is the module's
     assert "[rank0]:tokens:" in proc.stdout and "[rank0]:text:" in proc.stdout
     assert "preflight:" in proc.stderr
 
@@ -264,3 +264,18 @@ def test_timeout_stops_a_hanging_rank_and_names_it(tmp_path):
     assert proc.returncode == 124, proc.stderr
     assert "--timeout 40s expired" in proc.stderr and "still running then: rank 1" in proc.stderr
     assert "rank one waits forever" in proc.stderr.split("expired")[1]
+
+
+def test_preflight_of_a_sharded_folder_does_not_claim_unchecked_hashes(model_dirs, tmp_path):
+    """Preflight checks sizes and the manifest only: a flipped byte passes it, so it must not say "OK" about the
+    hashes, and it must say how to check them."""
+    from tpcli.launch import LaunchSpec, preflight_model
+
+    folder = tmp_path / "s"
+    shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(folder))
+    victim = next(folder.glob("shard-*.safetensors"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    notes = preflight_model(LaunchSpec(script="x.py", cpu=2, model=str(folder)))
+    assert len(notes) == 1 and "sha256 NOT checked" in notes[0] and f"tpcli verify {folder}" in notes[0]

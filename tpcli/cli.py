@@ -230,11 +230,12 @@ def _on_signal(signum, frame):
 
 def _split_run_args(args: list[str]) -> list[str]:
     """`run ... -m MODULE ARGS`: insert "--" after MODULE so that ARGS reach the module untouched."""
-    if not args or args[0] != "run":
+    start = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))  # after global flags
+    if start == len(args) or args[start] != "run":
         return args
     takes_value = {"--gpus", "--cpu", "--model", "--plan", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id",
                    "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision"}
-    i = 1
+    i = start + 1
     while i < len(args):
         a = args[i]
         if a == "--" or not a.startswith("-"):
