@@ -200,9 +200,14 @@ def _ready_pids(proc, n: int) -> set[int]:
 def test_script_gets_every_argument_and_its_exit_code_is_tpclis(tmp_path):
     script = tmp_path / "args.py"
     script.write_text("import os, sys\nprint('ARGS', sys.argv[1:], flush=True)\n"
+                      "print('VERBOSITY', os.environ.get('TRANSFORMERS_VERBOSITY'), flush=True)\n"
                       "sys.exit(3 if os.environ['RANK'] == '0' else 0)\n")
-    proc = tpcli_run("--cpu", 2, script, "--cpu", 5, "--help", "-m", "x", "--model", "y", "--", "z", check=False)
+    env = base_env()
+    del env["TRANSFORMERS_VERBOSITY"]  # tpcli sets it for its workers unless --verbose
+    proc = subprocess.run([*TPCLI, "run", "--cpu", "2", script, "--cpu", "5", "--help", "-m", "x", "--model", "y",
+                           "--", "z"], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 3, proc.stderr
+    assert "[rank0]:VERBOSITY error" in proc.stdout
     expected = "ARGS ['--cpu', '5', '--help', '-m', 'x', '--model', 'y', '--', 'z']"
     assert f"[rank0]:{expected}" in proc.stdout and f"[rank1]:{expected}" in proc.stdout
     assert "rank 0 failed with exit code 3" in proc.stderr
