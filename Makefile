@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0    # the CPU build; a bare `torch` would pull CUDA wheels
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev]" "transformers==5.23.*"    # the tested window (tpcli/versions.py); pyproject allows newer
 	touch $@
 
 demo: install
