@@ -124,7 +124,8 @@ def _in(n: int, size: int) -> str:
 
 
 def _memory_table(title: str, first: str, memory: dict | None) -> tuple[Table, list[tuple[str, str]]]:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    console.print(title)  # above the table, not as its title: a narrow table would wrap it
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column(first)
     columns = _memory_columns(memory)
     for _, header in [*columns, ("total_bytes", "total")]:
