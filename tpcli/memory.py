@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from .errors import ModelError, UsageError
 from .layout import local_shape
 from .plan import ResolvedPlan, dtype_size
-from .styles import ParamPlacement
+from .styles import HEAD_SPLITTING, REPLICATE, ParamPlacement
 
 DEFAULT_RESERVE = "2GiB"  # CUDA context (~0.5 GiB), cuBLAS/NCCL workspaces, caching-allocator slack
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -44,7 +44,7 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
            "fp32": "float32", "float32": "float32", "float": "float32", "fp8": "float8_e4m3fn",
            "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2", "int8": "int8"}
-_KV_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\..*\b([kv])_proj\.weight$")
+_KV_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\..*\b([kv]|qkv)_proj\.weight$")
 _CACHED_TOKENS_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
 _WINDOW_LAYERS = {"sliding_attention", "chunked_attention"}
 
@@ -133,23 +133,36 @@ def _full_gradient(style: str | None, tied: bool) -> bool:
 
 
 def _kv_layer_groups(plan: ResolvedPlan) -> Counter:
-    """(layer type, window, k_proj (shape, placement), v_proj (shape, placement)) -> number of cache layers."""
+    """(layer type, window, K rows (shape, placement), V rows (shape, placement)) -> number of cache layers.
+
+    K rows are the layer's `k_proj` output features as the plan places them (local KV heads x head_dim on each
+    rank). A fused `qkv_proj` (Phi-3) whose output is gathered caches every KV head on every rank.
+    """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text = plan.config.get_text_config(decoder=True)
     layer_types, kwargs = get_layer_types_and_kwargs(text)
+    heads = text.num_attention_heads
+    kv_rows = (getattr(text, "num_key_value_heads", None) or heads) * (
+        getattr(text, "head_dim", None) or text.hidden_size // heads)
     proj: dict[tuple[int, str], tuple] = {}
     for t in plan.tensors.values():
         m = _KV_PROJ.search(t.name)
-        if m and not t.name.startswith(("model.vision", "vision", "model.audio")):
-            proj.setdefault((int(m.group(1)), m.group(2)), (t.shape, t.placement))
+        if not m or t.name.startswith(("model.vision", "vision", "model.audio")):
+            continue
+        layer, which = int(m.group(1)), m.group(2)
+        if which != "qkv":
+            proj.setdefault((layer, which), (t.shape, t.placement))
+        elif t.style not in HEAD_SPLITTING:  # gathered or replicated: the full K and V slices on every rank
+            proj.setdefault((layer, "k"), ((kv_rows,), REPLICATE))
+            proj.setdefault((layer, "v"), ((kv_rows,), REPLICATE))
     groups: Counter = Counter()
     for i, (kind, kw) in enumerate(zip(layer_types, kwargs, strict=True)):
         if kind == "dummy":  # KV shared with another layer, or a layer without attention
             continue
         if kind not in _CACHED_TOKENS_LAYERS or (i, "k") not in proj or (i, "v") not in proj:
             raise ModelError(f"{plan.architecture}: the KV cache of layer {i} ({kind}) is not modelled by tpcli "
-                             "(only k_proj/v_proj attention); run inspect without --seq-len.")
+                             "(only k_proj/v_proj or a gathered qkv_proj); run inspect without --seq-len.")
         groups[(kind, kw.get("sliding_window"), proj[(i, "k")], proj[(i, "v")])] += 1
     return groups
 
@@ -174,7 +187,8 @@ def _activation_estimate(plan: ResolvedPlan, tp: int, opts: MemoryOptions) -> in
     head_dim = getattr(text, "head_dim", None) or h // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     top_k = getattr(text, "num_experts_per_tok", None)
-    width = (getattr(text, "moe_intermediate_size", None) or text.intermediate_size) if top_k else text.intermediate_size
+    dense = getattr(text, "intermediate_size", None) or 4 * h
+    width = (getattr(text, "moe_intermediate_size", None) or dense) if top_k else dense
     i_eff = (top_k or 1) * width
     per_token_layer = 4 * h + (2 * heads * head_dim + 2 * kv_heads * head_dim + 4 * i_eff) / tp
     d = dtype_size(plan.dtype)
