@@ -26,10 +26,11 @@ MODELS = {
     "gemma3": ("gemma3", {}),  # sliding window 16 < L on layer 0, tied
     "gemma2_wide": ("gemma2", {"sliding_window": 64}),  # a window longer than L
     "phi3": ("phi3", {}),  # fused qkv_proj, gathered: every KV head cached on every rank
+    "llama_bf16": ("llama", {"dtype": "bfloat16"}),  # cache, gradients and AdamW state in the model's dtype
     "mixtral3": ("mixtral", {"heads": 6, "kv_heads": 6, "hidden": 96}),  # valid at tp=3, vocab 1001 uneven
     "gemma3_3": ("gemma3", {"heads": 6, "kv_heads": 3, "hidden": 96}),
 }
-ORACLE_RUNS = {2: ["llama", "qwen3", "mixtral", "gemma3", "gemma2_wide", "phi3"], 3: ["mixtral3", "gemma3_3"]}
+ORACLE_RUNS = {2: ["llama", "qwen3", "mixtral", "gemma3", "gemma2_wide", "phi3", "llama_bf16"], 3: ["mixtral3", "gemma3_3"]}
 TERMS = {"weight_bytes": "weight_bytes", "kv_cache_bytes": "kv_cache_storage_bytes",
          "kv_cache_visible_bytes": "kv_cache_tensor_bytes", "grad_bytes": "grad_bytes",
          "optimizer_bytes": "optimizer_bytes"}
