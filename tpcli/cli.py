@@ -86,15 +86,36 @@ def inspect(
     tp: Annotated[int | None, typer.Option("--tp", help="Show per-rank shapes and memory at this TP size.")] = None,
     plan: PlanOpt = None,
     revision: RevisionOpt = None,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences per forward, for the KV cache and activations.")] = 1,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence: adds the KV cache per rank.")] = None,
+    kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV cache dtype if not the model's: bf16, fp16, fp32, fp8.")] = None,
+    train: Annotated[bool, typer.Option("--train", help="Add gradients, AdamW state and an activation estimate.")] = False,
+    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Memory of one GPU, e.g. 24GiB or 80GB: which TP sizes fit.")] = None,
+    reserve: Annotated[str | None, typer.Option("--reserve", help="Kept free per GPU for CUDA context and allocator slack (default 2GiB).")] = None,
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
     _positive("--tp", tp)
-    from .inspection import inspect_model
-    from .render import print_json, render_inspect
+    _positive("--batch", batch)
+    _positive("--seq-len", seq_len)
+    from .memory import DEFAULT_RESERVE, MemoryOptions, parse_dtype, parse_size
 
-    report = inspect_model(model, tp=tp, plan_file=plan, revision=revision)
-    print_json(report) if json_out else render_inspect(report)
+    if reserve is not None and gpu_mem is None:
+        raise UsageError("--reserve only applies with --gpu-mem SIZE.")
+    memory = MemoryOptions(batch=batch, seq_len=seq_len, train=train,
+                           kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype else None)
+    gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
+    reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve")
+    from .inspection import inspect_model
+    from .render import print_json, render_inspect, render_memory
+
+    report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
+                           reserve=reserve_bytes)
+    if json_out:
+        print_json(report)
+    else:
+        render_inspect(report)
+        render_memory(report)
     if report["tp"] and not report["tp"]["valid"]:
         raise typer.Exit(1)
 

@@ -10,9 +10,10 @@ from collections import OrderedDict
 from . import source as sources
 from .checks import check_plan, valid_tp_sizes
 from .layout import local_shape
+from .memory import MemoryOptions, check_budget, check_trainable, fit_table, largest_per_tp, rank_memory
 from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches, tensor_bytes
 
-SCHEMA = "tpcli.inspect/1"
+SCHEMA = "tpcli.inspect/2"
 
 
 def load_resolved(model: str, *, plan_file: str | None = None, revision: str | None = None,
@@ -25,9 +26,39 @@ def load_resolved(model: str, *, plan_file: str | None = None, revision: str | N
 
 
 def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
-                  revision: str | None = None, max_tp: int = 64) -> dict:
+                  revision: str | None = None, max_tp: int = 64, memory: MemoryOptions | None = None,
+                  gpu_mem: int | None = None, reserve: int = 0) -> dict:
+    if gpu_mem is not None:
+        check_budget(gpu_mem, reserve)
     src, plan = load_resolved(model, plan_file=plan_file, revision=revision)
-    return build_report(src, plan, tp=tp, max_tp=max_tp)
+    if memory and memory.train:
+        check_trainable(plan)
+    report = build_report(src, plan, tp=tp, max_tp=max_tp)
+    add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
+    return report
+
+
+def add_memory(report: dict, plan: ResolvedPlan, opts: MemoryOptions, *, gpu_mem: int | None, reserve: int) -> None:
+    """Per-rank memory (tpcli.memory) into `report`: `tp.ranks[i]` terms, `memory` per TP size, and `fit`.
+
+    `tp.ranks[i].total_bytes` becomes weights + KV cache + gradients + optimizer + activation estimate (the terms
+    not asked for are 0); `sharded_bytes + replicated_bytes` stays the weights.
+    """
+    asked = bool(opts.seq_len or opts.train or gpu_mem)
+    tp = report["tp"]
+    if tp:
+        for row, mem in zip(tp["ranks"], rank_memory(plan, tp["size"], opts), strict=True):
+            row.update(mem.to_dict())
+        tp["largest_rank"] = max(tp["ranks"], key=lambda r: r["total_bytes"])["rank"]
+    per_tp = largest_per_tp(plan, report["valid_tp_sizes"], opts) if asked else {}
+    report["memory"] = {
+        "batch": opts.batch,
+        "seq_len": opts.seq_len,
+        "kv_dtype": opts.kv_dtype or plan.dtype,
+        "train": opts.train,
+        "per_tp": {str(n): m.to_dict() for n, m in per_tp.items()},  # the largest rank of each valid TP size
+    } if asked else None
+    report["fit"] = fit_table(plan, per_tp, opts, gpu_mem=gpu_mem, reserve=reserve) if gpu_mem is not None else None
 
 
 def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max_tp: int = 64) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -115,16 +116,7 @@ def render_inspect(r: dict) -> None:
                 local = " / ".join(f"{s} ranks {runs}" for runs, s in rank_runs(locals_))
             table.add_row(g["pattern"], str(g["count"]), g["placement"], shape(g["global_shape"]), local)
         console.print(table)
-        table = Table(title="Memory per rank (weights only)", title_justify="left")
-        for col in ("ranks", "sharded", "replicated", "total"):
-            table.add_column(col, justify="right", no_wrap=True)
-        layouts = [(rk["sharded_bytes"], rk["replicated_bytes"], rk["total_bytes"]) for rk in tp["ranks"]]
-        largest = layouts[tp["largest_rank"]] if layouts else None
-        for ranks, (sharded, replicated, total) in rank_runs(layouts):  # one row per run of equal ranks
-            mark = " *" if (sharded, replicated, total) == largest else ""
-            table.add_row(f"{ranks}{mark}", human_bytes(sharded), human_bytes(replicated), human_bytes(total))
-        console.print(table)
-        console.print(f"  largest: rank {tp['largest_rank']}")
+        render_rank_memory(tp, r.get("memory"))
         render_findings(tp["findings"], title=f"Checks at tp={tp['size']}")
 
     console.print("Valid TP sizes: " + (", ".join(map(str, r["valid_tp_sizes"])) or "none"))
@@ -135,6 +127,124 @@ def render_inspect(r: dict) -> None:
             console.print(f"  [dim]tp={k}: {reason}[/dim]")
         if len(invalid) > len(shown):
             console.print(f"  [dim]... and {len(invalid) - len(shown)} more invalid sizes (see --json)[/dim]")
+
+
+# Memory columns: (report key, header); the KV and training columns appear only when asked for.
+_MEMORY_COLUMNS = (("weight_bytes", "weights"), ("kv_cache_bytes", "KV cache"), ("grad_bytes", "grads"),
+                   ("optimizer_bytes", "AdamW"), ("activation_bytes_estimate", "act. est"))
+
+
+def _memory_columns(memory: dict | None) -> list[tuple[str, str]]:
+    keys = {"weight_bytes"}
+    if memory and memory["seq_len"]:
+        keys.add("kv_cache_bytes")
+    if memory and memory["train"]:
+        keys |= {"grad_bytes", "optimizer_bytes"} | ({"activation_bytes_estimate"} if memory["seq_len"] else set())
+    return [c for c in _MEMORY_COLUMNS if c[0] in keys]
+
+
+def _unit(largest: int) -> tuple[str, int]:
+    """One unit for a whole table, so that its columns stay narrow enough for 80 columns."""
+    for name, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if largest >= size:
+            return name, size
+    return "B", 1
+
+
+def _in(n: int, size: int) -> str:
+    return f"{n:,}" if size == 1 else f"{n / size:,.2f}"
+
+
+def _memory_table(title: str, first: str, memory: dict | None) -> tuple[Table, list[tuple[str, str]]]:
+    console.print(title)  # above the table, not as its title: a narrow table would wrap it
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column(first)
+    columns = _memory_columns(memory)
+    for _, header in [*columns, ("total_bytes", "total")]:
+        table.add_column(header, justify="right")
+    return table, columns
+
+
+def _rank_label(first: int, last: int) -> str:
+    return f"rank {first}" if first == last else f"ranks {first}-{last}"
+
+
+def render_rank_memory(tp: dict, memory: dict | None) -> None:
+    """Per-rank memory at one TP size: one row per run of ranks with the same numbers ("ranks 0-6", "rank 7")."""
+    unit, size = _unit(max(rk["total_bytes"] for rk in tp["ranks"]))
+    table, columns = _memory_table(f"Memory per rank at tp={tp['size']}, {unit} ({_memory_what(memory)})", "ranks",
+                                   memory)
+    keys = [k for k, _ in columns] + ["total_bytes"]
+    runs: list[list] = []  # [first, last, values]
+    for rk in tp["ranks"]:
+        values = tuple(rk[k] for k in keys)
+        if runs and runs[-1][2] == values:
+            runs[-1][1] = rk["rank"]
+        else:
+            runs.append([rk["rank"], rk["rank"], values])
+    for first, last, values in runs:
+        mark = " *" if first <= tp["largest_rank"] <= last and len(runs) > 1 else ""
+        table.add_row(_rank_label(first, last) + mark, *(_in(v, size) for v in values))
+    console.print(table)
+    if len(runs) > 1:
+        console.print(f"  * largest: rank {tp['largest_rank']}")
+    _note_sliding(tp["ranks"][tp["largest_rank"]], memory)
+
+
+def _memory_what(memory: dict | None) -> str:
+    if not memory or not (memory["seq_len"] or memory["train"]):
+        return "weights only"
+    parts = []
+    if memory["seq_len"]:
+        parts.append(f"{memory['batch']} x {memory['seq_len']} tokens, KV {memory['kv_dtype']}")
+    if memory["train"]:
+        parts.append("AdamW training")
+    return "; ".join(parts)
+
+
+def _note_sliding(rank: dict, memory: dict | None) -> None:
+    if memory and memory["seq_len"] and rank["kv_cache_visible_bytes"] != rank["kv_cache_bytes"]:
+        console.print(f"  KV cache: sliding-window layers keep views of the prefill's {memory['seq_len']} tokens; "
+                      f"the visible cache is {human_bytes(rank['kv_cache_visible_bytes'])}, the rest is freed at the "
+                      "first decode step.")
+
+
+def render_memory(r: dict) -> None:
+    """The largest rank at every valid TP size, and whether it fits the GPU (`--seq-len`, `--train`, `--gpu-mem`)."""
+    memory, fit = r.get("memory"), r.get("fit")
+    if not memory:
+        return
+    unit, size = _unit(max((m["total_bytes"] for m in memory["per_tp"].values()), default=0))
+    table, columns = _memory_table(f"Largest rank per TP size, {unit} ({_memory_what(memory)})", "tp", memory)
+    if fit:
+        table.add_column("fits")
+    budget = fit["gpu_mem_bytes"] - fit["reserve_bytes"] if fit else None
+    for tp, m in memory["per_tp"].items():
+        row = [tp, *(_in(m[k], size) for k, _ in columns), _in(m["total_bytes"], size)]
+        if fit:
+            row.append("[green]yes[/green]" if m["total_bytes"] <= budget else "[red]no[/red]")
+        table.add_row(*row)
+    console.print(table)
+    if memory["train"]:
+        console.print("  activations are an estimate (formula in README, 'Memory'); the other terms are exact.")
+    if not fit:
+        return
+    gpu = f"a {human_bytes(fit['gpu_mem_bytes'])} GPU ({human_bytes(fit['reserve_bytes'])} reserved)"
+    if fit["smallest_fitting_tp"] is not None:
+        console.print(f"[green]Smallest TP size that fits {gpu}: tp={fit['smallest_fitting_tp']}[/green]")
+        return
+    advice = fit["advice"]
+    if not advice:
+        console.print(f"[red]No valid TP size fits {gpu}.[/red]")
+        return
+    console.print(f"[red]No valid TP size fits {gpu}:[/red] the best, tp={advice['best_tp']}, misses by "
+                  f"{human_bytes(advice['miss_bytes'])} per rank.")
+    for change in advice["changes"]:
+        if "total_bytes" in change:
+            verdict = "fits" if change["fits"] else "still too large"
+            console.print(f"  {change['text']}: {human_bytes(change['total_bytes'])} per rank, {verdict}")
+        else:
+            console.print(f"  to fit: {change['text']}")
 
 
 class _NoBar:

@@ -2,7 +2,9 @@
 
     build_tiny("qwen3", out)  -> a 2-layer Qwen3 with tied embeddings, vocab 1001 (uneven at tp=2 and 3)
 
-Kinds: llama, qwen3 (tied, q/k norm), mixtral (MoE, converted experts), qwen3_moe, phi3 (packed gate_up), opt.
+Kinds: llama, qwen3 (tied, q/k norm), mixtral (MoE, converted experts), qwen3_moe, phi3 (packed gate_up), opt,
+and the sliding-window kinds gemma2 and gemma3 (`gemma3_text`): layer 0 slides over a 16-token window, layer 1
+attends to everything (`sliding_window=`, `layer_types=` to change).
 `heads=6, kv_heads=3` makes a model valid at tp=3. Weights are random but seeded, saved with `save_pretrained`.
 """
 
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-KINDS = ("llama", "qwen3", "mixtral", "qwen3_moe", "phi3", "opt")
+# Sliding-window kinds: tpcli kind -> transformers model_type.
+SLIDING_KINDS = {"gemma2": "gemma2", "gemma3": "gemma3_text"}
+KINDS = ("llama", "qwen3", "mixtral", "qwen3_moe", "phi3", "opt", *SLIDING_KINDS)
 
 
 def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 1001,
@@ -20,7 +24,10 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
     head_dim = hidden // heads if hidden % heads == 0 else 16
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=vocab,
                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind == "opt":
+    if kind in SLIDING_KINDS:
+        cfg = _sliding_config(kind, common, kv_heads=kv_heads, intermediate=intermediate, head_dim=head_dim,
+                              layers=layers, extra=extra)
+    elif kind == "opt":
         cfg = AutoConfig.for_model("opt", ffn_dim=intermediate, word_embed_proj_dim=hidden, enable_bias=True, **common)
     else:
         common.update(num_key_value_heads=kv_heads, intermediate_size=intermediate)
@@ -38,6 +45,18 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
         setattr(cfg, key, value)
     cfg.dtype = dtype
     return cfg
+
+
+def _sliding_config(kind: str, common: dict, *, kv_heads: int, intermediate: int, head_dim: int, layers: int,
+                    extra: dict):
+    """gemma2 / gemma3_text with a short sliding window: sliding and full layers alternate, sliding first."""
+    from transformers import AutoConfig
+
+    window = extra.pop("sliding_window", 16)
+    layer_types = extra.pop("layer_types", None) or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return AutoConfig.for_model(SLIDING_KINDS[kind], num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                                head_dim=head_dim, sliding_window=window, layer_types=layer_types, **common)
 
 
 def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str | None = None,

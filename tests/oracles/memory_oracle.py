@@ -1,0 +1,101 @@
+"""Oracle worker (run under torchrun): the bytes each rank really holds under transformers' TP.
+
+    torchrun --nproc-per-node N memory_oracle.py OUT.json MODEL_DIR [MODEL_DIR ...] --batch B --seq-len L
+             [--eager-experts]
+
+For every model folder, on every rank: `from_pretrained(dir, tp_plan="auto")`, then
+  * weights: local bytes of every state-dict tensor (tied parameters once), as `inspect` counts them;
+  * KV cache: a forward with `use_cache=True` over B x L seeded random tokens, then the cache's tensors: their
+    own bytes (numel x element size) and the bytes of the storages they keep alive (a slice is a view: it keeps
+    the storage it was cut from);
+  * gradients: `model(ids, labels=ids).loss.backward()`, local bytes of every `param.grad`, with its placements;
+  * optimizer: one `torch.optim.AdamW` step, local bytes of its state tensors (0-d `step` tensors counted apart).
+Rank r writes OUT.json's sibling OUT.rank{r}.json; {model_dir: {...}}.
+"""
+
+import argparse
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("models", nargs="+")
+parser.add_argument("--batch", type=int, default=2)
+parser.add_argument("--seq-len", type=int, default=40)
+parser.add_argument("--eager-experts", action="store_true")
+args = parser.parse_args()
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
+rank = dist.get_rank()
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nbytes(t) -> int:
+    t = local(t)
+    return t.numel() * t.element_size()
+
+
+def placements(t) -> list[str]:
+    return [repr(p) for p in t.placements] if hasattr(t, "placements") else ["Replicate()"]
+
+
+def measure(folder: str) -> dict:
+    kwargs = {"experts_implementation": "eager"} if args.eager_experts else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto", **kwargs)
+    params = dict(model.named_parameters())  # tied parameters once, under their first name
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}  # tied parameters once
+    out: dict = {
+        "weight_bytes": sum(nbytes(t) for t in unique.values()),
+        "parameter_bytes": sum(nbytes(p) for p in params.values()),
+        "params": {n: {"local_shape": list(local(p).shape), "placements": placements(p)} for n, p in params.items()},
+    }
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen)
+
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    tensors, layers = [], []
+    for layer in cache.layers:
+        kv = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
+        tensors.extend(kv)
+        layers.append({"type": type(layer).__name__, "shapes": [list(t.shape) for t in kv]})
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    out["kv_cache_tensor_bytes"] = sum(nbytes(t) for t in tensors)
+    out["kv_cache_storage_bytes"] = sum(storages.values())
+    out["kv_cache_layers"] = layers
+    del cache
+
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+    out["grad_bytes"] = sum(nbytes(g) for g in grads.values())
+    out["grads"] = {n: {"local_shape": list(local(g).shape), "placements": placements(g),
+                        "is_dtensor": hasattr(g, "placements")} for n, g in grads.items()}
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt.step()
+    state_bytes, steps = 0, 0
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and local(value).dim() == 0:
+                steps += 1
+            elif torch.is_tensor(value):
+                state_bytes += nbytes(value)
+    out["optimizer_bytes"] = state_bytes
+    out["optimizer_step_tensors"] = steps
+    return out
+
+
+result = {folder: measure(folder) for folder in args.models}
+Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result, indent=1))
+dist.barrier()
+dist.destroy_process_group()
