@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from .layout import rank_runs
 from .plan import ResolvedPlan, dtype_size, rule_matches
+from .quant import block_misalignments, scale_pairs
 from .styles import HEAD_SPLITTING, HOOK_ONLY, is_known_style
 
 ERROR, WARNING, INFO = "error", "warning", "info"
@@ -65,6 +66,7 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
     if tp > 1:
         findings.extend(_head_findings(plan, text, tp))
         findings.extend(_shape_findings(plan, tp))
+        findings.extend(block_findings(plan, tp))
     findings.extend(_replication_findings(plan))
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     seen, unique = set(), []
@@ -105,9 +107,10 @@ def _head_findings(plan: ResolvedPlan, text, tp: int) -> list[Finding]:
 def _shape_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
     out: list[Finding] = []
     uneven: list[str] = []
+    scales = set(scale_pairs(plan.tensors).values())
     for t in plan.unique_tensors:
         p = t.placement
-        if not p.is_sharded:
+        if not p.is_sharded or t.name in scales:  # block scales are checked with their weight (block_findings)
             continue
         size = t.shape[p.dim]
         if p.kind == "strided":
@@ -151,6 +154,30 @@ def _shape_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
     return out
 
 
+def block_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
+    """Quantized checkpoints: every rank's slice of a block-scaled weight must be whole blocks, so that rank r's
+    scales are exactly the blocks of rank r's weight slice (one error per weight group, first rank at fault)."""
+    out: list[Finding] = []
+    q = plan.quantization
+    if q is None or not q.block_size or tp < 2:
+        return out
+    seen: set[str] = set()
+    for weight, scale in scale_pairs(plan.tensors).items():
+        w, s = plan.tensors[weight], plan.tensors[scale]
+        p = w.placement
+        if not p.is_sharded or _wild(weight) in seen:
+            continue
+        block = q.block_size[0] if p.dim == len(w.shape) - 2 else q.block_size[1]
+        why = block_misalignments(w.shape, s.shape, p.dim, block, rank_runs(w.shape[p.dim], p, tp),
+                                  rank_runs(s.shape[p.dim], s.placement, tp))
+        if why:
+            seen.add(_wild(weight))
+            out.append(Finding(ERROR, "quant-block",
+                               f"{weight}: at tp={tp} {why} of the {q.method} scales; each rank's slice must be a "
+                               f"whole number of {q.block_size[0]}x{q.block_size[1]} blocks", weight))
+    return out
+
+
 def _replication_findings(plan: ResolvedPlan) -> list[Finding]:
     out: list[Finding] = []
     total = plan.total_bytes or 1
@@ -183,7 +210,7 @@ def valid_tp_sizes(plan: ResolvedPlan, max_tp: int = 64) -> tuple[list[int], dic
     valid, invalid = [], {}
     for tp in range(1, max_tp + 1):
         errs = [f for f in _head_findings(plan, plan.config.get_text_config(), tp) + _shape_findings(plan, tp)
-                if f.severity == ERROR] if tp > 1 else []
+                + block_findings(plan, tp) if f.severity == ERROR] if tp > 1 else []
         if errs:
             invalid[tp] = errs[0].message
         else:

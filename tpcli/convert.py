@@ -6,6 +6,10 @@ as `convert_and_load_state_dict_in_model` does, and `realize` lets a deep copy o
 build the run-time tensors of one group. For the way back, `revert` calls `revert_weight_conversion` one group at
 a time. Any group can be run on `meta` tensors first (a dry run) to learn the names, shapes and order of what it
 produces without reading a byte.
+
+A model built for a quantized checkpoint carries its quantizer (`model.hf_quantizer`, see `tpcli.quant`); the
+conversions are then the ones `from_pretrained` uses with it (`get_model_conversion_mapping(..., hf_quantizer)`):
+per-expert scales merged like their weights, or, in the dequantized representation, `Fp8Dequantize` first.
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ class Conversions:
         from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
         self.model = model
-        mapping = get_model_conversion_mapping(model)
+        quantizer = getattr(model, "hf_quantizer", None)
+        mapping = get_model_conversion_mapping(model, hf_quantizer=quantizer)
         self.renamings = [e for e in mapping if isinstance(e, WeightRenaming)]
         self.converters = [e for e in mapping if isinstance(e, WeightConverter)]
         self.by_pattern = {k: c for c in self.converters for k in c.source_patterns}
         # The way back, as revert_weight_conversion builds it for a model not loaded by from_pretrained.
         back = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+        if quantizer is not None:
+            back = _quantized_way_back(model, quantizer)
         self.reverse_converters = [
             c for c in (t.reverse_transform() for t in back[::-1]) if isinstance(c, WeightConverter)
         ]
@@ -99,3 +106,20 @@ class Conversions:
         from transformers.core_model_loading import revert_weight_conversion
 
         return revert_weight_conversion(self.model, dict(tensors))
+
+
+def _quantized_way_back(model, quantizer) -> list:
+    """The conversions to revert for a quantized model: the model's, with the quantizer's copies for the scales
+    (`experts.gate_up_proj_scale_inv` splits back into per-expert `gate_proj.weight_scale_inv` ...). The quantizer's
+    own renamings (`.scale` -> `.weight_scale_inv` for other checkpoint conventions) are left out: reverted, they
+    would rename transformers' canonical names. They are set as `model._weight_conversions`, the list
+    `revert_weight_conversion` reverts for a model loaded by from_pretrained."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightRenaming
+
+    plain = get_model_conversion_mapping(model, add_legacy=False)
+    quantized = quantizer.update_weight_conversions(plain, model)
+    back = [c for c in quantized if not isinstance(c, PrefixChange)
+            and not (isinstance(c, WeightRenaming) and not any(c is p for p in plain))]
+    model._weight_conversions = back or None
+    return back

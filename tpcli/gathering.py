@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import dcp, manifest
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .integrity import check_folder
 from .plan import tensor_bytes
 from .readers import ShardedReader
@@ -47,6 +47,10 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     reader = ShardedReader(folder, tensors=integrity["tensors"])
     plan = integrity["plan"]
     model = plan.model
+    if cast and plan.quantization is not None:  # a cast of FP8 bytes without their scales would be garbage
+        raise UsageError(f"--dtype with the quantized folder {directory}: gather keeps the {plan.quantization.method} "
+                         "weights and scales as they are; to dequantize, run `tpcli shard --dtype` on the gathered "
+                         "checkpoint.")
 
     names = [n for n in reader.tensors if n in plan.tensors and not plan.tensors[n].tied_to]
     missing = [n for n, t in plan.tensors.items() if not t.tied_to and n not in reader.tensors]

@@ -12,6 +12,7 @@ from .checks import check_plan, valid_tp_sizes
 from .layout import local_shape
 from .memory import MemoryOptions, check_budget, check_trainable, fit_table, largest_per_tp, rank_memory
 from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches, tensor_bytes
+from .quant import scale_pairs
 
 SCHEMA = "tpcli.inspect/2"
 
@@ -90,6 +91,7 @@ def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max
             "dtype": plan.dtype,
             "total_bytes": plan.total_bytes,
             "plan_source": plan.plan_source,
+            "quantization": quantization_summary(plan),
         },
         "checkpoint": sources.checkpoint_summary(src),
         "plan": rules,
@@ -129,3 +131,18 @@ def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max
             "findings": [f.to_dict() for f in findings],
         }
     return report
+
+
+def quantization_summary(plan: ResolvedPlan) -> dict | None:
+    """null for an ordinary checkpoint; else the method, block size, and what the stored weights and scales are.
+
+    Every byte figure of a quantized model is its stored size: FP8 weights 1 byte per parameter plus their scales."""
+    q = plan.quantization
+    if q is None:
+        return None
+    pairs = scale_pairs(plan.tensors)
+    weights = [plan.tensors[w] for w in pairs]
+    scales = [plan.tensors[s] for s in pairs.values()]
+    return {**q.describe(), "quantized_tensors": len(pairs),
+            "weight_dtype": weights[0].dtype if weights else None, "scale_dtype": scales[0].dtype if scales else None,
+            "weight_bytes": sum(t.nbytes for t in weights), "scale_bytes": sum(t.nbytes for t in scales)}

@@ -5,6 +5,10 @@ transformers merge its plans (`init_parallel_plans`: config `base_model_tp_plan`
 `lm_head`, the automatic `embed_tokens` rule) and a user dict on top (`_resolve_parallel_plans`, exactly what
 `from_pretrained(tp_plan=...)` runs), then records per state-dict tensor its run-time name, shape, dtype, the rule
 and style that matched it and its DTensor placement (`tpcli.styles`).
+
+For a pre-quantized checkpoint transformers' quantizer is applied to the meta model first, as `from_pretrained`
+does (`tpcli.quant`): by default in the stored representation (FP8 weights and their scales, the plan after the
+quantizer's `update_parallel_plan`), with `dequantize=True` in the one a load without an FP8 GPU produces.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class ResolvedPlan:
     user_rules: dict[str, str] = field(default_factory=dict)  # the user plan, as given
     config: object = None
     model: object = None  # the meta model, for callers that need transformers objects
+    quantization: object = None  # tpcli.quant.Quantization of a pre-quantized checkpoint
+    dequantized: bool = False  # built in the dequantized representation (plain weights)
 
     @property
     def unique_tensors(self) -> list[TensorInfo]:
@@ -128,12 +134,12 @@ def _model_class(config):
     raise ModelError(f"model_type {config.model_type!r} has no transformers model class; is transformers too old?")
 
 
-def build_meta_model(config):
-    """The model skeleton on the meta device, in the checkpoint's dtype (config.dtype)."""
+def build_meta_model(config, *, dtype=None):
+    """The model skeleton on the meta device, in the checkpoint's dtype (config.dtype) unless `dtype` is given."""
     import torch
 
     cls = _model_class(config)
-    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with torch.device("meta"), warnings.catch_warnings():
@@ -141,12 +147,21 @@ def build_meta_model(config):
         return cls._from_config(config, dtype=dtype)
 
 
-def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: str | None = None) -> ResolvedPlan:
-    """Resolve the effective TP plan exactly as `from_pretrained(tp_plan=user_plan or "auto")` does."""
+def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: str | None = None,
+                 dequantize: bool = False, dtype: str | None = None) -> ResolvedPlan:
+    """Resolve the effective TP plan exactly as `from_pretrained(tp_plan=user_plan or "auto")` does.
+
+    A quantized checkpoint's model gets its quantizer (`tpcli.quant`); `dequantize=True` builds the representation
+    a load without an FP8 GPU produces, in `dtype` (the parameters' dtype, which is what dequantization casts to)."""
     from transformers.distributed import DistributedConfig
     from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-    model = build_meta_model(config)
+    from .quant import apply_quantizer, quantization_of
+
+    quantization = quantization_of(config)
+    model = build_meta_model(config, dtype=dtype)
+    if quantization is not None:
+        apply_quantizer(model, config, dequantize=dequantize, dtype=model.dtype)
     default_rules = dict(model.tp_plan or {})
     if not default_rules and not user_plan:
         raise PlanError(
@@ -206,6 +221,8 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
         user_rules=dict(user_plan or {}),
         config=config,
         model=model,
+        quantization=quantization,
+        dequantized=quantization is not None and dequantize,
     )
 
 

@@ -76,6 +76,10 @@ def render_inspect(r: dict) -> None:
     console.print(f"[bold]{s['architecture']}[/bold] ({s['model_type']}) from {where}")
     console.print(f"  parameters {s['parameters']:,}  dtype {s['dtype']}  size {human_bytes(s['total_bytes'])}  "
                   f"plan: {s['plan_source']}")
+    if s.get("quantization"):
+        q = s["quantization"]
+        console.print(f"  quantization: {quantization_line(q)}; {q['quantized_tensors']} weights stored as "
+                      f"{q['weight_dtype']} with {q['scale_dtype']} scales (sizes are the stored bytes)")
     ck = r.get("checkpoint")
     if ck:
         on_disk = f", {human_bytes(ck['bytes'])}" if ck.get("bytes") else ""
@@ -295,11 +299,24 @@ def render_shard(r: dict) -> None:
                   f"{len(r['files'])} rank files, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     for name, f in r["files"].items():
         console.print(f"  {name}  {human_bytes(f['bytes'])}  sha256 {f['sha256'][:12]}…")
+    q = r.get("quantization")
+    if q:
+        console.print(f"  quantization: {quantization_line(q)}, {q['representation']} "
+                      f"({len(q['scales'])} weights with block scales)" if q["representation"] == "stored" else
+                      f"  quantization: {quantization_line(q)}, dequantized while sharding")
     if r["unexpected_keys"]:
         console.print(f"[yellow]skipped {len(r['unexpected_keys'])} checkpoint keys the model does not use "
-                      f"(e.g. {r['unexpected_keys'][0]})[/yellow]")
+                      "(recorded in tpcli.json as skipped_keys):[/yellow]")
+        for key in r["unexpected_keys"]:
+            console.print(f"  [yellow]{key}[/yellow]")
     for w in r["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w['message']}")
+
+
+def quantization_line(q: dict) -> str:
+    """`fp8, blocks 128x128` for a quantization dict (inspect summary, shard manifest)."""
+    block = f", blocks {q['block_size'][0]}x{q['block_size'][1]}" if q.get("block_size") else ", per-tensor scales"
+    return f"{q['method']}{block}"
 
 
 def render_gather(r: dict) -> None:

@@ -17,6 +17,7 @@ from . import source as sources
 from .checks import check_plan, errors
 from .errors import CheckpointError, PlanError, UsageError
 from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
+from .quant import quantization_record, strip_quantization_config
 from .readers import CheckpointReader, ShardedReader
 from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
 
@@ -32,8 +33,11 @@ def parse_dtype(value: str | None) -> str | None:
     return DTYPES[value.lower()]
 
 
-def open_source(model: str, *, plan_file: str | None, revision: str | None):
-    """(Source, ResolvedPlan, reader, kind) for an ordinary checkpoint or a sharded folder."""
+def open_source(model: str, *, plan_file: str | None, revision: str | None, cast: str | None = None):
+    """(Source, ResolvedPlan, reader, kind) for an ordinary checkpoint or a sharded folder.
+
+    A quantized checkpoint is opened in its stored representation, or with `cast` in the dequantized one (the
+    tensors transformers' load without an FP8 GPU produces, in dtype `cast`)."""
     local = Path(model).expanduser()
     if dcp.is_sharded_dir(local):
         meta = manifest.read(local)
@@ -41,14 +45,38 @@ def open_source(model: str, *, plan_file: str | None, revision: str | None):
         if not (local / "config.json").is_file():
             raise CheckpointError(f"{local / 'config.json'} is missing; a sharded folder needs the model's config.")
         plan = resolve_plan(load_config(local), user_plan=user_plan, plan_file=plan_file)
+        if plan.quantization is not None and cast:
+            raise UsageError(f"--dtype with the quantized sharded folder {model}: dequantizing is done from the "
+                             "original checkpoint; run `tpcli gather` first, then `tpcli shard --dtype` on its output.")
         reader = ShardedReader(local, expected_files=list(meta["files"]) if meta else None)
         src = sources.Source(spec=model, path=local.resolve())
         return src, plan, reader, "sharded"
     src = sources.resolve(model, revision=revision, weights=True)
     user_plan = load_plan_file(plan_file) if plan_file else None
-    plan = resolve_plan(load_config(src.path), user_plan=user_plan, plan_file=plan_file)
+    plan = resolve_plan(load_config(src.path), user_plan=user_plan, plan_file=plan_file, dequantize=bool(cast),
+                        dtype=cast)
     reader = CheckpointReader(plan.model, sources.weight_files(src))
+    check_kept_keys(reader, src.path)
     return src, plan, reader, "checkpoint"
+
+
+def check_kept_keys(reader: CheckpointReader, where: Path) -> None:
+    """Refuse before writing when a scale (or zero point, packed block) would be lost: one the model cannot place
+    although its weight is kept, or one a float8 weight needs and the checkpoint lacks."""
+    from .quant import missing_scales, unplaceable_companions
+
+    lost = unplaceable_companions(reader.unexpected, set(reader.key_file))
+    if lost:
+        more = f" (+{len(lost) - 1} more)" if len(lost) > 1 else ""
+        raise CheckpointError(f"{where}: checkpoint key {lost[0]}{more} belongs to a weight the model keeps but has no "
+                              "place in it (is config.json's quantization_config the one the checkpoint was saved "
+                              "with?); refusing to drop it.")
+    missing = missing_scales(reader.key_meta)
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: checkpoint key {missing[0]}{more} is missing: the float8 weight "
+                              f"{missing[0].removesuffix('_scale_inv')} cannot be used without its scales; is the "
+                              "checkpoint complete?")
 
 
 def preflight(plan: ResolvedPlan, tp: int) -> list:
@@ -99,7 +127,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     cast = parse_dtype(dtype)
     out_path = prepare_output(out, force=force)
     started = time.perf_counter()
-    src, plan, reader, kind = open_source(model, plan_file=plan_file, revision=revision)
+    src, plan, reader, kind = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
     if out_path == src.path.resolve():
         raise UsageError(f"--out {out} is the source folder; write somewhere else.")
     findings = preflight(plan, tp)
@@ -139,10 +167,13 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
         copied = copy_aux(src.path, tmp, sources.aux_files(src.path))
         if cast:
             _set_config_dtype(tmp / "config.json", cast)
+        if plan.dequantized:
+            strip_quantization_config(tmp / "config.json")
         files = {w.path.name: {"rank": r, "bytes": w.path.stat().st_size, "sha256": h}
                  for r, (w, h) in enumerate(zip(writers, hashes, strict=True))}
         doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
                              tensors=infos, chunks=chunks, dtype=cast, files=files)
+        doc.update(quantization_record(plan, list(reader.unexpected)))
         manifest.write(tmp, doc)
     return {
         "out": str(out_path),
@@ -154,6 +185,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
         "copied": copied,
         "bytes_written": sum(f["bytes"] for f in files.values()),
         "unexpected_keys": list(reader.unexpected),
+        "quantization": doc["quantization"],
         "warnings": [f.to_dict() for f in findings if f.severity == "warning"],
         "seconds": round(time.perf_counter() - started, 3),
     }

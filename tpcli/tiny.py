@@ -60,8 +60,10 @@ def _sliding_config(kind: str, common: dict, *, kv_heads: int, intermediate: int
 
 
 def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str | None = None,
-               tokenizer: bool = False, **overrides) -> Path:
-    """Build, randomly initialise and save a tiny model of `kind` into `out`; returns the folder."""
+               tokenizer: bool = False, quantize: str | None = None, block: int = 16, **overrides) -> Path:
+    """Build, randomly initialise and save a tiny model of `kind` into `out`; returns the folder.
+
+    `quantize="fp8"` then rewrites it as a block-scaled FP8 checkpoint (`quantize_fp8`, blocks of `block` x `block`)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -81,7 +83,68 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
     model.save_pretrained(out, **kwargs)
     if tokenizer:
         write_tokenizer(out, cfg.vocab_size)
+    if quantize == "fp8":
+        quantize_fp8(out, block=(block, block))
+    elif quantize is not None:
+        raise ValueError(f"unknown quantization {quantize!r}; choose fp8")
     return out
+
+
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}  # as Qwen3-FP8, DeepSeek-V3 ship it
+
+
+def quantize_fp8(folder: str | Path, *, block: tuple[int, int] = (16, 16)) -> Path:
+    """Rewrite the checkpoint in `folder` (in place) in the layout of DeepSeek-V3 / Qwen3-FP8 checkpoints.
+
+    Every checkpoint weight that transformers' FP8 quantizer loads into an `FP8Linear` or `FP8Experts` parameter
+    becomes float8_e4m3fn plus a float32 `weight_scale_inv` with one inverse scale per `block` tile, computed by
+    transformers' own `Fp8Quantize` op (the one `save_pretrained` uses to re-quantize); per-expert keys stay per
+    expert (`mlp.experts.0.gate_proj.weight` + `mlp.experts.0.gate_proj.weight_scale_inv`). What the quantizer leaves
+    unconverted (lm_head, embeddings, norms, MoE routers) keeps its dtype. config.json gets `quantization_config`.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    from .convert import Conversions
+    from .plan import build_meta_model, load_config
+    from .quant import apply_quantizer
+    from .storage import TensorFile
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    tensors: dict = {}
+    for f in files:
+        tf = TensorFile(f)
+        tensors.update({k: tf.get_tensor(k) for k in tf.keys()})
+        tf.close()
+    config = load_config(folder)
+    config.quantization_config = {**FP8_CONFIG, "weight_block_size": list(block)}
+    model = build_meta_model(config)
+    quantizer = apply_quantizer(model, config, dequantize=False)
+    fp8 = {n for n, t in model.state_dict().items() if t.dtype == torch.float8_e4m3fn}
+    groups, _ = Conversions(model).groups(list(tensors))
+    op = Fp8Quantize(quantizer)
+    out: dict = {}
+    for group in groups:
+        for key in group.keys:
+            if group.first_target in fp8:
+                pair = op._quantize_one(key, tensors[key])
+                if len(pair) != 2:
+                    raise ValueError(f"{key} {list(tensors[key].shape)} does not tile into {block} blocks")
+                out.update(pair)
+            else:
+                out[key] = tensors[key]
+    for f in files:
+        f.unlink()
+    (folder / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = config.quantization_config
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return folder
 
 
 def write_tokenizer(out: Path, vocab_size: int) -> None:
@@ -117,12 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("out")
     parser.add_argument("--tokenizer", action="store_true", help="also write a small byte-level tokenizer")
+    parser.add_argument("--fp8", action="store_true", help="block-scaled FP8 checkpoint (DeepSeek-V3 / Qwen3-FP8 layout)")
+    parser.add_argument("--block", type=int, default=16, help="FP8 block size (default 16)")
     for flag in ("hidden", "layers", "heads", "kv-heads", "vocab", "intermediate"):
         parser.add_argument(f"--{flag}", type=int)
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
                  if k in ("hidden", "layers", "heads", "kv_heads", "vocab", "intermediate") and v is not None}
-    path = build_tiny(args.kind, args.out, tokenizer=args.tokenizer, **overrides)
+    path = build_tiny(args.kind, args.out, tokenizer=args.tokenizer, quantize="fp8" if args.fp8 else None,
+                      block=args.block, **overrides)
     print(f"built {args.kind} in {path}")
 
 
