@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tpcli
