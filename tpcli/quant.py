@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from .errors import ModelError
 
 SUPPORTED_METHODS = ("fp8",)
+# Why a method is refused, where there is more to say than "not supported yet".
+REFUSED_BECAUSE = {
+    "mxfp4": "transformers swizzles MXFP4 blocks and scales into triton-kernel layouts held outside the state dict "
+             "(no run-time tensor to shard the scales by) and gpt-oss's TP plan replicates the experts",
+}
 # Checkpoint-key suffixes that only exist next to a quantized weight (scales, zero points, packed blocks): such a key is
 # never dropped while its weight is kept.
 COMPANION_SUFFIXES = ("_scale_inv", "_scale", ".scale", "qscale_weight", "_zero_point", ".zero_point", "qzeros",
@@ -66,8 +71,9 @@ def quantization_of(config) -> Quantization | None:
     data = _as_dict(qc)
     method = str(getattr(data.get("quant_method"), "value", data.get("quant_method")))
     if method not in SUPPORTED_METHODS:
+        why = f": {REFUSED_BECAUSE[method]}" if method in REFUSED_BECAUSE else ""
         raise ModelError(f"config.json: quantization method {method!r} is not supported by tpcli (supported: "
-                         f"{', '.join(SUPPORTED_METHODS)}); see README, 'Quantized checkpoints'.")
+                         f"{', '.join(SUPPORTED_METHODS)}){why}; see README, 'Quantized checkpoints'.")
     if data.get("scale_fmt", "float") != "float" or data.get("expert_dtype", "fp8") != "fp8":
         raise ModelError(f"config.json: fp8 with scale_fmt={data.get('scale_fmt')!r}, expert_dtype="
                          f"{data.get('expert_dtype')!r} is not supported by tpcli (only float32 block scales and fp8 "
