@@ -13,6 +13,8 @@ Format (version 1), all keys always present:
     tensors           {run-time name: {"style", "placement", "shape", "dtype", "tied_to",
                                        "chunks": [{"rank", "file", "offsets", "sizes"}]}}
     files             {file name: {"rank", "bytes", "sha256"}}
+    quantization      null, or {"method", "block_size", ..., "representation", "scales"} (`tpcli.quant`)
+    skipped_keys      checkpoint keys the model does not use (listed by `shard`, never silently dropped)
 """
 
 from __future__ import annotations
