@@ -221,3 +221,18 @@ def test_load_model_of_fp8_shards_matches_transformers_tp_load_and_single_proces
         # dtype=bfloat16 was asked (a transformers quirk, see README) equal ours once cast
         assert sorted(rep["mismatch"]) == sorted(n for n, _ in rep.get("uncast_by_transformers", [])), rep
         assert "torch.bfloat16" in rep["dtypes"]
+
+
+def test_reshard_keeps_fp8_and_dtype_casts_of_fp8_shards_are_refused(fp8_dirs, tmp_path, monkeypatch, capsys):
+    """2 -> 1 reshard of stored FP8 shards, then gather: still the original bytes. A cast of FP8 shards (which would
+    reinterpret the weights without their scales) is refused in gather and reshard."""
+    src = fp8_dirs("qwen3_moe")
+    shard_checkpoint(str(src), tp=2, out=str(tmp_path / "tp2"))
+    shard_checkpoint(str(tmp_path / "tp2"), tp=1, out=str(tmp_path / "tp1"))
+    gather_checkpoint(str(tmp_path / "tp1"), out=str(tmp_path / "back"))
+    a, b = _tensors(src), _tensors(tmp_path / "back")
+    assert set(a) == set(b) and all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    for cmd in (["gather", tmp_path / "tp2", "--out", tmp_path / "x", "--dtype", "bf16"],
+                ["shard", tmp_path / "tp2", "--tp", 1, "--out", tmp_path / "x", "--dtype", "bf16"]):
+        code, _, err = run_main(monkeypatch, capsys, *cmd)
+        assert code == 2 and "--dtype" in err and "quantized" in err and not (tmp_path / "x").exists(), err
