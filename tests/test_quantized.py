@@ -212,6 +212,7 @@ def test_load_model_of_fp8_shards_matches_transformers_tp_load_and_single_proces
             rep = json.loads((out / f"{i}-rank{r}.json").read_text())
             assert rep["mismatch"] == [] and rep["layout_mismatch"] == [], rep
             assert rep["fp8_tensors"] > 0 and rep["fp8_tensors"] == rep["scale_tensors"]
+            assert rep["fp8_slices_checked"] >= 8 and rep["fp8_slice_mismatch"] == [], rep
             assert rep["logits_equal_to_transformers_tp"], rep
         logits, _ = single_process_logits(fp8_dirs(kind))
         assert (torch.load(out / f"{i}-logits.pt") - logits).abs().max().item() <= 1e-5, kind

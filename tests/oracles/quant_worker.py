@@ -6,7 +6,9 @@ For each pair: tpcli.load_model(SHARDS) against transformers' own from_pretraine
 transformers dequantizes FP8 while loading): placements and local tensors equal bit for bit, logits equal. For
 stored FP8 shards also the layout transformers gives the FP8 representation: the model built as from_pretrained
 builds it on an FP8 GPU (quantizer with dequantize=False, `preprocess_model`, `maybe_distribute_model`), whose
-DTensor placements and local shapes of every weight and `*_scale_inv` must be the ones of tpcli's rank files.
+DTensor placements and local shapes of every weight and `*_scale_inv` must be the ones of tpcli's rank files, and
+DTensor's split of each checkpoint tensor by those placements (the quantizer's plan applied by hand) must be the
+rank file's bytes.
 Writes OUT/<i>-rank{r}.json and (rank 0) OUT/<i>-logits.pt.
 """
 
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tpcli
@@ -44,7 +47,30 @@ def fp8_layout(original: str) -> dict:
         d = hasattr(p, "placements")
         out[name] = (_placement(p.placements[0]).describe() if d else "Replicate",
                      list(p.to_local().shape if d else p.shape), str(p.dtype).removeprefix("torch."))
-    return out
+    return out, model
+
+
+def fp8_slices_by_hand(original: str, model, shards: Path, rank: int) -> tuple[int, list[str]]:
+    """For every tensor stored under its own name in the checkpoint (dense FP8 weights and their scales), DTensor's
+    split of the checkpoint tensor with the placement transformers gave it must be this rank's chunk, bit for bit."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    checked, bad = 0, []
+    params = model.state_dict(keep_vars=True)
+    with safe_open(str(Path(original) / "model.safetensors"), "pt") as ckpt:
+        keys = set(ckpt.keys())
+        for name, p in params.items():
+            if name not in keys or not hasattr(p, "placements") or type(p.placements[0]) is not Shard:
+                continue
+            full = ckpt.get_tensor(name)
+            theirs = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            with safe_open(str(shards / f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"), "pt") as f:
+                ours = f.get_tensor(name)
+            same = ours.dtype == theirs.dtype and torch.equal(ours.view(torch.uint8), theirs.contiguous().view(torch.uint8))
+            checked += 1
+            if not same:
+                bad.append(name)
+    return checked, bad
 
 
 def shard_layout(folder: Path, rank: int) -> dict:
@@ -84,8 +110,10 @@ for i, spec in enumerate(sys.argv[2:]):
     report["dtypes"] = sorted({str(t.dtype) for t in b.values()})
     doc = json.loads((Path(shards) / "tpcli.json").read_text())
     if (doc.get("quantization") or {}).get("representation") == "stored":
-        theirs_fp8 = fp8_layout(original)
+        theirs_fp8, fp8_model = fp8_layout(original)
         mine = shard_layout(Path(shards), rank)
+        report["fp8_slices_checked"], report["fp8_slice_mismatch"] = fp8_slices_by_hand(original, fp8_model,
+                                                                                         Path(shards), rank)
         report["fp8_tensors"] = sum(1 for v in theirs_fp8.values() if "float8" in v[2])
         report["scale_tensors"] = sum(1 for n in theirs_fp8 if n.endswith("_scale_inv"))
         for name, theirs_entry in theirs_fp8.items():
