@@ -237,3 +237,28 @@ def test_reshard_keeps_fp8_and_dtype_casts_of_fp8_shards_are_refused(fp8_dirs, t
                 ["shard", tmp_path / "tp2", "--tp", 1, "--out", tmp_path / "x", "--dtype", "bf16"]):
         code, _, err = run_main(monkeypatch, capsys, *cmd)
         assert code == 2 and "--dtype" in err and "quantized" in err and not (tmp_path / "x").exists(), err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2
+                    or torch.cuda.get_device_capability() < (8, 9), reason="needs 2 CUDA GPUs with FP8 (sm >= 8.9)")
+def test_fp8_shards_stay_fp8_on_gpus_like_transformers_tp_load(tmp_path):
+    """On FP8 GPUs transformers keeps FP8 (`FP8Linear`, local weights and scales); tpcli's fast path must build the
+    same model with the same bytes. Not run in CI (no GPU); blocks of 128, the size FP8 kernels are tuned for."""
+    import subprocess
+
+    from conftest import base_env
+
+    src = build_tiny("qwen3", tmp_path / "src", quantize="fp8", block=128, hidden=256, heads=4, kv_heads=4,
+                     intermediate=512)
+    shards = tmp_path / "shards"
+    shard_checkpoint(str(src), tp=2, out=str(shards))
+    out = tmp_path / "reports"
+    proc = subprocess.run([sys.executable, "-m", "tpcli", "run", "--gpus", "2", ORACLES / "quant_worker.py", out,
+                           f"{src}:{shards}"], env=base_env(), capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for r in range(2):
+        rep = json.loads((out / f"0-rank{r}.json").read_text())
+        assert "torch.float8_e4m3fn" in rep["dtypes"], rep  # FP8 kept, as transformers keeps it
+        assert rep["mismatch"] == [] and rep["layout_mismatch"] == [] and rep["fp8_slice_mismatch"] == [], rep
+        assert rep["logits_equal_to_transformers_tp"], rep

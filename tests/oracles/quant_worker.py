@@ -123,7 +123,7 @@ for i, spec in enumerate(sys.argv[2:]):
             if mine.get(name) != theirs_entry:
                 report["layout_mismatch"].append(f"{name}: transformers {theirs_entry} vs shards {mine.get(name)}")
     with torch.no_grad():
-        ids = torch.tensor(INPUT_IDS)
+        ids = torch.tensor(INPUT_IDS, device=ours.device)
         logits = ours(ids).logits
         try:
             report["logits_equal_to_transformers_tp"] = bool(torch.equal(logits, theirs(ids).logits))
@@ -131,5 +131,5 @@ for i, spec in enumerate(sys.argv[2:]):
             report["transformers_forward_error"] = str(exc).splitlines()[0]
     (out / f"{i}-rank{rank}.json").write_text(json.dumps(report))
     if rank == 0:
-        torch.save(logits, out / f"{i}-logits.pt")
+        torch.save(logits.cpu(), out / f"{i}-logits.pt")
     del ours, theirs
