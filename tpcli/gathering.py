@@ -17,7 +17,7 @@ from .errors import CheckpointError
 from .integrity import check_folder
 from .plan import tensor_bytes
 from .readers import ShardedReader
-from .sharding import MANIFEST_ALLOWANCE, _cast, _set_config_dtype, parse_dtype
+from .sharding import _cast, _set_config_dtype, metadata_allowance, parse_dtype
 from .source import aux_files
 from .storage import StreamWriter, atomic_dir, check_free_space, copy_aux, file_size, prepare_output, remove_stale_temps
 
@@ -82,7 +82,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     per_file = {f: e for f, e in per_file.items() if e}
     aux = [p for p in aux_files(folder) if p.name != manifest.NAME]
     check_free_space(out_path, sum(file_size(e, {"format": "pt"}) for e in per_file.values()) +
-                     sum(f.stat().st_size for f in aux) + MANIFEST_ALLOWANCE)
+                     sum(f.stat().st_size for f in aux) + metadata_allowance(len(weight_map)))
 
     with atomic_dir(out_path, command="gather") as tmp:
         writers = {f: StreamWriter(tmp / f, entries, {"format": "pt"}, sha256=False) for f, entries in per_file.items()}

@@ -21,7 +21,13 @@ from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
 from .readers import CheckpointReader, ShardedReader
 from .storage import StreamWriter, atomic_dir, check_free_space, copy_aux, file_size, prepare_output, remove_stale_temps
 
-MANIFEST_ALLOWANCE = 2**20  # tpcli.json and the markers: small, written after the weights
+
+def metadata_allowance(entries: int) -> int:
+    """Bytes to reserve for what is written after the weights (tpcli.json or index.json, markers): ~200 B per
+    chunk or key in practice; 512 B each plus 4 KB keeps the free-space check on the safe side."""
+    return 4096 + 512 * entries
+
+
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
           "float32": "float32"}
 
@@ -122,7 +128,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
         rank_files.append((dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
     aux = sources.aux_files(src.path)
     check_free_space(out_path, sum(file_size(e, m) for _, e, m in rank_files) +
-                     sum(f.stat().st_size for f in aux) + MANIFEST_ALLOWANCE)
+                     sum(f.stat().st_size for f in aux) + metadata_allowance(len(chunk_of)))
 
     with atomic_dir(out_path, command="shard") as tmp:
         writers = []
