@@ -54,6 +54,11 @@ def plan_chunks(tensors: list[TensorInfo], tp: int) -> list[list[Chunk]]:
         dtype = getattr(torch, t.dtype)
         for r in range(tp):
             offsets, sizes = contiguous_chunk(t.shape, t.placement, tp, r)
+            if t.placement.is_sharded and sizes[t.placement.dim] == 0:
+                # an empty rank sits at the end of the dim, as DTensor puts it (`zero_global_offset`): at offset 0
+                # it would share rank 0's MetadataIndex and `dedup_save_plans` could drop rank 0's real chunk
+                offsets = list(offsets)
+                offsets[t.placement.dim] = t.shape[t.placement.dim]
             per_rank[r].append(WriteItem(
                 index=MetadataIndex(t.name, torch.Size(offsets)),
                 type=WriteItemType.SHARD if t.placement.is_sharded else WriteItemType.TENSOR,
