@@ -476,3 +476,35 @@ def test_free_space_estimate_covers_the_output(command, model_dirs, sharded_src,
         gather_checkpoint(str(sharded_src), out=str(out))
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert written <= asked[0] <= written * 1.2 + 65536, (written, asked)
+
+
+def test_a_real_mount_point_as_out(model_dirs, tmp_path, monkeypatch, capsys):
+    """--out that is itself a mount point (needs root to mount; the `out-mount-point` case covers it without):
+    main wrote the whole output beside it, then the rename failed with a traceback and left it there."""
+    mnt = tmp_path / "mnt"
+    if not _tmpfs(mnt, "4m"):
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        rc, _, err = run_main(monkeypatch, capsys, "shard", model_dirs("qwen3"), "--tp", "1", "--out", mnt)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 1 and len(lines) == 1 and "is a mount point" in lines[0] and str(mnt) in lines[0]
+        assert os.listdir(mnt) == [] and sorted(os.listdir(tmp_path)) == ["mnt"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("edit,field", [
+    (_absolute_chunk, "chunks[0].file"),
+    (_outside_file, "files['../outside.safetensors']"),
+    (lambda d: _first_tensor(d)["chunks"][0].update(file="../" + SHARD1), "chunks[0].file"),
+])
+def test_load_model_never_opens_a_file_outside_the_folder(edit, field, sharded_src, tmp_path):
+    """load_model reads chunk files by the names in tpcli.json: manifest.read refuses any that is not a plain name
+    listed under `files` (main opened absolute paths as given)."""
+    from tpcli import load_model
+    from tpcli.errors import CheckpointError
+
+    s = Path(shutil.copytree(sharded_src, tmp_path / "s"))
+    _manifest(edit)(s)
+    with pytest.raises(CheckpointError, match=r"tpcli\.json: field .*" + field.replace("[", r"\[").replace("]", r"\]")):
+        load_model(s)
