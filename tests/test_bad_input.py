@@ -298,6 +298,23 @@ def _unknown_dtype(ctx):
     return ["shard", ctx.copy_model(), "--tp", "1", "--out", ctx.out, "--dtype", "fp12"]
 
 
+def _dcp_metadata(value):
+    """A transformers-style folder (no tpcli.json) whose rank-1 DCP_SHARDING_INFO is `value` (JSON text)."""
+    def apply(s):
+        (s / "tpcli.json").unlink()
+
+        def edit(h, order):
+            h["__metadata__"]["DCP_SHARDING_INFO"] = value(h) if callable(value) else value
+        _rewrite_header(s / SHARD1, edit)
+    return apply
+
+
+def _offsets_text(h):
+    info = json.loads(h["__metadata__"]["DCP_SHARDING_INFO"])
+    info[sorted(info)[0]]["saved_offsets"] = "0,0"
+    return json.dumps(info)
+
+
 def _rm(name):
     return lambda s: (s / name).unlink()
 
@@ -329,6 +346,8 @@ CASES = {
     "reshard-manifest-file-outside": (_sharded(_manifest(_outside_file)), 1, ["tpcli.json", "outside.safetensors"]),
     "gather-manifest-absolute-chunk": (_sharded(_manifest(_absolute_chunk), "gather"), 1, ["tpcli.json", "file"]),
     "gather-swapped-ranks": (_sharded(_swap, "gather"), 1, [SHARD1]),
+    "gather-dcp-info-not-object": (_sharded(_dcp_metadata("[1, 2]"), "gather"), 1, [SHARD1, "DCP_SHARDING_INFO"]),
+    "gather-dcp-offsets-not-list": (_sharded(_dcp_metadata(_offsets_text), "gather"), 1, [SHARD1, "saved_offsets"]),
     "verify-manifest-file-outside": (_sharded(_manifest(_outside_file), "verify"), 1, ["outside.safetensors"]),
     "verify-tp-size-string": (_sharded(_manifest(lambda d: d.update(tp_size="2")), "verify"), 1, ["tp_size"]),
     # reads outside the model folder (issue 16.3)
