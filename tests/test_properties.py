@@ -148,7 +148,7 @@ def headers(draw):
     if breakage == "dtype" and pick:
         header[pick]["dtype"] = draw(st.sampled_from(["F33", "f32", "", "INT8"]))
     elif breakage == "shape" and pick:
-        header[pick]["shape"] = draw(st.sampled_from(["4", [1.5], [[2]], None, [2, "x"]]))
+        header[pick]["shape"] = draw(st.sampled_from(["4", [1.5], [[2]], None, [2, "x"], [10**30], [True]]))
     elif breakage == "offsets" and pick:
         b, e = header[pick]["data_offsets"]
         header[pick]["data_offsets"] = draw(st.sampled_from([[e, b], [b], [b, e, e], [b, e + 1], [b + 1, e + 1]]))

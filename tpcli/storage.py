@@ -220,9 +220,9 @@ def _tensor_span(path: Path, name: str, entry) -> tuple[int, int]:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CheckpointError(f"{path}: tensor {name}: unknown dtype {dtype!r}.")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not _counts(shape):
         raise CheckpointError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers.")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not _counts(offsets):
         raise CheckpointError(f"{path}: tensor {name}: data_offsets {offsets!r} is missing or not [begin, end].")
     begin, stop = offsets
     if stop < begin:
@@ -231,13 +231,14 @@ def _tensor_span(path: Path, name: str, entry) -> tuple[int, int]:
     for d in shape:
         bits *= d
     if bits % 8 or bits // 8 != stop - begin:
-        raise CheckpointError(f"{path}: tensor {name}: shape {shape} of {dtype} needs {bits / 8:g} bytes but "
+        raise CheckpointError(f"{path}: tensor {name}: shape {shape} of {dtype} needs {bits // 8}{'.' + str(bits % 8 * 125) if bits % 8 else ''} bytes but "
                               f"data_offsets span {stop - begin}.")
     return begin, stop
 
 
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+def _counts(values: list) -> bool:
+    """Every value a non-negative JSON integer (`type is int` also rules out bools)."""
+    return all(type(v) is int and v >= 0 for v in values)
 
 
 def _library_check(path: Path) -> None:
