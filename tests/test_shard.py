@@ -114,8 +114,14 @@ def test_non_empty_out_needs_force(model_dirs, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputError, match="--force"):
         shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(out))
+    with pytest.raises(OutputError, match="not a tpcli output"):  # --force never deletes a folder tpcli did not write
+        shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(out), force=True)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(out))
+    (out / "note.txt").write_text("a previous tpcli output may hold anything")
     shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(out), force=True)
-    assert not (out / "keep.txt").exists() and (out / "tpcli.json").exists()
+    assert not (out / "note.txt").exists() and (out / "tpcli.json").exists() and (out / ".tpcli-output").exists()
 
 
 def test_pickled_checkpoint_is_refused(model_dirs, tmp_path):

@@ -54,6 +54,11 @@ def plan_chunks(tensors: list[TensorInfo], tp: int) -> list[list[Chunk]]:
         dtype = getattr(torch, t.dtype)
         for r in range(tp):
             offsets, sizes = contiguous_chunk(t.shape, t.placement, tp, r)
+            if t.placement.is_sharded and sizes[t.placement.dim] == 0:
+                # an empty rank sits at the end of the dim, as DTensor puts it (`zero_global_offset`): at offset 0
+                # it would share rank 0's MetadataIndex and `dedup_save_plans` could drop rank 0's real chunk
+                offsets = list(offsets)
+                offsets[t.placement.dim] = t.shape[t.placement.dim]
             per_rank[r].append(WriteItem(
                 index=MetadataIndex(t.name, torch.Size(offsets)),
                 type=WriteItemType.SHARD if t.placement.is_sharded else WriteItemType.TENSOR,
@@ -112,14 +117,21 @@ def scan(folder: Path, *, expected_files: list[str] | None = None) -> dict[str, 
         try:
             info = json.loads(meta.get(SHARDING_KEY, "{}"))
         except ValueError:
-            raise CheckpointError(f"{path}: corrupt {SHARDING_KEY} metadata.") from None
+            info = None
+        if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+            raise CheckpointError(f"{path}: corrupt {SHARDING_KEY} metadata (not {{name: {{saved_offsets}}}}).")
         rank = int(SHARD_FILE_RE.match(path.name).group(1)) - 1
         for name, entry in header.items():
             dtype = CODE_DTYPES.get(entry["dtype"])
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
             sizes = tuple(entry["shape"])
-            offsets = tuple(info.get(name, {}).get("saved_offsets", [0] * len(sizes)))
+            offsets = info.get(name, {}).get("saved_offsets", [0] * len(sizes))
+            if not isinstance(offsets, list) or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                                                        for o in offsets):
+                raise CheckpointError(f"{path}: {name} has saved_offsets {offsets!r}, not a list of non-negative "
+                                      f"integers ({SHARDING_KEY} metadata is corrupt).")
+            offsets = tuple(offsets)
             if len(offsets) != len(sizes):
                 raise CheckpointError(f"{path}: {name} has {len(offsets)} offsets for a {len(sizes)}-D tensor.")
             t = tensors.setdefault(name, ShardedTensor(name=name, dtype=dtype, shape=()))

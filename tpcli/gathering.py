@@ -17,9 +17,9 @@ from .errors import CheckpointError, UsageError
 from .integrity import check_folder
 from .plan import tensor_bytes
 from .readers import ShardedReader
-from .sharding import _cast, _set_config_dtype, parse_dtype
+from .sharding import _cast, _set_config_dtype, metadata_allowance, parse_dtype
 from .source import aux_files
-from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
+from .storage import StreamWriter, atomic_dir, check_free_space, copy_aux, file_size, prepare_output, remove_stale_temps
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,9 +38,8 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         raise CheckpointError(f"DIR {directory}: no shard-*-model-*.safetensors files; pass a folder written by "
                               "`tpcli shard` or save_pretrained(distributed_checkpoint=True).")
     cast = parse_dtype(dtype)
-    out_path = prepare_output(out, force=force)
-    if out_path == folder:
-        raise CheckpointError(f"--out {out} is the input folder; write somewhere else.")
+    out_path = prepare_output(out, force=force, inputs=[folder])
+    removed = remove_stale_temps(out_path.parent)
     # sizes, headers, coverage, config agreement now; the hashes run alongside the gather and are checked before the
     # output is published (it is written into a temporary folder), so a corrupt input never yields an output.
     integrity = check_folder(folder, quick=False, with_plan=True, defer_hashes=True)
@@ -85,8 +84,11 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
             per_file[file].append((key, dt, shape))
             weight_map[key] = file
     per_file = {f: e for f, e in per_file.items() if e}
+    aux = [p for p in aux_files(folder) if p.name != manifest.NAME]
+    check_free_space(out_path, sum(file_size(e, {"format": "pt"}) for e in per_file.values()) +
+                     sum(f.stat().st_size for f in aux) + metadata_allowance(len(weight_map)))
 
-    with atomic_dir(out_path) as tmp:
+    with atomic_dir(out_path, command="gather") as tmp:
         writers = {f: StreamWriter(tmp / f, entries, {"format": "pt"}, sha256=False) for f, entries in per_file.items()}
         try:
             total = sum(reader.step_bytes(n) for n in names)
@@ -114,7 +116,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
             index = {"metadata": {"total_parameters": plan.parameter_count, "total_size": total_size},
                      "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copied = copy_aux(folder, tmp, [p for p in aux_files(folder) if p.name != manifest.NAME])
+        copied = copy_aux(folder, tmp, aux)
         if cast:
             _set_config_dtype(tmp / "config.json", cast)
         files = {f: (tmp / f).stat().st_size for f in writers}
@@ -127,6 +129,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         "files": files,
         "copied": copied,
         "bytes_written": sum(files.values()),
+        "removed_temp_folders": removed,
         "seconds": round(time.perf_counter() - started, 3),
     }
 

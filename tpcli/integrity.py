@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import dcp, manifest
 from .errors import CheckpointError
-from .storage import sha256_files
+from .storage import require_regular_file, sha256_files
 
 
 def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, defer_hashes: bool = False) -> dict:
@@ -21,7 +21,10 @@ def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, 
     """
     folder = Path(folder)
     meta = manifest.read(folder)
-    present = {p.name for p in dcp.shard_files(folder)}
+    shard_paths = dcp.shard_files(folder)
+    for p in shard_paths:  # a FIFO or device would block the hashing and reading below
+        require_regular_file(p, "rank files")
+    present = {p.name for p in shard_paths}
     if meta:
         listed = set(meta["files"])
         for name in sorted(listed):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .convert import Conversions
 from .dcp import ShardedTensor, scan
+from .errors import CheckpointError
 from .plan import tensor_bytes
 from .storage import CODE_DTYPES, TensorFile, read_header
 
@@ -48,8 +49,11 @@ class CheckpointReader(_OpenFiles):
         for f in files:
             header, _ = read_header(f)
             for key, entry in header.items():
+                if entry["dtype"] not in CODE_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {key} has dtype {entry['dtype']}, which tpcli does not "
+                                          f"support ({', '.join(sorted(CODE_DTYPES))}).")
                 self.key_file[key] = f
-                self.key_meta[key] = (CODE_DTYPES.get(entry["dtype"], "float32"), tuple(entry["shape"]))
+                self.key_meta[key] = (CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]))
         self.conversions = Conversions(model)
         self.groups, self.unexpected = self.conversions.groups(list(self.key_file))
         self.source_bytes = sum(f.stat().st_size for f in files)

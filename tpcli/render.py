@@ -294,7 +294,13 @@ class progress_bar:  # noqa: N801 - used as a context manager
         return False
 
 
+def _render_removed(r: dict) -> None:
+    for path in r.get("removed_temp_folders", []):
+        console.print(f"removed a stale temporary folder of an interrupted tpcli run: {path}", soft_wrap=True)
+
+
 def render_shard(r: dict) -> None:
+    _render_removed(r)
     console.print(f"[green]Wrote[/green] {r['out']}: tp={r['tp_size']}, {r['tensors']} tensors, "
                   f"{len(r['files'])} rank files, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     for name, f in r["files"].items():
@@ -320,6 +326,7 @@ def quantization_line(q: dict) -> str:
 
 
 def render_gather(r: dict) -> None:
+    _render_removed(r)
     console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from a tp={r['tp_size']} "
                   f"{r['source_kind']} folder, {len(r['files'])} file(s), {human_bytes(r['bytes_written'])} "
                   f"in {r['seconds']:.1f} s")

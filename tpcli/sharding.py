@@ -16,10 +16,18 @@ from . import dcp, manifest
 from . import source as sources
 from .checks import check_plan, errors
 from .errors import CheckpointError, PlanError, UsageError
+from .integrity import check_folder
 from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
 from .quant import quantization_record, strip_quantization_config
 from .readers import CheckpointReader, ShardedReader
-from .storage import StreamWriter, atomic_dir, copy_aux, prepare_output
+from .storage import StreamWriter, atomic_dir, check_free_space, copy_aux, file_size, prepare_output, remove_stale_temps
+
+
+def metadata_allowance(entries: int) -> int:
+    """Bytes to reserve for what is written after the weights (tpcli.json or index.json, markers): ~200 B per
+    chunk or key in practice; 512 B each plus 4 KB keeps the free-space check on the safe side."""
+    return 4096 + 512 * entries
+
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
           "float32": "float32"}
@@ -34,13 +42,18 @@ def parse_dtype(value: str | None) -> str | None:
 
 
 def open_source(model: str, *, plan_file: str | None, revision: str | None, cast: str | None = None):
-    """(Source, ResolvedPlan, reader, kind) for an ordinary checkpoint or a sharded folder.
+    """(Source, ResolvedPlan, reader, kind, check_hashes) for an ordinary checkpoint or a sharded folder.
 
     A quantized checkpoint is opened in its stored representation, or with `cast` in the dequantized one (the
-    tensors transformers' load without an FP8 GPU produces, in dtype `cast`)."""
+    tensors transformers' load without an FP8 GPU produces, in dtype `cast`).
+    A sharded folder passes `verify`'s integrity check first (manifest schema, sizes, headers, coverage); its hashes
+    run alongside the reshard, and `check_hashes()` (a no-op for a checkpoint) must pass before the output is
+    published, so resharding never turns a corrupt folder into a valid-looking one.
+    """
     local = Path(model).expanduser()
     if dcp.is_sharded_dir(local):
-        meta = manifest.read(local)
+        integrity = check_folder(local, defer_hashes=True)
+        meta = integrity["manifest"]
         user_plan = load_plan_file(plan_file) if plan_file else manifest.user_plan(meta)
         if not (local / "config.json").is_file():
             raise CheckpointError(f"{local / 'config.json'} is missing; a sharded folder needs the model's config.")
@@ -48,16 +61,16 @@ def open_source(model: str, *, plan_file: str | None, revision: str | None, cast
         if plan.quantization is not None and cast:
             raise UsageError(f"--dtype with the quantized sharded folder {model}: dequantizing is done from the "
                              "original checkpoint; run `tpcli gather` first, then `tpcli shard --dtype` on its output.")
-        reader = ShardedReader(local, expected_files=list(meta["files"]) if meta else None)
+        reader = ShardedReader(local, tensors=integrity["tensors"])
         src = sources.Source(spec=model, path=local.resolve())
-        return src, plan, reader, "sharded"
+        return src, plan, reader, "sharded", integrity["check_hashes"]
     src = sources.resolve(model, revision=revision, weights=True)
     user_plan = load_plan_file(plan_file) if plan_file else None
     plan = resolve_plan(load_config(src.path), user_plan=user_plan, plan_file=plan_file, dequantize=bool(cast),
                         dtype=cast)
     reader = CheckpointReader(plan.model, sources.weight_files(src))
     check_kept_keys(reader, src.path)
-    return src, plan, reader, "checkpoint"
+    return src, plan, reader, "checkpoint", lambda: None
 
 
 def check_kept_keys(reader: CheckpointReader, where: Path) -> None:
@@ -125,24 +138,30 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     from .render import progress_bar
 
     cast = parse_dtype(dtype)
-    out_path = prepare_output(out, force=force)
+    local = Path(model).expanduser()
+    out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
+    removed = remove_stale_temps(out_path.parent)
     started = time.perf_counter()
-    src, plan, reader, kind = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
-    if out_path == src.path.resolve():
-        raise UsageError(f"--out {out} is the source folder; write somewhere else.")
+    src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
+    prepare_output(out, force=force, inputs=[src.path])  # a hub id is only known to be apart from OUT now
     findings = preflight(plan, tp)
     infos, steps, tied_after = layout(plan, reader, cast)
     chunks = dcp.plan_chunks(infos, tp)
     chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
     order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
+    rank_files = []
+    for r in range(tp):
+        entries = [(c.name, c.dtype, c.sizes) for n in order if (c := chunk_of.get((r, n))) is not None]
+        rank_files.append((dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
+    aux = sources.aux_files(src.path)
+    check_free_space(out_path, sum(file_size(e, m) for _, e, m in rank_files) +
+                     sum(f.stat().st_size for f in aux) + metadata_allowance(len(chunk_of)))
 
-    with atomic_dir(out_path) as tmp:
+    with atomic_dir(out_path, command="shard") as tmp:
         writers = []
         try:
-            for r in range(tp):
-                rank_chunks = [chunk_of[(r, n)] for n in order if (r, n) in chunk_of]
-                entries = [(c.name, c.dtype, c.sizes) for c in rank_chunks]
-                writers.append(StreamWriter(tmp / dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
+            for name, entries, metadata in rank_files:
+                writers.append(StreamWriter(tmp / name, entries, metadata))
             total = sum(reader.step_bytes(s) for s, _ in steps)
             with progress_bar(total, f"shard tp={tp}", progress) as bar:
                 for step, names in steps:
@@ -158,13 +177,14 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
                     del tensors, full  # the loop variable would keep this step alive while the next is read
                     bar.advance(reader.step_bytes(step))
             hashes = [w.close() for w in writers]
+            check_hashes()  # a corrupt sharded input: raise before anything is published
         except BaseException:
             for w in writers:
                 w.abort()
             raise
         finally:
             reader.close()
-        copied = copy_aux(src.path, tmp, sources.aux_files(src.path))
+        copied = copy_aux(src.path, tmp, aux)
         if cast:
             _set_config_dtype(tmp / "config.json", cast)
         if plan.dequantized:
@@ -186,6 +206,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
         "bytes_written": sum(f["bytes"] for f in files.values()),
         "unexpected_keys": list(reader.unexpected),
         "quantization": doc["quantization"],
+        "removed_temp_folders": removed,
         "warnings": [f.to_dict() for f in findings if f.severity == "warning"],
         "seconds": round(time.perf_counter() - started, 3),
     }

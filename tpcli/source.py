@@ -126,23 +126,50 @@ def _resolve_hub(repo_id: str, *, revision: str | None, weights: bool) -> Source
     return Source(spec=repo_id, path=path, hub_id=repo_id, revision=revision)
 
 
+def is_plain_name(name) -> bool:
+    """A file name with no folder part: what index.json, tpcli.json and DCP metadata may name."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def check_inside(folder: Path, path: Path, what: str) -> Path:
+    """`path` (a file of `folder`) must be a regular file that resolves inside `folder`, or, for a hub snapshot
+    (`.../models--org--name/snapshots/REV`), inside that repo's `blobs` folder where the cache's links point."""
+    from .storage import require_regular_file
+
+    require_regular_file(path, what)
+    real, root = path.resolve(), folder.resolve()
+    allowed = [root]
+    if folder.parent.name == "snapshots":
+        allowed.append(folder.parent.parent.resolve() / "blobs")
+    if not any(real == a or a in real.parents for a in allowed):
+        raise CheckpointError(f"{path}: resolves to {real}, outside {folder}; {what} must live inside the model folder.")
+    return path
+
+
 def weight_files(source: Source) -> list[Path]:
-    """The safetensors files of an ordinary checkpoint, in index order; refuses pickled checkpoints."""
+    """The safetensors files of an ordinary checkpoint, in index order; refuses pickled checkpoints, names that leave
+    the folder, links out of it, and anything that is not a regular file."""
     folder = source.path
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc}).") from None
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [f for f in files if not f.is_file()]
+            names = set(weight_map.values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r}).") from None
+        bad = sorted(str(n) for n in names if not is_plain_name(n))
+        if bad:
+            raise CheckpointError(f"{index}: weight_map names {bad[0]!r}, which is not a file name inside {folder}; "
+                                  "the index is corrupt or unsafe.")
+        files = sorted(folder / name for name in names)
+        missing = [f for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{missing[0]} is listed in {index.name} but missing; re-download the checkpoint.")
-        return files
+        return [check_inside(folder, f, "weights") for f in files]
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return files
+        return [check_inside(folder, f, "weights") for f in files]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
         raise CheckpointError(
             f"{folder} holds only pickled weights (*.bin); convert them first: "
@@ -152,17 +179,20 @@ def weight_files(source: Source) -> list[Path]:
 
 
 def aux_files(folder: Path) -> list[Path]:
-    """Config, generation config and tokenizer files to copy next to written weights."""
+    """Config, generation config and tokenizer files to copy next to written weights: regular files inside the
+    folder (or its hub cache blobs) only, so a link cannot smuggle another file into an output."""
     out: list[Path] = []
     for pattern in AUX_PATTERNS:
-        out.extend(p for p in folder.glob(pattern) if p.is_file() and p not in out)
+        for p in sorted(folder.glob(pattern)):
+            if p not in out and p.exists() and not p.is_dir():  # a FIFO or a link out is refused, not skipped
+                out.append(check_inside(folder, p, "files copied into the output"))
     return out
 
 
 def checkpoint_summary(source: Source) -> dict | None:
     """What the weights on disk hold (files, bytes, parameters per dtype), from safetensors headers only.
 
-    Local folders: the headers of the files present. Hub ids: huggingface_hub's safetensors metadata API (a few
+    Local folders: the headers of the files present (validated: a bad one raises CheckpointError). Hub ids: huggingface_hub's safetensors metadata API (a few
     KB per file, no weights), skipped when offline; None when nothing can be read.
     """
     from collections import Counter
@@ -172,11 +202,8 @@ def checkpoint_summary(source: Source) -> dict | None:
     files = sorted(source.path.glob("*.safetensors"))
     dtypes: Counter = Counter()
     if files:
-        for f in files:
-            try:
-                header, _ = read_header(f)
-            except CheckpointError:
-                return None
+        for f in files:  # a lying header or a FIFO is an error here too, not a silently missing summary
+            header, _ = read_header(check_inside(source.path, f, "weights"))
             for entry in header.values():
                 dtypes[entry["dtype"]] += math.prod(entry["shape"])
         return {"files": len(files), "bytes": sum(f.stat().st_size for f in files), "parameters_by_dtype": dict(dtypes)}

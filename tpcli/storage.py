@@ -9,12 +9,16 @@ with spaces to 8 bytes, then the raw little-endian data of each tensor at its `d
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
+import stat
 import struct
 import tempfile
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +36,33 @@ HASH_CHUNK = 16 * 2**20
 HASH_LAG = 64 * 2**20  # measured: hashing one buffer behind cost ~17% of shard time; 64 MB behind recovers it
 
 
+def _layout(entries, metadata) -> tuple[bytes, dict[str, int], int]:
+    """(padded JSON header, bytes per tensor, data bytes) of a safetensors file holding `entries` in order."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    sizes: dict[str, int] = {}
+    for name, dtype, shape in entries:
+        n = tensor_bytes(dtype, shape)
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        sizes[name] = n
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), sizes, offset
+
+
+def file_size(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> int:
+    """Bytes of the safetensors file StreamWriter(entries, metadata) writes: known before any data is read."""
+    raw, _, data = _layout(entries, metadata)
+    return 8 + len(raw) + data
+
+
+def open_for_writing(path: Path):
+    """The one place output files are opened (a test injects a full disk here)."""
+    return open(path, "wb")  # noqa: SIM115 - the caller closes it
+
+
 class StreamWriter:
     """Write one safetensors file tensor by tensor, in the order of `entries`.
 
@@ -44,30 +75,22 @@ class StreamWriter:
                  *, sha256: bool = True):
         self.path = Path(path)
         self.order = [name for name, _, _ in entries]
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = metadata
-        offset = 0
-        self.sizes: dict[str, int] = {}
-        for name, dtype, shape in entries:
-            n = tensor_bytes(dtype, shape)
-            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            self.sizes[name] = n
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.total = 8 + len(raw) + offset
+        raw, self.sizes, data = _layout(entries, metadata)
+        self.total = 8 + len(raw) + data
         self._next = 0
         self._hash = hashlib.sha256() if sha256 else None
         self._hasher = ThreadPoolExecutor(max_workers=1)
         self._pending: deque[tuple[Future, int]] = deque()
         self._pending_bytes = 0
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open_for_writing(self.path)
         self._emit(struct.pack("<Q", len(raw)) + raw, keep=None)
 
     def _emit(self, data, keep) -> None:
         """Write `data`; hash it in the background (`keep` holds the tensor owning the buffer alive until then)."""
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:  # name the file: `atomic_dir` turns a full disk into one line
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         if self._hash is None:
             return
         # let hashing lag behind the writes by up to HASH_LAG bytes: the buffers it holds bound the extra memory
@@ -99,36 +122,134 @@ class StreamWriter:
         """Finish the file and return its sha256 (None when made with sha256=False)."""
         if self._next != len(self.order):
             raise AssertionError(f"{self.path.name}: {len(self.order) - self._next} tensors never written")
-        self._file.close()
+        try:
+            self._file.close()  # flushes the buffered tail: a full disk can surface here
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self._hasher.shutdown(wait=True)
         return self._hash.hexdigest() if self._hash is not None else None
 
     def abort(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # the disk may be full: the folder is removed anyway
+            self._file.close()
         self._hasher.shutdown(wait=True, cancel_futures=True)
 
 
-def read_header(path: Path) -> tuple[dict, dict[str, str]]:
-    """(tensor entries, __metadata__) of a safetensors file; raises CheckpointError naming the file."""
+# bits per element of every safetensors dtype (the library's `Dtype` enum)
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+              "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4,
+              "F6_E2M3": 6, "F6_E3M2": 6}
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def require_regular_file(path: Path, what: str = "weights") -> os.stat_result:
+    """stat `path` (following symlinks) and refuse anything but a regular file: opening a FIFO would block forever."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated (no safetensors header).")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 2**20:
-                raise CheckpointError(f"{path}: corrupt safetensors header length {n}.")
-            raw = f.read(n)
-            header = json.loads(raw)
+        st = os.stat(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing.") from None
-    except (ValueError, UnicodeDecodeError):
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
+        raise CheckpointError(f"{path}: is {kind}, not a regular file; {what} must be regular files.")
+    return st
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """(tensor entries, __metadata__) of a safetensors file; raises CheckpointError naming the file and tensor.
+
+    Enforces the rules of the safetensors library (so nothing it would refuse gets read or resharded): header length
+    <= 100 MB and inside the file; a JSON object; `__metadata__` maps strings to strings; every tensor has a known
+    dtype, a list of non-negative integer dims and `data_offsets` [begin, end] with end - begin = prod(shape) x dtype
+    size; sorted by begin, the tensors tile the data section exactly (no overlap, no gap, nothing after the last).
+    The library itself then opens the file as a final check (it maps the file; no data is read).
+    """
+    path = Path(path)
+    size = require_regular_file(path).st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes, no safetensors header).")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise CheckpointError(f"{path}: corrupt safetensors header length {n} (the limit is {MAX_HEADER}).")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated or corrupt: header length {n} runs past the end of the file "
+                                  f"({size} bytes).")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not JSON).") from None
-    meta = header.pop("__metadata__", None) or {}
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if os.path.getsize(path) < 8 + n + end:
-        raise CheckpointError(f"{path}: truncated ({os.path.getsize(path)} bytes, header needs {8 + n + end}).")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object).")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        bad = next((k for k, v in meta.items() if not isinstance(v, str)), None) if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings" +
+                              (f" ({bad!r} is {type(meta[bad]).__name__})." if bad is not None else "."))
+    spans = []
+    for name, entry in header.items():
+        spans.append((*_tensor_span(path, name, entry), name))
+    spans.sort()
+    end, prev = 0, None
+    for begin, stop, name in spans:
+        if begin < end:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{begin}, {stop}] overlap tensor {prev}.")
+        if begin > end:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets start at {begin}, leaving a gap after "
+                                  f"{prev or 'the header'} (which ends at {end}).")
+        end, prev = stop, name
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end}; tensor {prev} "
+                              "runs past the end).")
+    if 8 + n + end < size:
+        raise CheckpointError(f"{path}: {size - 8 - n - end} bytes after the last tensor; the header does not "
+                              "describe the whole file.")
+    _library_check(path)
     return header, meta
+
+
+def _tensor_span(path: Path, name: str, entry) -> tuple[int, int]:
+    """(begin, end) of one header entry, after checking its dtype, shape and byte count."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name}: header entry is not an object.")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise CheckpointError(f"{path}: tensor {name}: unknown dtype {dtype!r}.")
+    if not isinstance(shape, list) or not _counts(shape):
+        raise CheckpointError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers.")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not _counts(offsets):
+        raise CheckpointError(f"{path}: tensor {name}: data_offsets {offsets!r} is missing or not [begin, end].")
+    begin, stop = offsets
+    if stop < begin:
+        raise CheckpointError(f"{path}: tensor {name}: data_offsets [{begin}, {stop}] are reversed.")
+    bits = DTYPE_BITS[dtype]
+    for d in shape:
+        bits *= d
+    if bits % 8 or bits // 8 != stop - begin:
+        raise CheckpointError(f"{path}: tensor {name}: shape {shape} of {dtype} needs {bits // 8}{'.' + str(bits % 8 * 125) if bits % 8 else ''} bytes but "
+                              f"data_offsets span {stop - begin}.")
+    return begin, stop
+
+
+def _counts(values: list) -> bool:
+    """Every value a non-negative JSON integer (`type is int` also rules out bools)."""
+    return all(type(v) is int and v >= 0 for v in values)
+
+
+def _library_check(path: Path) -> None:
+    """Let the safetensors library parse the header too: whatever it refuses, tpcli refuses."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np"):
+            pass
+    except Exception as exc:  # SafetensorError and friends: the library's own verdict
+        raise CheckpointError(f"{path}: rejected by the safetensors library ({exc}).") from None
 
 
 class TensorFile:
@@ -200,36 +321,155 @@ def sha256_files(paths: list[Path]) -> list[str]:
         return list(pool.map(sha256_file, paths))
 
 
-def prepare_output(out: str | Path, *, force: bool) -> Path:
-    """Check OUT before any work: refuse a non-empty folder without --force, or a file."""
+OUTPUT_MARKER = ".tpcli-output"  # written into every folder tpcli publishes: what --force may replace
+TEMP_MARKER = ".tpcli-tmp.json"  # written into every temporary folder: who made it, so a stale one can be removed
+
+
+def prepare_output(out: str | Path, *, force: bool, inputs: list[Path] = ()) -> Path:
+    """Check OUT before any work: refuse a path that is, holds or lies inside an input; a file; a mount point; a
+    non-empty folder without --force; and, even with --force, a non-empty folder that is not a tpcli output."""
     path = Path(out).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        relation = ("is the input folder" if path == src else "contains the input folder" if path in src.parents
+                    else "lies inside the input folder" if src in path.parents else None)
+        if relation:
+            raise OutputError(f"--out {out}: {relation} {src}; write somewhere else.")
     if path.exists():
         if not path.is_dir():
             raise OutputError(f"--out {out}: exists and is not a directory; pick another path.")
-        if any(path.iterdir()) and not force:
-            raise OutputError(f"--out {out}: directory is not empty; pass --force to replace it or pick another path.")
+        if os.path.ismount(path):
+            raise OutputError(f"--out {out}: is a mount point; tpcli builds the output beside it and renames it into "
+                              f"place, which cannot cross filesystems: pass a folder inside it (e.g. {path / 'model'}).")
+        if any(path.iterdir()):
+            if not force:
+                raise OutputError(f"--out {out}: directory is not empty; pass --force to replace it or pick another path.")
+            if not is_tpcli_output(path):
+                raise OutputError(f"--out {out}: not empty and not a tpcli output (no {OUTPUT_MARKER} or tpcli.json); "
+                                  "--force only replaces tpcli's own outputs: empty it yourself or pick another path.")
     if not path.parent.exists():
         raise OutputError(f"--out {out}: parent directory {path.parent} does not exist.")
     return path
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path):
-    """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
+def is_tpcli_output(path: Path) -> bool:
+    """A folder tpcli wrote: it holds the output marker, or (shard outputs of older versions) a tpcli manifest."""
+    if (path / OUTPUT_MARKER).is_file():
+        return True
     try:
+        return json.loads((path / "tpcli.json").read_text()).get("format") == "tpcli.sharded"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse before writing when the filesystem of `out` has fewer than `needed` bytes free."""
+    free = shutil.disk_usage(out.parent).free
+    if needed > free:
+        raise OutputError(f"--out {out}: needs {_size(needed)}, {_size(free)} free on {_mount_point(out.parent)}; "
+                          "free some space or pick another filesystem.")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/PID/stat), to tell a reused pid from the original."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _process_start(pid)
+    return started is None or now is None or now == started
+
+
+def remove_stale_temps(parent: Path) -> list[str]:
+    """Remove the temporary folders in `parent` that an interrupted tpcli left: only folders holding tpcli's temp
+    marker, written on this host by a process that is gone. Returns their paths; nothing else is touched."""
+    removed = []
+    host = socket.gethostname()
+    for p in sorted(parent.glob(".*.tpcli-tmp-*")):
+        marker = p / TEMP_MARKER
+        if p.is_symlink() or not p.is_dir() or marker.is_symlink() or not marker.is_file():
+            continue
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or info.get("tool") != "tpcli" or info.get("host") != host:
+            continue
+        pid = info.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or _alive(pid, info.get("pid_start")):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(str(p))
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, *, command: str = "tpcli"):
+    """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed.
+
+    The temporary folder holds TEMP_MARKER (host, pid, start time) while it is written, so a later run can prove a
+    leftover one is stale; the published folder holds OUTPUT_MARKER, so a later --force knows it may replace it.
+    A full disk, or a final rename that fails, becomes one OutputError line; nothing is left behind either way.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
+        (tmp / TEMP_MARKER).write_text(json.dumps({
+            "tool": "tpcli", "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()), "started": time.time()}))
         yield tmp
-    except BaseException:
+        (tmp / TEMP_MARKER).unlink()
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"tool": "tpcli", "command": command}) + "\n")
+        _publish(tmp, out)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = f" while writing {Path(exc.filename).name}" if exc.filename else ""
+            raise OutputError(f"--out {out}: no space left on the device{what}; nothing was kept: free some space "
+                              "and re-run.") from None
         raise
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out` (replacing a previous output); on failure put the previous one back."""
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.tpcli-old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.tpcli-old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as exc:
+        if old is not None and not out.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, out)
+        raise OutputError(f"--out {out}: could not move the finished output into place ({exc.strerror}); nothing "
+                          "was written.") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
