@@ -115,3 +115,72 @@ def test_integrity_of_a_transformers_dcp_save(oracle):
     r = verify(str(oracle("qwen3", 2) / "dcp"))
     assert r["ok"] and not r["hashes_checked"]
     assert any(f["code"] == "no-manifest" for f in r["findings"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tiny("deepseek_v3", kv_heads=2) -> a locally built model folder, cached per arguments."""
+    from tpcli.tiny import build_tiny
+
+    root, cache = tmp_path_factory.mktemp("tiny"), {}
+
+    def get(kind: str, **overrides) -> Path:
+        key = (kind, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = build_tiny(kind, root / f"{kind}-{len(cache)}", **overrides)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("kv,ok", [(2, False), (1, False), (4, True)])
+def test_mla_kv_heads_below_heads_fail_statically(tiny, kv, ok):
+    """Issue 12: deepseek_v3 with num_key_value_heads < num_attention_heads passed, then every TP forward crashed
+    (tests/test_verify_sweep.py runs the forward); at every TP size, so inspect lists no valid size either."""
+    r = verify(str(tiny("deepseek_v3", heads=4, kv_heads=kv)), tp=2)
+    assert r["ok"] is ok
+    assert any(f["code"] == "mla-kv-heads" for f in r["findings"]) is not ok
+    from tpcli.checks import valid_tp_sizes
+    from tpcli.inspection import load_resolved
+
+    valid, _ = valid_tp_sizes(load_resolved(str(tiny("deepseek_v3", heads=4, kv_heads=kv)))[1], max_tp=4)
+    assert valid == ([1, 2, 3, 4] if ok else [])  # the default plan leaves MLA attention whole; experts: 96 rows
+
+
+def test_llama4_unused_default_rules_are_one_line(tiny):
+    """transformers ships Llama 4's text rules as `language_model.layers.*` and `language_model.model.layers.*`:
+    the spelling that cannot match is counted, the rules that really match nothing are listed in full, once."""
+    r = verify(str(tiny("llama4")), tp=2)
+    unused = [f for f in r["findings"] if f["code"] == "unused-rule"]
+    assert len(unused) == 1 and unused[0]["severity"] == "warning"
+    msg = unused[0]["message"]
+    assert msg.startswith("3 default rules match nothing")  # the dense-MLP rules of an all-MoE tiny config
+    assert "language_model.model.layers.*.feed_forward.gate_proj" in msg and "14 more are other spellings" in msg
+    assert "language_model.layers.*.self_attn.q_proj" not in msg
+
+
+@pytest.mark.dist
+def test_numerics_of_a_multimodal_checkpoint(tiny):
+    """Qwen2_5_VLForConditionalGeneration is not an AutoModelForCausalLM: numerics builds the declared class and
+    compares its text path (input_ids only) with the single-process model."""
+    r = verify(str(tiny("qwen2_5_vl")), tp=2, numerics=True)
+    assert r["architecture"] == "Qwen2_5_VLForConditionalGeneration"
+    n = r["numerics"]
+    assert r["ok"], n
+    assert n["logits"]["max_abs"] <= 1e-5 and n["tokens_equal"] and len(n["layers"]) == 3
+
+
+def test_load_model_builds_the_declared_class(tiny):
+    """Single process (no WORLD_SIZE): tpcli.load_model == transformers' own load of the declared class."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import tpcli
+
+    path = tiny("qwen2_5_vl")
+    ours = tpcli.load_model(path)
+    theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    assert type(ours) is Qwen2_5_VLForConditionalGeneration
+    ids = torch.tensor([[1, 17, 256, 3, 999, 42]])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)

@@ -13,7 +13,9 @@ from .quant import block_misalignments, scale_pairs
 from .styles import HEAD_SPLITTING, HOOK_ONLY, is_known_style
 
 ERROR, WARNING, INFO = "error", "warning", "info"
-ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
+# Projections whose output columns are attention heads (MLA: q_b_proj, kv_b_proj; q_proj when q_lora_rank is None)
+ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "q_b_proj",
+                    "kv_b_proj")
 KV_LEAVES = ("k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
 LARGE_REPLICATED_FRACTION = 0.01  # warn about replicated tensors above 1% of the model
 GROUPED_MM_ALIGN = 16  # bytes: grouped_mm wants every stride but the last a multiple of 16 bytes
@@ -45,13 +47,15 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
         if not is_known_style(style):
             add(Finding(ERROR, "unknown-style", f"rule {rule!r} uses style {style!r}, which transformers does not know", rule))
 
+    unused_defaults = []
     for rule, names in rule_matches(plan).items():
         if names:
             continue
         if rule in plan.user_rules:  # transformers raises for these, tpcli says so before loading
             add(Finding(ERROR, "unused-rule", f"plan rule {rule!r} matches no module or parameter of {plan.architecture}", rule))
         else:  # a default rule for layers this config does not build (transformers skips it with a warning)
-            add(Finding(WARNING, "unused-rule", f"default rule {rule!r} matches nothing in this config and is skipped", rule))
+            unused_defaults.append(rule)
+    findings.extend(_unused_default_findings(plan, unused_defaults))
 
     for t in plan.tensors.values():
         own = _wild(t.name)
@@ -63,10 +67,7 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
                             f"{t.name} is matched by two sharding rules ({own!r}: {a}, {parent!r}: {b}); keep one",
                             t.name))
 
-    if tp > 1:
-        findings.extend(_head_findings(plan, text, tp))
-        findings.extend(_shape_findings(plan, tp))
-        findings.extend(block_findings(plan, tp))
+    findings.extend(_forward_findings(plan, text, tp))
     findings.extend(_replication_findings(plan))
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     seen, unique = set(), []
@@ -86,6 +87,79 @@ def _wild(name: str) -> str:
 
 def _shards_params(style: str) -> bool:
     return style not in HOOK_ONLY
+
+
+def _unused_default_findings(plan: ResolvedPlan, unused: list[str]) -> list[Finding]:
+    """One warning for all default rules that match nothing.
+
+    transformers ships some rules in two spellings (Llama 4: `language_model.layers.*.X` and
+    `language_model.model.layers.*.X`, `lm_head` and `language_model.lm_head`); only one can match a given model.
+    A rule whose segments are a proper subsequence of another rule's with the same leaf and style is such a spelling:
+    it is counted, not listed.
+    """
+    if not unused:
+        return []
+    spellings = [r for r in unused if any(_is_other_spelling(r, o, plan.rules) for o in plan.rules)]
+    listed = [r for r in unused if r not in spellings]
+    if not listed:
+        return []
+    more = f"; {len(spellings)} more are other spellings of rules in the plan" if spellings else ""
+    return [Finding(WARNING, "unused-rule",
+                    f"{len(listed)} default rule{'s' if len(listed) > 1 else ''} match nothing in this config and "
+                    f"{'are' if len(listed) > 1 else 'is'} skipped: {', '.join(listed)}{more}", listed[0])]
+
+
+def _is_other_spelling(rule: str, other: str, rules: dict[str, str]) -> bool:
+    """`rule` is `other` with fewer prefix segments: same style, same tail from the layer list on (or same last
+    segment when there is no `*`), and `rule`'s prefix a proper subsequence of `other`'s."""
+    if rule == other or rules[rule] != rules[other]:
+        return False
+    (head_a, tail_a), (head_b, tail_b) = _split_head(rule), _split_head(other)
+    if tail_a != tail_b or len(head_a) >= len(head_b):
+        return False
+    it = iter(head_b)
+    return all(part in it for part in head_a)
+
+
+def _split_head(rule: str) -> tuple[list[str], list[str]]:
+    parts = rule.split(".")
+    cut = parts.index("*") - 1 if "*" in parts else len(parts) - 1
+    return parts[:max(cut, 0)], parts[max(cut, 0):]
+
+
+def _forward_findings(plan: ResolvedPlan, text, tp: int) -> list[Finding]:
+    """Everything that makes transformers' TP forward (or a cached decode step) crash or compute wrong numbers at
+    `tp`. `valid_tp_sizes` uses this same function, so inspect's valid sizes and verify always agree."""
+    if tp == 1:
+        return _attention_config_findings(text)
+    return (_attention_config_findings(text) + _head_findings(plan, text, tp) + _shape_findings(plan, tp)
+            + block_findings(plan, tp))
+
+
+def _attention_config_findings(text) -> list[Finding]:
+    """Head counts the attention cannot run with at any TP size (transformers' configs do not reject them).
+
+    Grouped-query attention repeats each KV head `groups = num_attention_heads // num_key_value_heads` times
+    (`repeat_kv`), so heads % kv must be 0. MLA (deepseek_v2/v3 style, `kv_lora_rank` set) expands its latent into
+    keys and values for all `num_attention_heads` heads already, yet still groups them by the same integer ratio:
+    with groups > 1 the prompt (with a mask) or the 1-token decode step (`pack_gqa`) crashes, e.g. "The size of
+    tensor a (4) must match the size of tensor b (8)". So MLA needs heads // kv == 1.
+    """
+    heads = getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if not (isinstance(heads, int) and isinstance(kv, int)) or kv <= 0:
+        return []
+    if getattr(text, "kv_lora_rank", None):
+        if heads // kv != 1:
+            return [Finding(ERROR, "mla-kv-heads",
+                            f"num_key_value_heads={kv} with num_attention_heads={heads}: MLA expands keys and values "
+                            f"to all {heads} heads, then transformers groups them {heads // kv}-fold and the forward "
+                            "crashes; set num_key_value_heads to num_attention_heads", "num_key_value_heads")]
+    elif heads % kv:
+        return [Finding(ERROR, "gqa-groups",
+                        f"num_attention_heads={heads} not divisible by num_key_value_heads={kv}: the attention "
+                        "forward crashes at any TP size", "num_key_value_heads")]
+    return []
 
 
 def _head_findings(plan: ResolvedPlan, text, tp: int) -> list[Finding]:
@@ -108,6 +182,7 @@ def _shape_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
     out: list[Finding] = []
     uneven: list[str] = []
     scales = set(scale_pairs(plan.tensors).values())
+    experts_impl = _experts_implementation(plan)
     for t in plan.unique_tensors:
         p = t.placement
         if not p.is_sharded or t.name in scales:  # block scales are checked with their weight (block_findings)
@@ -119,35 +194,24 @@ def _shape_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
                                    f"{t.name}: packed dim {p.dim} has size {size}, not divisible into {p.split_factor} halves",
                                    t.name))
                 continue
-            half = size // p.split_factor
-            if half % tp:
-                out.append(Finding(ERROR, "packed-uneven",
-                                   f"{t.name}: each packed half has {half} rows, not divisible by {tp}", t.name))
-                continue
-        if size < tp:
-            out.append(Finding(ERROR, "empty-shard",
-                               f"{t.name}: dim {p.dim} has size {size} < tp={tp}, some ranks would hold empty shards",
-                               t.name))
-            continue
         runs = rank_runs(size, p, tp)
         widths = [sum(b - a for a, b in r) for r in runs]
         if 0 in widths:
-            out.append(Finding(ERROR, "empty-shard",
-                               f"{t.name}: dim {p.dim} of size {size} leaves rank {widths.index(0)} empty at tp={tp}",
+            empty = [r for r, w in enumerate(widths) if w == 0]
+            if p.kind == "strided":  # a rank without its gate/up halves: transformers' forward hangs or crashes
+                out.append(Finding(ERROR, "empty-shard",
+                                   f"{t.name}: packed dim {p.dim} of size {size} leaves rank{'s' * (len(empty) > 1)} "
+                                   f"{', '.join(map(str, empty))} without rows at tp={tp}", t.name))
+                continue
+            # plain Shard: DTensor and the forward cope with empty local tensors (tests/test_verify_sweep.py)
+            out.append(Finding(WARNING, "empty-shard",
+                               f"{t.name}: dim {p.dim} of size {size} leaves rank{'s' * (len(empty) > 1)} "
+                               f"{', '.join(map(str, empty))} empty at tp={tp} (it runs; those ranks idle there)",
                                t.name))
         elif len(set(widths)) > 1:
             uneven.append(f"{t.name} ({size} -> {'/'.join(map(str, widths))})")
-        if t.style and t.style.startswith(("packed", "rowwise")) and len(t.shape) == 3:
-            elt = dtype_size(t.dtype)
-            # local expert tensor [E, a, b]: the stride of dim 1 is b elements
-            for w in set(widths):
-                last = w if p.dim == 2 else t.shape[2]
-                if (last * elt) % GROUPED_MM_ALIGN:
-                    out.append(Finding(WARNING, "grouped-mm-stride",
-                                       f"{t.name}: local width {last} x {elt} B is not a multiple of 16 bytes; the "
-                                       "grouped_mm experts kernel can fail, load with experts_implementation=\"eager\"",
-                                       t.name))
-                    break
+        if len(t.shape) == 3 and experts_impl == "grouped_mm":
+            out.extend(_grouped_mm_findings(t, runs))
     if uneven:
         more = f" (+{len(uneven) - 3} more)" if len(uneven) > 3 else ""
         out.append(Finding(WARNING, "uneven", "uneven splits: " + ", ".join(uneven[:3]) + more))
@@ -176,6 +240,30 @@ def block_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
                                f"{weight}: at tp={tp} {why} of the {q.method} scales; each rank's slice must be a "
                                f"whole number of {q.block_size[0]}x{q.block_size[1]} blocks", weight))
     return out
+
+
+def _grouped_mm_findings(t, runs) -> list[Finding]:
+    """torch's grouped_mm (transformers' default experts kernel) checks that the leading stride of each operand is a
+    multiple of 16 bytes. Per rank the operands are the local expert weights [E, a, b] (read transposed or not) and
+    the activations, whose widths are the hidden size and the local intermediate size: every local non-expert
+    width, and for a packed gate_up each half's run, must be a 16-byte multiple."""
+    elt = dtype_size(t.dtype)
+    p = t.placement
+    for rank_runs_ in runs:
+        widths = {t.shape[d] for d in (1, 2) if d != p.dim} | {b - a for a, b in rank_runs_}
+        bad = sorted(w for w in widths if (w * elt) % GROUPED_MM_ALIGN)
+        if bad:
+            return [Finding(ERROR, "grouped-mm-stride",
+                            f"{t.name}: local width {bad[0]} x {elt} B is not a multiple of 16 bytes; transformers' "
+                            "default grouped_mm experts kernel fails (\"strides should be multiple of 16 bytes\"); "
+                            "load with experts_implementation=\"eager\" or pick another --tp", t.name)]
+    return []
+
+
+def _experts_implementation(plan: ResolvedPlan) -> str | None:
+    """What transformers picked for the experts on the meta model: "grouped_mm" unless the config says otherwise."""
+    config = plan.model.config if plan.model is not None else plan.config
+    return getattr(config.get_text_config(), "_experts_implementation", None)
 
 
 def _replication_findings(plan: ResolvedPlan) -> list[Finding]:
@@ -209,8 +297,7 @@ def valid_tp_sizes(plan: ResolvedPlan, max_tp: int = 64) -> tuple[list[int], dic
     """TP sizes 1..max_tp that pass every error check, and for the others the first reason."""
     valid, invalid = [], {}
     for tp in range(1, max_tp + 1):
-        errs = [f for f in _head_findings(plan, plan.config.get_text_config(), tp) + _shape_findings(plan, tp)
-                + block_findings(plan, tp) if f.severity == ERROR] if tp > 1 else []
+        errs = errors(_forward_findings(plan, plan.config.get_text_config(), tp))
         if errs:
             invalid[tp] = errs[0].message
         else:

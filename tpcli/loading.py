@@ -81,7 +81,7 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
                               f"`tpcli shard {path} --tp {world}` or gather them.")
     if manifest.user_plan(doc) and tp_plan == "auto":
         tp_plan = manifest.user_plan(doc)
-    cls = auto_class or _auto_class(path)
+    cls = auto_class or _auto_class(path, trust_remote_code=kwargs.get("trust_remote_code", False))
     extra = {"dtype": dtype} if dtype is not None else {}
     if world == 1:
         device = local_device()
@@ -91,10 +91,16 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     return cls.from_pretrained(str(path), tp_plan=tp_plan, **extra, **kwargs)
 
 
-def _auto_class(path: Path):
-    from transformers import AutoModelForCausalLM
+def _auto_class(path: Path, *, trust_remote_code: bool = False):
+    """The class the checkpoint declares (`architectures`), as `tpcli.plan` and the fast path build it: a Qwen2.5-VL
+    checkpoint is a Qwen2_5_VLForConditionalGeneration, which AutoModelForCausalLM does not map."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    return AutoModelForCausalLM
+    from .plan import _model_class
+
+    if trust_remote_code:  # remote code: only the Auto class knows how to fetch it
+        return AutoModelForCausalLM
+    return _model_class(AutoConfig.from_pretrained(str(path)))
 
 
 def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):

@@ -8,6 +8,10 @@ tokens. Rank 0 writes, per decoder layer and for the logits, the max absolute an
 
 On GPUs (`verify --numerics --gpus`) the TP model lives on cuda:LOCAL_RANK and gets its inputs there; the reference
 stays on rank 0's CPU (the oracle), and every comparison is made on the CPU.
+
+The model class is the one the checkpoint declares (`architectures` in config.json, as `tpcli.plan` builds it), so a
+multimodal checkpoint (Qwen2_5_VLForConditionalGeneration, Gemma3ForConditionalGeneration) is compared on its text
+path: `input_ids` only, no pixels.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ def _errors(a, b) -> dict:
 def main() -> None:
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from tpcli.loading import _init_process_group
+    from tpcli.plan import _model_class
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -56,20 +61,21 @@ def main() -> None:
     plan = json.loads(Path(args.plan).read_text()) if args.plan else "auto"
     if isinstance(plan, dict) and isinstance(plan.get("tp_plan"), dict):
         plan = plan["tp_plan"]
-    tp_model = AutoModelForCausalLM.from_pretrained(args.model, tp_plan=plan)
+    model_class = _model_class(AutoConfig.from_pretrained(args.model))
+    tp_model = model_class.from_pretrained(args.model, tp_plan=plan)
     ids = fixed_batch(tp_model.config.get_text_config().vocab_size)
     device = tp_model.device
     with torch.no_grad():
-        tp_out = tp_model(ids.to(device), output_hidden_states=True)
+        tp_out = tp_model(input_ids=ids.to(device), output_hidden_states=True)
         try:  # a wrong plan can run the prompt yet crash on a 1-token step: report it, keep the forward numbers
             tp_tokens, generate_error = tp_model.generate(ids.to(device), max_new_tokens=NEW_TOKENS, do_sample=False,
                                                           pad_token_id=0), None
         except RuntimeError as exc:
             tp_tokens, generate_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     if rank == 0:
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model)
+        ref_model = model_class.from_pretrained(args.model)
         with torch.no_grad():
-            ref_out = ref_model(ids, output_hidden_states=True)
+            ref_out = ref_model(input_ids=ids, output_hidden_states=True)
             ref_tokens = ref_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         layers = []
         # hidden_states[0] is the embedding output, [i] the output of decoder layer i-1 (the last one after the norm)

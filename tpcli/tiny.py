@@ -4,8 +4,9 @@
 
 Kinds: llama, qwen3 (tied, q/k norm), mixtral (MoE, converted experts), qwen3_moe, phi3 (packed gate_up), opt,
 and the sliding-window kinds gemma2 and gemma3 (`gemma3_text`): layer 0 slides over a 16-token window, layer 1
-attends to everything (`sliding_window=`, `layer_types=` to change).
-`heads=6, kv_heads=3` makes a model valid at tp=3. Weights are random but seeded, saved with `save_pretrained`.
+attends to everything (`sliding_window=`, `layer_types=` to change), and the composite kinds in `_COMPOSITE` (MLA,
+multimodal). `heads=6, kv_heads=3` makes a model valid at tp=3. Weights are random but seeded, saved with
+`save_pretrained`; the model class is the one `architectures` names.
 """
 
 from __future__ import annotations
@@ -14,7 +15,47 @@ from pathlib import Path
 
 # Sliding-window kinds: tpcli kind -> transformers model_type.
 SLIDING_KINDS = {"gemma2": "gemma2", "gemma3": "gemma3_text"}
-KINDS = ("llama", "qwen3", "mixtral", "qwen3_moe", "phi3", "opt", *SLIDING_KINDS)
+KINDS = ("llama", "qwen3", "mixtral", "qwen3_moe", "phi3", "opt", *SLIDING_KINDS, "deepseek_v3", "qwen2_5_vl", "llama4")
+
+
+def _deepseek_v3(common: dict, hidden: int, heads: int, intermediate: int, experts: int, extra: dict) -> dict:
+    """MLA attention (q/kv low-rank projections, a shared RoPE key) + routed and shared experts; layer 0 dense.
+
+    Overrides (q_lora_rank, kv_lora_rank, qk_rope_head_dim, ...) go into the constructor, which derives qk_head_dim.
+    """
+    kwargs = dict(common, moe_intermediate_size=intermediate, n_routed_experts=experts, n_shared_experts=1,
+                  num_experts_per_tok=min(2, experts), n_group=1, topk_group=1, first_k_dense_replace=1,
+                  q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                  architectures=["DeepseekV3ForCausalLM"])
+    kwargs.update(extra)
+    extra.clear()
+    return kwargs
+
+
+def _qwen2_5_vl(common: dict, hidden: int, heads: int, intermediate: int, experts: int, extra: dict) -> dict:
+    """A vision tower (2 blocks) + the Qwen2 text model; the checkpoint declares Qwen2_5_VLForConditionalGeneration."""
+    head_dim = common["head_dim"]
+    text = dict(common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4]})
+    text.pop("head_dim")
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                  fullatt_block_indexes=[1], window_size=28, patch_size=14, spatial_merge_size=2)
+    return dict(text_config=text, vision_config=vision, architectures=["Qwen2_5_VLForConditionalGeneration"],
+                tie_word_embeddings=False)
+
+
+def _llama4(common: dict, hidden: int, heads: int, intermediate: int, experts: int, extra: dict) -> dict:
+    """Llama 4: text MoE layers with a shared expert + a vision tower; Llama4ForConditionalGeneration."""
+    text = dict(common, intermediate_size_mlp=intermediate * 2, num_local_experts=experts, num_experts_per_tok=1,
+                interleave_moe_layer_step=1, attention_chunk_size=64, no_rope_layer_interval=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5, rope_theta=10000)
+    return dict(text_config=text, vision_config=vision, architectures=["Llama4ForConditionalGeneration"])
+
+
+# Kinds whose config is not one flat AutoConfig.for_model(kind, **common) call: kind -> kwargs builder.
+_COMPOSITE = {"deepseek_v3": _deepseek_v3, "qwen2_5_vl": _qwen2_5_vl, "llama4": _llama4}
 
 
 def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 1001,
@@ -31,19 +72,25 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
         cfg = AutoConfig.for_model("opt", ffn_dim=intermediate, word_embed_proj_dim=hidden, enable_bias=True, **common)
     else:
         common.update(num_key_value_heads=kv_heads, intermediate_size=intermediate)
-        if kind in ("llama", "qwen3", "mixtral", "qwen3_moe"):
+        if kind in ("llama", "qwen3", "mixtral", "qwen3_moe", "qwen2_5_vl", "llama4"):
             common["head_dim"] = head_dim
         if kind == "qwen3":
             common.setdefault("tie_word_embeddings", True)
         if kind == "mixtral":
-            common.update(num_local_experts=experts, num_experts_per_tok=2)
+            common.update(num_local_experts=experts, num_experts_per_tok=min(2, experts))
         if kind == "qwen3_moe":
-            common.update(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=intermediate,
+            common.update(num_experts=experts, num_experts_per_tok=min(2, experts), moe_intermediate_size=intermediate,
                           decoder_sparse_step=1, mlp_only_layers=[])
+        if kind in _COMPOSITE:
+            common = _COMPOSITE[kind](common, hidden, heads, intermediate, experts, extra)
         cfg = AutoConfig.for_model(kind, **common)
     for key, value in extra.items():
         setattr(cfg, key, value)
     cfg.dtype = dtype
+    if not getattr(cfg, "architectures", None):
+        from transformers import AutoModelForCausalLM
+
+        cfg.architectures = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
     return cfg
 
 
@@ -65,15 +112,16 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
 
     `quantize="fp8"` then rewrites it as a block-scaled FP8 checkpoint (`quantize_fp8`, blocks of `block` x `block`)."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from .plan import _model_class
 
     hf_logging.disable_progress_bar()
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {', '.join(KINDS)}")
     cfg = tiny_config(kind, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, cfg.dtype))
+    model = _model_class(cfg)._from_config(cfg, dtype=getattr(torch, cfg.dtype))
     with torch.no_grad():  # norms start at 1.0; perturb them so a wrong slice of them would show in the numerics
         for p in model.parameters():
             if p.dim() == 1:

@@ -1,0 +1,75 @@
+"""Sweep worker (run under torchrun): does transformers' own TP forward run, and compute the right numbers?
+
+    torchrun --nproc-per-node N sweep_worker.py CASES.json OUT.json START
+
+CASES.json is a list of `{"id": ..., "path": model folder, "plan": plan file or null}`. For each case every rank
+loads the model with `from_pretrained(tp_plan=...)` (the class `architectures` names) and the plain single-process
+model, runs a prompt with `use_cache=True` and then one decode step from that cache, and compares both logits.
+Outcome per case and rank: "ok", "wrong: <max abs error>" or "crash: <first line of the exception>". Ranks meet
+after each case through the store (not a collective). A crash on some ranks only leaves the others stuck in a
+collective until the group times out, and the process group unusable: the worker then stops after that case and
+rank 0 writes `{"results": {id: {rank: outcome}}, "next": index of the first case not run}` for the caller to
+start a new launch from there.
+"""
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TOLERANCE = 1e-5  # fp32
+CASE_TIMEOUT = timedelta(seconds=60)
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=15))  # a collective one rank never joins fails fast
+rank, world = dist.get_rank(), dist.get_world_size()
+store = dist.distributed_c10d._get_default_store()
+from transformers import AutoConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from tpcli.plan import _model_class  # noqa: E402
+
+hf_logging.disable_progress_bar()
+cases = json.loads(Path(sys.argv[1]).read_text())
+
+
+def run_case(path: str, plan) -> str:
+    config = AutoConfig.from_pretrained(path)
+    cls = _model_class(config)
+    vocab = config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = []
+        for model in (cls.from_pretrained(path, tp_plan=plan), cls.from_pretrained(path)):
+            prompt = model(input_ids=ids, use_cache=True)
+            step_ids = prompt.logits[:, -1:].argmax(-1) if not outs else outs[0][2]
+            step = model(input_ids=step_ids, past_key_values=prompt.past_key_values, use_cache=True)
+            outs.append((prompt.logits.float(), step.logits.float(), step_ids))
+    (tp_prompt, tp_step, _), (ref_prompt, ref_step, _) = outs
+    err = max((tp_prompt - ref_prompt).abs().max().item(), (tp_step - ref_step).abs().max().item())
+    return "ok" if err <= TOLERANCE else f"wrong: max abs error {err:.3g}"
+
+
+results, start, stop = {}, int(sys.argv[3]), len(cases)
+for i in range(start, len(cases)):
+    case = cases[i]
+    plan = json.loads(Path(case["plan"]).read_text()) if case.get("plan") else "auto"
+    try:
+        outcome = run_case(case["path"], plan)
+    except Exception as exc:  # noqa: BLE001 - every failure of the TP forward is an outcome to record
+        outcome = f"crash: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+    store.set(f"sweep/{i}/{rank}", outcome)
+    store.wait([f"sweep/{i}/{r}" for r in range(world)], CASE_TIMEOUT)
+    results[case["id"]] = {r: store.get(f"sweep/{i}/{r}").decode() for r in range(world)}
+    if len(set(results[case["id"]].values())) > 1:  # ranks disagree: some were stuck, the group is broken
+        stop = i + 1
+        break
+
+if rank == 0:
+    Path(sys.argv[2]).write_text(json.dumps({"results": results, "next": stop}, indent=1))
+if stop < len(cases):
+    os._exit(0)  # a broken gloo group can hang in destroy_process_group
+dist.destroy_process_group()
