@@ -94,8 +94,8 @@ def _unused_default_findings(plan: ResolvedPlan, unused: list[str]) -> list[Find
 
     transformers ships some rules in two spellings (Llama 4: `language_model.layers.*.X` and
     `language_model.model.layers.*.X`, `lm_head` and `language_model.lm_head`); only one can match a given model.
-    A rule whose segments are a proper subsequence of another rule's with the same leaf and style is such a spelling:
-    it is counted, not listed.
+    A rule that is another rule with fewer prefix segments (`_is_other_spelling`) is such a spelling: it is counted,
+    not listed. The rest are listed in full, in one finding.
     """
     if not unused:
         return []
