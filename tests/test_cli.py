@@ -71,7 +71,7 @@ def test_inspect_tables(model_dirs, monkeypatch, capsys):
     ("missing", [], 1, "no such directory"),
     ("noconfig", [], 1, "config.json is missing"),
     ("badtype", [], 1, "config.json"),
-    ("opt", [], 1, "--plan"),
+    ("noplan", [], 1, "--plan FILE"),
     ("badplan", ["--plan", "PLAN"], 1, "not valid JSON"),
     ("llama", ["--tp", "0"], 2, "--tp must be >= 1"),
 ])
@@ -82,7 +82,12 @@ def test_bad_input_is_one_line_and_non_zero(model_dirs, tmp_path, monkeypatch, c
     elif setup == "badtype":
         target.mkdir()
         (target / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
-    elif setup in ("opt", "llama"):
+    elif setup == "noplan":  # jetmoe: no plan in transformers, none in plans/
+        from transformers import AutoConfig
+
+        AutoConfig.for_model("jetmoe", hidden_size=64, num_hidden_layers=1, num_key_value_heads=2, kv_channels=16,
+                             vocab_size=101, intermediate_size=32).save_pretrained(target)
+    elif setup == "llama":
         target = model_dirs(setup)
     elif setup == "badplan":
         target = model_dirs("llama")

@@ -60,9 +60,14 @@ def test_malformed_plan_files(tmp_path, content, match):
         load_plan_file(f)
 
 
-def test_model_without_plan_points_at_plan_flag(model_dirs):
-    with pytest.raises(PlanError, match="--plan"):
-        resolve_plan(load_config(model_dirs("opt")))
+def test_model_without_plan_points_at_plan_flag():
+    from transformers import AutoConfig
+
+    # jetmoe: no plan in transformers and none in plans/ (opt, the old example here, now has one there)
+    config = AutoConfig.for_model("jetmoe", hidden_size=64, num_hidden_layers=1, num_key_value_heads=2,
+                                  kv_channels=16, vocab_size=101, intermediate_size=32)
+    with pytest.raises(PlanError, match="--plan FILE"):
+        resolve_plan(config)
 
 
 def test_valid_tp_sizes_and_reasons(model_dirs):

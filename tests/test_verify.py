@@ -9,7 +9,7 @@ from tpcli.errors import UsageError
 from tpcli.sharding import shard_checkpoint
 from tpcli.verification import verify
 
-PLANS = Path(__file__).parent.parent / "plans"
+PLANS = Path(__file__).parent.parent / "tpcli" / "examples"  # example user plans; plans/ is the verified library
 
 
 @pytest.mark.parametrize("name,tp,ok", [("llama", 2, True), ("llama", 3, False), ("llama", 4, False),

@@ -17,6 +17,7 @@ ERROR, WARNING, INFO = "error", "warning", "info"
 ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "q_b_proj",
                     "kv_b_proj")
 KV_LEAVES = ("k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn")
+LOW_SHARDED_FRACTION = 0.5  # warn when a plan shards less than half of the parameter bytes
 LARGE_REPLICATED_FRACTION = 0.01  # warn about replicated tensors above 1% of the model
 GROUPED_MM_ALIGN = 16  # bytes: grouped_mm wants every stride but the last a multiple of 16 bytes
 
@@ -69,6 +70,8 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
 
     findings.extend(_forward_findings(plan, text, tp))
     findings.extend(_replication_findings(plan))
+    findings.extend(constraint_findings(plan, tp))
+    findings.extend(low_sharding_findings(plan))
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     seen, unique = set(), []
     for f in findings:
@@ -285,6 +288,44 @@ def _replication_findings(plan: ResolvedPlan) -> list[Finding]:
     return out
 
 
+def constraint_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
+    """The library plan's `divisible_by: tp` constraints (plans/README.md) that `tp` breaks."""
+    if plan.library is None or tp == 1:
+        return []
+    from .plans_lib import constraint_errors
+
+    return [Finding(ERROR, "constraint", msg, attr) for attr, msg in constraint_errors(plan.library, plan.config, tp)]
+
+
+def low_sharding_findings(plan: ResolvedPlan, top: int = 3) -> list[Finding]:
+    """A warning when the plan shards less than half of the parameter bytes: every rank then holds most of the
+    model. Names the largest replicated groups (layer numbers wildcarded) and a better shipped plan if any."""
+    unique = plan.unique_tensors
+    total = plan.total_bytes or 1
+    sharded = sum(t.nbytes for t in unique if t.placement.is_sharded)
+    if sharded >= LOW_SHARDED_FRACTION * total:
+        return []
+    groups: dict[str, int] = {}
+    for t in unique:
+        if not t.placement.is_sharded:
+            key = _wild(t.name)
+            groups[key] = groups.get(key, 0) + t.nbytes
+    largest = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    named = ", ".join(f"{k} ({_mib(v)}, {100 * v / total:.0f}%)" for k, v in largest)
+    from .plans_lib import better_plan
+
+    better = better_plan(plan.config, plan.rules) if plan.library is None else None
+    from .plans_lib import REFUSED, why_none_fits
+
+    hint = f"; plans/ has a plan that shards more: --plan {better.name} ({better.source})" if better else ""
+    if plan.model_type in REFUSED:
+        hint = f"; plans/ has no plan for {plan.model_type}: {REFUSED[plan.model_type]}"
+    elif plan.library is None and better is None and (why := why_none_fits(plan.config)):
+        hint = f"; {why}"
+    return [Finding(WARNING, "low-sharding", f"the plan shards only {100 * sharded / total:.0f}% of the parameter "
+                    f"bytes; each rank holds the rest whole. Largest replicated: {named}{hint}")]
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -297,7 +338,7 @@ def valid_tp_sizes(plan: ResolvedPlan, max_tp: int = 64) -> tuple[list[int], dic
     """TP sizes 1..max_tp that pass every error check, and for the others the first reason."""
     valid, invalid = [], {}
     for tp in range(1, max_tp + 1):
-        errs = errors(_forward_findings(plan, plan.config.get_text_config(), tp))
+        errs = errors(_forward_findings(plan, plan.config.get_text_config(), tp) + constraint_findings(plan, tp))
         if errs:
             invalid[tp] = errs[0].message
         else:

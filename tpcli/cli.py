@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 
 # Option aliases shared by several commands.
-PlanOpt = Annotated[str | None, typer.Option("--plan", help="JSON plan file merged over the model's plan.")]
+PlanOpt = Annotated[str | None, typer.Option("--plan", help="A shipped plan's NAME (plans/) or a JSON plan FILE, merged over the model's "
+                                 "plan. Without it, a model transformers leaves unsharded uses its plans/ entry.")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")]

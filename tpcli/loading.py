@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from . import manifest
+from .adaptations import with_library_plans
 from .errors import CheckpointError
 
 MIN_STAGING = 16 * 2**20  # bytes per staging buffer at least: one allocation covers most layers
@@ -56,6 +57,7 @@ def _init_process_group(timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
+@with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
 def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "auto", dtype=None,
                timeout_s: float = float(os.environ.get("TPCLI_TIMEOUT", 1800)), auto_class=None, **kwargs):
     """Return a TP-sharded model for this process's rank (world size = TP size)."""

@@ -13,7 +13,6 @@ quantizer's `update_parallel_plan`), with `dequantize=True` in the one a load wi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelError, PlanError
-from .styles import ParamPlacement, is_known_style, param_placement
+from .styles import ParamPlacement, param_placement
 
 
 @dataclass
@@ -61,6 +60,7 @@ class ResolvedPlan:
     model: object = None  # the meta model, for callers that need transformers objects
     quantization: object = None  # tpcli.quant.Quantization of a pre-quantized checkpoint
     dequantized: bool = False  # built in the dequantized representation (plain weights)
+    library: object = None  # the tpcli.plans_lib.LibraryPlan in use (picked automatically, by name or file)
 
     @property
     def unique_tensors(self) -> list[TensorInfo]:
@@ -89,22 +89,11 @@ def tensor_bytes(dtype: str, shape) -> int:
 
 
 def load_plan_file(path: str | Path) -> dict[str, str]:
-    """A plan file: JSON `{pattern: style}`, or `{"tp_plan": {pattern: style}}` (both documented in README)."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"--plan {p}: no such file.") from None
-    except ValueError as exc:
-        raise PlanError(f"--plan {p}: not valid JSON ({exc}); expected {{\"pattern\": \"style\"}}.") from None
-    if isinstance(data, dict) and isinstance(data.get("tp_plan"), dict):
-        data = data["tp_plan"]
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise PlanError(f"--plan {p}: expected a JSON object mapping module patterns to style names.")
-    for key, style in data.items():
-        if not is_known_style(style):
-            raise PlanError(f"--plan {p}: rule {key!r} has unknown style {style!r}; see `tpcli inspect --help` for styles.")
-    return data
+    """`--plan`: a shipped plan's short name, a library document, a JSON `{pattern: style}`, or
+    `{"tp_plan": {pattern: style}}` (all documented in README and plans/README.md). Returns the rules."""
+    from .plans_lib import load_spec
+
+    return load_spec(path)[0]
 
 
 def load_config(path: Path, *, trust_remote_code: bool = False):
@@ -156,6 +145,7 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
     from transformers.distributed import DistributedConfig
     from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
+    from .adaptations import register_styles
     from .quant import apply_quantizer, quantization_of
 
     quantization = quantization_of(config)
@@ -163,11 +153,17 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
     if quantization is not None:
         apply_quantizer(model, config, dequantize=dequantize, dtype=model.dtype)
     default_rules = dict(model.tp_plan or {})
+    library = _library_plan(config, default_rules, user_plan, plan_file)
+    if library is not None and user_plan is None:
+        user_plan = dict(library.tp_plan)
     if not default_rules and not user_plan:
-        raise PlanError(
-            f"{type(model).__name__} ({config.model_type}) has no TP plan in transformers; "
-            "write one and pass it with --plan FILE (see README, 'Plan files')."
-        )
+        from .plans_lib import REFUSED
+
+        why = f"; tpcli refuses it: {REFUSED[config.model_type]}" if config.model_type in REFUSED else (
+            "; write one and pass it with --plan FILE (see README, 'Plan files')")
+        raise PlanError(f"{type(model).__name__} ({config.model_type}) has no TP plan in transformers and plans/ has "
+                        f"none for it{why}.")
+    register_styles()  # transformers validates style names against its registry, tpcli's own styles included
     # tp_size only has to be > 1 for transformers to keep the plan; the expansion does not depend on it.
     dc = DistributedConfig(tp_size=2, tp_plan=dict(user_plan) if user_plan else "auto")
     # transformers warns about default rules that match nothing; tpcli reports those itself (tpcli.checks).
@@ -210,6 +206,8 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
     source = "transformers default" + (f" + {plan_file}" if plan_file else " + user plan" if user_plan else "")
     if user_plan and not default_rules:
         source = plan_file or "user plan"
+    if library is not None:
+        source = library.source
     return ResolvedPlan(
         architecture=type(model).__name__,
         model_type=config.model_type,
@@ -223,7 +221,23 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
         model=model,
         quantization=quantization,
         dequantized=quantization is not None and dequantize,
+        library=library,
     )
+
+
+def _library_plan(config, default_rules: dict[str, str], user_plan, plan_file):
+    """The plans/ entry in use: the --plan NAME or library file (refused for another model_type), a manifest's
+    rules equal to a shipped plan's, or the automatic pick when transformers does not shard the decoder layers."""
+    from . import plans_lib
+
+    if plan_file:
+        library = plans_lib.load_spec(plan_file)[1]
+        if library is not None:
+            plans_lib.check_fits(library, config)
+        return library
+    if user_plan:
+        return plans_lib.recognise(config, user_plan)
+    return None if plans_lib.covers_decoder(default_rules) else plans_lib.auto_pick(config)
 
 
 def rule_matches(plan: ResolvedPlan) -> dict[str, list[str]]:

@@ -11,6 +11,16 @@ It mirrors the `shard_param` of each style class in `transformers/distributed/te
 | packed_rowwise                               | _StridedShard(-1, sf=2)   | Replicate                  |
 | everything else (module hooks, `replicate`)  | Replicate                 | Replicate                  |
 
+Styles tpcli adds (registered in transformers by `tpcli.adaptations.styles`, used by plans/ files):
+
+| style                | weight (ndim k)            | bias / 1-D                 | for                               |
+|----------------------|----------------------------|----------------------------|-----------------------------------|
+| conv1d_colwise       | Shard(k-1)                 | Shard(0)                   | Conv1D `[in, out]` (GPT-2 MLP)    |
+| conv1d_qkv_colwise   | _StridedShard(k-1, sf=3)   | _StridedShard(0, sf=3)     | Conv1D packing q|k|v (`c_attn`)   |
+| conv1d_rowwise       | Shard(k-2)                 | Replicate                  | Conv1D `[in, out]` output proj    |
+| qkv_colwise          | _StridedShard(k-2, sf=3)   | _StridedShard(0, sf=3)     | nn.Linear packing [q; k; v]       |
+| moe_tp_experts_biased| (module hook) Replicate    | Replicate                  | experts with `down_proj_bias`     |
+
 `tests/test_distributed_oracle.py` checks this table against the DTensors of a real `tp_plan="auto"` load.
 Placements are returned as torch objects so that all slicing maths is DTensor's own (see `tpcli.layout`).
 """
@@ -33,10 +43,14 @@ HOOK_ONLY = {
     "moe_identity_expert",
     "local_params",
     "replicate",
+    "moe_tp_experts_biased",  # tpcli's: moe_tp_experts whose experts add an output bias (added once, by rank 0)
 }
-KNOWN_STYLES = COLWISE | ROWWISE | set(EMBEDDING) | PACKED | HOOK_ONLY
+# tpcli's own styles: style -> (placement kind, weight dim counted from the end, split factor, bias sharded too)
+TPCLI_STYLES = {"conv1d_colwise": ("shard", 1, 1, True), "conv1d_qkv_colwise": ("strided", 1, 3, True),
+                "conv1d_rowwise": ("shard", 2, 1, False), "qkv_colwise": ("strided", 2, 3, True)}
+KNOWN_STYLES = COLWISE | ROWWISE | set(EMBEDDING) | PACKED | HOOK_ONLY | set(TPCLI_STYLES)
 # Styles whose projections carry attention heads: sharding them splits heads between ranks.
-HEAD_SPLITTING = COLWISE - {"colwise_gather_output", "colwise_rep"}
+HEAD_SPLITTING = COLWISE - {"colwise_gather_output", "colwise_rep"} | {"conv1d_qkv_colwise", "qkv_colwise"}
 SPLIT_FACTOR = 2
 
 
@@ -108,4 +122,9 @@ def param_placement(style: str | None, param_name: str, ndim: int) -> ParamPlace
         return ParamPlacement("strided", norm(ndim - 2), SPLIT_FACTOR)
     if style == "packed_rowwise":
         return REPLICATE if ndim == 1 else ParamPlacement("strided", norm(-1), SPLIT_FACTOR)
+    if style in TPCLI_STYLES:
+        kind, from_end, split, bias_sharded = TPCLI_STYLES[style]
+        if ndim == 1:  # the bias follows the output features; a row-wise layer adds it once, whole
+            return ParamPlacement(kind, 0, split) if bias_sharded else REPLICATE
+        return ParamPlacement(kind, norm(ndim - from_end), split)
     raise ValueError(f"unknown TP style {style!r}")

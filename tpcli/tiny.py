@@ -58,6 +58,42 @@ def _llama4(common: dict, hidden: int, heads: int, intermediate: int, experts: i
 _COMPOSITE = {"deepseek_v3": _deepseek_v3, "qwen2_5_vl": _qwen2_5_vl, "llama4": _llama4}
 
 
+# Architectures TP'd through plans/ (tpcli.plans_lib): config keywords in each model's own vocabulary.
+# f(hidden, layers, heads, kv_heads, vocab, intermediate, experts) -> AutoConfig.for_model keywords.
+def _library_kinds() -> dict:
+    return {
+        "gpt2": lambda h, n, a, kv, v, i, e: dict(n_embd=h, n_layer=n, n_head=a, n_inner=i, vocab_size=v,
+                                                  n_positions=256),
+        "gptj": lambda h, n, a, kv, v, i, e: dict(n_embd=h, n_layer=n, n_head=a, n_inner=i, vocab_size=v,
+                                                  n_positions=256, rotary_dim=(h // a) // 2),
+        "stablelm": lambda h, n, a, kv, v, i, e: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=a,
+                                                      num_key_value_heads=kv, intermediate_size=i, vocab_size=v,
+                                                      max_position_embeddings=256, use_qkv_bias=True,
+                                                      partial_rotary_factor=0.25),
+        "gpt_oss": lambda h, n, a, kv, v, i, e: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=a,
+                                                     num_key_value_heads=kv, head_dim=h // a, intermediate_size=i,
+                                                     vocab_size=v, num_local_experts=e, num_experts_per_tok=2,
+                                                     max_position_embeddings=256, sliding_window=8,
+                                                     layer_types=["sliding_attention", "full_attention"] * (n // 2)
+                                                     + ["sliding_attention"] * (n % 2)),
+        "gpt_neo": lambda h, n, a, kv, v, i, e: dict(hidden_size=h, num_layers=n, num_heads=a, intermediate_size=i,
+                                                     vocab_size=v, max_position_embeddings=256, window_size=8,
+                                                     attention_types=[[["global", "local"], n // 2]]),
+        "biogpt": lambda h, n, a, kv, v, i, e: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=a,
+                                                    intermediate_size=i, vocab_size=v, max_position_embeddings=256),
+        "xglm": lambda h, n, a, kv, v, i, e: dict(d_model=h, num_layers=n, attention_heads=a, ffn_dim=i, vocab_size=v,
+                                                  max_position_embeddings=256),
+        "persimmon": lambda h, n, a, kv, v, i, e: dict(hidden_size=h, num_hidden_layers=n, num_attention_heads=a,
+                                                       intermediate_size=i, vocab_size=v, max_position_embeddings=256),
+        "mpt": lambda h, n, a, kv, v, i, e: dict(d_model=h, n_layers=n, n_heads=a, vocab_size=v, max_seq_len=256,
+                                                 attn_config={"alibi": True}),
+    }
+
+
+LIBRARY_KINDS = tuple(_library_kinds())
+KINDS = KINDS + LIBRARY_KINDS
+
+
 def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 1001,
                 intermediate: int = 96, experts: int = 4, dtype: str = "float32", **extra):
     from transformers import AutoConfig
@@ -68,6 +104,9 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
     if kind in SLIDING_KINDS:
         cfg = _sliding_config(kind, common, kv_heads=kv_heads, intermediate=intermediate, head_dim=head_dim,
                               layers=layers, extra=extra)
+    elif kind in LIBRARY_KINDS:
+        kwargs = _library_kinds()[kind](hidden, layers, heads, kv_heads, vocab, intermediate, experts)
+        cfg = AutoConfig.for_model(kind, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs)
     elif kind == "opt":
         cfg = AutoConfig.for_model("opt", ffn_dim=intermediate, word_embed_proj_dim=hidden, enable_bias=True, **common)
     else:
@@ -123,8 +162,8 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
     torch.manual_seed(seed)
     model = _model_class(cfg)._from_config(cfg, dtype=getattr(torch, cfg.dtype))
     with torch.no_grad():  # norms start at 1.0; perturb them so a wrong slice of them would show in the numerics
-        for p in model.parameters():
-            if p.dim() == 1:
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or name.endswith("_bias"):  # gpt_oss experts' biases are 2-D and start at 0
                 p.add_(torch.randn_like(p) * 0.1)
     out = Path(out)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

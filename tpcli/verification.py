@@ -53,7 +53,9 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
 
     with tempfile.TemporaryDirectory(prefix="tpcli-verify-") as tmp:
         out = Path(tmp) / "numerics.json"
-        args = [str(path), str(out)] + (["--plan", str(Path(plan_file).resolve())] if plan_file else [])
+        if plan_file and Path(plan_file).exists():
+            plan_file = str(Path(plan_file).resolve())  # the workers may run elsewhere; a shipped NAME stays a name
+        args = [str(path), str(out)] + (["--plan", plan_file] if plan_file else [])
         spec = LaunchSpec(module="tpcli.numerics", args=args, gpus=tp if gpus else None, cpu=None if gpus else tp,
                           preflight=False, quiet=True, raise_on_interrupt=True)  # Ctrl-C: "interrupted", exit 130
         lines: list[str] = []
