@@ -152,19 +152,6 @@ def test_verify_warns_when_less_than_half_is_sharded(plan_models, tmp_path):
     assert not [f for f in r["findings"] if f["code"] == "low-sharding"]
 
 
-def test_quantized_gpt_oss_is_not_given_the_bf16_plan_and_the_warning_says_why():
-    from tpcli.checks import low_sharding_findings
-    from tpcli.plan import resolve_plan
-    from tpcli.tiny import tiny_config
-
-    config = tiny_config("gpt_oss", **TINY)
-    config.quantization_config = {"quant_method": "mxfp4"}
-    plan = resolve_plan(config)
-    assert plan.library is None and plan.plan_source == "transformers default"
-    (low,) = low_sharding_findings(plan)
-    assert "quantization_config" in low.message and "MXFP4 experts are not covered" in low.message
-
-
 # ---------------------------------------------------------------- torchrun: numerics, shards, mutated plans
 
 

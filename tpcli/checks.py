@@ -312,16 +312,12 @@ def low_sharding_findings(plan: ResolvedPlan, top: int = 3) -> list[Finding]:
             groups[key] = groups.get(key, 0) + t.nbytes
     largest = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
     named = ", ".join(f"{k} ({_mib(v)}, {100 * v / total:.0f}%)" for k, v in largest)
-    from .plans_lib import better_plan
+    from .plans_lib import REFUSED, better_plan
 
     better = better_plan(plan.config, plan.rules) if plan.library is None else None
-    from .plans_lib import REFUSED, why_none_fits
-
     hint = f"; plans/ has a plan that shards more: --plan {better.name} ({better.source})" if better else ""
     if plan.model_type in REFUSED:
         hint = f"; plans/ has no plan for {plan.model_type}: {REFUSED[plan.model_type]}"
-    elif plan.library is None and better is None and (why := why_none_fits(plan.config)):
-        hint = f"; {why}"
     return [Finding(WARNING, "low-sharding", f"the plan shards only {100 * sharded / total:.0f}% of the parameter "
                     f"bytes; each rank holds the rest whole. Largest replicated: {named}{hint}")]
 

@@ -232,15 +232,6 @@ def check_fits(lib: LibraryPlan, config) -> None:
         raise PlanError(why + ".")
 
 
-def why_none_fits(config) -> str | None:
-    """For a model no shipped plan serves although one targets its model_type: why (e.g. a quantized gpt_oss)."""
-    model_type = getattr(config, "model_type", None)
-    for lib in shipped().values():
-        if model_type in lib.model_types:
-            return config_mismatch(lib, config)
-    return None
-
-
 def better_plan(config, current_rules: dict[str, str]) -> LibraryPlan | None:
     """A shipped plan for this model that is not the one in use (for verify's low-sharding warning)."""
     lib = auto_pick(config)

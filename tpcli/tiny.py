@@ -4,9 +4,10 @@
 
 Kinds: llama, qwen3 (tied, q/k norm), mixtral (MoE, converted experts), qwen3_moe, phi3 (packed gate_up), opt,
 and the sliding-window kinds gemma2 and gemma3 (`gemma3_text`): layer 0 slides over a 16-token window, layer 1
-attends to everything (`sliding_window=`, `layer_types=` to change), and the composite kinds in `_COMPOSITE` (MLA,
-multimodal). `heads=6, kv_heads=3` makes a model valid at tp=3. Weights are random but seeded, saved with
-`save_pretrained`; the model class is the one `architectures` names.
+attends to everything (`sliding_window=`, `layer_types=` to change), the composite kinds in `_COMPOSITE` (MLA,
+multimodal), and the kinds of architectures served by plans/ (`LIBRARY_KINDS`: gpt2, gptj, stablelm, gpt_oss,
+gpt_neo, biogpt, xglm, persimmon, mpt). `heads=6, kv_heads=3` makes a model valid at tp=3. Weights are random but
+seeded, saved with `save_pretrained`; the model class is the one `architectures` names.
 """
 
 from __future__ import annotations
