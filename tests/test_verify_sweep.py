@@ -20,7 +20,7 @@ from conftest import ORACLES, torchrun
 from tpcli.tiny import build_tiny
 from tpcli.verification import verify
 
-PLANS = Path(__file__).parent.parent / "plans"
+PLANS = Path(__file__).parent.parent / "tpcli" / "examples"  # example user plans; plans/ is the verified library
 SWEEP_CI = 20
 SEED = 12
 
