@@ -68,9 +68,9 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
                             f"{t.name} is matched by two sharding rules ({own!r}: {a}, {parent!r}: {b}); keep one",
                             t.name))
 
+    findings.extend(constraint_findings(plan, tp))  # a plans/ entry's declared limits: the most specific reason
     findings.extend(_forward_findings(plan, text, tp))
     findings.extend(_replication_findings(plan))
-    findings.extend(constraint_findings(plan, tp))
     findings.extend(low_sharding_findings(plan))
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     seen, unique = set(), []
@@ -334,7 +334,7 @@ def valid_tp_sizes(plan: ResolvedPlan, max_tp: int = 64) -> tuple[list[int], dic
     """TP sizes 1..max_tp that pass every error check, and for the others the first reason."""
     valid, invalid = [], {}
     for tp in range(1, max_tp + 1):
-        errs = errors(_forward_findings(plan, plan.config.get_text_config(), tp) + constraint_findings(plan, tp))
+        errs = errors(constraint_findings(plan, tp) + _forward_findings(plan, plan.config.get_text_config(), tp))
         if errs:
             invalid[tp] = errs[0].message
         else:
