@@ -6,8 +6,10 @@ Kinds: llama, qwen3 (tied, q/k norm), mixtral (MoE, converted experts), qwen3_mo
 and the sliding-window kinds gemma2 and gemma3 (`gemma3_text`): layer 0 slides over a 16-token window, layer 1
 attends to everything (`sliding_window=`, `layer_types=` to change), the composite kinds in `_COMPOSITE` (MLA,
 multimodal), and the kinds of architectures served by plans/ (`LIBRARY_KINDS`: gpt2, gptj, stablelm, gpt_oss,
-gpt_neo, biogpt, xglm, persimmon, mpt). `heads=6, kv_heads=3` makes a model valid at tp=3. Weights are random but
-seeded, saved with `save_pretrained`; the model class is the one `architectures` names.
+gpt_neo, biogpt, xglm, persimmon, mpt; `FUSED_QKV_KINDS`: falcon (grouped KV), falcon-mha (ALiBi), falcon-mq
+(multi-query), bloom (ALiBi), gpt_bigcode (multi-query), gpt_bigcode-mha). `heads=6, kv_heads=3` makes a model
+valid at tp=3. Weights are random but seeded, saved with `save_pretrained`; the model class is the one
+`architectures` names.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                 intermediate: int = 96, experts: int = 4, dtype: str = "float32", **extra):
     from transformers import AutoConfig
 
+    if kind in FUSED_QKV_KINDS:
+        return _fused_qkv_config(kind, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab,
+                                 intermediate=intermediate, dtype=dtype, **extra)
     head_dim = hidden // heads if hidden % heads == 0 else 16
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=vocab,
                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -144,6 +149,55 @@ def _sliding_config(kind: str, common: dict, *, kv_heads: int, intermediate: int
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     return AutoConfig.for_model(SLIDING_KINDS[kind], num_key_value_heads=kv_heads, intermediate_size=intermediate,
                                 head_dim=head_dim, sliding_window=window, layer_types=layer_types, **common)
+
+
+# --- fused-QKV architectures whose TP plans come from plans/ (falcon, bloom, gpt_bigcode) ---------------------------
+# Kinds are named after their plans (tests/test_plans_library.py builds kind NAME for plans/NAME.json). Head counts
+# split into whole heads (and KV groups) at tp=2 and tp=4; BLOOM's 12 heads take the non-power-of-two ALiBi branch.
+# Biases are on where the architecture has them, so a bias added tp times after a row-wise reduction would show.
+FUSED_QKV_KINDS = {
+    # Falcon-40B/180B layout: grouped KV heads, query_key_value = per KV group [q x heads/kv, k, v]
+    "falcon": dict(heads=8, kv_heads=4, new_decoder_architecture=True, multi_query=False, bias=True),
+    # falcon-rw layout: one K/V head per query head, query_key_value = per head [q, k, v]; ALiBi, sequential blocks
+    "falcon-mha": dict(heads=8, new_decoder_architecture=False, multi_query=False, alibi=True, parallel_attn=False,
+                       bias=True),
+    # Falcon-7B layout: multi-query, query_key_value = [q x heads, k, v] with one K/V head
+    "falcon-mq": dict(heads=4, new_decoder_architecture=False, multi_query=True, bias=True),
+    # BLOOM: query_key_value interleaved per head [q, k, v], ALiBi slopes per head
+    "bloom": dict(hidden=96, heads=12),
+    # StarCoder/SantaCoder layout: multi-query, c_attn = [q x heads, k, v]
+    "gpt_bigcode": dict(heads=4, multi_query=True),
+    # GPTBigCode without multi-query: c_attn = per head [q, k, v]
+    "gpt_bigcode-mha": dict(heads=4, multi_query=False),
+}
+KINDS = KINDS + tuple(FUSED_QKV_KINDS)
+
+
+def _fused_qkv_config(kind: str, *, hidden, layers, heads, kv_heads, vocab, intermediate, dtype, **extra):
+    from transformers import AutoConfig
+
+    preset = dict(FUSED_QKV_KINDS[kind])
+    # the preset's head layout replaces tiny_config's generic defaults (64/4/2); other values are the caller's
+    layout = {"hidden": (hidden, 64), "heads": (heads, 4), "kv_heads": (kv_heads, 2)}
+    hidden, heads, kv_heads = (preset.pop(k) if k in preset and given == default else given
+                               for k, (given, default) in layout.items())
+    for k in layout:
+        preset.pop(k, None)
+    preset.update(extra)
+    ids = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind.startswith("falcon"):
+        if not preset.get("new_decoder_architecture"):  # one K/V head per query head (multi_query ignores it)
+            kv_heads = heads
+        cfg = AutoConfig.for_model("falcon", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_kv_heads=kv_heads, ffn_hidden_size=intermediate, max_position_embeddings=256,
+                                   **ids, **preset)
+    elif kind == "bloom":
+        cfg = AutoConfig.for_model("bloom", hidden_size=hidden, n_layer=layers, n_head=heads, **ids, **preset)
+    else:
+        cfg = AutoConfig.for_model("gpt_bigcode", n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
+                                   n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids, **preset)
+    cfg.dtype = dtype
+    return cfg
 
 
 def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str | None = None,
