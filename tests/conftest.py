@@ -46,6 +46,18 @@ def torchrun(nproc: int, script: str | Path, *args, timeout: int = DIST_TIMEOUT)
     return proc
 
 
+def run_main(monkeypatch, capsys, *args):
+    """Call the real entry point (error rendering included) in-process: (exit code, stdout, stderr)."""
+    from tpcli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["tpcli", *map(str, args)])
+    capsys.readouterr()  # drop what fixtures printed
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """Lazily built tiny models: model_dirs("qwen3") -> Path."""

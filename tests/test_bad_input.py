@@ -19,22 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
-from tpcli.cli import main
 from tpcli.sharding import shard_checkpoint
 
 SHARD1 = "shard-00001-model-00001-of-00001.safetensors"
 SHARD2 = "shard-00002-model-00001-of-00001.safetensors"
 
-
-def run_main(monkeypatch, capsys, *args):
-    """Call the real entry point (error rendering included) in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["tpcli", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.fixture(scope="module")

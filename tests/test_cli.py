@@ -7,22 +7,13 @@ import sys
 import time
 
 import pytest
-from conftest import base_env
+from conftest import base_env, run_main
 from typer.testing import CliRunner
 
-from tpcli.cli import app, main
+from tpcli.cli import app
 
 runner = CliRunner()
 
-
-def run_main(monkeypatch, capsys, *args):
-    """Call the real entry point (error rendering included) in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["tpcli", *map(str, args)])
-    capsys.readouterr()  # drop what fixtures printed
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def test_help_and_version_do_not_import_torch():

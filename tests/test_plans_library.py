@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ORACLES, torchrun
+from conftest import ORACLES, run_main, torchrun
 
 from tpcli import plans_lib
 from tpcli.tiny import KINDS, build_tiny
@@ -32,17 +31,6 @@ def plan_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan-models")
     return {name: build_tiny(tiny_kind(name), root / name, **TINY) for name in NAMES}
 
-
-def run_main(monkeypatch, capsys, *args):
-    """The real CLI entry point in-process: (exit code, stdout, stderr)."""
-    from tpcli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tpcli", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def numerics_ok(r: dict) -> bool:

@@ -12,11 +12,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ORACLES, single_process_logits
+from conftest import ORACLES, run_main, single_process_logits
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tpcli.cli import main
 from tpcli.gathering import gather_checkpoint
 from tpcli.inspection import inspect_model
 from tpcli.sharding import shard_checkpoint
@@ -62,14 +61,6 @@ def _header_bytes(folder) -> int:
                                                      {"F32": 4, "BF16": 2, "F16": 2}[s.get_dtype()])
     return total
 
-
-def run_main(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["tpcli", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
