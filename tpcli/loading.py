@@ -74,8 +74,6 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
         dtype = getattr(torch, dtype)
     doc = manifest.read(path) if path.is_dir() and is_sharded_dir(path) else None
     if doc is not None and doc["tp_size"] == world and world > 1 and tp_plan == "auto" and not kwargs:
-        if (doc.get("quantization") or {}).get("representation") == "stored":
-            return _load_quantized_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class)
         return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class)
     if (doc or {}).get("quantization"):
         raise CheckpointError(f"{path}: quantized tpcli shards load only at their own TP size "
@@ -106,30 +104,53 @@ def _auto_class(path: Path, *, trust_remote_code: bool = False):
 
 
 def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
+    """The fast path: build the model as `from_pretrained` does, then fill each rank's local tensors from its files.
+
+    A folder holding a quantized checkpoint in its stored form (FP8 weights + `*_scale_inv`) goes through
+    transformers' quantizer, as `from_pretrained` does: `validate_environment` decides whether this machine keeps
+    FP8 (a GPU with compute capability >= 8.9) or dequantizes (CPU, older GPUs), and `preprocess_model` builds the
+    matching modules and plan. Keeping FP8, each parameter (weights and scales) is read as stored. Dequantizing, rank
+    r reads its FP8 slice and its scales (exactly the blocks of that slice, `tpcli.checks.block_findings`) and applies
+    transformers' `Fp8Dequantize` to them: elementwise, so equal bit for bit to dequantizing the whole tensor and
+    slicing it, which is what a TP load of the original checkpoint holds. The FP8 (GPU) branch is written against
+    transformers' code but has not run on a GPU in tpcli's tests.
+    """
     import torch
     from transformers import AutoConfig, GenerationConfig
     from transformers.distributed import DistributedConfig
+    from transformers.utils.generic import ContextManagers
 
     from .layout import rank_runs
     from .plan import _model_class
+    from .quant import dequantize, make_quantizer, scale_name
     from .styles import ParamPlacement
 
     rank = torch.distributed.get_rank()
+    world = len(doc["files"])
     config = AutoConfig.from_pretrained(str(folder))
     cls = _model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
     dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
     dc, device_map, mesh_manager = cls.prepare_distribute_model(dc)
     config.distributed_config = dc
-    if dtype is None:  # what the files hold (the most common tensor dtype), as dtype="auto" would pick
-        from collections import Counter
+    quantizer = None
+    if (doc.get("quantization") or {}).get("representation") == "stored":
+        quantizer = make_quantizer(config, dequantize=False)
+        quantizer.validate_environment(device_map=device_map, weights_only=True)  # CPU: sets dequantize=True
+    if dtype is None:  # dtype="auto"
+        if quantizer is not None:  # the checkpoint's non-quantized dtype, from config.json
+            dtype = getattr(torch, str(getattr(config, "dtype", None) or "float32").removeprefix("torch."))
+        else:  # what the files hold (the most common tensor dtype)
+            from collections import Counter
 
-        stored = Counter(t["dtype"] for t in doc["tensors"].values()).most_common(1)
-        dtype = getattr(torch, doc["dtype"] or (stored[0][0] if stored else "float32"))
-    from transformers.utils.generic import ContextManagers
+            stored = Counter(t["dtype"] for t in doc["tensors"].values()).most_common(1)
+            dtype = getattr(torch, doc["dtype"] or (stored[0][0] if stored else "float32"))
 
     # the same init context as from_pretrained: meta device, the checkpoint dtype, weights not tied yet
-    with ContextManagers(cls.get_init_context(dtype, False, False, False)):
+    with ContextManagers(cls.get_init_context(dtype, quantizer is not None, False, False)):
         model = cls(config)
+        if quantizer is not None:
+            quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=None,
+                                       use_kernels=False)
     model = cls.maybe_distribute_model(model, dc, mesh_manager)
     device_mesh = mesh_manager.get_mesh(("pp", "fsdp", "tp"))
     device_map = device_map if isinstance(device_map, dict) else {"": device_map}  # as from_pretrained expands it
@@ -138,6 +159,10 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
 
     reader = _SliceReader(folder)
     tied = set(model.all_tied_weights_keys)
+
+    def local_runs(entry, placement):
+        return rank_runs(entry["shape"][placement.dim], placement, world)[rank] if placement.is_sharded else None
+
     with torch.no_grad():
         for name, target in model.state_dict(keep_vars=True).items():
             if name in tied:
@@ -148,15 +173,23 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
             local = target._local_tensor if hasattr(target, "_local_tensor") else target
             placements = getattr(target, "placements", ())
             placement = _placement(placements[0]) if placements else ParamPlacement("replicate")
-            if placement.is_sharded:
-                runs = rank_runs(entry["shape"][placement.dim], placement, len(doc["files"]))[rank]
-            else:
-                runs = None
-            reader.read_into(local, name, entry, placement.dim, runs)  # any device, any dtype (cast on copy)
+            scale = doc["tensors"].get(scale_name(name)) if quantizer is not None else None
+            if scale is None or local.dtype == getattr(torch, entry["dtype"]):
+                # as stored (FP8 weights and scales on an FP8 GPU, every tensor without scales): any device, any
+                # dtype (cast on copy)
+                reader.read_into(local, name, entry, placement.dim, local_runs(entry, placement))
+                continue
+            # dequantizing: the scales are sharded like their weight (same style, same number of dims)
+            stored = reader.read_tensor(name, entry, placement.dim, local_runs(entry, placement))
+            scales = reader.read_tensor(scale_name(name), scale, placement.dim, local_runs(scale, placement))
+            local.copy_(dequantize(stored, scales, local.dtype))  # computed on the host, then one copy to the target
     reader.finish()  # the last copies to the device have landed; the staging buffers can go
     for t in model.state_dict(keep_vars=True).values():
         t._is_hf_initialized = True
     model.initialize_weights()  # non-persistent buffers (rotary frequencies) only
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)  # as from_pretrained: drops quantization_config when it dequantized
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
@@ -335,83 +368,3 @@ class _Staging:
                 event.synchronize()
                 self.events[slot] = None
         self.buffers = [None, None]
-
-
-def _load_quantized_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
-    """The fast path for a tpcli folder holding a quantized checkpoint in its stored form (FP8 weights + scales).
-
-    As `from_pretrained` does: transformers' quantizer decides (`validate_environment`) whether this machine keeps
-    FP8 (a GPU with compute capability >= 8.9) or dequantizes (CPU, older GPUs), and `preprocess_model` builds the
-    matching modules and plan. Keeping FP8, each parameter (weights and `*_scale_inv`) is read as stored. Dequantizing,
-    rank r reads its FP8 slice and its scales (exactly the blocks of that slice, `tpcli.checks.block_findings`) and
-    applies transformers' `Fp8Dequantize` to them: elementwise, so equal bit for bit to dequantizing the whole
-    tensor and slicing it, which is what a TP load of the original checkpoint holds.
-    The FP8 (GPU) branch is written against transformers' code but has not run on a GPU in tpcli's tests.
-    """
-    import torch
-    from transformers import AutoConfig, GenerationConfig
-    from transformers.distributed import DistributedConfig
-    from transformers.utils.generic import ContextManagers
-
-    from .layout import rank_runs
-    from .plan import _model_class
-    from .quant import dequantize, make_quantizer, scale_name
-    from .styles import ParamPlacement
-
-    rank = torch.distributed.get_rank()
-    config = AutoConfig.from_pretrained(str(folder))
-    cls = _model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
-    dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
-    dc, device_map, mesh_manager = cls.prepare_distribute_model(dc)
-    config.distributed_config = dc
-    quantizer = make_quantizer(config, dequantize=False)
-    quantizer.validate_environment(device_map=device_map, weights_only=True)  # CPU: sets dequantize=True
-    if dtype is None:  # dtype="auto": the checkpoint's (non-quantized) dtype from config.json
-        dtype = getattr(torch, str(getattr(config, "dtype", None) or "float32").removeprefix("torch."))
-    with ContextManagers(cls.get_init_context(dtype, True, False, False)):
-        model = cls(config)
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=None,
-                                   use_kernels=False)
-    model = cls.maybe_distribute_model(model, dc, mesh_manager)
-    device_mesh = mesh_manager.get_mesh(("pp", "fsdp", "tp"))
-    device_map = device_map if isinstance(device_map, dict) else {"": device_map}
-    model._move_missing_keys_from_meta_to_device(set(model.state_dict()), device_map, device_mesh, None)
-    model.tie_weights(recompute_mapping=False)
-
-    reader = _SliceReader(folder)
-    world = len(doc["files"])
-    tied = set(model.all_tied_weights_keys)
-
-    def local_runs(entry, placement):
-        return rank_runs(entry["shape"][placement.dim], placement, world)[rank] if placement.is_sharded else None
-
-    with torch.no_grad():
-        for name, target in model.state_dict(keep_vars=True).items():
-            if name in tied:
-                continue
-            entry = doc["tensors"].get(name)
-            if entry is None:
-                raise CheckpointError(f"{folder / 'tpcli.json'}: no entry for {name}; re-shard with this version.")
-            local = target._local_tensor if hasattr(target, "_local_tensor") else target
-            placements = getattr(target, "placements", ())
-            placement = _placement(placements[0]) if placements else ParamPlacement("replicate")
-            scale = doc["tensors"].get(scale_name(name))
-            if scale is None or local.dtype == getattr(torch, entry["dtype"]):
-                # as stored: FP8 weights and scales on an FP8 GPU, every tensor without scales (cast on copy)
-                reader.read_into(local, name, entry, placement.dim, local_runs(entry, placement))
-                continue
-            # dequantizing: the scales are sharded like their weight (same style, same number of dims)
-            stored = reader.read_tensor(name, entry, placement.dim, local_runs(entry, placement))
-            scales = reader.read_tensor(scale_name(name), scale, placement.dim, local_runs(scale, placement))
-            local.copy_(dequantize(stored, scales, local.dtype))  # computed on the host, then one copy to the target
-    reader.finish()
-    for t in model.state_dict(keep_vars=True).values():
-        t._is_hf_initialized = True
-    model.initialize_weights()
-    model.hf_quantizer = quantizer
-    quantizer.postprocess_model(model)  # as from_pretrained: drops quantization_config when it dequantized
-    model.eval()
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    model.tpcli_bytes_read = reader.bytes_read
-    return model
