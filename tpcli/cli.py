@@ -83,6 +83,7 @@ def _duration_s(flag: str, text: str | None) -> float | None:
 
 @app.command()
 def inspect(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Local model folder or hub id (org/name).")],
     tp: Annotated[int | None, typer.Option("--tp", help="Show per-rank shapes and memory at this TP size.")] = None,
     plan: PlanOpt = None,
@@ -99,6 +100,7 @@ def inspect(
     _positive("--tp", tp)
     _positive("--batch", batch)
     _positive("--seq-len", seq_len)
+    from . import cache
     from .memory import DEFAULT_RESERVE, MemoryOptions, parse_dtype, parse_size
 
     if reserve is not None and gpu_mem is None:
@@ -107,11 +109,17 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve")
-    from .inspection import inspect_model
     from .render import print_json, render_inspect, render_memory
 
-    report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                           reserve=reserve_bytes)
+    key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/cache.py)
+    report = cache.get(key)
+    if report is None:
+        from .inspection import inspect_model
+
+        report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
+                               reserve=reserve_bytes)
+        if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
+            report = cache.put(key, report)
     if json_out:
         print_json(report)
     else:
@@ -123,6 +131,7 @@ def inspect(
 
 @app.command()
 def verify(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(help="Model folder / hub id (static, --numerics) or a sharded folder.")],
     tp: Annotated[int | None, typer.Option("--tp", help="TP size to check (required for a model).")] = None,
     plan: PlanOpt = None,
@@ -135,11 +144,18 @@ def verify(
 ):
     """Catch a broken TP setup before it costs GPU hours."""
     _positive("--tp", tp)
-    from . import verification
+    from . import cache
     from .render import print_json, render_verify
 
-    result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
-                                 tolerance=tolerance, gpus=gpus, quick=quick, progress=not json_out)
+    key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/cache.py)
+    result = cache.get(key)
+    if result is None:
+        from . import verification
+
+        result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
+                                     tolerance=tolerance, gpus=gpus, quick=quick, progress=not json_out)
+        if result["ok"]:
+            result = cache.put(key, result)
     print_json(result) if json_out else render_verify(result)
     if not result["ok"]:
         raise typer.Exit(1)

@@ -1,0 +1,126 @@
+"""The inspect/verify result cache: a hit prints what the first run printed, imports neither torch nor transformers,
+and every input the result depends on (config, weights, plan file, plan library, library versions, options) misses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from tpcli import cache, inspection, verification
+from tpcli.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def model(model_dirs, tmp_path, monkeypatch):
+    """A private copy of the tiny llama (the tests edit it), with the cache on in a temp dir and computations counted."""
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    calls = []
+    real_inspect, real_verify = inspection.inspect_model, verification.verify
+    monkeypatch.setattr(inspection, "inspect_model", lambda *a, **k: calls.append("inspect") or real_inspect(*a, **k))
+    monkeypatch.setattr(verification, "verify", lambda *a, **k: calls.append("verify") or real_verify(*a, **k))
+    folder = tmp_path / "llama"
+    shutil.copytree(model_dirs("llama3"), folder)
+    return folder, calls
+
+
+def _inspect(*args):
+    result = runner.invoke(app, ["inspect", *map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_hit_prints_the_same_and_every_input_misses(model, tmp_path, monkeypatch):
+    folder, calls = model
+    first = _inspect(folder, "--tp", "2")
+    assert _inspect(folder, "--tp", "2") == first and calls == ["inspect"]  # the second run is a hit
+    table = runner.invoke(app, ["inspect", str(folder), "--tp", "2"]).stdout
+    assert runner.invoke(app, ["inspect", str(folder), "--tp", "2"]).stdout == table and len(calls) == 2
+
+    _inspect(folder, "--tp", "3")  # another option value
+    assert len(calls) == 3
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5 if cfg.get("rms_norm_eps") != 1e-5 else 1e-6  # config.json bytes
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _inspect(folder, "--tp", "2")
+    assert len(calls) == 4
+
+    weights = next(folder.glob("*.safetensors"))  # a weight file replaced (same size, new mtime)
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    _inspect(folder, "--tp", "2")
+    assert len(calls) == 5
+
+    plan = tmp_path / "plan.json"  # a plan file's bytes
+    plan.write_text(json.dumps({"model.layers.*.mlp.down_proj": "rowwise"}))
+    _inspect(folder, "--tp", "2", "--plan", plan)
+    _inspect(folder, "--tp", "2", "--plan", plan)
+    assert len(calls) == 6
+    plan.write_text(json.dumps({"model.layers.*.mlp.down_proj": "colwise"}))
+    assert json.loads(_inspect(folder, "--tp", "2", "--plan", plan)) != json.loads(first)
+    assert len(calls) == 7
+
+    library = tmp_path / "plans"  # the plan library
+    library.mkdir()
+    monkeypatch.setattr(cache, "_PLAN_LIBRARIES", (library,))
+    _inspect(folder, "--tp", "2")
+    (library / "llama.json").write_text("{}")
+    _inspect(folder, "--tp", "2")
+    assert len(calls) == 9
+
+    real_version = cache._version  # a library version string
+    monkeypatch.setattr(cache, "_version", lambda d: "0.0.0-other" if d == "transformers" else real_version(d))
+    _inspect(folder, "--tp", "2")
+    assert len(calls) == 10
+    monkeypatch.setattr(cache, "_version", real_version)
+    _inspect(folder, "--tp", "2")
+    assert len(calls) == 10  # back to the versions of the earlier entry: a hit
+
+
+def test_verify_caches_passing_static_results_only(model, tmp_path):
+    folder, calls = model
+    for _ in range(2):
+        result = runner.invoke(app, ["verify", str(folder), "--tp", "2", "--json"])
+        assert result.exit_code == 0 and json.loads(result.stdout)["ok"]
+    assert calls == ["verify"]
+    for _ in range(2):  # 6 heads do not split 4 ways: a failed result, never stored
+        assert runner.invoke(app, ["verify", str(folder), "--tp", "4", "--json"]).exit_code == 1
+    assert calls == ["verify"] * 3
+
+
+def test_not_cached(model, tmp_path, monkeypatch):
+    folder, _ = model
+    assert cache.key("inspect", {"model": "org/name", "tp": 2}) is None  # hub id
+    assert cache.key("inspect", {"model": str(folder), "revision": "main"}) is None
+    assert cache.key("verify", {"target": str(folder), "tp": 2, "numerics": True}) is None
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "shard-00001-model-00001-of-00002.safetensors").write_bytes(b"")
+    assert cache.key("verify", {"target": str(sharded)}) is None
+    assert cache.key("inspect", {"model": str(folder), "tp": 2}) is not None
+    monkeypatch.setenv(cache.ENV, "off")
+    assert cache.key("inspect", {"model": str(folder), "tp": 2}) is None
+    monkeypatch.delenv(cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "tpcli"
+
+
+def test_a_hit_imports_neither_torch_nor_transformers(model, tmp_path):
+    folder, calls = model
+    first = _inspect(folder, "--tp", "2")
+    code = ("import sys\nfrom tpcli.cli import main\n"
+            f"sys.argv = ['tpcli', 'inspect', {str(folder)!r}, '--tp', '2', '--json']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', 'torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, cache.ENV: str(tmp_path / "cache")})
+    assert proc.stdout.rstrip().endswith("LOADED False False"), proc.stderr
+    assert proc.stdout.rsplit("LOADED", 1)[0] == first
