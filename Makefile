@@ -60,8 +60,10 @@ test-quick: install
 lint: install
 	$(BIN)/ruff check tpcli tests
 
+# Benchmarks (never part of `make test`): BENCH_ARGS="--sizes small,large,xl" adds the 4.5 GB checkpoint.
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/python -m tpcli.bench
+	$(BIN)/python -m tpcli.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -1,10 +1,16 @@
-"""`make bench`: speed and memory of shard, gather and load, side by side with the alternatives, in one run.
+"""`make bench`: speed and memory of shard, gather, load and inspect, side by side with the alternatives, in one run.
 
-    python -m tpcli.bench [--root .cache/bench] [--sizes small,large] [--skip-load]
+    python -m tpcli.bench [--root .cache/bench] [--sizes small,large[,xl]] [--runs 3] [--skip-load]
+    make bench BENCH_ARGS="--sizes small,large,xl"
 
-Builds random bf16 Llama checkpoints locally (3 safetensors files + index, cached in ROOT), warms the page cache,
-then measures each contender in its own process (wall time, and peak RSS from `wait4`). Prints one table of
-figures and ratios against the targets. Nothing here is a test: the numbers depend on the machine.
+Builds random bf16 Llama checkpoints locally (cached in ROOT, outside git; xl = 4.5 GB is opt-in: building it takes
+minutes), warms the page cache, then measures what a user waits for: the whole `tpcli shard` / `tpcli gather`
+process (start-up included), paired with `cp -r` of the same files run alternately (medians and ranges of the
+per-pair ratios), next to the engine alone (imports done). Each command runs in its own process; wall, user and
+system time and peak RSS come from `wait4`. The load comparison runs `tpcli run --cpu 2`: tpcli.load_model of
+tpcli's tp=2 shards against transformers' reload of its own `distributed_checkpoint=True` save, time to a ready
+model per rank, and the bytes each rank reads from storage with a cold page cache (/proc/self/io read_bytes after
+evicting the files with posix_fadvise). Nothing here is a test: the numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -19,16 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-SIZES = {  # layers of a 2048-wide Llama (vocab 32000, GQA 16/8 heads): ~0.7 GB and ~1.4 GB in bf16
-    "small": 5,
-    "large": 12,
+SIZES = {  # (layers, files) of a 2048-wide Llama (vocab 32000, GQA 16/8 heads): ~0.7 GB, ~1.4 GB and ~4.5 GB in bf16
+    "small": (5, 3),
+    "large": (12, 3),
+    "xl": (48, 26),  # opt-in (--sizes small,large,xl)
 }
 GB = 1e9
 
 
-def build_bench_model(root: Path, layers: int) -> Path:
-    """A random bf16 Llama written tensor by tensor (never the whole model in memory)."""
-    out = root / f"llama-{layers}L"
+def build_bench_model(root: Path, layers: int, files: int) -> Path:
+    """A random bf16 Llama in about `files` safetensors files, written file by file (never the whole model in RAM)."""
+    out = root / f"llama-{layers}L-{files}f"
     if (out / "model.safetensors.index.json").exists():
         return out
     import torch
@@ -43,12 +50,12 @@ def build_bench_model(root: Path, layers: int) -> Path:
                                tie_word_embeddings=False)
     cfg.dtype = "bfloat16"
     meta = build_meta_model(cfg).state_dict()
-    tmp = root / f".tmp-{layers}L"
+    tmp = root / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     total = sum(t.numel() * 2 for t in meta.values())
     split = split_state_dict_into_shards_factory(meta, get_storage_size=lambda t: t.numel() * 2,
-                                                 get_storage_id=lambda t: None, max_shard_size=total // 3 + 1,
+                                                 get_storage_id=lambda t: None, max_shard_size=total // files + 1,
                                                  filename_pattern="model{suffix}.safetensors")
     g = torch.Generator().manual_seed(0)
     for fname, names in split.filename_to_tensors.items():
@@ -73,20 +80,44 @@ def warm(p: Path) -> None:
                 pass
 
 
-def measure_isolated(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Like `measure`, but RSS of this command alone (RUSAGE_CHILDREN only grows, so measure in a fresh parent)."""
-    code = ("import json, subprocess, sys, time, resource\n"
-            "t = time.perf_counter()\n"
-            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-            "w = time.perf_counter() - t\n"
-            "r = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
-            "print(json.dumps({'wall': w, 'rss': r, 'rc': p.returncode, 'out': p.stdout[-20000:], "
-            "'err': p.stderr[-4000:]}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, *cmd], env=env, capture_output=True, text=True)
+MEASURE = """
+import json, os, subprocess, sys, time, resource
+t = time.perf_counter()
+p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+w = time.perf_counter() - t
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall": w, "rss": r.ru_maxrss * 1024, "user": r.ru_utime, "sys": r.ru_stime, "rc": p.returncode,
+                  "out": p.stdout[-20000:], "err": p.stderr[-4000:]}))
+"""
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run `cmd` from a fresh parent (RUSAGE_CHILDREN only grows): wall, user, sys (s), rss (GB), out."""
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *map(str, cmd)], env=env, capture_output=True, text=True)
     res = json.loads(proc.stdout)
     if res["rc"]:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res['out'][-2000:]}\n{res['err']}")
-    return res["wall"], res["rss"] / GB, res["out"]
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{res['out'][-2000:]}\n{res['err']}")
+    res["rss"] /= GB
+    return res
+
+
+def paired(runs: int, cmd: list[str], source: Path, out: Path, env: dict) -> tuple[dict, dict]:
+    """`cmd` (reading `source`, writing `out`) and `cp -r source out`, alternately, each into a fresh folder.
+
+    Returns (tpcli figures, cp figures): medians of wall/user/sys, max RSS, and the per-pair ratios."""
+    ours, cps = [], []
+    for i in range(runs):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate who goes first: drift hits both alike
+            shutil.rmtree(out, ignore_errors=True)
+            if which == 0:
+                ours.append(measure(cmd, env))
+            else:
+                cps.append(measure(["cp", "-r", source, out]))
+    ratios = sorted(o["wall"] / c["wall"] for o, c in zip(ours, cps, strict=True))
+    med = {k: statistics.median(r[k] for r in ours) for k in ("wall", "user", "sys")}
+    med |= {"rss": max(r["rss"] for r in ours), "ratio": statistics.median(ratios), "lo": ratios[0], "hi": ratios[-1],
+            "out": ours[-1]["out"]}
+    return med, {k: statistics.median(r[k] for r in cps) for k in ("wall", "user", "sys")}
 
 
 TRANSFORMERS_SAVE = """
@@ -94,18 +125,6 @@ import sys, torch
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto")
 m.save_pretrained(sys.argv[2], distributed_checkpoint=True)
-"""
-
-CONSOLIDATE = """
-import os, sys, time
-from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
-from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
-t = time.perf_counter()
-os.makedirs(sys.argv[2], exist_ok=True)
-md = HuggingFaceStorageReader(sys.argv[1]).read_metadata()
-consolidate_safetensors_files(input_dir=sys.argv[1], output_dir=sys.argv[2],
-                              fqn_to_index_mapping=dict.fromkeys(md.state_dict_metadata, 1))
-print(time.perf_counter() - t)
 """
 
 ENGINE = """
@@ -127,40 +146,42 @@ LOAD_WORKER = """
 import json, os, sys, time, gc
 from datetime import timedelta
 import torch, torch.distributed as dist
-dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+if not dist.is_initialized():
+    dist.init_process_group("gloo", timeout=timedelta(seconds=900))
 from transformers import AutoModelForCausalLM
 import tpcli
-original, sharded, out = sys.argv[1:4]
+tpcli_dir, tf_dir, out = sys.argv[1:4]
 rank = dist.get_rank()
-
-def timed(fn):
-    dist.barrier(); t = time.perf_counter(); m = fn(); dist.barrier(); dt = time.perf_counter() - t
-    del m; gc.collect(); return dt
 
 def read_bytes():
     for line in open("/proc/self/io"):
         if line.startswith("read_bytes:"):
             return int(line.split()[1])
 
-def evict(folder):
-    for f in os.listdir(folder):
-        if f.endswith(".safetensors"):
+def evict(folder):  # drop the folder's pages from the page cache (rank 0 only; both ranks wait)
+    if rank == 0:
+        for f in os.listdir(folder):
             fd = os.open(os.path.join(folder, f), os.O_RDONLY)
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
+    dist.barrier()
 
+def timed(fn, folder=None):
+    if folder:
+        evict(folder)
+    dist.barrier(); b = read_bytes(); t = time.perf_counter()
+    m = fn(); dt = time.perf_counter() - t; b = read_bytes() - b
+    dist.barrier(); del m; gc.collect(); return dt, b
+
+ours = lambda: tpcli.load_model(tpcli_dir)
+theirs = lambda: AutoModelForCausalLM.from_pretrained(tf_dir, tp_plan="auto")
+timed(ours); timed(theirs)  # first touch: lazy imports and the page cache
 res = {"rank": rank}
-res["transformers_original"] = timed(lambda: AutoModelForCausalLM.from_pretrained(original, tp_plan="auto"))
-res["transformers_shards"] = timed(lambda: AutoModelForCausalLM.from_pretrained(sharded, tp_plan="auto"))
-res["tpcli_shards"] = timed(lambda: tpcli.load_model(sharded))
-dist.barrier()
-if rank == 0:
-    evict(sharded)
-dist.barrier()
-before = read_bytes()
-m = tpcli.load_model(sharded)
-res["cold_read_bytes"] = read_bytes() - before
-res["logical_bytes"] = m.tpcli_bytes_read
+res["tpcli_warm"] = min(timed(ours)[0] for _ in range(2))
+res["transformers_warm"] = min(timed(theirs)[0] for _ in range(2))
+res["tpcli_cold"], res["tpcli_read"] = timed(ours, tpcli_dir)
+res["transformers_cold"], res["transformers_read"] = timed(theirs, tf_dir)
 json.dump(res, open(os.path.join(out, f"load-{rank}.json"), "w"))
 dist.barrier(); dist.destroy_process_group()
 """
@@ -168,107 +189,119 @@ dist.barrier(); dist.destroy_process_group()
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tpcli.bench")
-    parser.add_argument("--root", default=".cache/bench")
-    parser.add_argument("--sizes", default="small,large")
+    parser.add_argument("--root", default=".cache/bench", help="checkpoints (kept) and scratch space")
+    parser.add_argument("--sizes", default="small,large", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--runs", type=int, default=3, help="paired runs per command (medians)")
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args(argv)
+    sizes = [s for s in args.sizes.split(",") if s]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"--sizes {unknown[0]}: pick from {', '.join(SIZES)}")
     root = Path(args.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     work = root / "work"
     py = sys.executable
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", "TPCLI_CACHE_DIR": "off"}
+    tpcli_cmd = [py, "-m", "tpcli"]
     rows: list[tuple[str, str, str, str]] = []
+    load_before = os.getloadavg()
 
     def row(metric, value, ratio="", target=""):
         rows.append((metric, value, ratio, target))
-        print(f"  {metric}: {value} {ratio} {target}", file=sys.stderr, flush=True)
+        print(f"  {metric}: {value}  {ratio}  {target}", file=sys.stderr, flush=True)
 
-    # CLI start-up
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        subprocess.run([py, "-m", "tpcli", "--help"], capture_output=True, env=env, check=True)
-        times.append(time.perf_counter() - t)
+    times = [measure([*tpcli_cmd, "--help"], env)["wall"] for _ in range(5)]
     row("tpcli --help", f"{statistics.median(times):.2f} s", "", "<= 0.4 s")
 
-    sizes = [s for s in args.sizes.split(",") if s]
     for size in sizes:
-        src = build_bench_model(root, SIZES[size])
+        layers, nfiles = SIZES[size]
+        started = time.perf_counter()
+        built = not (root / f"llama-{layers}L-{nfiles}f").exists()
+        src = build_bench_model(root, layers, nfiles)
+        if built:
+            row(f"{size}: build the checkpoint (once, cached in {root})", f"{time.perf_counter() - started:.1f} s")
         nbytes = folder_bytes(src)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         warm(src)
-        label = f"{size} ({nbytes / GB:.2f} GB)"
+        label = f"{size} ({nbytes / GB:.2f} GB, {len(list(src.glob('*.safetensors')))} files)"
         largest = _largest_tensor_bytes(src) / GB
+        rss_target = f"<= {0.6 + largest:.2f} GB"
 
-        cp_wall, _, _ = measure_isolated(["cp", "-r", str(src), str(work / "copy")])
-        row(f"{label} cp -r", f"{cp_wall:.2f} s")
-        shutil.rmtree(work / "copy")
+        if size == sizes[0]:
+            inspect_rows(src, work, tpcli_cmd, env, row)
 
-        wall, rss, out = measure_isolated([py, "-m", "tpcli", "shard", str(src), "--tp", "2", "--out",
-                                           str(work / "tp2"), "--json"], env)
-        _, _, out = measure_isolated([py, str(_script(work, "engine.py", ENGINE)), str(src), str(work)], env)
-        engine = json.loads(out.strip().splitlines()[-1])
+        s, cp = paired(args.runs, [*tpcli_cmd, "shard", src, "--tp", "2", "--out", work / "tp2", "--json"],
+                       src, work / "tp2", env)
+        engine = json.loads(measure([py, _script(work, "engine.py", ENGINE), src, work], env)["out"].splitlines()[-1])
         for d in ("e-tp2", "e-merged"):
             shutil.rmtree(work / d, ignore_errors=True)
-        row(f"{label} tpcli shard tp=2 (CLI, incl. ~5 s of imports)", f"{wall:.2f} s", f"{wall / cp_wall:.2f}x cp -r")
+        row(f"{label} cp -r", f"{cp['wall']:.2f} s", f"user {cp['user']:.1f} s, sys {cp['sys']:.1f} s")
+        row(f"{label} tpcli shard tp=2 (whole CLI)", f"{s['wall']:.2f} s (user {s['user']:.1f}, sys {s['sys']:.1f})",
+            f"{s['ratio']:.2f}x cp -r ({s['lo']:.2f}-{s['hi']:.2f}, {args.runs} pairs)", "<= 2x cp -r")
         row(f"{label} tpcli shard tp=2 (engine, imports done)", f"{engine['shard']:.2f} s",
-            f"{engine['shard'] / cp_wall:.2f}x cp -r", "<= 3x cp -r")
-        row(f"{label} tpcli shard peak RSS", f"{rss:.2f} GB", f"largest tensor {largest:.2f} GB",
-            f"<= {0.6 + largest:.2f} GB")
-
-        if size == sizes[-1]:
-            tf_wall, tf_rss, _ = measure_isolated([py, "-m", "torch.distributed.run", "--standalone",
-                                                   "--nproc-per-node=2", str(_script(work, "tf_save.py", TRANSFORMERS_SAVE)),
-                                                   str(src), str(work / "tf_dcp")], env)
-            row(f"{label} transformers TP load + DCP save (2 ranks)", f"{tf_wall:.2f} s",
-                f"tpcli CLI/transformers = {wall / tf_wall:.2f}, engine {engine['shard'] / tf_wall:.2f}", "<= 0.3")
-            shutil.rmtree(work / "tf_dcp", ignore_errors=True)
+            f"{engine['shard'] / cp['wall']:.2f}x cp -r")
+        row(f"{label} tpcli shard peak RSS", f"{s['rss']:.2f} GB", f"largest tensor {largest:.2f} GB", rss_target)
 
         warm(work / "tp2")
-        g_wall, g_rss, _ = measure_isolated([py, "-m", "tpcli", "gather", str(work / "tp2"), "--out",
-                                             str(work / "merged"), "--json"], env)
-        c_wall, c_rss, c_out = measure_isolated([py, str(_script(work, "consolidate.py", CONSOLIDATE)),
-                                                 str(work / "tp2"), str(work / "consolidated")], env)
-        c_engine = float(c_out.strip().splitlines()[-1])
-        cp2_wall, _, _ = measure_isolated(["cp", "-r", str(work / "tp2"), str(work / "copy2")])
-        row(f"{label} tpcli gather (CLI)", f"{g_wall:.2f} s", f"{g_wall / cp2_wall:.2f}x cp -r, "
-            f"{g_wall / c_wall:.2f}x torch consolidate ({c_wall:.2f} s, RSS {c_rss:.2f} GB)",
-            "<= 1x consolidate")
+        g, cp2 = paired(args.runs, [*tpcli_cmd, "gather", work / "tp2", "--out", work / "merged", "--json"],
+                        work / "tp2", work / "merged", env)
+        row(f"{label} cp -r of the tp=2 folder", f"{cp2['wall']:.2f} s")
+        row(f"{label} tpcli gather (whole CLI)", f"{g['wall']:.2f} s (user {g['user']:.1f}, sys {g['sys']:.1f})",
+            f"{g['ratio']:.2f}x cp -r ({g['lo']:.2f}-{g['hi']:.2f}, {args.runs} pairs)", "<= 2x cp -r")
         row(f"{label} tpcli gather (engine, imports done)", f"{engine['gather']:.2f} s",
-            f"{engine['gather'] / cp2_wall:.2f}x cp -r, {engine['gather'] / c_engine:.2f}x torch consolidate "
-            f"engine ({c_engine:.2f} s)", "<= 3x cp -r, <= 1x consolidate")
-        row(f"{label} tpcli gather peak RSS", f"{g_rss:.2f} GB", "", f"<= {0.6 + largest:.2f} GB")
-        for d in ("merged", "consolidated", "copy2"):
-            shutil.rmtree(work / d, ignore_errors=True)
+            f"{engine['gather'] / cp2['wall']:.2f}x cp -r")
+        row(f"{label} tpcli gather peak RSS", f"{g['rss']:.2f} GB", "", rss_target)
+        shutil.rmtree(work / "merged", ignore_errors=True)
 
         if size == sizes[-1] and not args.skip_load:
-            out_dir = work / "load"
-            out_dir.mkdir()
-            measure_isolated([py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                              str(_script(work, "load_worker.py", LOAD_WORKER)), str(src), str(work / "tp2"),
-                              str(out_dir)], env)
-            res = [json.loads((out_dir / f"load-{r}.json").read_text()) for r in range(2)]
-            t_orig = max(r["transformers_original"] for r in res)
-            t_shards = max(r["transformers_shards"] for r in res)
-            t_ours = max(r["tpcli_shards"] for r in res)
-            row(f"{label} load tp=2: transformers from original", f"{t_orig:.2f} s")
-            row(f"{label} load tp=2: transformers reload of the shards", f"{t_shards:.2f} s")
-            row(f"{label} load tp=2: tpcli.load_model", f"{t_ours:.2f} s",
-                f"{t_ours / t_orig:.2f}x original, {t_ours / t_shards:.2f}x shards", "<= 0.5x both")
-            shard_total = folder_bytes(work / "tp2") - (work / "tp2" / "tpcli.json").stat().st_size
-            for r in res:
-                row(f"{label} cold load rank {r['rank']}: bytes from storage",
-                    f"{r['cold_read_bytes'] / GB:.3f} GB (logical {r['logical_bytes'] / GB:.3f} GB)",
-                    f"{r['cold_read_bytes'] / shard_total:.2f} of the model", "~ 1/2")
+            load_rows(label, src, work, tpcli_cmd, env, row)
         shutil.rmtree(work, ignore_errors=True)
 
+    load_after = os.getloadavg()
     print()
-    print(f"{'metric':58} | {'value':34} | {'ratio':48} | target")
-    print("-" * 160)
+    print(f"tpcli bench: {os.cpu_count()} CPUs, load average {load_before[0]:.1f} at the start, "
+          f"{load_after[0]:.1f} at the end; medians of {args.runs} paired runs; warm page cache unless 'cold'")
+    print(f"{'metric':62} | {'value':36} | {'ratio':46} | target")
+    print("-" * 165)
     for metric, value, ratio, target in rows:
-        print(f"{metric:58} | {value:34} | {ratio:48} | {target}")
+        print(f"{metric:62} | {value:36} | {ratio:46} | {target}")
+
+
+def inspect_rows(src: Path, work: Path, tpcli_cmd: list[str], env: dict, row) -> None:
+    """inspect / static verify latency: without a cache entry (cold) and with one (warm), whole CLI."""
+    cache_env = {**env, "TPCLI_CACHE_DIR": str(work / "result-cache")}
+    for name, cmd in (("inspect --tp 2", ["inspect", src, "--tp", "2", "--json"]),
+                      ("verify --tp 2 (static)", ["verify", src, "--tp", "2", "--json"])):
+        cold = measure([*tpcli_cmd, *cmd], cache_env)["wall"]
+        hits = statistics.median(measure([*tpcli_cmd, *cmd], cache_env)["wall"] for _ in range(3))
+        row(f"tpcli {name}: cold (no cache entry)", f"{cold:.2f} s", "", "<= 3 s")
+        row(f"tpcli {name}: warm (cache hit)", f"{hits:.2f} s", "", "<= 1 s")
+
+
+def load_rows(label: str, src: Path, work: Path, tpcli_cmd: list[str], env: dict, row) -> None:
+    """tpcli.load_model of tpcli's shards vs transformers' reload of its own DCP save, both under `tpcli run --cpu 2`."""
+    save = measure([*tpcli_cmd, "run", "--cpu", "2", _script(work, "tf_save.py", TRANSFORMERS_SAVE), src,
+                    work / "tf_dcp"], env)
+    row(f"{label} transformers TP load + DCP save (2 ranks, whole)", f"{save['wall']:.2f} s")
+    out_dir = work / "load"
+    out_dir.mkdir()
+    measure([*tpcli_cmd, "run", "--cpu", "2", _script(work, "load_worker.py", LOAD_WORKER), work / "tp2",
+             work / "tf_dcp", out_dir], env)
+    res = [json.loads((out_dir / f"load-{r}.json").read_text()) for r in range(2)]
+    for mode in ("warm", "cold"):
+        ours = max(r[f"tpcli_{mode}"] for r in res)
+        theirs = max(r[f"transformers_{mode}"] for r in res)
+        row(f"{label} load tp=2 ({mode}): transformers reload of its DCP save", f"{theirs:.2f} s (slowest rank)")
+        row(f"{label} load tp=2 ({mode}): tpcli.load_model of tpcli shards", f"{ours:.2f} s (slowest rank)",
+            f"{ours / theirs:.2f}x transformers", "<= 0.5x" if mode == "warm" else "")
+    whole = folder_bytes(src)
+    for r in res:
+        row(f"{label} cold load rank {r['rank']}: bytes read from storage",
+            f"tpcli {r['tpcli_read'] / GB:.3f} GB, transformers {r['transformers_read'] / GB:.3f} GB",
+            f"{r['tpcli_read'] / whole:.2f} / {r['transformers_read'] / whole:.2f} of the model", "~ 1/2")
 
 
 def _largest_tensor_bytes(folder: Path) -> int:
