@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     work = root / "work"
     py = sys.executable
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore", "TPCLI_CACHE_DIR": "off"}
+           "PYTHONWARNINGS": "ignore", "TPCLI_CACHE_DIR": "off",
+           # the tpcli being measured, also in torchrun workers (whose sys.path starts at the script's folder)
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
     tpcli_cmd = [py, "-m", "tpcli"]
     rows: list[tuple[str, str, str, str]] = []
     load_before = os.getloadavg()
