@@ -106,13 +106,15 @@ def paired(runs: int, cmd: list[str], source: Path, out: Path, env: dict) -> tup
 
     Returns (tpcli figures, cp figures): medians of wall/user/sys, max RSS, and the per-pair ratios."""
     ours, cps = [], []
+    copy = out.with_name(out.name + "-cp")
     for i in range(runs):
         for which in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate who goes first: drift hits both alike
-            shutil.rmtree(out, ignore_errors=True)
             if which == 0:
+                shutil.rmtree(out, ignore_errors=True)
                 ours.append(measure(cmd, env))
             else:
-                cps.append(measure(["cp", "-r", source, out]))
+                cps.append(measure(["cp", "-r", source, copy]))
+                shutil.rmtree(copy)
     ratios = sorted(o["wall"] / c["wall"] for o, c in zip(ours, cps, strict=True))
     med = {k: statistics.median(r[k] for r in ours) for k in ("wall", "user", "sys")}
     med |= {"rss": max(r["rss"] for r in ours), "ratio": statistics.median(ratios), "lo": ratios[0], "hi": ratios[-1],
