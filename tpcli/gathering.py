@@ -19,7 +19,16 @@ from .plan import tensor_bytes
 from .readers import ShardedReader
 from .sharding import _cast, _set_config_dtype, metadata_allowance, parse_dtype
 from .source import aux_files
-from .storage import StreamWriter, atomic_dir, check_free_space, copy_aux, file_size, prepare_output, remove_stale_temps
+from .storage import (
+    StreamWriter,
+    atomic_dir,
+    check_free_space,
+    copy_aux,
+    file_size,
+    prepare_output,
+    remove_stale_temps,
+    reuse_freed_memory,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,6 +49,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     cast = parse_dtype(dtype)
     out_path = prepare_output(out, force=force, inputs=[folder])
     removed = remove_stale_temps(out_path.parent)
+    reuse_freed_memory()
     # sizes, headers, coverage, config agreement now; the hashes run alongside the gather and are checked before the
     # output is published (it is written into a temporary folder), so a corrupt input never yields an output.
     integrity = check_folder(folder, quick=False, with_plan=True, defer_hashes=True)

@@ -20,7 +20,16 @@ from .integrity import check_folder
 from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
 from .quant import quantization_record, strip_quantization_config
 from .readers import CheckpointReader, ShardedReader
-from .storage import StreamWriter, atomic_dir, check_free_space, copy_aux, file_size, prepare_output, remove_stale_temps
+from .storage import (
+    StreamWriter,
+    atomic_dir,
+    check_free_space,
+    copy_aux,
+    file_size,
+    prepare_output,
+    remove_stale_temps,
+    reuse_freed_memory,
+)
 
 
 def metadata_allowance(entries: int) -> int:
@@ -142,6 +151,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
     removed = remove_stale_temps(out_path.parent)
     started = time.perf_counter()
+    reuse_freed_memory()
     src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
     prepare_output(out, force=force, inputs=[src.path])  # a hub id is only known to be apart from OUT now
     findings = preflight(plan, tp)
