@@ -32,3 +32,27 @@ def test_reuse_freed_memory_stops_page_faults_per_tensor():
     pages = 10 * sum([22, 22, 22, 8]) * 2**20 // 4096
     assert faults["off"] > pages / 2  # glibc's default: fresh pages for most buffers, every step
     assert faults["on"] < faults["off"] / 3  # reused (measured: 129k -> 32k faults)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "llama", "qwen3_moe"])
+def test_revert_with_the_mapping_built_once_equals_transformers(model_dirs, name):
+    """Conversions attaches the reverse mapping once (not rebuilt per group); the result must stay transformers' own
+    `revert_weight_conversion` of a model that has none attached, group by group (names, shapes, order)."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from tpcli.convert import Conversions
+    from tpcli.plan import build_meta_model, load_config
+
+    config = load_config(model_dirs(name))
+    model, fresh = build_meta_model(config), build_meta_model(config)
+    conv = Conversions(model)
+    meta = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in model.state_dict().items()}
+    groups = conv.reverse_groups(list(meta))
+    for group in groups:
+        ours = conv.revert({n: meta[n] for n in group})
+        theirs = revert_weight_conversion(fresh, {n: meta[n] for n in group})
+        assert [(k, tuple(v.shape)) for k, v in ours.items()] == [(k, tuple(v.shape)) for k, v in theirs.items()]
+    assert getattr(fresh, "_weight_conversions", None) is None
+    changed = any(list(conv.revert({n: meta[n] for n in g})) != g for g in groups)
+    assert changed == (name != "llama")  # the MoE models do convert (fused experts -> per-expert keys)
