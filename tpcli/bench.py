@@ -109,6 +109,7 @@ def paired(runs: int, cmd: list[str], source: Path, out: Path, env: dict) -> tup
     copy = out.with_name(out.name + "-cp")
     for i in range(runs):
         for which in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate who goes first: drift hits both alike
+            os.sync()  # start each run without the last one's dirty pages: writeback would throttle its writes
             if which == 0:
                 shutil.rmtree(out, ignore_errors=True)
                 ours.append(measure(cmd, env))
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
 
         s, cp = paired(args.runs, [*tpcli_cmd, "shard", src, "--tp", "2", "--out", work / "tp2", "--json"],
                        src, work / "tp2", env)
+        os.sync()
         engine = json.loads(measure([py, _script(work, "engine.py", ENGINE), src, work], env)["out"].splitlines()[-1])
         for d in ("e-tp2", "e-merged"):
             shutil.rmtree(work / d, ignore_errors=True)
