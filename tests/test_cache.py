@@ -46,6 +46,9 @@ def test_hit_prints_the_same_and_every_input_misses(model, tmp_path, monkeypatch
 
     _inspect(folder, "--tp", "3")  # another option value
     assert len(calls) == 3
+    memory = ["inspect", str(folder), "--tp", "2", "--seq-len", "128", "--gpu-mem", "24GiB"]  # the memory tables
+    assert runner.invoke(app, memory).stdout == runner.invoke(app, memory).stdout and len(calls) == 4
+    calls.pop()
 
     cfg = json.loads((folder / "config.json").read_text())
     cfg["rms_norm_eps"] = 1e-5 if cfg.get("rms_norm_eps") != 1e-5 else 1e-6  # config.json bytes
