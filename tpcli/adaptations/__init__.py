@@ -43,6 +43,17 @@ def per_rank(total: int, tp_size: int, what: str) -> int:
     return total // tp_size
 
 
+def divide_attributes(model, module_cls, tp_size: int, **config_names: str) -> None:
+    """On every `module_cls` module, replace each named attribute by its per-rank value (`total / tp_size`).
+
+    The modeling code reshapes with these (e.g. `view(bsz, -1, self.num_heads, self.head_dim)`); keyword values
+    name the config field each attribute comes from, for the error message.
+    """
+    for module in model.modules():
+        if isinstance(module, module_cls):
+            for attr, what in config_names.items():
+                setattr(module, attr, per_rank(getattr(module, attr), tp_size, what))
+
 def apply_adaptations(model, names) -> None:
     """Run the named adaptations on a TP-loaded model (no-op outside a process group of size > 1)."""
     import torch.distributed as dist

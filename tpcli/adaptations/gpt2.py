@@ -7,15 +7,14 @@ becomes embed_dim / tp. The head reshapes use `-1` heads and `head_dim`, which a
 
 from __future__ import annotations
 
-from . import adaptation, per_rank
+from . import adaptation, divide_attributes
 
 
 @adaptation("gpt2_attention")
 def gpt2_attention(model, tp_size: int, rank: int) -> None:
     from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
+    divide_attributes(model, GPT2Attention, tp_size, num_heads="n_head", embed_dim="n_embd")
     for module in model.modules():
         if isinstance(module, GPT2Attention):
-            module.num_heads = per_rank(module.num_heads, tp_size, "n_head")
-            module.embed_dim = per_rank(module.embed_dim, tp_size, "n_embd")
             module.split_size = module.embed_dim

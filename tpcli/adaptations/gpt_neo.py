@@ -3,14 +3,11 @@ it becomes num_heads / tp (head_dim unchanged; the local-attention window is per
 
 from __future__ import annotations
 
-from . import adaptation, per_rank
+from . import adaptation, divide_attributes
 
 
 @adaptation("gpt_neo_attention")
 def gpt_neo_attention(model, tp_size: int, rank: int) -> None:
     from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoSelfAttention
 
-    for module in model.modules():
-        if isinstance(module, GPTNeoSelfAttention):
-            module.num_heads = per_rank(module.num_heads, tp_size, "num_heads")
-            module.embed_dim = per_rank(module.embed_dim, tp_size, "hidden_size")
+    divide_attributes(model, GPTNeoSelfAttention, tp_size, num_heads="num_heads", embed_dim="hidden_size")

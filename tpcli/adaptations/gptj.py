@@ -7,14 +7,11 @@ Rotary embeddings act within each head (`rotary_dim` of `head_dim`), so they nee
 
 from __future__ import annotations
 
-from . import adaptation, per_rank
+from . import adaptation, divide_attributes
 
 
 @adaptation("gptj_attention")
 def gptj_attention(model, tp_size: int, rank: int) -> None:
     from transformers.models.gptj.modeling_gptj import GPTJAttention
 
-    for module in model.modules():
-        if isinstance(module, GPTJAttention):
-            module.num_attention_heads = per_rank(module.num_attention_heads, tp_size, "n_head")
-            module.embed_dim = per_rank(module.embed_dim, tp_size, "n_embd")
+    divide_attributes(model, GPTJAttention, tp_size, num_attention_heads="n_head", embed_dim="n_embd")

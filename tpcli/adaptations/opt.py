@@ -7,14 +7,11 @@ num_heads / tp heads that view folds the sequence into the head count (runs, wro
 
 from __future__ import annotations
 
-from . import adaptation, per_rank
+from . import adaptation, divide_attributes
 
 
 @adaptation("opt_attention")
 def opt_attention(model, tp_size: int, rank: int) -> None:
     from transformers.models.opt.modeling_opt import OPTAttention
 
-    for module in model.modules():
-        if isinstance(module, OPTAttention):
-            module.num_heads = per_rank(module.num_heads, tp_size, "num_attention_heads")
-            module.embed_dim = per_rank(module.embed_dim, tp_size, "hidden_size")
+    divide_attributes(model, OPTAttention, tp_size, num_heads="num_attention_heads", embed_dim="hidden_size")

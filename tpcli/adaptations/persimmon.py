@@ -7,14 +7,11 @@ which becomes num_heads / tp. q/k LayerNorms act on head_dim and are shared by a
 
 from __future__ import annotations
 
-from . import adaptation, per_rank
+from . import adaptation, divide_attributes
 
 
 @adaptation("persimmon_attention")
 def persimmon_attention(model, tp_size: int, rank: int) -> None:
     from transformers.models.persimmon.modeling_persimmon import PersimmonAttention
 
-    for module in model.modules():
-        if isinstance(module, PersimmonAttention):
-            module.num_heads = per_rank(module.num_heads, tp_size, "num_attention_heads")
-            module.hidden_size = per_rank(module.hidden_size, tp_size, "hidden_size")
+    divide_attributes(model, PersimmonAttention, tp_size, num_heads="num_attention_heads", hidden_size="hidden_size")

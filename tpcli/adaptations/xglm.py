@@ -3,14 +3,11 @@ global `embed_dim`; both become per-rank (head_dim unchanged)."""
 
 from __future__ import annotations
 
-from . import adaptation, per_rank
+from . import adaptation, divide_attributes
 
 
 @adaptation("xglm_attention")
 def xglm_attention(model, tp_size: int, rank: int) -> None:
     from transformers.models.xglm.modeling_xglm import XGLMAttention
 
-    for module in model.modules():
-        if isinstance(module, XGLMAttention):
-            module.num_heads = per_rank(module.num_heads, tp_size, "attention_heads")
-            module.embed_dim = per_rank(module.embed_dim, tp_size, "d_model")
+    divide_attributes(model, XGLMAttention, tp_size, num_heads="attention_heads", embed_dim="d_model")
