@@ -199,9 +199,15 @@ def _ready_pids(proc, n: int) -> set[int]:
 @pytest.mark.dist
 def test_script_gets_every_argument_and_its_exit_code_is_tpclis(tmp_path):
     script = tmp_path / "args.py"
-    script.write_text("import os, sys\nprint('ARGS', sys.argv[1:], flush=True)\n"
+    # rank 0 fails only once rank 1 has printed: a failure makes torchrun stop the other workers, which could
+    # otherwise stop rank 1 before its first line
+    script.write_text("import os, pathlib, sys, time\nprint('ARGS', sys.argv[1:], flush=True)\n"
                       "print('VERBOSITY', os.environ.get('TRANSFORMERS_VERBOSITY'), flush=True)\n"
-                      "sys.exit(3 if os.environ['RANK'] == '0' else 0)\n")
+                      "printed = pathlib.Path(__file__).with_name('rank1-printed')\n"
+                      "if os.environ['RANK'] == '1':\n    printed.write_text('ok')\n    sys.exit(0)\n"
+                      "deadline = time.monotonic() + 120\n"
+                      "while not printed.exists() and time.monotonic() < deadline:\n    time.sleep(0.05)\n"
+                      "sys.exit(3)\n")
     env = base_env()
     del env["TRANSFORMERS_VERBOSITY"]  # tpcli sets it for its workers unless --verbose
     proc = subprocess.run([*TPCLI, "run", "--cpu", "2", script, "--cpu", "5", "--help", "-m", "x", "--model", "y",
