@@ -62,9 +62,9 @@ class _Recording(_SliceReader):
         super()._to_target(out, host)
 
 
-def _load(folder, doc, placements, rank, *, dtype=None, stage=False):
+def _load(folder, doc, placements, rank, *, dtype=None, stage=False, map_files=False):
     """This rank's local tensors on CPU, the bytes read, and how many went through the staged copy."""
-    reader = _Recording(folder, stage=stage)
+    reader = _Recording(folder, stage=stage, map_files=map_files)
     out = {}
     for name, entry, dim, runs, shape in _jobs(doc, placements, rank):
         out[name] = torch.empty(shape, dtype=dtype or getattr(torch, entry["dtype"]))
@@ -124,3 +124,69 @@ def test_tensorfile_refuses_a_device_tensor(sharded):
     with pytest.raises(ValueError, match="needs a contiguous CPU tensor"):
         f.read_into(name, torch.empty(entry["chunks"][0]["sizes"], device="meta"))
     f.close()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mixtral"])
+def test_mapped_path_equals_the_read_path_and_copies_nothing(sharded, name):
+    """CPU targets of the stored dtype become views of the rank file's mapping: same values, same bytes, no copy;
+    slices that span chunks (mixtral's _StridedShard gate_up) are still read."""
+    _, folder, doc, placements = sharded(name)
+    for rank in range(TP):
+        read, read_bytes, _ = _load(folder, doc, placements, rank)
+        reader = _SliceReader(folder)  # map_files=True: what load_model uses
+        mapped = {}
+        for tname, entry, dim, runs, shape in _jobs(doc, placements, rank):
+            mapped[tname] = target = torch.empty(shape, dtype=getattr(torch, entry["dtype"]))
+            reader.read_into(target, tname, entry, dim, runs)
+            storage = target.untyped_storage()
+            if reader._whole_chunk(entry, dim, runs) is not None:  # mapped: the storage is the whole rank file
+                file = reader._whole_chunk(entry, dim, runs)["file"]
+                assert storage.nbytes() == (folder / file).stat().st_size, tname
+                assert storage.data_ptr() == reader.storages[file].data_ptr(), tname
+            else:
+                assert storage.nbytes() == target.numel() * target.element_size(), tname
+        assert reader.bytes_read == read_bytes and 0 < reader.bytes_mapped <= read_bytes
+        assert (reader.bytes_mapped == read_bytes) == (name == "qwen3")
+        reader.finish()  # the mappings outlive the reader: the tensors hold them
+        for tname, t in read.items():
+            assert torch.equal(mapped[tname], t), (rank, tname)
+
+
+def test_mapped_tensors_are_private_copies_on_write(sharded):
+    """Writing to a mapped parameter (an optimizer step) must never change the checkpoint on disk."""
+    from tpcli.storage import sha256_file
+
+    _, folder, doc, placements = sharded("qwen3")
+    before = {f: sha256_file(folder / f) for f in doc["files"]}
+    reader = _SliceReader(folder)
+    targets = []
+    for tname, entry, dim, runs, shape in _jobs(doc, placements, 0):
+        t = torch.empty(shape, dtype=getattr(torch, entry["dtype"]))
+        reader.read_into(t, tname, entry, dim, runs)
+        t.add_(1)
+        targets.append(t)
+    assert reader.bytes_mapped > 0
+    assert {f: sha256_file(folder / f) for f in doc["files"]} == before
+
+
+def test_unaligned_tensor_is_read_not_mapped(tmp_path):
+    """A tensor whose file offset is not a multiple of its element size cannot be a view: it is read instead."""
+    import json
+    import struct
+
+    header = {"a": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    a, b = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16), torch.tensor([4.5, -1.25])
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + a.view(torch.uint8).numpy().tobytes()
+                                             + b.view(torch.uint8).numpy().tobytes())
+    reader = _SliceReader(tmp_path)
+    outs = {}
+    for name, t in (("a", a), ("b", b)):
+        entry = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                 "chunks": [{"file": "x.safetensors", "offsets": [0], "sizes": list(t.shape)}]}
+        outs[name] = torch.empty(t.shape, dtype=t.dtype)
+        reader.read_into(outs[name], name, entry, None, None)
+    assert torch.equal(outs["a"], a) and torch.equal(outs["b"], b)
+    assert reader.bytes_mapped == 6 and reader.bytes_read == 14  # a (offset % 2 == 0) mapped, b (offset % 4 == 2) read
