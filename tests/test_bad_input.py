@@ -255,6 +255,25 @@ def _enospc(ctx):
             self.f.close()
 
     ctx.monkeypatch.setattr(storage, "open_for_writing", lambda p: Full(real(p)))
+    # the byte-moving path (tpcli.bytecopy) writes with pwrite / copy_file_range on the file's descriptor
+    written = [0]
+    real_write_at, real_copy_range = storage.write_at, storage.copy_range
+
+    def fill(n):
+        written[0] += n
+        if written[0] > 100_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_at(f, data, pos):
+        fill(len(memoryview(data).cast("B")))
+        real_write_at(f.f, data, pos)
+
+    def copy_range(src_fd, f, n, src_pos, pos):
+        fill(n)
+        real_copy_range(src_fd, f.f, n, src_pos, pos)
+
+    ctx.monkeypatch.setattr(storage, "write_at", write_at)
+    ctx.monkeypatch.setattr(storage, "copy_range", copy_range)
     return ["shard", src, "--tp", "2", "--out", ctx.out]
 
 

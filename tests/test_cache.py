@@ -127,3 +127,83 @@ def test_a_hit_imports_neither_torch_nor_transformers(model, tmp_path):
                           env={**os.environ, cache.ENV: str(tmp_path / "cache")})
     assert proc.stdout.rstrip().endswith("LOADED False False"), proc.stderr
     assert proc.stdout.rsplit("LOADED", 1)[0] == first
+
+
+# --- shard / gather: the layout of the byte-moving path (tpcli.bytecopy) is cached, the bytes are always moved ---
+
+HIT_SCRIPT = """
+import json, sys
+from tpcli.sharding import shard_checkpoint
+from tpcli.gathering import gather_checkpoint
+cmd, src, out = sys.argv[1:4]
+fn = shard_checkpoint if cmd == "shard" else gather_checkpoint
+fn(src, out=out, **({"tp": 2} if cmd == "shard" else {"max_shard_size": "60KB"}))
+print(json.dumps(sorted(m for m in ("torch", "transformers") if m in sys.modules)))
+"""
+
+
+def _digests(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _run(cmd, src, out, cache_dir):
+    env = {**os.environ, cache.ENV: str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-c", HIT_SCRIPT, cmd, str(src), str(out)], env=env, capture_output=True,
+                          text=True, check=True)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_shard_and_gather_hits_skip_torch_and_write_the_same_files(model_dirs, tmp_path):
+    """A second shard / gather of the same input is planned from the cache (neither torch nor transformers is
+    imported) and writes exactly what the first run, and the uncached general path, wrote."""
+    from tpcli.gathering import gather_checkpoint
+    from tpcli.sharding import shard_checkpoint
+
+    src, c = model_dirs("llama"), tmp_path / "cache"
+    assert _run("shard", src, tmp_path / "s1", c) == ["torch", "transformers"]  # planned, then cached
+    assert _run("shard", src, tmp_path / "s2", c) == []
+    assert _run("gather", tmp_path / "s1", tmp_path / "g1", c) == ["torch", "transformers"]
+    assert _run("gather", tmp_path / "s1", tmp_path / "g2", c) == []
+    shard_checkpoint(str(src), tp=2, out=str(tmp_path / "s-ref"), byte_copy=False)
+    gather_checkpoint(str(tmp_path / "s1"), out=str(tmp_path / "g-ref"), max_shard_size="60KB", byte_copy=False)
+    assert _digests(tmp_path / "s1") == _digests(tmp_path / "s2") == _digests(tmp_path / "s-ref")
+    assert _digests(tmp_path / "g1") == _digests(tmp_path / "g2") == _digests(tmp_path / "g-ref")
+
+
+def test_a_changed_header_with_the_same_size_and_mtime_is_replanned(model_dirs, tmp_path, monkeypatch):
+    """The key covers sizes and mtimes; a hit also compares each source file's header with the one planned. Here
+    two same-shaped tensors swap places inside a weight file (same size, same header length, mtime restored): the
+    key still matches, the header does not, so the shard is replanned and moves the right bytes."""
+    import struct
+
+    from tpcli.sharding import shard_checkpoint
+    from tpcli.storage import read_header
+
+    src = tmp_path / "llama"
+    shutil.copytree(model_dirs("llama3"), src)
+    c = tmp_path / "cache"
+    monkeypatch.setenv(cache.ENV, str(c))
+    params = {"model": str(src), "tp": 2, "plan": None, "dtype": None, "revision": None}
+    before = cache.key("shard", params)
+    _run("shard", src, tmp_path / "before", c)
+    weights = next(src.glob("*.safetensors"))
+    st = weights.stat()
+    header, _ = read_header(weights)
+    a, b = "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+    assert header[a]["shape"] == header[b]["shape"] and header[a]["data_offsets"] != header[b]["data_offsets"]
+    raw = bytearray(weights.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = json.loads(raw[8:8 + n])
+    text[a]["data_offsets"], text[b]["data_offsets"] = text[b]["data_offsets"], text[a]["data_offsets"]
+    new = json.dumps(text, separators=(",", ":")).encode()
+    new += b" " * (n - len(new))
+    assert len(new) == n
+    raw[8:8 + n] = new  # the tensors' bytes stay where they were: a reads b's old place, which holds b's values
+    weights.write_bytes(raw)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.key("shard", params) == before  # the same key: only the header check can tell
+    _run("shard", src, tmp_path / "after", c)
+    shard_checkpoint(str(src), tp=2, out=str(tmp_path / "ref"), byte_copy=False)
+    assert _digests(tmp_path / "after") == _digests(tmp_path / "ref") != _digests(tmp_path / "before")

@@ -134,21 +134,25 @@ def test_pickled_checkpoint_is_refused(model_dirs, tmp_path):
         shard_checkpoint(str(src), tp=2, out=str(tmp_path / "o"))
 
 
-def test_error_midway_leaves_no_output(model_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("byte_copy", [True, False], ids=["byte-path", "general-path"])
+def test_error_midway_leaves_no_output(byte_copy, model_dirs, tmp_path, monkeypatch):
+    import tpcli.bytecopy as bytecopy
     import tpcli.sharding as sharding
 
     calls = {"n": 0}
-    real = sharding._cast
+    module, name = (bytecopy, "_copy_unit") if byte_copy else (sharding, "_cast")  # one step per tensor
+    real = getattr(module, name)
 
-    def failing(t, dtype):
+    def failing(*args):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(t, dtype)
+        return real(*args)
 
-    monkeypatch.setattr(sharding, "_cast", failing)
+    monkeypatch.setattr(module, name, failing)
     out = tmp_path / "half"
     with pytest.raises(KeyboardInterrupt):
-        shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(out))
+        shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(out), byte_copy=byte_copy)
+    assert calls["n"] >= 5
     assert not out.exists()
     assert os.listdir(tmp_path) == []

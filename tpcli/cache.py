@@ -43,15 +43,17 @@ def cache_dir() -> Path | None:
     return Path(base) / "tpcli"
 
 
-def key(command: str, params: dict) -> str | None:
-    """The key of one invocation, or None when it must not be cached: cache disabled, a hub id or --revision, a
-    sharded folder (verify hashes its files) or --numerics (real workers)."""
+def key(command: str, params: dict, *, sharded: bool = False) -> str | None:
+    """The key of one invocation, or None when it must not be cached: cache disabled, a hub id or --revision,
+    --numerics (real workers), or a sharded folder unless `sharded` (verify hashes its files, so its result is
+    never cached; gather caches only its layout and still hashes the files)."""
     from .dcp import is_sharded_dir
 
     if cache_dir() is None or params.get("revision") or params.get("numerics"):
         return None
     model = params.get("model", params.get("target"))
-    if not isinstance(model, str) or not Path(model).expanduser().is_dir() or is_sharded_dir(Path(model).expanduser()):
+    if not isinstance(model, str) or not Path(model).expanduser().is_dir() or (
+            is_sharded_dir(Path(model).expanduser()) and not sharded):
         return None
     h = hashlib.sha256()
 

@@ -8,16 +8,18 @@ group (the largest fused tensor) plus its chunks. The same engine reshards a sha
 from __future__ import annotations
 
 import json
+import os
+import struct
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import dcp, manifest
+from . import bytecopy, dcp, manifest
 from . import source as sources
 from .checks import check_plan, errors
 from .errors import CheckpointError, PlanError, UsageError
 from .integrity import check_folder
-from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
+from .plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, tensor_bytes
 from .quant import quantization_record, strip_quantization_config
 from .readers import CheckpointReader, ShardedReader
 from .storage import (
@@ -141,85 +143,217 @@ def layout(plan: ResolvedPlan, reader, cast: str | None):
     return infos, steps, aliases
 
 
+def stored_as_is(reader, steps, kind: str, plan: ResolvedPlan, cast: str | None) -> dict | None:
+    """{run-time name: (source file, absolute data offset, shape, dtype)} when every tensor written is a checkpoint
+    tensor exactly as stored (at most renamed by transformers, no cast, not quantized), so that `tpcli.bytecopy` can
+    move its bytes; None otherwise (the tensors then go through transformers' converters)."""
+    if kind != "checkpoint" or plan.quantization is not None or plan.dequantized:
+        return None
+    stored = {}
+    for step, names in steps:
+        (key, pattern), *more = step.sources
+        if more or pattern is not None or names != [step.first_target]:  # a real conversion
+            return None
+        dtype, shape = reader.key_meta[key]
+        if cast not in (None, dtype):
+            return None
+        f = reader.key_file[key]
+        h = reader._handle(f)
+        stored[step.first_target] = (f, h.data_start + h.header[key]["data_offsets"][0], shape, dtype)
+    return stored
+
+
+@dataclass
+class ShardJob:
+    """Everything `shard` writes, decided before the first byte is read.
+
+    `boxes` (rank -> one `bytecopy.Box` per entry, as JSON-ready lists) is set when every tensor is a checkpoint
+    tensor as stored: the job is then plain data, cached by `tpcli.cache` so that sharding the same checkpoint again
+    needs neither torch nor transformers. Otherwise `live` holds the open reader for the general path."""
+
+    rank_files: list  # (file name, [(name, dtype, sizes)], metadata) per rank
+    doc: dict  # the manifest, "files" still empty
+    summary: dict  # source, kind, tensors, unexpected_keys, quantization, warnings
+    src_path: str
+    cast: str | None
+    dequantized: bool
+    entries: int  # chunks written, for the free-space allowance
+    total: int  # bytes read, for the progress bar
+    boxes: list | None = None
+    headers: dict | None = None  # source file -> (size, sha256 of its header): checked before a cached job runs
+    live: tuple | None = None  # (reader, steps, tied_after, chunk_of, check_hashes)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "live"}
+
+
 def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = None, dtype: str | None = None,
-                     revision: str | None = None, force: bool = False, progress: bool = False) -> dict:
-    """Write `out` with one file per rank plus tpcli.json; returns a summary dict."""
-    from .render import progress_bar
+                     revision: str | None = None, force: bool = False, progress: bool = False,
+                     byte_copy: bool = True) -> dict:
+    """Write `out` with one file per rank plus tpcli.json; returns a summary dict.
+
+    byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
+    they are (`tpcli.bytecopy`); the two write identical files (tests compare them)."""
+    from . import cache
 
     cast = parse_dtype(dtype)
     local = Path(model).expanduser()
     out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
     removed = remove_stale_temps(out_path.parent)
     started = time.perf_counter()
-    reuse_freed_memory()
-    src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
-    prepare_output(out, force=force, inputs=[src.path])  # a hub id is only known to be apart from OUT now
-    findings = preflight(plan, tp)
-    infos, steps, tied_after = layout(plan, reader, cast)
-    chunks = dcp.plan_chunks(infos, tp)
-    chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
-    order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
-    rank_files = []
-    for r in range(tp):
-        entries = [(c.name, c.dtype, c.sizes) for n in order if (c := chunk_of.get((r, n))) is not None]
-        rank_files.append((dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
-    aux = sources.aux_files(src.path)
-    check_free_space(out_path, sum(file_size(e, m) for _, e, m in rank_files) +
-                     sum(f.stat().st_size for f in aux) + metadata_allowance(len(chunk_of)))
+    key = cache.key("shard", {"model": model, "tp": tp, "plan": plan_file, "dtype": cast,
+                              "revision": revision}) if byte_copy else None
+    job = _cached_job(cache.get(key))
+    if job is None:
+        reuse_freed_memory()
+        job = plan_job(model, tp=tp, plan_file=plan_file, cast=cast, revision=revision, byte_copy=byte_copy)
+        prepare_output(out, force=force, inputs=[Path(job.src_path)])  # a hub id is only known apart from OUT now
+        if job.boxes is not None:
+            cache.put(key, job.to_json())
+    files, copied = _write_job(job, out_path, tp=tp, progress=progress)
+    info = job.summary
+    return {
+        "out": str(out_path),
+        "tp_size": tp,
+        "source": info["source"],
+        "kind": info["kind"],
+        "tensors": info["tensors"],
+        "files": files,
+        "copied": copied,
+        "bytes_written": sum(f["bytes"] for f in files.values()),
+        "unexpected_keys": info["unexpected_keys"],
+        "quantization": info["quantization"],
+        "removed_temp_folders": removed,
+        "warnings": info["warnings"],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
+
+def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, revision: str | None,
+             byte_copy: bool = True) -> ShardJob:
+    """Resolve the plan with transformers, check it, and lay out every rank file (nothing written yet)."""
+    src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
+    try:
+        findings = preflight(plan, tp)
+        infos, steps, tied_after = layout(plan, reader, cast)
+        chunks = dcp.plan_chunks(infos, tp)
+        chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
+        order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
+        rank_files = []
+        for r in range(tp):
+            entries = [(c.name, c.dtype, c.sizes) for n in order if (c := chunk_of.get((r, n))) is not None]
+            rank_files.append((dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
+        doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
+                             tensors=infos, chunks=chunks, dtype=cast, files={})
+        doc.update(quantization_record(plan, list(reader.unexpected)))
+        job = ShardJob(rank_files=rank_files, doc=doc, src_path=str(src.path), cast=cast,
+                       dequantized=plan.dequantized, entries=len(chunk_of),
+                       total=sum(reader.step_bytes(s) for s, _ in steps),
+                       summary={"source": doc["source"], "kind": kind, "tensors": len(infos),
+                                "unexpected_keys": list(reader.unexpected), "quantization": doc["quantization"],
+                                "warnings": [f.to_dict() for f in findings if f.severity == "warning"]})
+        stored = stored_as_is(reader, steps, kind, plan, cast) if byte_copy else None
+        if stored is None:
+            job.live = (reader, steps, tied_after, chunk_of, check_hashes)
+            return job
+        origin = {alias: name for _, names in steps for name in names for alias in [name, *tied_after.get(name, [])]}
+        job.boxes = [[[str(stored[origin[alias]][0]), stored[origin[alias]][1], list(stored[origin[alias]][2]),
+                       list(chunk_of[(r, alias)].offsets), list(sizes), tensor_bytes(dt, (1,))]
+                      for alias, dt, sizes in entries] for r, (_, entries, _) in enumerate(rank_files)]
+        job.headers = {str(f): header_digest(f) for f in {v[0] for v in stored.values()}}
+        reader.close()
+        return job
+    except BaseException:
+        reader.close()
+        raise
+
+
+def header_digest(path: Path) -> list:
+    """[size, sha256 of the safetensors header]: what the byte offsets of a cached job depend on in a source file."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return [os.fstat(f.fileno()).st_size, hashlib.sha256(f.read(n)).hexdigest()]
+
+
+def _cached_job(entry: dict | None) -> ShardJob | None:
+    """A cached job, if every source file still has the size and header it was planned with (else None: replan)."""
+    if not entry:
+        return None
+    try:
+        job = ShardJob(**entry)
+        if any(header_digest(Path(f)) != list(d) for f, d in job.headers.items()):
+            return None
+    except (OSError, TypeError, ValueError, struct.error):
+        return None
+    return job
+
+
+def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: bool) -> tuple[dict, list]:
+    """Write the rank files, config and manifest into a temporary folder and publish it as `out_path`."""
+    from .render import progress_bar
+
+    aux = sources.aux_files(Path(job.src_path))
+    check_free_space(out_path, sum(file_size(e, m) for _, e, m in job.rank_files) +
+                     sum(f.stat().st_size for f in aux) + metadata_allowance(job.entries))
     with atomic_dir(out_path, command="shard") as tmp:
         writers = []
+        reader, steps, tied_after, chunk_of, check_hashes = job.live or (None, None, None, None, lambda: None)
         try:
-            for name, entries, metadata in rank_files:
-                writers.append(StreamWriter(tmp / name, entries, metadata))
-            total = sum(reader.step_bytes(s) for s, _ in steps)
-            with progress_bar(total, f"shard tp={tp}", progress) as bar:
-                for step, names in steps:
-                    tensors, full = reader.read(step), None
-                    for name in names:
-                        full = tensors[name]
-                        for alias in [name, *tied_after.get(name, [])]:
-                            for r in range(tp):
-                                c = chunk_of.get((r, alias))
-                                if c is not None:
-                                    index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
-                                    writers[r].write(alias, _cast(full[index], c.dtype))
-                    del tensors, full  # the loop variable would keep this step alive while the next is read
-                    bar.advance(reader.step_bytes(step))
-            hashes = [w.close() for w in writers]
+            if job.boxes is not None:
+                outputs = []
+                for (name, entries, metadata), boxes in zip(job.rank_files, job.boxes, strict=True):
+                    out_file, starts = bytecopy.lay_out(tmp / name, entries, metadata)
+                    for (alias, _, _), (path, start, shape, offsets, sizes, itemsize) in zip(entries, boxes,
+                                                                                                strict=True):
+                        out_file.units.append([bytecopy.Box(Path(path), start, starts[alias], tuple(shape),
+                                                            tuple(offsets), tuple(sizes), itemsize, box_in="src")])
+                    outputs.append(out_file)
+                with progress_bar(job.total, f"shard tp={tp}", progress) as bar:
+                    hashes = bytecopy.write_files(outputs, sha256=True, advance=bar.advance)
+                paths = [o.path for o in outputs]
+            else:
+                for name, entries, metadata in job.rank_files:
+                    writers.append(StreamWriter(tmp / name, entries, metadata))
+                hashes, paths = _stream(reader, steps, tied_after, chunk_of, writers, tp, job.total, progress)
             check_hashes()  # a corrupt sharded input: raise before anything is published
         except BaseException:
             for w in writers:
                 w.abort()
             raise
         finally:
-            reader.close()
-        copied = copy_aux(src.path, tmp, aux)
-        if cast:
-            _set_config_dtype(tmp / "config.json", cast)
-        if plan.dequantized:
+            if reader is not None:
+                reader.close()
+        copied = copy_aux(Path(job.src_path), tmp, aux)
+        if job.cast:
+            _set_config_dtype(tmp / "config.json", job.cast)
+        if job.dequantized:
             strip_quantization_config(tmp / "config.json")
-        files = {w.path.name: {"rank": r, "bytes": w.path.stat().st_size, "sha256": h}
-                 for r, (w, h) in enumerate(zip(writers, hashes, strict=True))}
-        doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
-                             tensors=infos, chunks=chunks, dtype=cast, files=files)
-        doc.update(quantization_record(plan, list(reader.unexpected)))
-        manifest.write(tmp, doc)
-    return {
-        "out": str(out_path),
-        "tp_size": tp,
-        "source": doc["source"],
-        "kind": kind,
-        "tensors": len(infos),
-        "files": files,
-        "copied": copied,
-        "bytes_written": sum(f["bytes"] for f in files.values()),
-        "unexpected_keys": list(reader.unexpected),
-        "quantization": doc["quantization"],
-        "removed_temp_folders": removed,
-        "warnings": [f.to_dict() for f in findings if f.severity == "warning"],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+        files = {p.name: {"rank": r, "bytes": p.stat().st_size, "sha256": h}
+                 for r, (p, h) in enumerate(zip(paths, hashes, strict=True))}
+        manifest.write(tmp, {**job.doc, "files": files})  # "files" keeps its place in the manifest
+    return files, copied
+
+
+def _stream(reader, steps, tied_after, chunk_of, writers, tp: int, total: int, progress: bool):
+    """The general path: read each step through transformers' converters, slice every rank's chunk, append it."""
+    from .render import progress_bar
+
+    with progress_bar(total, f"shard tp={tp}", progress) as bar:
+        for step, names in steps:
+            tensors, full = reader.read(step), None
+            for name in names:
+                full = tensors[name]
+                for alias in [name, *tied_after.get(name, [])]:
+                    for r in range(tp):
+                        c = chunk_of.get((r, alias))
+                        if c is not None:
+                            index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
+                            writers[r].write(alias, _cast(full[index], c.dtype))
+            del tensors, full  # the loop variable would keep this step alive while the next is read
+            bar.advance(reader.step_bytes(step))
+    return [w.close() for w in writers], [w.path for w in writers]
 
 
 def _cast(t, dtype: str):

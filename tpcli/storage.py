@@ -63,6 +63,25 @@ def open_for_writing(path: Path):
     return open(path, "wb")  # noqa: SIM115 - the caller closes it
 
 
+def write_at(f, data, pos: int) -> None:
+    """Write all of `data` at byte `pos` of the open file `f` (continuing after a short write). This and
+    `copy_range` are where `tpcli.bytecopy` writes (a test injects a full disk here)."""
+    with memoryview(data) as mv, mv.cast("B") as view:  # released even when pwrite raises (a mapping can close)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(f.fileno(), view[done:], pos + done)
+
+
+def copy_range(src_fd: int, f, n: int, src_pos: int, pos: int) -> None:
+    """Copy n bytes from `src_fd` at `src_pos` to the open file `f` at `pos` inside the kernel (copy_file_range)."""
+    done = 0
+    while done < n:
+        k = os.copy_file_range(src_fd, f.fileno(), n - done, src_pos + done, pos + done)
+        if k == 0:
+            raise OSError(errno.EIO, "source file ended early (changed while being read?)")
+        done += k
+
+
 class StreamWriter:
     """Write one safetensors file tensor by tensor, in the order of `entries`.
 
