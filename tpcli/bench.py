@@ -6,7 +6,8 @@
 Builds random bf16 Llama checkpoints locally (cached in ROOT, outside git; xl = 4.5 GB is opt-in: building it takes
 minutes), warms the page cache, then measures what a user waits for: the whole `tpcli shard` / `tpcli gather`
 process (start-up included), paired with `cp -r` of the same files run alternately (medians and ranges of the
-per-pair ratios), next to the engine alone (imports done). Each command runs in its own process; wall, user and
+per-pair ratios), without the layout cache (planned with transformers: a first run) and with it (a repeat), next to
+the engine alone (imports done). Each command runs in its own process; wall, user and
 system time and peak RSS come from `wait4`. The load comparison runs `tpcli run --cpu 2`: tpcli.load_model of
 tpcli's tp=2 shards against transformers' reload of its own `distributed_checkpoint=True` save, time to a ready
 model per rank and to the end of its first forward, and the bytes each rank reads from storage with a cold page
@@ -242,14 +243,17 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir()
         warm(src)
         label = f"{size} ({nbytes / GB:.2f} GB, {len(list(src.glob('*.safetensors')))} files)"
+        cached = {**env, "TPCLI_CACHE_DIR": str(work / "layout-cache")}  # `tpcli shard/gather` layout cache on
         largest = _largest_tensor_bytes(src) / GB
         rss_target = f"<= {0.6 + largest:.2f} GB"
 
         if size == sizes[0]:
             inspect_rows(src, work, tpcli_cmd, env, row)
 
-        s, cp = paired(args.runs, [*tpcli_cmd, "shard", src, "--tp", "2", "--out", work / "tp2", "--json"],
-                       src, work / "tp2", env)
+        shard_cmd = [*tpcli_cmd, "shard", src, "--tp", "2", "--out", work / "tp2", "--json"]
+        s, cp = paired(args.runs, shard_cmd, src, work / "tp2", env)  # no layout cache: planned with transformers
+        measure(shard_cmd + ["--force"], cached)  # plans once, fills the layout cache
+        sw, cpw = paired(args.runs, shard_cmd, src, work / "tp2", cached)  # planned from the cache
         os.sync()
         engine = json.loads(measure([py, _script(work, "engine.py", ENGINE), src, work], env)["out"].splitlines()[-1])
         for d in ("e-tp2", "e-merged"):
@@ -257,16 +261,24 @@ def main(argv: list[str] | None = None) -> None:
         row(f"{label} cp -r", f"{cp['wall']:.2f} s", f"user {cp['user']:.1f} s, sys {cp['sys']:.1f} s")
         row(f"{label} tpcli shard tp=2 (whole CLI)", f"{s['wall']:.2f} s (user {s['user']:.1f}, sys {s['sys']:.1f})",
             f"{s['ratio']:.2f}x cp -r ({s['lo']:.2f}-{s['hi']:.2f}, {args.runs} pairs)", "<= 2x cp -r")
+        row(f"{label} tpcli shard tp=2 (whole CLI, layout cached)",
+            f"{sw['wall']:.2f} s (user {sw['user']:.1f}, sys {sw['sys']:.1f})",
+            f"{sw['ratio']:.2f}x cp -r ({sw['lo']:.2f}-{sw['hi']:.2f}; cp {cpw['wall']:.2f} s)", "<= 2x cp -r")
         row(f"{label} tpcli shard tp=2 (engine, imports done)", f"{engine['shard']:.2f} s",
             f"{engine['shard'] / cp['wall']:.2f}x cp -r")
         row(f"{label} tpcli shard peak RSS", f"{s['rss']:.2f} GB", f"largest tensor {largest:.2f} GB", rss_target)
 
         warm(work / "tp2")
-        g, cp2 = paired(args.runs, [*tpcli_cmd, "gather", work / "tp2", "--out", work / "merged", "--json"],
-                        work / "tp2", work / "merged", env)
+        gather_cmd = [*tpcli_cmd, "gather", work / "tp2", "--out", work / "merged", "--json"]
+        g, cp2 = paired(args.runs, gather_cmd, work / "tp2", work / "merged", env)
+        measure(gather_cmd + ["--force"], cached)
+        gw, cp2w = paired(args.runs, gather_cmd, work / "tp2", work / "merged", cached)
         row(f"{label} cp -r of the tp=2 folder", f"{cp2['wall']:.2f} s")
         row(f"{label} tpcli gather (whole CLI)", f"{g['wall']:.2f} s (user {g['user']:.1f}, sys {g['sys']:.1f})",
             f"{g['ratio']:.2f}x cp -r ({g['lo']:.2f}-{g['hi']:.2f}, {args.runs} pairs)", "<= 2x cp -r")
+        row(f"{label} tpcli gather (whole CLI, layout cached)",
+            f"{gw['wall']:.2f} s (user {gw['user']:.1f}, sys {gw['sys']:.1f})",
+            f"{gw['ratio']:.2f}x cp -r ({gw['lo']:.2f}-{gw['hi']:.2f}; cp {cp2w['wall']:.2f} s)", "<= 2x cp -r")
         row(f"{label} tpcli gather (engine, imports done)", f"{engine['gather']:.2f} s",
             f"{engine['gather'] / cp2['wall']:.2f}x cp -r")
         row(f"{label} tpcli gather peak RSS", f"{g['rss']:.2f} GB", "", rss_target)
