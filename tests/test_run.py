@@ -49,6 +49,39 @@ def test_load_model_matches_transformers_and_single_process(model_dirs, tmp_path
     assert torch.equal(torch.load(out / "tokens.pt"), tokens)
 
 
+PLAN_WORKER = """
+import json, torch, tpcli
+m = tpcli.load_model()
+w = m.model.layers[0].self_attn.o_proj.weight
+local = w.to_local() if hasattr(w, "to_local") else w
+print("o_proj:" + json.dumps({"placements": str(getattr(w, "placements", None)), "local": list(local.shape)}))
+"""
+
+
+@pytest.mark.dist
+def test_run_plan_reaches_load_model_in_the_workers(model_dirs, tmp_path):
+    """`tpcli run --model M --plan FILE`: tpcli.load_model() in the workers loads with that plan (it used to load
+    with the model's own plan); a sharded folder keeps the plan it was sharded with, so --plan is refused there."""
+    script = tmp_path / "w.py"
+    script.write_text(PLAN_WORKER)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"model.layers.*.self_attn.o_proj": "replicate"}))
+    model = model_dirs("qwen3")
+
+    def o_proj(*extra):
+        out = tpcli_run("--cpu", 2, "--model", model, *extra, script).stdout
+        return [json.loads(line.split("o_proj:", 1)[1]) for line in out.splitlines() if "o_proj:" in line]
+
+    default, planned = o_proj(), o_proj("--plan", plan)
+    assert len(default) == len(planned) == 2
+    assert all("Shard(dim=1)" in r["placements"] for r in default)
+    assert all("Shard" not in r["placements"] for r in planned)
+    assert planned[0]["local"][1] == 2 * default[0]["local"][1]  # whole on each rank
+    shard_checkpoint(str(model), tp=2, out=str(tmp_path / "s"))
+    proc = tpcli_run("--cpu", 2, "--model", tmp_path / "s", "--plan", plan, script, check=False)
+    assert proc.returncode == 2 and "its plan is the one it was sharded with" in proc.stderr
+
+
 @pytest.mark.dist
 def test_load_model_casts_like_from_pretrained(model_dirs, tmp_path):
     model = tmp_path / "sharded"

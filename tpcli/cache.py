@@ -1,4 +1,6 @@
-"""A small result cache for the static commands (`inspect`, `verify --tp N` of a model folder).
+"""A small result cache for the static commands (`inspect`, `verify --tp N` of a model folder), and for the layout
+of `shard` / `gather` when they only move bytes (`sharding.ShardJob`, `gathering.GatherJob`: which bytes of which
+source file go where; the bytes themselves are always read, written and hashed anew).
 
 Building the meta model costs seconds of imports (torch, transformers, the model's modules) for a result that is a
 pure function of a few small inputs. The cache stores that JSON result under a key that covers every input, so a
@@ -10,9 +12,12 @@ hit can never be stale:
                  the plan library files (plans/*.json), tpcli's own .py/.json files (size, mtime_ns),
                  the versions of python, tpcli, torch, transformers, safetensors and huggingface_hub)
 
-Versions are read with importlib.metadata, so a hit imports neither torch nor transformers. A model given as a hub id
-(no local folder) or with --revision is never cached (the hub can change under the same name). Only successful
-results are stored (the caller decides: an error raises before `put`, a failed verify is not stored).
+A cached shard/gather layout is used only if every source file still has the size and safetensors header it was
+planned with (checked at each hit), so even a file rewritten with the same size and mtime cannot send bytes to the
+wrong place. Versions are read with importlib.metadata, so a hit imports neither torch nor transformers. A model
+given as a hub id (no local folder) or with --revision is never cached (the hub can change under the same name).
+Only successful results are stored (the caller decides: an error raises before `put`, a failed verify is not
+stored).
 
 Location: $TPCLI_CACHE_DIR, else $XDG_CACHE_HOME/tpcli, else ~/.cache/tpcli. TPCLI_CACHE_DIR=off (or 0, or empty)
 disables it. Entries are small JSON files written atomically; `rm -rf ~/.cache/tpcli` is always safe.

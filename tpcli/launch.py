@@ -86,6 +86,10 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
     tp = spec.world_size
     local = Path(spec.model).expanduser()
     if dcp.is_sharded_dir(local):
+        if spec.plan_file:
+            raise UsageError(f"--plan {spec.plan_file} with the sharded folder {spec.model}: its plan is the one it "
+                             f"was sharded with (tpcli.json); to change it, `tpcli shard` the original checkpoint "
+                             "with --plan.")
         info = check_folder(local, quick=True, with_plan=True)
         _preflight_at_world_size(info["plan"], tp)
         checked = "file sizes and manifest OK" if info["manifest"] else "files OK (no tpcli.json: sizes not recorded)"
@@ -141,6 +145,9 @@ def worker_env(spec: LaunchSpec, run_dir: Path) -> dict[str, str]:
     if spec.model:
         local = Path(spec.model).expanduser()
         env["TPCLI_MODEL"] = str(local.resolve()) if local.exists() else spec.model
+    if spec.plan_file:  # tpcli.load_model() uses it as `tp_plan` (a shipped name, or the file by absolute path)
+        plan = Path(spec.plan_file).expanduser()
+        env["TPCLI_PLAN"] = str(plan.resolve()) if plan.exists() else spec.plan_file
     if not spec.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers: transformers then picks gloo
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc)))

@@ -72,6 +72,9 @@ def with_library_plans(load_model):
     def wrapper(path=None, *, tp_plan="auto", **kwargs):
         from .. import plans_lib
 
+        if path is None and tp_plan == "auto" and os.environ.get("TPCLI_PLAN"):  # `tpcli run --model M --plan P`
+            rules, lib = plans_lib.load_spec(os.environ["TPCLI_PLAN"])
+            tp_plan = lib or rules  # as `verify --numerics --plan` loads it
         folder = Path(path or os.environ.get("TPCLI_MODEL") or "")
         lib = None
         if str(folder) not in ("", "."):  # otherwise load_model raises its own error
