@@ -152,21 +152,27 @@ def test_a_moved_transformers_internal_is_one_line(model_dirs, monkeypatch, caps
     assert len(err.splitlines()) == 2
 
 
-def test_sigterm_during_shard_leaves_nothing(model_dirs, tmp_path):
-    """A scheduler's SIGTERM mid-write cleans up like Ctrl-C: no output, no temporary folder. The reader is slowed
-    (tpcli's own, not transformers') so that the signal lands while rank files are being written."""
+@pytest.mark.parametrize("name,slowed", [("qwen3", "tpcli.bytecopy._copy_unit"),  # the byte path's threads
+                                          ("mixtral", "tpcli.readers.CheckpointReader.load")])  # the general path
+def test_sigterm_during_shard_leaves_nothing(name, slowed, model_dirs, tmp_path):
+    """A scheduler's SIGTERM mid-write cleans up like Ctrl-C: no output, no temporary folder. tpcli's own per-tensor
+    step (not transformers') is slowed so that the signal lands while rank files are being written."""
     out = tmp_path / "out" / "sharded"
     out.parent.mkdir()
     started = tmp_path / "started"
+    module, _, attr = slowed.rpartition(".")
+    owner, _, cls = module.rpartition(".") if module.endswith("CheckpointReader") else (module, "", "")
+    target = f"importlib.import_module({owner!r})" + (f".{cls}" if cls else "")
     code = (
-        "import sys, time\nimport tpcli.readers as r\n"
-        "load = r.CheckpointReader.load\n"
-        "def slow(self, key):\n"
+        "import importlib, sys, time\n"
+        f"target = {target}\n"
+        f"real = getattr(target, {attr!r})\n"
+        "def slow(*args):\n"
         f"    open({str(started)!r}, 'w').close()\n"
         "    time.sleep(0.5)\n"
-        "    return load(self, key)\n"
-        "r.CheckpointReader.load = slow\n"
-        f"sys.argv = ['tpcli', 'shard', {str(model_dirs('qwen3'))!r}, '--tp', '2', '--out', {str(out)!r}]\n"
+        "    return real(*args)\n"
+        f"setattr(target, {attr!r}, slow)\n"
+        f"sys.argv = ['tpcli', 'shard', {str(model_dirs(name))!r}, '--tp', '2', '--out', {str(out)!r}]\n"
         "from tpcli.cli import main\nmain()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], env=base_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

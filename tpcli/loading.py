@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -57,6 +58,20 @@ def _init_process_group(timeout_s: float) -> None:
             kwargs["device_id"] = device
     # transformers would use a 2-hour timeout; a hung collective should fail a lot sooner than that.
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    atexit.register(_destroy_process_group)  # the group tpcli made: torn down before the interpreter's own teardown
+
+
+def _destroy_process_group() -> None:
+    """At exit, destroy the process group `_init_process_group` created, as a script should: left to interpreter
+    teardown, a gloo group's threads can abort the process after the script has finished ("terminate called
+    without an active exception")."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
