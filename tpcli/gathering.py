@@ -159,8 +159,7 @@ def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None,
 
 
 def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> list[int]:
-    h = reader._handle(folder / file)
-    return [h.data_start + h.header[name]["data_offsets"][0]]
+    return [reader._handle(folder / file).offset(name)]
 
 
 def _cached_job(entry: dict | None, folder: Path) -> GatherJob | None:

@@ -317,8 +317,7 @@ class _SliceReader:
         if chunk is None or list(out.shape) != chunk["sizes"] or out.numel() == 0:
             return False
         f = self._file(chunk["file"])
-        start, _ = f.header[name]["data_offsets"]
-        offset = f.data_start + start
+        offset = f.offset(name)
         if offset % out.element_size():
             return False
         if chunk["file"] not in self.storages:

@@ -158,8 +158,7 @@ def stored_as_is(reader, steps, kind: str, plan: ResolvedPlan, cast: str | None)
         if cast not in (None, dtype):
             return None
         f = reader.key_file[key]
-        h = reader._handle(f)
-        stored[step.first_target] = (f, h.data_start + h.header[key]["data_offsets"][0], shape, dtype)
+        stored[step.first_target] = (f, reader._handle(f).offset(key), shape, dtype)
     return stored
 
 

@@ -314,6 +314,10 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self.header)
 
+    def offset(self, name: str) -> int:
+        """Absolute byte offset of tensor `name`'s data in the file."""
+        return self.data_start + self.header[name]["data_offsets"][0]
+
     def read_into(self, name: str, out) -> None:
         """Read tensor `name` straight into `out`: a contiguous CPU tensor (same dtype and number of elements).
 
@@ -328,7 +332,7 @@ class TensorFile:
         start, stop = self.header[name]["data_offsets"]
         if stop == start:
             return
-        self._file.seek(self.data_start + start)
+        self._file.seek(self.offset(name))
         if self._file.readinto(out.view(-1).view(torch.uint8).numpy()) != stop - start:
             raise CheckpointError(f"{self.path}: truncated while reading {name}.")
 
