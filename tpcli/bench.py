@@ -230,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
 
     times = [measure([*tpcli_cmd, "--help"], env)["wall"] for _ in range(5)]
     row("tpcli --help", f"{statistics.median(times):.2f} s", "", "<= 0.4 s")
+    # The floor of every first run (inspect/verify cold, shard/gather without a layout cache entry): planning needs
+    # transformers' model classes, and importing them imports torch.
+    floor = [measure([py, "-c", "import transformers.models.llama.modeling_llama"], env)["wall"] for _ in range(3)]
+    row("floor: python -c 'import transformers.models.llama.modeling_llama'", f"{statistics.median(floor):.2f} s",
+        "what every planning (uncached) run pays first")
 
     for size in sizes:
         layers, nfiles = SIZES[size]
