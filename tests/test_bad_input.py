@@ -282,7 +282,7 @@ def _rename_fails(ctx):
     real = os.replace
 
     def replace(a, b):
-        if ".tpcli-tmp-" in str(a):
+        if ".tpcli-tmp-" in Path(a).name:  # the temporary folder itself, not a file inside it
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         return real(a, b)
 
@@ -453,6 +453,8 @@ def test_interrupted_run_leaves_a_temp_folder_the_next_run_removes(model_dirs, t
     assert not stale.exists() and f"removed a stale temporary folder of an interrupted tpcli run: {stale}" in stdout
     assert all(d.is_dir() for d in keep.values())
     assert (out / ".tpcli-output").is_file() and not (out / ".tpcli-tmp.json").exists()
+    # the published marker says what made the folder, nothing about this host or process (outputs get uploaded)
+    assert json.loads((out / ".tpcli-output").read_text()) == {"tool": "tpcli", "command": "shard"}
 
 
 def test_force_replaces_a_previous_gather_output(sharded_src, tmp_path, monkeypatch, capsys):

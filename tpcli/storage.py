@@ -474,14 +474,24 @@ def remove_stale_temps(parent: Path) -> list[str]:
     return removed
 
 
+MARKER_SIZE = 512  # bytes: a hostname is at most 64
+
+
+def _marker_text(info: dict) -> str:
+    """`info` as one JSON line padded with spaces to MARKER_SIZE, so both markers have the same size."""
+    return json.dumps(info).ljust(MARKER_SIZE - 1) + "\n"
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, *, command: str = "tpcli"):
     """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed.
 
     The temporary folder holds TEMP_MARKER (host, pid, start time) while it is written, so a later run can prove a
     leftover one is stale; the published folder holds OUTPUT_MARKER, so a later --force knows it may replace it.
-    The one becomes the other by a rename: unlinking it instead stalled 0.2-2 s on ext4 (measured with strace after
-    writing 4.7 GB: the unlink waits for the journal to commit the fresh data; renames do not).
+    The one becomes the other in place: the temp marker is overwritten with the output marker's text (both padded
+    to MARKER_SIZE, so no block is freed and the published marker holds no host or pid) and renamed. Unlinking it
+    instead stalled 0.2-2 s on ext4 (measured with strace after writing 4.7 GB: the unlink waited for the journal
+    to commit the fresh data; the overwrite and the rename do not).
     A full disk, or a final rename that fails, becomes one OutputError line; nothing is left behind either way.
     """
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
@@ -489,10 +499,13 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
-        (tmp / TEMP_MARKER).write_text(json.dumps({
+        (tmp / TEMP_MARKER).write_text(_marker_text({
             "tool": "tpcli", "command": command, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()), "started": time.time()}) + "\n")
+            "pid_start": _process_start(os.getpid()), "started": time.time()}))
         yield tmp
+        with open(tmp / TEMP_MARKER, "r+") as f:  # same size, overwritten in place: no block is freed
+            f.write(_marker_text({"tool": "tpcli", "command": command}))
+            f.truncate()
         os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
         _publish(tmp, out)
     except BaseException as exc:
