@@ -9,17 +9,17 @@ every output file's header is laid out (by a meta-device dry run) before the fir
 from __future__ import annotations
 
 import json
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import bytecopy, dcp, manifest
+from .bytecopy import CachedJob, header_digest
 from .errors import CheckpointError, UsageError
 from .integrity import check_folder
 from .plan import tensor_bytes
 from .readers import ShardedReader
-from .sharding import _cast, _set_config_dtype, header_digest, metadata_allowance, parse_dtype
+from .sharding import _cast, _set_config_dtype, metadata_allowance, parse_dtype
 from .source import aux_files
 from .storage import (
     StreamWriter,
@@ -37,7 +37,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass
-class GatherJob:
+class GatherJob(CachedJob):
     """Everything `gather` writes, decided before the first byte is read.
 
     `boxes` (output file -> per tensor, the JSON-ready `bytecopy.Box` of each chunk) is set when no conversion is
@@ -53,9 +53,6 @@ class GatherJob:
     boxes: dict | None = None
     headers: dict | None = None  # rank file -> (size, sha256 of its header)
     live: tuple | None = None  # (reader, groups, conversions)
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "live"}
 
 
 def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "5GB", dtype: str | None = None,
@@ -76,7 +73,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     removed = remove_stale_temps(out_path.parent)
     key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
                     sharded=True) if byte_copy else None
-    job = _cached_job(cache.get(key), folder)
+    job = GatherJob.from_cache(cache.get(key), folder)
     # sizes, headers, coverage (and config agreement when planning) now; the hashes run alongside the gather and are
     # checked before the output is published (it is written into a temporary folder), so a corrupt input never
     # yields an output.
@@ -160,19 +157,6 @@ def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None,
 
 def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> list[int]:
     return [reader._handle(folder / file).offset(name)]
-
-
-def _cached_job(entry: dict | None, folder: Path) -> GatherJob | None:
-    """A cached job, if the rank files still have the sizes and headers it was planned with (else None: replan)."""
-    if not entry:
-        return None
-    try:
-        job = GatherJob(**entry)
-        if any(header_digest(folder / f) != list(d) for f, d in job.headers.items()):
-            return None
-    except (OSError, TypeError, ValueError, struct.error):
-        return None
-    return job
 
 
 def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: bool) -> tuple[dict, list]:

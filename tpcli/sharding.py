@@ -8,14 +8,13 @@ group (the largest fused tensor) plus its chunks. The same engine reshards a sha
 from __future__ import annotations
 
 import json
-import os
-import struct
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import bytecopy, dcp, manifest
 from . import source as sources
+from .bytecopy import CachedJob, header_digest
 from .checks import check_plan, errors
 from .errors import CheckpointError, PlanError, UsageError
 from .integrity import check_folder
@@ -163,7 +162,7 @@ def stored_as_is(reader, steps, kind: str, plan: ResolvedPlan, cast: str | None)
 
 
 @dataclass
-class ShardJob:
+class ShardJob(CachedJob):
     """Everything `shard` writes, decided before the first byte is read.
 
     `boxes` (rank -> one `bytecopy.Box` per entry, as JSON-ready lists) is set when every tensor is a checkpoint
@@ -182,9 +181,6 @@ class ShardJob:
     headers: dict | None = None  # source file -> (size, sha256 of its header): checked before a cached job runs
     live: tuple | None = None  # (reader, steps, tied_after, chunk_of, check_hashes)
 
-    def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "live"}
-
 
 def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = None, dtype: str | None = None,
                      revision: str | None = None, force: bool = False, progress: bool = False,
@@ -202,7 +198,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     started = time.perf_counter()
     key = cache.key("shard", {"model": model, "tp": tp, "plan": plan_file, "dtype": cast,
                               "revision": revision}) if byte_copy else None
-    job = _cached_job(cache.get(key))
+    job = ShardJob.from_cache(cache.get(key))
     if job is None:
         reuse_freed_memory()
         job = plan_job(model, tp=tp, plan_file=plan_file, cast=cast, revision=revision, byte_copy=byte_copy)
@@ -265,28 +261,6 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
     except BaseException:
         reader.close()
         raise
-
-
-def header_digest(path: Path) -> list:
-    """[size, sha256 of the safetensors header]: what the byte offsets of a cached job depend on in a source file."""
-    import hashlib
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return [os.fstat(f.fileno()).st_size, hashlib.sha256(f.read(n)).hexdigest()]
-
-
-def _cached_job(entry: dict | None) -> ShardJob | None:
-    """A cached job, if every source file still has the size and header it was planned with (else None: replan)."""
-    if not entry:
-        return None
-    try:
-        job = ShardJob(**entry)
-        if any(header_digest(Path(f)) != list(d) for f, d in job.headers.items()):
-            return None
-    except (OSError, TypeError, ValueError, struct.error):
-        return None
-    return job
 
 
 def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: bool) -> tuple[dict, list]:
