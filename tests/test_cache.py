@@ -67,7 +67,7 @@ def test_hit_prints_the_same_and_every_input_misses(model, tmp_path, monkeypatch
     _inspect(folder, "--tp", "2", "--plan", plan)
     _inspect(folder, "--tp", "2", "--plan", plan)
     assert len(calls) == 6
-    plan.write_text(json.dumps({"model.layers.*.mlp.down_proj": "colwise"}))
+    plan.write_text(json.dumps({f"model.layers.*.mlp.{p}": "replicate" for p in ("gate_proj", "up_proj", "down_proj")}))
     assert json.loads(_inspect(folder, "--tp", "2", "--plan", plan)) != json.loads(first)
     assert len(calls) == 7
 

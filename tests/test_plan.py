@@ -107,11 +107,15 @@ def test_findings_uneven_tied_and_unused_default_rule(model_dirs):
 
 def test_findings_packed_and_double_rules(model_dirs):
     cfg = AutoConfig.from_pretrained(model_dirs("phi3"))
-    f = _findings(cfg, 4, {"model.layers.*.mlp.gate_up_proj": "packed_colwise"})  # 2 x 96 rows: 96 % 4 == 0
+    packed = {"model.layers.*.mlp.gate_up_proj": "packed_colwise", "model.layers.*.mlp.down_proj": "rowwise"}
+    f = _findings(cfg, 4, packed)  # 2 x 96 rows: 96 % 4 == 0
     assert "gate_up_proj" not in f["uneven"].message  # only the vocabulary (1001) splits unevenly
     # uneven halves run and compute the right numbers (tests/test_verify_sweep.py): a warning, not an error
-    five = check_plan(resolve_plan(cfg, user_plan={"model.layers.*.mlp.gate_up_proj": "packed_colwise"}), 5)
-    assert not [f for f in five if f.severity == "error" and "gate_up_proj" in (f.target or "")]
+    five = check_plan(resolve_plan(cfg, user_plan=packed), 5)
+    assert not [f for f in five if f.severity == "error"]
+    # without the row-wise down_proj the split halves meet phi3's default rowwise_split_input: a crash
+    half = _findings(cfg, 2, {"model.layers.*.mlp.gate_up_proj": "packed_colwise"})
+    assert half["pairing"].severity == "error" and "gate_up_proj: packed_colwise" in half["pairing"].message
     f = _findings(cfg, 2, {"model.layers.*.mlp.gate_up_proj.weight": "rowwise"})
     assert f["double-rule"].severity == "error"
 

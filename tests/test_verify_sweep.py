@@ -62,15 +62,21 @@ def run_sweep(root: Path, n: int, tp: int, seed: int) -> list[tuple[str, bool, d
         r = verify(str(path), tp=tp, plan_file=str(plan) if plan else None)
         static[case_id] = (r["ok"], [f["message"] for f in r["findings"] if f["severity"] == "error"])
         cases.append({"id": case_id, "path": str(path), "plan": str(plan) if plan else None})
+    outcomes = tp_forward(root, cases, tp)
+    return [(cid, static[cid][0], outcomes[cid], static[cid][1]) for cid in static]
+
+
+def tp_forward(root: Path, cases: list[dict], tp: int) -> dict:
+    """Case id -> {rank: "ok" or what failed} of transformers' own TP load + forward of each case, one torchrun."""
     (root / "cases.json").write_text(json.dumps(cases))
     outcomes, start = {}, 0
-    while start < n:  # a case that crashes on some ranks only ends a launch; the next one resumes after it
+    while start < len(cases):  # a case that crashes on some ranks only ends a launch; the next one resumes after it
         torchrun(tp, ORACLES / "sweep_worker.py", root / "cases.json", root / "out.json", start,
-                 timeout=60 + 20 * (n - start))
+                 timeout=60 + 20 * (len(cases) - start))
         out = json.loads((root / "out.json").read_text())
         outcomes.update(out["results"])
         start = out["next"]
-    return [(cid, static[cid][0], outcomes[cid], static[cid][1]) for cid in static]
+    return outcomes
 
 
 def _disagreements(rows) -> list[str]:
@@ -99,3 +105,32 @@ def test_static_verdict_matches_the_tp_forward(tmp_path):
 def test_large_sweep(tmp_path, tp):
     rows = run_sweep(tmp_path, int(os.environ["TPCLI_SWEEP"]), tp, SEED + 1)
     assert not _disagreements(rows), "\n".join(_disagreements(rows))
+
+
+# user plans that pair a block's layers wrongly, and two that pair them correctly (tpcli.checks.pairing_findings)
+PAIRINGS = {
+    "down-colwise": ({"model.layers.*.mlp.down_proj": "colwise"}, False),
+    "gate-up-replicated": ({"model.layers.*.mlp.gate_proj": "replicate", "model.layers.*.mlp.up_proj": "replicate"},
+                           False),
+    "o-replicated": ({"model.layers.*.self_attn.o_proj": "replicate"}, False),
+    "mlp-replicated": ({"model.layers.*.mlp.gate_proj": "replicate", "model.layers.*.mlp.up_proj": "replicate",
+                        "model.layers.*.mlp.down_proj": "replicate"}, True),
+    "down-split-input": ({"model.layers.*.mlp.gate_proj": "replicate", "model.layers.*.mlp.up_proj": "replicate",
+                          "model.layers.*.mlp.down_proj": "rowwise_split_input"}, True),
+}
+
+
+@pytest.mark.dist
+def test_a_plan_that_pairs_layers_wrongly_fails_static_verify_as_it_fails_the_tp_forward(tmp_path):
+    path = build_tiny("qwen3", tmp_path / "model")
+    cases, static = [], {}
+    for name, (rules, _) in PAIRINGS.items():
+        plan = tmp_path / f"{name}.json"
+        plan.write_text(json.dumps(rules))
+        r = verify(str(path), tp=2, plan_file=str(plan))
+        static[name] = (r["ok"], [f["message"] for f in r["findings"] if f["code"] == "pairing"])
+        cases.append({"id": name, "path": str(path), "plan": str(plan)})
+    outcomes = tp_forward(tmp_path, cases, 2)
+    for name, (_, runs) in PAIRINGS.items():
+        assert all(o == "ok" for o in outcomes[name].values()) == runs, (name, outcomes[name])
+        assert static[name][0] == runs and bool(static[name][1]) == (not runs), (name, static[name])

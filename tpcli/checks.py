@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from .layout import rank_runs
 from .plan import ResolvedPlan, dtype_size, rule_matches
 from .quant import block_misalignments, scale_pairs
-from .styles import HEAD_SPLITTING, HOOK_ONLY, is_known_style
+from .styles import HEAD_SPLITTING, HOOK_ONLY, SPLIT_INPUT, SPLIT_OUTPUT, is_known_style
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 # Projections whose output columns are attention heads (MLA: q_b_proj, kv_b_proj; q_proj when q_lora_rank is None)
@@ -136,7 +136,49 @@ def _forward_findings(plan: ResolvedPlan, text, tp: int) -> list[Finding]:
     if tp == 1:
         return _attention_config_findings(text)
     return (_attention_config_findings(text) + _head_findings(plan, text, tp) + _shape_findings(plan, tp)
-            + block_findings(plan, tp))
+            + block_findings(plan, tp) + pairing_findings(plan))
+
+
+def pairing_findings(plan: ResolvedPlan) -> list[Finding]:
+    """A split output needs a split-input consumer, and the other way round, among the layers of one block.
+
+    A `colwise` projection hands on only its rank's slice of the output features, which a `rowwise` sibling takes
+    (its weight holds just those input features) and all-reduces: `mlp.gate_proj`/`up_proj` -> `mlp.down_proj`,
+    `q/k/v_proj` -> `o_proj`. With the producer and no consumer in a block (`down_proj: colwise`), or a consumer fed
+    whole activations (`gate_proj`, `up_proj: replicate`), transformers' forward multiplies mismatched shapes. Blocks
+    are the parents of the planned layers (`model.layers.0.mlp`); only blocks that a user rule touches are judged:
+    transformers' default plans and tpcli's library plans (whose adaptations may split a replicated layer after
+    loading, as the multi-query plans do) are checked against the real forward by their tests.
+    """
+    blocks: dict[str, dict[str, tuple[str, str]]] = {}  # parent -> {layer: (style, rule)}
+    for rule, names in rule_matches(plan).items():
+        for name in names:
+            layer = name.rsplit(".", 1)[0] if name in plan.tensors and _wild(name) != rule else name
+            parent = layer.rsplit(".", 1)[0] if "." in layer else ""
+            blocks.setdefault(_wild(parent), {})[_wild(layer)] = (plan.rules[rule], rule)
+    verified = plan.library.tp_plan if plan.library is not None else {}  # with its adaptations (multi-query qkv)
+    judged = {r for r, style in plan.user_rules.items() if verified.get(r) != style}
+    out: list[Finding] = []
+    for parent, layers in blocks.items():
+        if not judged & {rule for _, rule in layers.values()}:
+            continue
+        split_out = sorted(n for n, (style, _) in layers.items() if style in SPLIT_OUTPUT)
+        split_in = sorted(n for n, (style, _) in layers.items() if style in SPLIT_INPUT)
+        others = sorted(n.rsplit(".", 1)[-1] for n, (style, _) in layers.items()
+                        if style not in SPLIT_OUTPUT | SPLIT_INPUT)
+        named = ", ".join(f"{n.rsplit('.', 1)[-1]}: {layers[n][0]}" for n in split_out + split_in)
+        fix = f" (its other planned layers: {', '.join(others)})" if others else ""
+        if split_out and not split_in:
+            out.append(Finding(ERROR, "pairing",
+                               f"{parent}: {named} hand on split outputs but no layer of the block takes a split "
+                               f"input (rowwise){fix}: the forward multiplies mismatched shapes; make the block's "
+                               "output projection rowwise", split_out[0]))
+        elif split_in and not split_out:
+            out.append(Finding(ERROR, "pairing",
+                               f"{parent}: {named} takes a split input but no layer of the block splits its output "
+                               f"(colwise){fix}: it would get whole activations; make the block's input projections "
+                               "colwise", split_in[0]))
+    return out
 
 
 def _attention_config_findings(text) -> list[Finding]:

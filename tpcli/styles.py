@@ -52,6 +52,11 @@ KNOWN_STYLES = COLWISE | ROWWISE | set(EMBEDDING) | PACKED | HOOK_ONLY | set(TPC
 # Styles whose projections carry attention heads: sharding them splits heads between ranks.
 HEAD_SPLITTING = COLWISE - {"colwise_gather_output", "colwise_rep"} | {"conv1d_qkv_colwise", "qkv_colwise"}
 SPLIT_FACTOR = 2
+# How a style leaves the activations between two projections (transformers' local forward, `use_local_output`):
+# these hand the next layer only this rank's slice of their output features ...
+SPLIT_OUTPUT = {"colwise", "packed_colwise", "conv1d_colwise", "conv1d_qkv_colwise", "qkv_colwise"}
+# ... and these take such a slice as input (their weight holds only those input features) and all-reduce.
+SPLIT_INPUT = {"rowwise", "packed_rowwise", "conv1d_rowwise"}
 
 
 @dataclass(frozen=True)
