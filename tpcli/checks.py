@@ -164,10 +164,10 @@ def pairing_findings(plan: ResolvedPlan) -> list[Finding]:
             continue
         split_out = sorted(n for n, (style, _) in layers.items() if style in SPLIT_OUTPUT)
         split_in = sorted(n for n, (style, _) in layers.items() if style in SPLIT_INPUT)
-        others = sorted(n.rsplit(".", 1)[-1] for n, (style, _) in layers.items()
+        others = sorted(f"{n.rsplit('.', 1)[-1]}: {style}" for n, (style, _) in layers.items()
                         if style not in SPLIT_OUTPUT | SPLIT_INPUT)
         named = ", ".join(f"{n.rsplit('.', 1)[-1]}: {layers[n][0]}" for n in split_out + split_in)
-        fix = f" (its other planned layers: {', '.join(others)})" if others else ""
+        fix = f" (the block's other planned layers: {', '.join(others)})" if others else ""
         if split_out and not split_in:
             out.append(Finding(ERROR, "pairing",
                                f"{parent}: {named} hand on split outputs but no layer of the block takes a split "
