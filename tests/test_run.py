@@ -65,7 +65,9 @@ def test_run_plan_reaches_load_model_in_the_workers(model_dirs, tmp_path):
     script = tmp_path / "w.py"
     script.write_text(PLAN_WORKER)
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"model.layers.*.self_attn.o_proj": "replicate"}))
+    # attention left whole (a plan whose TP forward runs: o_proj alone replicated would meet split q/k/v)
+    plan.write_text(json.dumps({f"model.layers.*.self_attn.{p}": "replicate" for p in ("q_proj", "k_proj", "v_proj",
+                                                                                       "o_proj")}))
     model = model_dirs("qwen3")
 
     def o_proj(*extra):
