@@ -116,6 +116,9 @@ def test_findings_packed_and_double_rules(model_dirs):
     # without the row-wise down_proj the split halves meet phi3's default rowwise_split_input: a crash
     half = _findings(cfg, 2, {"model.layers.*.mlp.gate_up_proj": "packed_colwise"})
     assert half["pairing"].severity == "error" and "gate_up_proj: packed_colwise" in half["pairing"].message
+    # a colwise head leaves the logits split (each rank returns a slice of the vocabulary)
+    head = _findings(cfg, 2, {"lm_head": "colwise"})
+    assert head["pairing"].severity == "error" and "colwise_gather_output" in head["pairing"].message
     f = _findings(cfg, 2, {"model.layers.*.mlp.gate_up_proj.weight": "rowwise"})
     assert f["double-rule"].severity == "error"
 

@@ -168,7 +168,12 @@ def pairing_findings(plan: ResolvedPlan) -> list[Finding]:
                         if style not in SPLIT_OUTPUT | SPLIT_INPUT)
         named = ", ".join(f"{n.rsplit('.', 1)[-1]}: {layers[n][0]}" for n in split_out + split_in)
         fix = f" (the block's other planned layers: {', '.join(others)})" if others else ""
-        if split_out and not split_in:
+        if split_out and not split_in and not parent:  # a head: nothing after it in the model
+            out.append(Finding(ERROR, "pairing",
+                               f"{named} leaves the model's output split across ranks (each rank returns its slice "
+                               "of the last dimension, e.g. of the vocabulary); use colwise_gather_output",
+                               split_out[0]))
+        elif split_out and not split_in:
             out.append(Finding(ERROR, "pairing",
                                f"{parent}: {named} hand on split outputs but no layer of the block takes a split "
                                f"input (rowwise){fix}: the forward multiplies mismatched shapes; make the block's "
