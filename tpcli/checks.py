@@ -175,12 +175,12 @@ def pairing_findings(plan: ResolvedPlan) -> list[Finding]:
                                split_out[0]))
         elif split_out and not split_in:
             out.append(Finding(ERROR, "pairing",
-                               f"{parent}: {named} hand on split outputs but no layer of the block takes a split "
+                               f"{parent}: {named} hand{'s' * (len(split_out) == 1)} on split outputs but no layer of the block takes a split "
                                f"input (rowwise){fix}: the forward multiplies mismatched shapes; make the block's "
                                "output projection rowwise", split_out[0]))
         elif split_in and not split_out:
             out.append(Finding(ERROR, "pairing",
-                               f"{parent}: {named} takes a split input but no layer of the block splits its output "
+                               f"{parent}: {named} take{'s' * (len(split_in) == 1)} a split input but no layer of the block splits its output "
                                f"(colwise){fix}: it would get whole activations; make the block's input projections "
                                "colwise", split_in[0]))
     return out
