@@ -91,7 +91,8 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
         "target": str(folder),
         "tp": info["tp_size"] if info else None,
         "tensors": len(info["tensors"]) if info else None,
-        "hashes_checked": bool(info and info["manifest"] and not quick),
+        # None: the check stopped at its first error, before it could say whether every hash was checked
+        "hashes_checked": bool(info["manifest"] and not quick) if info else None,
         "findings": [f.to_dict() for f in findings],
         "ok": not any(f.severity == "error" for f in findings),
     }
