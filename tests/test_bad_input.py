@@ -457,6 +457,47 @@ def test_interrupted_run_leaves_a_temp_folder_the_next_run_removes(model_dirs, t
     assert json.loads((out / ".tpcli-output").read_text()) == {"tool": "tpcli", "command": "shard"}
 
 
+def test_a_run_killed_while_deleting_the_replaced_output_leaves_nothing_the_next_run_keeps(tmp_path, monkeypatch,
+                                                                                           capsys, model_dirs):
+    """--force moves the previous output into a marked temporary folder before deleting it: a process killed during
+    that deletion (os._exit in rmtree: no cleanup runs) leaves a folder the next run removes, not a hidden copy of
+    the old output forever (it used to be `.out.tpcli-old-PID`, which nothing removed)."""
+    out = tmp_path / "out"
+    code = ("import os, shutil, sys\nfrom pathlib import Path\nfrom tpcli import storage\n"
+            "storage.shutil.rmtree = lambda *a, **k: os._exit(0)\n"
+            "with storage.atomic_dir(Path(sys.argv[1]), command='shard') as tmp:\n"
+            "    (tmp / 'new.safetensors').write_bytes(b'new')\n")
+    out.mkdir()
+    (out / ".tpcli-output").write_text("{}")
+    (out / "old.safetensors").write_bytes(b"old")
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+    assert sorted(p.name for p in out.iterdir()) == [".tpcli-output", "new.safetensors"]
+    (holder,) = tmp_path.glob(".out.tpcli-tmp-*")
+    assert (holder / "old" / "old.safetensors").read_bytes() == b"old"
+    monkeypatch.setenv("COLUMNS", "300")
+    rc, stdout, _ = run_main(monkeypatch, capsys, "shard", model_dirs("qwen3"), "--tp", "1", "--out", out, "--force")
+    assert rc == 0 and f"removed a stale temporary folder of an interrupted tpcli run: {holder}" in stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failed_final_rename_under_force_puts_the_previous_output_back(sharded_src, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "g"
+    assert run_main(monkeypatch, capsys, "gather", sharded_src, "--out", out)[0] == 0
+    before = _snapshot(out)
+    real = os.replace
+
+    def replace(a, b):
+        if ".tpcli-tmp-" in Path(a).name:  # the finished temporary folder onto --out
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(a, b)
+
+    monkeypatch.setattr("tpcli.storage.os.replace", replace)
+    rc, _, err = run_main(monkeypatch, capsys, "gather", sharded_src, "--out", out, "--force")
+    assert rc == 1 and "could not move the finished output into place" in err and "previous output" not in err
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["g"]
+
+
 def test_force_replaces_a_previous_gather_output(sharded_src, tmp_path, monkeypatch, capsys):
     out = tmp_path / "g"
     assert run_main(monkeypatch, capsys, "gather", sharded_src, "--out", out)[0] == 0

@@ -482,6 +482,16 @@ def _marker_text(info: dict) -> str:
     return json.dumps(info).ljust(MARKER_SIZE - 1) + "\n"
 
 
+def _temp_folder(out: Path, command: str) -> Path:
+    """A fresh hidden sibling of `out` holding TEMP_MARKER (host, pid, start time): remove_stale_temps removes it
+    once this process is gone, whatever killed it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
+    (tmp / TEMP_MARKER).write_text(_marker_text({
+        "tool": "tpcli", "command": command, "host": socket.gethostname(), "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()), "started": time.time()}))
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, *, command: str = "tpcli"):
     """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed.
@@ -494,20 +504,17 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
     to commit the fresh data; the overwrite and the rename do not).
     A full disk, or a final rename that fails, becomes one OutputError line; nothing is left behind either way.
     """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
+    tmp = _temp_folder(out, command)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
-        (tmp / TEMP_MARKER).write_text(_marker_text({
-            "tool": "tpcli", "command": command, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()), "started": time.time()}))
         yield tmp
         with open(tmp / TEMP_MARKER, "r+") as f:  # same size, overwritten in place: no block is freed
             f.write(_marker_text({"tool": "tpcli", "command": command}))
             f.truncate()
         os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
-        _publish(tmp, out)
+        _publish(tmp, out, command)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -517,22 +524,34 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
         raise
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out` (replacing a previous output); on failure put the previous one back."""
-    old = None
+def _publish(tmp: Path, out: Path, command: str) -> None:
+    """Move the finished `tmp` to `out`; on failure put the previous output back.
+
+    A previous output (--force) is first moved into a marked temporary folder, `out` -> `.OUT.tpcli-tmp-X/old`,
+    then deleted: if this process dies before the deletion ends, the next run's remove_stale_temps finds it as it
+    finds any interrupted write, instead of a hidden copy of the old output lingering forever.
+    """
+    holder = None
     try:
         if out.exists():
-            old = out.parent / f".{out.name}.tpcli-old-{os.getpid()}"
-            os.replace(out, old)
+            holder = _temp_folder(out, command)
+            os.replace(out, holder / "old")
         os.replace(tmp, out)
     except OSError as exc:
-        if old is not None and not out.exists():
-            with contextlib.suppress(OSError):
-                os.replace(old, out)
+        kept = ""
+        if holder is not None:
+            if not out.exists() and (holder / "old").exists():
+                with contextlib.suppress(OSError):
+                    os.replace(holder / "old", out)
+            if (holder / "old").exists():  # could not be put back: unmark it so no later run deletes it
+                (holder / TEMP_MARKER).unlink(missing_ok=True)
+                kept = f"; the previous output is in {holder / 'old'}"
+            else:
+                shutil.rmtree(holder, ignore_errors=True)
         raise OutputError(f"--out {out}: could not move the finished output into place ({exc.strerror}); nothing "
-                          "was written.") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+                          f"was written{kept}.") from None
+    if holder is not None:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def copy_aux(src_folder: Path, dst: Path, files: list[Path]) -> list[str]:
