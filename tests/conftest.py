@@ -59,21 +59,25 @@ def run_main(monkeypatch, capsys, *args):
     return exc.value.code, out, err
 
 
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory):
-    """Lazily built tiny models: model_dirs("qwen3") -> Path."""
+def tiny_models(root: Path, models: dict[str, tuple[str, dict]]):
+    """get(name) -> the tiny model `models[name] = (kind, overrides)`, built under `root` on first use."""
     from tpcli.tiny import build_tiny
 
-    root = tmp_path_factory.mktemp("models")
     cache: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in cache:
-            kind, overrides = MODELS[name]
+            kind, overrides = models[name]
             cache[name] = build_tiny(kind, root / name, **overrides)
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """Lazily built tiny models: model_dirs("qwen3") -> Path."""
+    return tiny_models(tmp_path_factory.mktemp("models"), MODELS)
 
 
 @pytest.fixture(scope="session")

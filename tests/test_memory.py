@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ORACLES, base_env, torchrun
+from conftest import ORACLES, base_env, tiny_models, torchrun
 from test_cli import _hub_cache, run_main
 
 from tpcli.errors import UsageError
@@ -48,18 +48,7 @@ QWEN3_06B = {
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from tpcli.tiny import build_tiny
-
-    root = tmp_path_factory.mktemp("memory-models")
-    cache: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in cache:
-            kind, overrides = MODELS[name]
-            cache[name] = build_tiny(kind, root / name, **overrides)
-        return cache[name]
-
-    return get
+    return tiny_models(tmp_path_factory.mktemp("memory-models"), MODELS)
 
 
 @pytest.fixture(scope="module")
