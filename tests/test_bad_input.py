@@ -463,7 +463,7 @@ def test_a_run_killed_while_deleting_the_replaced_output_leaves_nothing_the_next
     that deletion (os._exit in rmtree: no cleanup runs) leaves a folder the next run removes, not a hidden copy of
     the old output forever (it used to be `.out.tpcli-old-PID`, which nothing removed)."""
     out = tmp_path / "out"
-    code = ("import os, shutil, sys\nfrom pathlib import Path\nfrom tpcli import storage\n"
+    code = ("import os, sys\nfrom pathlib import Path\nfrom tpcli import storage\n"
             "storage.shutil.rmtree = lambda *a, **k: os._exit(0)\n"
             "with storage.atomic_dir(Path(sys.argv[1]), command='shard') as tmp:\n"
             "    (tmp / 'new.safetensors').write_bytes(b'new')\n")
