@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.tiny qwen3 $(DEMO)/model --tokenizer
+	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.testing qwen3 $(DEMO)/model --tokenizer
 	$(BIN)/tpcli inspect $(DEMO)/model --tp 2
 	$(BIN)/tpcli verify $(DEMO)/model --tp 2 --numerics
 	$(BIN)/tpcli shard $(DEMO)/model --tp 2 --out $(DEMO)/tp2 --force
@@ -39,7 +39,7 @@ gpu-check: install
 	$(MAKE) demo-gpu GPUS=$$($(BIN)/python -c "import torch; print(min($(GPUS), torch.cuda.device_count()))")
 
 demo-gpu: install
-	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.tiny qwen3 $(DEMO)/model --tokenizer
+	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.testing qwen3 $(DEMO)/model --tokenizer
 	$(BIN)/tpcli run --gpus 1 --model $(DEMO)/model -m tpcli.examples.generate --prompt "Tensor parallel" --max-new-tokens 12
 	@if [ "$(GPUS)" -lt 2 ]; then echo "demo-gpu: one GPU: the TP steps need GPUS >= 2"; exit 0; fi; set -e; set -x; \
 	$(BIN)/tpcli verify $(DEMO)/model --tp $(GPUS) --numerics --gpus; \
@@ -58,12 +58,13 @@ test-quick: install
 	$(BIN)/python -m pytest -q -m "not dist"
 
 lint: install
-	$(BIN)/ruff check tpcli tests
+	$(BIN)/ruff check tpcli tests benchmarks
+	$(BIN)/lint-imports    # the layering contract (pyproject.toml): no module imports a layer above its own
 
 # Benchmarks (never part of `make test`): BENCH_ARGS="--sizes small,large,xl" adds the 4.5 GB checkpoint.
 BENCH_ARGS ?=
 bench: install
-	$(BIN)/python -m tpcli.bench $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

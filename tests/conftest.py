@@ -61,7 +61,7 @@ def run_main(monkeypatch, capsys, *args):
 
 def tiny_models(root: Path, models: dict[str, tuple[str, dict]]):
     """get(name) -> the tiny model `models[name] = (kind, overrides)`, built under `root` on first use."""
-    from tpcli.tiny import build_tiny
+    from tpcli.testing import build_tiny
 
     cache: dict[str, Path] = {}
 

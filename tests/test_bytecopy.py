@@ -1,4 +1,4 @@
-"""The byte-moving fast path of shard and gather (`tpcli.bytecopy`) against the general path and torch's slicing.
+"""The byte-moving fast path of shard and gather (`tpcli.formats.bytecopy`) against the general path and torch's slicing.
 
 Where run-time tensors are checkpoint tensors as stored, shard and gather move bytes (kernel copies for long runs,
 numpy strided copies for column splits) instead of reading tensors through transformers' converters. The oracle
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpcli import bytecopy
-from tpcli.gathering import gather_checkpoint
-from tpcli.sharding import shard_checkpoint
+from tpcli.commands.gather import gather_checkpoint
+from tpcli.commands.shard import shard_checkpoint
+from tpcli.formats import bytecopy
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -98,7 +98,7 @@ def test_a_failing_write_stops_every_file_and_names_it(model_dirs, tmp_path, mon
     """A write error on one rank file surfaces as an OSError naming that file; the other threads stop."""
     import errno
 
-    from tpcli import storage
+    from tpcli.formats import storage
 
     real = storage.write_at
     seen = []
@@ -118,8 +118,8 @@ def test_a_failing_write_stops_every_file_and_names_it(model_dirs, tmp_path, mon
 
 def test_box_runs_cover_every_chunk_of_every_tp_exactly_once():
     """For each placement the layout uses, the runs of all ranks' chunks tile the tensor's bytes exactly once."""
-    from tpcli.layout import contiguous_chunk
-    from tpcli.styles import ParamPlacement
+    from tpcli.planning.layout import contiguous_chunk
+    from tpcli.planning.placements import ParamPlacement
 
     shape = (6, 10, 4)
     for tp, dim in itertools.product((1, 2, 3, 4), range(3)):

@@ -12,8 +12,10 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tpcli import cache, inspection, verification
 from tpcli.cli import app
+from tpcli.commands import inspect as inspection
+from tpcli.commands import verify as verification
+from tpcli.formats import cache
 
 runner = CliRunner()
 
@@ -129,12 +131,12 @@ def test_a_hit_imports_neither_torch_nor_transformers(model, tmp_path):
     assert proc.stdout.rsplit("LOADED", 1)[0] == first
 
 
-# --- shard / gather: the layout of the byte-moving path (tpcli.bytecopy) is cached, the bytes are always moved ---
+# --- shard / gather: the layout of the byte-moving path (tpcli.formats.bytecopy) is cached, the bytes are always moved ---
 
 HIT_SCRIPT = """
 import json, sys
-from tpcli.sharding import shard_checkpoint
-from tpcli.gathering import gather_checkpoint
+from tpcli.commands.shard import shard_checkpoint
+from tpcli.commands.gather import gather_checkpoint
 cmd, src, out = sys.argv[1:4]
 fn = shard_checkpoint if cmd == "shard" else gather_checkpoint
 fn(src, out=out, **({"tp": 2} if cmd == "shard" else {"max_shard_size": "60KB"}))
@@ -158,8 +160,8 @@ def _run(cmd, src, out, cache_dir):
 def test_shard_and_gather_hits_skip_torch_and_write_the_same_files(model_dirs, tmp_path):
     """A second shard / gather of the same input is planned from the cache (neither torch nor transformers is
     imported) and writes exactly what the first run, and the uncached general path, wrote."""
-    from tpcli.gathering import gather_checkpoint
-    from tpcli.sharding import shard_checkpoint
+    from tpcli.commands.gather import gather_checkpoint
+    from tpcli.commands.shard import shard_checkpoint
 
     src, c = model_dirs("llama"), tmp_path / "cache"
     assert _run("shard", src, tmp_path / "s1", c) == ["torch", "transformers"]  # planned, then cached
@@ -178,8 +180,8 @@ def test_a_changed_header_with_the_same_size_and_mtime_is_replanned(model_dirs, 
     key still matches, the header does not, so the shard is replanned and moves the right bytes."""
     import struct
 
-    from tpcli.sharding import shard_checkpoint
-    from tpcli.storage import read_header
+    from tpcli.commands.shard import shard_checkpoint
+    from tpcli.formats.storage import read_header
 
     src = tmp_path / "llama"
     shutil.copytree(model_dirs("llama3"), src)

@@ -16,9 +16,9 @@ import pytest
 from conftest import base_env
 from test_cli import run_main
 
-import tpcli.source
+import tpcli.formats.source
 from tpcli import versions
-from tpcli.sharding import shard_checkpoint
+from tpcli.commands.shard import shard_checkpoint
 
 TPCLI = [sys.executable, "-m", "tpcli"]
 
@@ -75,7 +75,7 @@ def test_no_arguments_and_dash_h_show_help(monkeypatch, capsys, argv, code):
 
 
 def test_verify_help_states_the_tolerances_the_code_uses(monkeypatch, capsys):
-    from tpcli.verification import DEFAULT_TOLERANCE
+    from tpcli.commands.verify import DEFAULT_TOLERANCE
 
     rc, out, _ = run_main(monkeypatch, capsys, "verify", "--help")
     text = " ".join(out.split())
@@ -88,7 +88,7 @@ def test_missing_org_name_folder_fails_fast_when_the_hub_is_unreachable(monkeypa
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: connection refused
-    monkeypatch.setattr(tpcli.source, "PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(tpcli.formats.source, "PROBE_TIMEOUT_S", 1.0)
     rc, _, err = run_main(monkeypatch, capsys, "inspect", "no-such-org/no-such-model")
     assert rc == 1 and _error_lines(err) == [err.strip()]
     assert "no such local folder" in err and "unreachable" in err
@@ -152,8 +152,8 @@ def test_a_moved_transformers_internal_is_one_line(model_dirs, monkeypatch, caps
     assert len(err.splitlines()) == 2
 
 
-@pytest.mark.parametrize("name,slowed", [("qwen3", "tpcli.bytecopy._copy_unit"),  # the byte path's threads
-                                          ("mixtral", "tpcli.readers.CheckpointReader.load")])  # the general path
+@pytest.mark.parametrize("name,slowed", [("qwen3", "tpcli.formats.bytecopy._copy_unit"),  # the byte path's threads
+                                          ("mixtral", "tpcli.planning.readers.CheckpointReader.load")])  # the general path
 def test_sigterm_during_shard_leaves_nothing(name, slowed, model_dirs, tmp_path):
     """A scheduler's SIGTERM mid-write cleans up like Ctrl-C: no output, no temporary folder. tpcli's own per-tensor
     step (not transformers') is slowed so that the signal lands while rank files are being written."""

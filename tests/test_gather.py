@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import assert_same_shards, load_safetensors_dir, single_process_logits
 
+from tpcli.commands.gather import gather_checkpoint
+from tpcli.commands.shard import shard_checkpoint
 from tpcli.errors import CheckpointError
-from tpcli.gathering import gather_checkpoint
-from tpcli.sharding import shard_checkpoint
 
 PHI3_PACKED = {"model.layers.*.mlp.gate_up_proj": "packed_colwise", "model.layers.*.mlp.down_proj": "rowwise"}
 ROUND_TRIPS = [("llama", 2, None), ("qwen3", 2, None), ("mixtral", 2, None), ("phi3", 2, PHI3_PACKED),

@@ -16,8 +16,8 @@ import torch
 from conftest import INPUT_IDS, base_env, single_process_logits
 from test_loading_device import _jobs, sharded  # noqa: F401 - `sharded` is a fixture used below
 
-from tpcli.loading import _SliceReader
-from tpcli.sharding import shard_checkpoint
+from tpcli.commands.shard import shard_checkpoint
+from tpcli.runtime.loading import _SliceReader
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS < 1, reason="no CUDA GPU visible")]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tpcli.layout import contiguous_chunk, local_shape, rank_runs
-from tpcli.styles import ParamPlacement, param_placement
+from tpcli.planning.layout import contiguous_chunk, local_shape, rank_runs
+from tpcli.planning.placements import ParamPlacement, param_placement
 
 
 def take(tensor, dim, runs):

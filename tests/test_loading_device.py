@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import load_safetensors_dir
 
-from tpcli import manifest
-from tpcli.inspection import load_resolved
-from tpcli.layout import rank_runs
-from tpcli.loading import _SliceReader
-from tpcli.sharding import shard_checkpoint
+from tpcli.commands.inspect import load_resolved
+from tpcli.commands.shard import shard_checkpoint
+from tpcli.formats import manifest
+from tpcli.planning.layout import rank_runs
+from tpcli.runtime.loading import _SliceReader
 
 TP = 2
 
@@ -116,7 +116,7 @@ def test_staged_path_reads_the_same_bytes_as_the_direct_path(sharded, name):
 
 
 def test_tensorfile_refuses_a_device_tensor(sharded):
-    from tpcli.storage import TensorFile
+    from tpcli.formats.storage import TensorFile
 
     _, folder, doc, _ = sharded("qwen3")
     name, entry = next(iter(doc["tensors"].items()))
@@ -154,7 +154,7 @@ def test_mapped_path_equals_the_read_path_and_copies_nothing(sharded, name):
 
 def test_mapped_tensors_are_private_copies_on_write(sharded):
     """Writing to a mapped parameter (an optimizer step) must never change the checkpoint on disk."""
-    from tpcli.storage import sha256_file
+    from tpcli.formats.storage import sha256_file
 
     _, folder, doc, placements = sharded("qwen3")
     before = {f: sha256_file(folder / f) for f in doc["files"]}

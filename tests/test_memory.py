@@ -1,4 +1,4 @@
-"""Per-rank memory (`tpcli.memory`, `inspect --seq-len/--train/--gpu-mem`) against what real TP runs hold.
+"""Per-rank memory (`tpcli.planning.memory`, `inspect --seq-len/--train/--gpu-mem`) against what real TP runs hold.
 
 The oracle is tests/oracles/memory_oracle.py: transformers' own `from_pretrained(tp_plan="auto")` on CPU workers,
 a forward with `use_cache=True`, a backward and one AdamW step, with the local bytes measured on every rank.
@@ -14,8 +14,8 @@ from conftest import ORACLES, base_env, tiny_models, torchrun
 from test_cli import _hub_cache, run_main
 
 from tpcli.errors import UsageError
-from tpcli.memory import MemoryOptions, fit_table, largest_per_tp, parse_dtype, parse_size, rank_memory
-from tpcli.plan import load_config, resolve_plan
+from tpcli.planning.memory import MemoryOptions, fit_table, largest_per_tp, parse_dtype, parse_size, rank_memory
+from tpcli.planning.plan import load_config, resolve_plan
 
 BATCH, SEQ_LEN = 2, 40  # 40 tokens > the tiny gemmas' 16-token window
 # name -> (tiny kind, overrides); each oracle launch measures all models of one TP size.
@@ -105,7 +105,7 @@ def test_the_oracle_sees_what_naive_formulas_miss(measured):
 
 def test_a_broken_gradient_rule_would_be_caught(models, monkeypatch):
     """Without the full-gradient rule the untied llama's count drops below what the oracle measures."""
-    from tpcli import memory
+    from tpcli.planning import memory
 
     plan = _plan(models("llama"))
     opts = MemoryOptions(batch=BATCH, seq_len=SEQ_LEN, train=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tpcli.checks import check_plan, valid_tp_sizes
 from tpcli.errors import PlanError
-from tpcli.plan import load_config, load_plan_file, resolve_plan
+from tpcli.planning.checks import check_plan, valid_tp_sizes
+from tpcli.planning.plan import load_config, load_plan_file, resolve_plan
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "mixtral", "phi3", "qwen3_moe"])

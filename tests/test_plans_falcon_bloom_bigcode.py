@@ -13,11 +13,11 @@ import json
 import pytest
 from conftest import ORACLES, torchrun
 
-from tpcli import plans_lib
 from tpcli.errors import PlanError
-from tpcli.plan import load_config
+from tpcli.planning import plans_library
+from tpcli.planning.plan import load_config
 
-# tiny kind (tpcli.tiny presets) -> the shipped plan the automatic pick must choose for it
+# tiny kind (tpcli.testing presets) -> the shipped plan the automatic pick must choose for it
 KINDS = {"falcon": "falcon", "falcon-mha": "falcon-mha", "falcon-mq": "falcon-mq", "bloom": "bloom",
          "gpt_bigcode": "gpt_bigcode", "gpt_bigcode-mha": "gpt_bigcode-mha"}
 TOLERANCE = 1e-5  # fp32 max abs logit error
@@ -25,7 +25,7 @@ TOLERANCE = 1e-5  # fp32 max abs logit error
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from tpcli.tiny import build_tiny
+    from tpcli.testing import build_tiny
 
     root = tmp_path_factory.mktemp("fused_qkv")
     return {kind: build_tiny(kind, root / kind) for kind in KINDS}
@@ -33,26 +33,26 @@ def models(tmp_path_factory):
 
 def test_auto_pick_chooses_the_plan_of_each_layout(models):
     for kind, name in KINDS.items():
-        assert plans_lib.auto_pick(load_config(models[kind])).name == name, kind
+        assert plans_library.auto_pick(load_config(models[kind])).name == name, kind
 
 
 def test_a_plan_for_another_layout_is_refused(models):
     # a colwise split of query_key_value would cut the multi-query K/V head: the equals constraint refuses it
     with pytest.raises(PlanError, match="multi_query"):
-        plans_lib.check_fits(plans_lib.find("falcon-mha"), load_config(models["falcon-mq"]))
+        plans_library.check_fits(plans_library.find("falcon-mha"), load_config(models["falcon-mq"]))
     with pytest.raises(PlanError, match="new_decoder_architecture"):
-        plans_lib.check_fits(plans_lib.find("falcon-mq"), load_config(models["falcon"]))
+        plans_library.check_fits(plans_library.find("falcon-mq"), load_config(models["falcon"]))
     with pytest.raises(PlanError, match="multi_query"):
-        plans_lib.check_fits(plans_lib.find("gpt_bigcode-mha"), load_config(models["gpt_bigcode"]))
+        plans_library.check_fits(plans_library.find("gpt_bigcode-mha"), load_config(models["gpt_bigcode"]))
 
 
 def test_tp_sizes_that_cut_a_head_or_kv_group_are_refused(models):
     # tiny falcon: 8 heads in 4 KV groups -> tp=8 would split a group; bloom: 12 heads -> tp=8 splits a head
-    errors = plans_lib.constraint_errors(plans_lib.find("falcon"), load_config(models["falcon"]), 8)
+    errors = plans_library.constraint_errors(plans_library.find("falcon"), load_config(models["falcon"]), 8)
     assert [attr for attr, _ in errors] == ["num_kv_heads"]
-    errors = plans_lib.constraint_errors(plans_lib.find("bloom"), load_config(models["bloom"]), 8)
+    errors = plans_library.constraint_errors(plans_library.find("bloom"), load_config(models["bloom"]), 8)
     assert [attr for attr, _ in errors] == ["n_head"]
-    assert not plans_lib.constraint_errors(plans_lib.find("bloom"), load_config(models["bloom"]), 4)
+    assert not plans_library.constraint_errors(plans_library.find("bloom"), load_config(models["bloom"]), 4)
 
 
 def _run(tmp_path, tp: int, cases: list[dict]) -> dict:
@@ -70,7 +70,7 @@ def _assert_exact(case: str, result: dict) -> None:
 @pytest.mark.dist
 def test_bloom_alibi_slopes_per_rank_and_without_adaptation(models, tmp_path):
     # 12 heads at tp=2: rank 1's heads 6..11 include the slopes of the non-power-of-two branch
-    mutated = json.loads(plans_lib.find("bloom").path.read_text())
+    mutated = json.loads(plans_library.find("bloom").path.read_text())
     mutated["adaptations"] = []  # no per-rank head count, no per-rank ALiBi rows
     (tmp_path / "bloom-mutated.json").write_text(json.dumps(mutated))
     results = _run(tmp_path, 2, [

@@ -1,7 +1,7 @@
 """plans/: every shipped plan proven against the single-process model, the library mechanism, and its bad input.
 
 The plan files are discovered (a new plans/NAME.json is covered without editing this file); each is tested on a
-tiny random model of kind NAME (or, when tpcli.tiny has no such kind, its first model_type), fp32.
+tiny random model of kind NAME (or, when tpcli.testing has no such kind, its first model_type), fp32.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 from conftest import ORACLES, run_main, torchrun
 
-from tpcli import plans_lib
-from tpcli.tiny import KINDS, build_tiny
+from tpcli.planning import plans_library
+from tpcli.testing import KINDS, build_tiny
 
-PLAN_FILES = sorted(plans_lib.PLANS_DIR.glob("*.json"))
+PLAN_FILES = sorted(plans_library.PLANS_DIR.glob("*.json"))
 NAMES = [p.stem for p in PLAN_FILES]
 TOL = 1e-5
 TINY = {"heads": 8, "kv_heads": 4}  # valid at tp=2 and tp=4 for grouped-query models
 
 
 def tiny_kind(name: str) -> str:
-    return name if name in KINDS else plans_lib.shipped()[name].model_types[0]
+    return name if name in KINDS else plans_library.shipped()[name].model_types[0]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,8 @@ def numerics_ok(r: dict) -> bool:
 
 
 def valid_at(name: str, path: Path, tp: int) -> bool:
-    from tpcli.checks import check_plan, errors
-    from tpcli.plan import load_config, resolve_plan
+    from tpcli.planning.checks import check_plan, errors
+    from tpcli.planning.plan import load_config, resolve_plan
 
     return not errors(check_plan(resolve_plan(load_config(path)), tp))
 
@@ -49,14 +49,14 @@ def valid_at(name: str, path: Path, tp: int) -> bool:
 
 
 def test_shipped_plans_validate_and_are_picked_automatically(plan_models):
-    from tpcli.plan import load_config, resolve_plan
+    from tpcli.planning.plan import load_config, resolve_plan
 
     assert NAMES, "plans/ is empty"
     for name, path in plan_models.items():
         plan = resolve_plan(load_config(path))
         assert plan.library is not None and plan.library.name == name
         assert plan.plan_source == f"tpcli plans/{name}.json"
-        assert plan.user_rules == plans_lib.shipped()[name].tp_plan
+        assert plan.user_rules == plans_library.shipped()[name].tp_plan
 
 
 def test_inspect_shows_the_library_plan_without_flag(plan_models, monkeypatch, capsys):
@@ -67,14 +67,14 @@ def test_inspect_shows_the_library_plan_without_flag(plan_models, monkeypatch, c
 
 
 def test_plan_by_name_and_by_library_file(plan_models, tmp_path):
-    from tpcli.plan import load_config, resolve_plan
+    from tpcli.planning.plan import load_config, resolve_plan
 
     config = load_config(plan_models["opt"])
-    by_name = resolve_plan(config, user_plan=plans_lib.load_spec("opt")[0], plan_file="opt")
+    by_name = resolve_plan(config, user_plan=plans_library.load_spec("opt")[0], plan_file="opt")
     assert by_name.library.name == "opt" and by_name.plan_source == "tpcli plans/opt.json"
     copy = tmp_path / "mine.json"
-    copy.write_text((plans_lib.PLANS_DIR / "opt.json").read_text())
-    by_file = resolve_plan(config, user_plan=plans_lib.load_spec(str(copy))[0], plan_file=str(copy))
+    copy.write_text((plans_library.PLANS_DIR / "opt.json").read_text())
+    by_file = resolve_plan(config, user_plan=plans_library.load_spec(str(copy))[0], plan_file=str(copy))
     assert by_file.library.adaptations == ("opt_attention",) and by_file.plan_source == str(copy)
 
 
@@ -95,7 +95,7 @@ def test_unknown_plan_name_lists_shipped_names(plan_models, monkeypatch, capsys,
 
 
 def test_schema_error_names_the_field(plan_models, monkeypatch, capsys, tmp_path):
-    doc = json.loads((plans_lib.PLANS_DIR / "gpt2.json").read_text())
+    doc = json.loads((plans_library.PLANS_DIR / "gpt2.json").read_text())
     for field, value in (("constraints", {"n_head": "tp"}), ("adaptations", ["gpt2_atention"]), ("tp_plan", None)):
         bad = dict(doc, **{field: value}) if value is not None else {k: v for k, v in doc.items() if k != field}
         path = tmp_path / f"bad-{field}.json"
@@ -123,15 +123,15 @@ def test_tp_forbidden_by_a_constraint(monkeypatch, capsys, tmp_path):
     code, out, err = run_main(monkeypatch, capsys, "shard", model, "--tp", "4", "--out", out_dir)
     _one_line_error(code, out, err, "intermediate_size=90", "divisible by tp=4", "tpcli plans/gpt_oss.json")
     assert not out_dir.exists()
-    from tpcli.checks import valid_tp_sizes
-    from tpcli.plan import load_config, resolve_plan
+    from tpcli.planning.checks import valid_tp_sizes
+    from tpcli.planning.plan import load_config, resolve_plan
 
     _, invalid = valid_tp_sizes(resolve_plan(load_config(model)), 4)  # inspect's reason names it too
     assert "intermediate_size=90 is not divisible by tp=4" in invalid[4]
 
 
 def test_verify_warns_when_less_than_half_is_sharded(plan_models, tmp_path):
-    from tpcli.verification import verify
+    from tpcli.commands.verify import verify
 
     lm_head_only = tmp_path / "default.json"  # what transformers' own gpt_oss plan shards
     lm_head_only.write_text(json.dumps({"lm_head": "colwise_gather_output"}))
@@ -152,7 +152,7 @@ def _mutations(tmp_path: Path) -> dict[str, Path]:
     out = {}
 
     def write(name: str, base: str, change) -> None:
-        doc = json.loads((plans_lib.PLANS_DIR / f"{base}.json").read_text())
+        doc = json.loads((plans_library.PLANS_DIR / f"{base}.json").read_text())
         change(doc)
         out[name] = tmp_path / f"{name}.json"
         out[name].write_text(json.dumps(doc))
@@ -176,10 +176,10 @@ def test_every_plan_numerics_and_round_trip(tp, plan_models, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tpcli.gathering import gather_checkpoint
-    from tpcli.manifest import read
-    from tpcli.sharding import shard_checkpoint
-    from tpcli.verification import verify_sharded
+    from tpcli.commands.gather import gather_checkpoint
+    from tpcli.commands.shard import shard_checkpoint
+    from tpcli.commands.verify import verify_sharded
+    from tpcli.formats.manifest import read
 
     names = [n for n in NAMES if valid_at(n, plan_models[n], tp)]
     assert tp == 4 or names == NAMES, "every plan must be valid at tp=2 on its tiny model"
@@ -221,9 +221,9 @@ def test_every_plan_numerics_and_round_trip(tp, plan_models, tmp_path):
 def test_refused_architectures_say_why():
     from transformers import AutoConfig
 
-    from tpcli.checks import low_sharding_findings
     from tpcli.errors import PlanError
-    from tpcli.plan import resolve_plan
+    from tpcli.planning.checks import low_sharding_findings
+    from tpcli.planning.plan import resolve_plan
 
     with pytest.raises(PlanError, match=re.escape("tpcli refuses it: qkv_proj packs 4 hard-coded")):
         resolve_plan(AutoConfig.for_model("codegen", n_embd=64, n_layer=1, n_head=4, vocab_size=101))

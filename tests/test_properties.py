@@ -21,12 +21,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpcli import dcp
 from tpcli.errors import CheckpointError
-from tpcli.plan import TensorInfo
-from tpcli.readers import ShardedReader
-from tpcli.storage import DTYPE_BITS, StreamWriter, read_header
-from tpcli.styles import ParamPlacement
+from tpcli.formats import dcp
+from tpcli.formats.storage import StreamWriter, read_header
+from tpcli.formats.units import SAFETENSORS_BITS
+from tpcli.planning.layout import plan_chunks
+from tpcli.planning.placements import ParamPlacement
+from tpcli.planning.plan import TensorInfo
+from tpcli.planning.readers import ShardedReader
 
 SETTINGS = settings(max_examples=30, derandomize=True, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -70,7 +72,7 @@ def _bytes(t):
 @given(infos=tensors(), tp=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_shard_then_gather_is_the_identity(infos, tp, seed):
     full = {t.name: _random(t.shape, t.dtype, seed + i) for i, t in enumerate(infos)}
-    chunks = dcp.plan_chunks(infos, tp)
+    chunks = plan_chunks(infos, tp)
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         for r in range(tp):  # what `tpcli shard` writes for rank r
@@ -125,7 +127,7 @@ def test_random_bytes_give_only_checkpoint_errors(data):
             assert _library_accepts(path)
 
 
-CODES = sorted(DTYPE_BITS)
+CODES = sorted(SAFETENSORS_BITS)
 
 
 @st.composite
@@ -133,9 +135,9 @@ def headers(draw):
     """A safetensors file from a random header: mostly well-formed, then broken in one of the ways files break."""
     header, offset = {}, 0
     for i in range(draw(st.integers(0, 3))):
-        dtype = draw(st.sampled_from([c for c in CODES if DTYPE_BITS[c] % 8 == 0]))
+        dtype = draw(st.sampled_from([c for c in CODES if SAFETENSORS_BITS[c] % 8 == 0]))
         shape = draw(st.lists(st.integers(0, 4), max_size=3))
-        n = DTYPE_BITS[dtype] // 8
+        n = SAFETENSORS_BITS[dtype] // 8
         for s in shape:
             n *= s
         header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
@@ -194,7 +196,7 @@ def test_identity_would_catch_a_misplaced_chunk(kind, tmp_path):
     t = TensorInfo(name="w", shape=(6, 4), dtype="float32", style=None, rule=None,
                    placement=ParamPlacement(kind, 0, 2 if kind == "strided" else 1))
     full = torch.arange(24, dtype=torch.float32).reshape(6, 4)
-    chunks = dcp.plan_chunks([t], 2)
+    chunks = plan_chunks([t], 2)
     for r in range(2):
         (c,) = chunks[r]
         w = StreamWriter(tmp_path / dcp.shard_file_name(r), [(c.name, c.dtype, c.sizes)], dcp.sharding_metadata(chunks[r]))

@@ -1,7 +1,7 @@
 """Quantized (block-scaled FP8) checkpoints: nothing dropped, shard -> gather bit for bit, load_model against
 transformers' own TP load and the single-process model, stored bytes in inspect, block alignment in verify/inspect.
 
-The checkpoints are tiny random models quantized locally by `tpcli.tiny.quantize_fp8` (transformers' own
+The checkpoints are tiny random models quantized locally by `tpcli.testing.quantize_fp8` (transformers' own
 `Fp8Quantize`, 16x16 blocks) in the layout of DeepSeek-V3 / Qwen3-FP8.
 """
 
@@ -16,10 +16,10 @@ from conftest import ORACLES, run_main, single_process_logits
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tpcli.gathering import gather_checkpoint
-from tpcli.inspection import inspect_model
-from tpcli.sharding import shard_checkpoint
-from tpcli.tiny import build_tiny
+from tpcli.commands.gather import gather_checkpoint
+from tpcli.commands.inspect import inspect_model
+from tpcli.commands.shard import shard_checkpoint
+from tpcli.testing import build_tiny
 
 FAMILIES = ("qwen3", "qwen3_moe", "mixtral")
 

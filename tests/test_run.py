@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ORACLES, base_env, single_process_logits
 
-from tpcli.sharding import shard_checkpoint
+from tpcli.commands.shard import shard_checkpoint
 
 TPCLI = [sys.executable, "-m", "tpcli"]
 
@@ -315,7 +315,7 @@ def test_timeout_stops_a_hanging_rank_and_names_it(tmp_path):
 def test_preflight_of_a_sharded_folder_does_not_claim_unchecked_hashes(model_dirs, tmp_path):
     """Preflight checks sizes and the manifest only: a flipped byte passes it, so it must not say "OK" about the
     hashes, and it must say how to check them."""
-    from tpcli.launch import LaunchSpec, preflight_model
+    from tpcli.commands.run import LaunchSpec, preflight_model
 
     folder = tmp_path / "s"
     shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(folder))

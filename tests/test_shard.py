@@ -9,11 +9,11 @@ import torch
 from conftest import assert_same_shards, single_process_logits
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
+from tpcli.commands.inspect import inspect_model
+from tpcli.commands.shard import shard_checkpoint
 from tpcli.errors import CheckpointError, OutputError, PlanError
-from tpcli.inspection import inspect_model
-from tpcli.layout import local_shape
-from tpcli.plan import load_config, load_plan_file, resolve_plan
-from tpcli.sharding import shard_checkpoint
+from tpcli.planning.layout import local_shape
+from tpcli.planning.plan import load_config, load_plan_file, resolve_plan
 
 PHI3_PACKED = {"model.layers.*.mlp.gate_up_proj": "packed_colwise", "model.layers.*.mlp.down_proj": "rowwise"}
 
@@ -81,7 +81,7 @@ def test_shard_manifest_and_copied_files(model_dirs, tmp_path):
     assert set(doc["versions"]) == {"tpcli", "transformers", "torch"}
     assert doc["tensors"]["model.embed_tokens.weight"]["chunks"][1]["offsets"] == [501, 0]
     assert doc["tensors"]["lm_head.weight"]["tied_to"] == "model.embed_tokens.weight"
-    from tpcli.storage import sha256_file
+    from tpcli.formats.storage import sha256_file
 
     for fname, f in doc["files"].items():
         assert sha256_file(out / fname) == f["sha256"] and (out / fname).stat().st_size == f["bytes"]
@@ -136,8 +136,8 @@ def test_pickled_checkpoint_is_refused(model_dirs, tmp_path):
 
 @pytest.mark.parametrize("byte_copy", [True, False], ids=["byte-path", "general-path"])
 def test_error_midway_leaves_no_output(byte_copy, model_dirs, tmp_path, monkeypatch):
-    import tpcli.bytecopy as bytecopy
-    import tpcli.sharding as sharding
+    import tpcli.commands.shard as sharding
+    import tpcli.formats.bytecopy as bytecopy
 
     calls = {"n": 0}
     module, name = (bytecopy, "_copy_unit") if byte_copy else (sharding, "_cast")  # one step per tensor

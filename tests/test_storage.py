@@ -10,7 +10,7 @@ import pytest
 
 LOOP = """
 import resource, sys, torch
-from tpcli.storage import reuse_freed_memory
+from tpcli.formats.storage import reuse_freed_memory
 if sys.argv[1] == "on":
     reuse_freed_memory()
 sizes = [22 * 2**20, 22 * 2**20, 22 * 2**20, 8 * 2**20]  # a layer of the bench Llama: MLP weights, o_proj
@@ -41,8 +41,8 @@ def test_revert_with_the_mapping_built_once_equals_transformers(model_dirs, name
     import torch
     from transformers.core_model_loading import revert_weight_conversion
 
-    from tpcli.convert import Conversions
-    from tpcli.plan import build_meta_model, load_config
+    from tpcli.planning.convert import Conversions
+    from tpcli.planning.plan import build_meta_model, load_config
 
     config = load_config(model_dirs(name))
     model, fresh = build_meta_model(config), build_meta_model(config)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from tpcli.commands.shard import shard_checkpoint
+from tpcli.commands.verify import verify
 from tpcli.errors import UsageError
-from tpcli.sharding import shard_checkpoint
-from tpcli.verification import verify
 
 PLANS = Path(__file__).parent.parent / "tpcli" / "examples"  # example user plans; plans/ is the verified library
 
@@ -121,7 +121,7 @@ def test_integrity_of_a_transformers_dcp_save(oracle):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """tiny("deepseek_v3", kv_heads=2) -> a locally built model folder, cached per arguments."""
-    from tpcli.tiny import build_tiny
+    from tpcli.testing import build_tiny
 
     root, cache = tmp_path_factory.mktemp("tiny"), {}
 
@@ -141,8 +141,8 @@ def test_mla_kv_heads_below_heads_fail_statically(tiny, kv, ok):
     r = verify(str(tiny("deepseek_v3", heads=4, kv_heads=kv)), tp=2)
     assert r["ok"] is ok
     assert any(f["code"] == "mla-kv-heads" for f in r["findings"]) is not ok
-    from tpcli.checks import valid_tp_sizes
-    from tpcli.inspection import load_resolved
+    from tpcli.commands.inspect import load_resolved
+    from tpcli.planning.checks import valid_tp_sizes
 
     valid, _ = valid_tp_sizes(load_resolved(str(tiny("deepseek_v3", heads=4, kv_heads=kv)))[1], max_tp=4)
     assert valid == ([1, 2, 3, 4] if ok else [])  # the default plan leaves MLA attention whole; experts: 96 rows

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ORACLES, torchrun
 
-from tpcli.tiny import build_tiny
-from tpcli.verification import verify
+from tpcli.commands.verify import verify
+from tpcli.testing import build_tiny
 
 PLANS = Path(__file__).parent.parent / "tpcli" / "examples"  # example user plans; plans/ is the verified library
 SWEEP_CI = 20
@@ -107,7 +107,7 @@ def test_large_sweep(tmp_path, tp):
     assert not _disagreements(rows), "\n".join(_disagreements(rows))
 
 
-# user plans that pair a block's layers wrongly, and two that pair them correctly (tpcli.checks.pairing_findings)
+# user plans that pair a block's layers wrongly, and two that pair them correctly (tpcli.planning.checks.pairing_findings)
 PAIRINGS = {
     "down-colwise": ({"model.layers.*.mlp.down_proj": "colwise"}, False),
     "gate-up-replicated": ({"model.layers.*.mlp.gate_proj": "replicate", "model.layers.*.mlp.up_proj": "replicate"},

@@ -10,7 +10,7 @@ __all__ = ["__version__", "load_model"]
 
 def __getattr__(name: str):
     if name == "load_model":
-        from .loading import load_model
+        from tpcli.runtime.loading import load_model
 
         return load_model
     raise AttributeError(f"module 'tpcli' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import main
+from tpcli.cli import main
 
 main()

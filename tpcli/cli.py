@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
-from .errors import TpcliError, UsageError
+from tpcli import __version__
+from tpcli.errors import TpcliError, UsageError
 
 app = typer.Typer(
     name="tpcli",
@@ -69,6 +69,14 @@ def _size_bytes(flag: str, text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _progress(json_out: bool):
+    """The progress callback a long command draws with: a bar on stderr, none under --json."""
+    from tpcli.commands import no_progress
+    from tpcli.render import progress_bar
+
+    return no_progress if json_out else progress_bar
+
+
 _DURATION = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -100,8 +108,8 @@ def inspect(
     _positive("--tp", tp)
     _positive("--batch", batch)
     _positive("--seq-len", seq_len)
-    from . import cache
-    from .memory import DEFAULT_RESERVE, MemoryOptions, parse_dtype, parse_size
+    from tpcli.formats import cache
+    from tpcli.planning.memory import DEFAULT_RESERVE, MemoryOptions, parse_dtype, parse_size
 
     if reserve is not None and gpu_mem is None:
         raise UsageError("--reserve only applies with --gpu-mem SIZE.")
@@ -109,12 +117,12 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve")
-    from .render import print_json, render_inspect, render_memory
+    from tpcli.render import print_json, render_inspect, render_memory
 
-    key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/cache.py)
+    key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/formats/cache.py)
     report = cache.get(key)
     if report is None:
-        from .inspection import inspect_model
+        from tpcli.commands.inspect import inspect_model
 
         report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
                                reserve=reserve_bytes)
@@ -144,16 +152,16 @@ def verify(
 ):
     """Catch a broken TP setup before it costs GPU hours."""
     _positive("--tp", tp)
-    from . import cache
-    from .render import print_json, render_verify
+    from tpcli.formats import cache
+    from tpcli.render import print_json, render_verify
 
-    key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/cache.py)
+    key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/formats/cache.py)
     result = cache.get(key)
     if result is None:
-        from . import verification
+        from tpcli.commands import verify as verification
 
         result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
-                                     tolerance=tolerance, gpus=gpus, quick=quick, progress=not json_out)
+                                     tolerance=tolerance, gpus=gpus, quick=quick)
         if result["ok"]:
             result = cache.put(key, result)
     print_json(result) if json_out else render_verify(result)
@@ -174,11 +182,11 @@ def shard(
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
     _positive("--tp", tp)
-    from .render import print_json, render_shard
-    from .sharding import shard_checkpoint
+    from tpcli.commands.shard import shard_checkpoint
+    from tpcli.render import print_json, render_shard
 
     result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision, force=force,
-                              progress=not json_out)
+                              progress=_progress(json_out))
     print_json(result) if json_out else render_shard(result)
 
 
@@ -193,11 +201,11 @@ def gather(
 ):
     """Merge per-rank shards into a standard checkpoint that from_pretrained loads without TP."""
     size = _size_bytes("--max-shard-size", max_shard_size)
-    from .gathering import gather_checkpoint
-    from .render import print_json, render_gather
+    from tpcli.commands.gather import gather_checkpoint
+    from tpcli.render import print_json, render_gather
 
     result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
-                               progress=not json_out)
+                               progress=_progress(json_out))
     print_json(result) if json_out else render_gather(result)
 
 
@@ -228,7 +236,7 @@ def run(
     """Launch torchrun workers (one command), with preflight and clear failure reports.
 
     Everything after SCRIPT (or -m MODULE) is passed to the script unchanged."""
-    from .launch import LaunchSpec, launch
+    from tpcli.commands.run import LaunchSpec, launch
 
     argv = list(ctx.args)
     if module and script is not None:
@@ -327,7 +335,7 @@ def main() -> None:
 
 
 def _main() -> None:
-    from . import versions
+    from tpcli import versions
 
     note = versions.warning() if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version") else None
     if note:

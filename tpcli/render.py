@@ -14,6 +14,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tpcli.formats.units import human_bytes
+
 UNLIMITED = 100_000  # columns for non-terminal output: tables take their natural width
 
 
@@ -27,14 +29,6 @@ console = make_console()
 err_console = make_console(stderr=True)
 
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def print_json(data) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from . import __version__
+from tpcli import __version__
 
 # package -> (oldest tested, newest tested), compared on (major, minor)
 TESTED = {"transformers": ("5.23", "5.23"), "torch": ("2.13", "2.15")}

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node=N plans_worker.py CASES.json OUT.json
 
 CASES is a list of {"id", "model", "plan" (NAME, FILE or null: the automatic pick), "load_from" (a sharded
-folder or null)}. Each case runs `tpcli.numerics.compare` (the worker of `verify --numerics`: TP load through
+folder or null)}. Each case runs `tpcli.runtime.numerics.compare` (the worker of `verify --numerics`: TP load through
 `tpcli.load_model`, forward + greedy decode, errors against the single-process model on rank 0). A case that
 raises is recorded with its error, so one broken plan does not hide the others.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from tpcli.numerics import compare
+from tpcli.runtime.numerics import compare
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))
 cases = json.loads(Path(sys.argv[1]).read_text())

@@ -30,7 +30,7 @@ store = dist.distributed_c10d._get_default_store()
 from transformers import AutoConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from tpcli.plan import _model_class  # noqa: E402
+from tpcli.planning.plan import _model_class  # noqa: E402
 
 hf_logging.disable_progress_bar()
 cases = json.loads(Path(sys.argv[1]).read_text())

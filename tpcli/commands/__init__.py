@@ -1,0 +1,24 @@
+"""commands: one module per CLI command (inspect, verify, shard, gather, run) plus what several share (integrity).
+
+Each command is a pipeline over the layers below (source -> plan -> layout -> write) and returns a JSON-ready dict;
+none prints. Long ones take a `progress` callback, `progress(total_bytes, description)`, a context manager whose
+value has `.advance(n_bytes)` (the CLI passes `tpcli.render.progress_bar`; the default draws nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+
+class _Silent:
+    def advance(self, n: int) -> None:
+        pass
+
+
+def no_progress(total: int, description: str) -> AbstractContextManager:
+    """The default `progress` callback: counts nothing, draws nothing."""
+    return nullcontext(_Silent())
+
+
+Progress = Callable[[int, str], AbstractContextManager]

@@ -1,0 +1,223 @@
+"""`tpcli gather`: merge a sharded folder (tpcli's or transformers' DCP save) into a standard checkpoint.
+
+Streaming: one reverse-conversion group at a time is assembled from its chunks, reverted to checkpoint names by
+transformers' `revert_weight_conversion`, and appended to its output file. Files are split with
+huggingface_hub's `split_state_dict_into_shards_factory` over the run-time tensors, as `save_pretrained` does, and
+every output file's header is laid out (by a meta-device dry run) before the first byte is read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tpcli.commands import Progress, no_progress
+from tpcli.commands.integrity import check_folder
+from tpcli.commands.shard import _cast, _set_config_dtype, metadata_allowance, parse_dtype
+from tpcli.errors import CheckpointError, UsageError
+from tpcli.formats import bytecopy, dcp, manifest
+from tpcli.formats.bytecopy import CachedJob, header_digest
+from tpcli.formats.source import aux_files
+from tpcli.formats.storage import (
+    StreamWriter,
+    atomic_dir,
+    check_free_space,
+    copy_aux,
+    file_size,
+    prepare_output,
+    remove_stale_temps,
+    reuse_freed_memory,
+)
+from tpcli.formats.units import tensor_bytes
+from tpcli.planning.readers import ShardedReader
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass
+class GatherJob(CachedJob):
+    """Everything `gather` writes, decided before the first byte is read.
+
+    `boxes` (output file -> per tensor, the JSON-ready `bytecopy.Box` of each chunk) is set when no conversion is
+    reverted and nothing is cast: the job is then plain data, cached by `tpcli.formats.cache` (keyed by the folder's
+    manifest, config and file sizes/mtimes, checked against the rank files' headers before use), so gathering the
+    same folder again needs neither torch nor transformers. Otherwise `live` holds what the general path needs."""
+
+    per_file: dict  # output file -> [(checkpoint name, dtype, shape)] in file order
+    weight_map: dict
+    parameter_count: int
+    total: int  # bytes read, for the progress bar
+    cast: str | None
+    boxes: dict | None = None
+    headers: dict | None = None  # rank file -> (size, sha256 of its header)
+    live: tuple | None = None  # (reader, groups, conversions)
+
+
+def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "5GB", dtype: str | None = None,
+                      force: bool = False, progress: Progress = no_progress, byte_copy: bool = True) -> dict:
+    """Write `out`: a standard checkpoint (one file or index-sharded) merged from the rank files; returns a summary.
+
+    Where transformers has no conversion to revert and nothing is cast, every output tensor is its chunks' bytes
+    put in place (`tpcli.formats.bytecopy`); byte_copy=False forces the general path (tests compare the two)."""
+    from tpcli.formats import cache
+
+    started = time.perf_counter()
+    folder = Path(directory).expanduser().resolve()
+    if not dcp.is_sharded_dir(folder):
+        raise CheckpointError(f"DIR {directory}: no shard-*-model-*.safetensors files; pass a folder written by "
+                              "`tpcli shard` or save_pretrained(distributed_checkpoint=True).")
+    cast = parse_dtype(dtype)
+    out_path = prepare_output(out, force=force, inputs=[folder])
+    removed = remove_stale_temps(out_path.parent)
+    key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
+                    sharded=True) if byte_copy else None
+    job = GatherJob.from_cache(cache.get(key), folder)
+    # sizes, headers, coverage (and config agreement when planning) now; the hashes run alongside the gather and are
+    # checked before the output is published (it is written into a temporary folder), so a corrupt input never
+    # yields an output.
+    integrity = check_folder(folder, quick=False, with_plan=job is None, defer_hashes=True)
+    if job is None:
+        reuse_freed_memory()
+        job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
+        if job.boxes is not None:
+            cache.put(key, job.to_json())
+    files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress)
+    return {
+        "out": str(out_path),
+        "source": str(folder),
+        "source_kind": "tpcli" if integrity["manifest"] else "transformers-dcp",
+        "tp_size": integrity["tp_size"],
+        "tensors": len(job.weight_map),
+        "files": files,
+        "copied": copied,
+        "bytes_written": sum(files.values()),
+        "removed_temp_folders": removed,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None, byte_copy: bool = True) -> GatherJob:
+    """Names, files and layout of the output, through transformers' reverse conversions (nothing written yet)."""
+    import torch
+    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+
+    from tpcli.planning.convert import Conversions
+
+    reader = ShardedReader(folder, tensors=integrity["tensors"])
+    plan = integrity["plan"]
+    if cast and plan.quantization is not None:  # a cast of FP8 bytes without their scales would be garbage
+        raise UsageError(f"--dtype with the quantized folder {folder}: gather keeps the {plan.quantization.method} "
+                         "weights and scales as they are; to dequantize, run `tpcli shard --dtype` on the gathered "
+                         "checkpoint.")
+    names = [n for n in reader.tensors if n in plan.tensors and not plan.tensors[n].tied_to]
+    missing = [n for n, t in plan.tensors.items() if not t.tied_to and n not in reader.tensors]
+    if missing:
+        raise CheckpointError(f"{folder}: no shard holds {missing[0]}" +
+                              (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "") + "; is the folder complete?")
+    for n in names:
+        if reader.tensors[n].shape != plan.tensors[n].shape:
+            raise CheckpointError(f"{folder}: {n} has shape {list(reader.tensors[n].shape)} in the shards but "
+                                  f"{list(plan.tensors[n].shape)} in config.json.")
+
+    conv = Conversions(plan.model)
+    groups = conv.reverse_groups(names)
+    meta = {n: torch.empty(reader.tensors[n].shape, dtype=getattr(torch, cast or reader.tensors[n].dtype),
+                           device="meta") for n in names}
+    outputs: list[list[tuple[str, tuple[int, ...], str]]] = []
+    for group in groups:
+        reverted = conv.revert({n: meta[n] for n in group})
+        outputs.append([(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in reverted.items()])
+
+    split = split_state_dict_into_shards_factory(
+        meta, get_storage_size=lambda t: t.numel() * t.element_size(), get_storage_id=lambda t: None,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    file_of_runtime = {n: f for f, ts in split.filename_to_tensors.items() for n in ts}
+    per_file: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {f: [] for f in split.filename_to_tensors}
+    weight_map: dict[str, str] = {}
+    for group, outs in zip(groups, outputs, strict=True):
+        file = file_of_runtime[group[0]]
+        for key, shape, dt in outs:
+            per_file[file].append((key, dt, shape))
+            weight_map[key] = file
+    job = GatherJob(per_file={f: e for f, e in per_file.items() if e}, weight_map=weight_map,
+                    parameter_count=plan.parameter_count, total=sum(reader.step_bytes(n) for n in names), cast=cast)
+    if not (byte_copy and not conv.reverts and all(cast in (None, reader.tensors[n].dtype) for n in names)):
+        job.live = (reader, groups, conv)
+        return job
+    # every output tensor is a run-time tensor as stored: its chunks' bytes only need to be put in place
+    job.boxes = {f: [[[c.file, *_chunk_start(reader, folder, c.file, name), list(c.offsets), list(c.sizes)]
+                      for c in reader.tensors[name].chunks] for name, _, _ in entries]
+                 for f, entries in job.per_file.items()}
+    job.headers = {f: header_digest(folder / f) for f in integrity["files"]}
+    reader.close()
+    return job
+
+
+def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> list[int]:
+    return [reader._handle(folder / file).offset(name)]
+
+
+def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: Progress) -> tuple[dict, list]:
+    """Write the output files, index, config and tokenizer into a temporary folder and publish it as `out_path`."""
+    aux = [p for p in aux_files(folder) if p.name != manifest.NAME]
+    check_free_space(out_path, sum(file_size(e, {"format": "pt"}) for e in job.per_file.values()) +
+                     sum(f.stat().st_size for f in aux) + metadata_allowance(len(job.weight_map)))
+    with atomic_dir(out_path, command="gather") as tmp:
+        writers = {}
+        reader = job.live[0] if job.live else None
+        try:
+            if job.boxes is not None:
+                outputs = []
+                for f, entries in job.per_file.items():
+                    out_file, starts = bytecopy.lay_out(tmp / f, entries, {"format": "pt"})
+                    for (name, dt, shape), chunks in zip(entries, job.boxes[f], strict=True):
+                        out_file.units.append([
+                            bytecopy.Box(folder / file, start, starts[name], tuple(shape), tuple(offsets),
+                                         tuple(sizes), tensor_bytes(dt, (1,)), box_in="dest")
+                            for file, start, offsets, sizes in chunks])
+                    outputs.append(out_file)
+                with progress(job.total, "gather") as bar:
+                    bytecopy.write_files(outputs, sha256=False, advance=bar.advance)
+            else:
+                _, groups, conv = job.live
+                writers = {f: StreamWriter(tmp / f, entries, {"format": "pt"}, sha256=False)
+                           for f, entries in job.per_file.items()}
+                _stream(reader, groups, conv, job.cast, writers, job.weight_map, job.total, progress)
+            check_hashes()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        finally:
+            if reader is not None:
+                reader.close()
+        if len(job.per_file) > 1:
+            total_size = sum(tensor_bytes(dt, shape) for entries in job.per_file.values() for _, dt, shape in entries)
+            index = {"metadata": {"total_parameters": job.parameter_count, "total_size": total_size},
+                     "weight_map": dict(sorted(job.weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        copied = copy_aux(folder, tmp, aux)
+        if job.cast:
+            _set_config_dtype(tmp / "config.json", job.cast)
+        files = {f: (tmp / f).stat().st_size for f in job.per_file}
+    return files, copied
+
+
+def _stream(reader, groups, conv, cast, writers, weight_map, total: int, progress: Progress) -> None:
+    """The general path: assemble each reverse-conversion group, revert it with transformers, append it."""
+    with progress(total, "gather") as bar:
+        for group in groups:
+            full = reader.read(group)
+            if cast:
+                full = {n: _cast(t, cast) for n, t in full.items()}
+            tensor = None
+            for key, tensor in conv.revert(full).items():
+                writers[weight_map[key]].write(key, tensor)
+            del full, tensor  # the loop variable would keep this group alive while the next is read
+            bar.advance(reader.step_bytes(group))
+    for w in writers.values():
+        w.close()
+

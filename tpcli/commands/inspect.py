@@ -1,0 +1,149 @@
+"""`tpcli inspect`: what a TP plan does to a model, per rank, without loading a weight.
+
+The result is one JSON-ready dict (documented in README, "inspect --json keys"); `tpcli.render` draws it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from tpcli.formats import source as sources
+from tpcli.formats.units import tensor_bytes
+from tpcli.planning.checks import check_plan, valid_tp_sizes
+from tpcli.planning.layout import local_shape
+from tpcli.planning.memory import MemoryOptions, check_budget, check_trainable, fit_table, largest_per_tp, rank_memory
+from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches
+from tpcli.planning.quant import scale_pairs
+
+SCHEMA = "tpcli.inspect/2"
+
+
+def load_resolved(model: str, *, plan_file: str | None = None, revision: str | None = None,
+                  weights: bool = False) -> tuple[sources.Source, ResolvedPlan]:
+    """Resolve MODEL and its effective plan (the start of every command)."""
+    src = sources.resolve(model, revision=revision, weights=weights)
+    user_plan = load_plan_file(plan_file) if plan_file else None
+    config = load_config(src.path)
+    return src, resolve_plan(config, user_plan=user_plan, plan_file=plan_file)
+
+
+def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
+                  revision: str | None = None, max_tp: int = 64, memory: MemoryOptions | None = None,
+                  gpu_mem: int | None = None, reserve: int = 0) -> dict:
+    if gpu_mem is not None:
+        check_budget(gpu_mem, reserve)
+    src, plan = load_resolved(model, plan_file=plan_file, revision=revision)
+    if memory and memory.train:
+        check_trainable(plan)
+    report = build_report(src, plan, tp=tp, max_tp=max_tp)
+    add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
+    return report
+
+
+def add_memory(report: dict, plan: ResolvedPlan, opts: MemoryOptions, *, gpu_mem: int | None, reserve: int) -> None:
+    """Per-rank memory (tpcli.planning.memory) into `report`: `tp.ranks[i]` terms, `memory` per TP size, and `fit`.
+
+    `tp.ranks[i].total_bytes` becomes weights + KV cache + gradients + optimizer + activation estimate (the terms
+    not asked for are 0); `sharded_bytes + replicated_bytes` stays the weights.
+    """
+    asked = bool(opts.seq_len or opts.train or gpu_mem)
+    tp = report["tp"]
+    if tp:
+        for row, mem in zip(tp["ranks"], rank_memory(plan, tp["size"], opts), strict=True):
+            row.update(mem.to_dict())
+        tp["largest_rank"] = max(tp["ranks"], key=lambda r: r["total_bytes"])["rank"]
+    per_tp = largest_per_tp(plan, report["valid_tp_sizes"], opts) if asked else {}
+    report["memory"] = {
+        "batch": opts.batch,
+        "seq_len": opts.seq_len,
+        "kv_dtype": opts.kv_dtype or plan.dtype,
+        "train": opts.train,
+        "per_tp": {str(n): m.to_dict() for n, m in per_tp.items()},  # the largest rank of each valid TP size
+    } if asked else None
+    report["fit"] = fit_table(plan, per_tp, opts, gpu_mem=gpu_mem, reserve=reserve) if gpu_mem is not None else None
+
+
+def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max_tp: int = 64) -> dict:
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    unique = plan.unique_tensors
+    sharded_bytes = sum(t.nbytes for t in unique if t.placement.is_sharded)
+    matches = rule_matches(plan)
+    rules = []
+    for rule, style in plan.rules.items():
+        names = matches[rule]
+        covered = [t for t in unique if t.rule == rule]
+        rules.append({
+            "rule": rule,
+            "style": style,
+            "matches": len(names),
+            "parameters": len(covered),
+            "bytes_sharded": sum(t.nbytes for t in covered if t.placement.is_sharded),
+        })
+    valid, invalid = valid_tp_sizes(plan, max_tp)
+    replicated = sorted((t for t in unique if not t.placement.is_sharded), key=lambda t: -t.nbytes)
+    report: dict = {
+        "schema": SCHEMA,
+        "source": src.describe(),
+        "summary": {
+            "architecture": plan.architecture,
+            "model_type": plan.model_type,
+            "parameters": plan.parameter_count,
+            "dtype": plan.dtype,
+            "total_bytes": plan.total_bytes,
+            "plan_source": plan.plan_source,
+            "quantization": quantization_summary(plan),
+        },
+        "checkpoint": sources.checkpoint_summary(src),
+        "plan": rules,
+        "unused_rules": [r["rule"] for r in rules if r["matches"] == 0],
+        "valid_tp_sizes": valid,
+        "invalid_tp_sizes": {str(k): v for k, v in invalid.items()},
+        "coverage": {
+            "sharded_bytes": sharded_bytes,
+            "replicated_bytes": plan.total_bytes - sharded_bytes,
+            "sharded_fraction": sharded_bytes / plan.total_bytes if plan.total_bytes else 0.0,
+            "largest_replicated": [{"name": t.name, "shape": list(t.shape), "bytes": t.nbytes} for t in replicated[:5]],
+        },
+        "tp": None,
+    }
+    if tp:
+        groups: OrderedDict[str, dict] = OrderedDict()
+        per_rank = [{"rank": r, "sharded_bytes": 0, "replicated_bytes": 0} for r in range(tp)]
+        for t in unique:
+            shapes = [list(local_shape(t.shape, t.placement, tp, r)) for r in range(tp)]
+            key = replace_layer_number_by_wildcard(t.name)
+            g = groups.setdefault(key, {"pattern": key, "count": 0, "style": t.style, "placement": t.placement.describe(),
+                                        "dtype": t.dtype, "global_shape": list(t.shape), "local_shapes": shapes})
+            g["count"] += 1
+            for r in range(tp):
+                b = tensor_bytes(t.dtype, shapes[r])
+                per_rank[r]["sharded_bytes" if t.placement.is_sharded else "replicated_bytes"] += b
+        for r in per_rank:
+            r["total_bytes"] = r["sharded_bytes"] + r["replicated_bytes"]
+        largest = max(per_rank, key=lambda r: r["total_bytes"])
+        findings = check_plan(plan, tp)
+        report["tp"] = {
+            "size": tp,
+            "valid": tp in valid,
+            "groups": list(groups.values()),
+            "ranks": per_rank,
+            "largest_rank": largest["rank"],
+            "findings": [f.to_dict() for f in findings],
+        }
+    return report
+
+
+def quantization_summary(plan: ResolvedPlan) -> dict | None:
+    """null for an ordinary checkpoint; else the method, block size, and what the stored weights and scales are.
+
+    Every byte figure of a quantized model is its stored size: FP8 weights 1 byte per parameter plus their scales."""
+    q = plan.quantization
+    if q is None:
+        return None
+    pairs = scale_pairs(plan.tensors)
+    weights = [plan.tensors[w] for w in pairs]
+    scales = [plan.tensors[s] for s in pairs.values()]
+    return {**q.describe(), "quantized_tensors": len(pairs),
+            "weight_dtype": weights[0].dtype if weights else None, "scale_dtype": scales[0].dtype if scales else None,
+            "weight_bytes": sum(t.nbytes for t in weights), "scale_bytes": sum(t.nbytes for t in scales)}

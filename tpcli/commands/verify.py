@@ -1,0 +1,97 @@
+"""`tpcli verify`: static checks of a plan at a TP size, a numeric check on real workers, or the integrity of a
+sharded folder. Returns one JSON-ready dict with `ok`; the CLI exits 1 when it is False.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from tpcli.errors import CheckpointError, UsageError
+from tpcli.formats import dcp
+from tpcli.planning.checks import Finding, check_plan
+
+DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, revision: str | None = None,
+           numerics: bool = False, tolerance: float | None = None, gpus: bool = False, quick: bool = False) -> dict:
+    local = Path(target).expanduser()
+    if dcp.is_sharded_dir(local):
+        if numerics:
+            raise UsageError("--numerics checks a model against its TP load; pass the original model folder.")
+        return verify_sharded(local, tp=tp, quick=quick)
+    if tp is None:
+        raise UsageError("--tp N is required to verify a model (or pass a sharded folder to check its files).")
+    from tpcli.commands.inspect import load_resolved
+
+    src, plan = load_resolved(target, plan_file=plan_file, revision=revision)
+    findings = check_plan(plan, tp)
+    result = {
+        "mode": "numerics" if numerics else "static",
+        "target": target,
+        "architecture": plan.architecture,
+        "tp": tp,
+        "plan_source": plan.plan_source,
+        "findings": [f.to_dict() for f in findings],
+        "ok": not any(f.severity == "error" for f in findings),
+    }
+    if numerics and result["ok"]:
+        result["numerics"] = run_numerics(src.path, tp=tp, plan_file=plan_file, gpus=gpus, tolerance=tolerance,
+                                          default_dtype=plan.dtype)
+        result["ok"] = result["numerics"]["ok"]
+    elif numerics:
+        result["numerics"] = {"skipped": "static errors: the workers would crash or compute garbage"}
+    return result
+
+
+def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tolerance: float | None,
+                 default_dtype: str) -> dict:
+    from tpcli.commands.run import LaunchSpec, launch
+
+    with tempfile.TemporaryDirectory(prefix="tpcli-verify-") as tmp:
+        out = Path(tmp) / "numerics.json"
+        if plan_file and Path(plan_file).exists():
+            plan_file = str(Path(plan_file).resolve())  # the workers may run elsewhere; a shipped NAME stays a name
+        args = [str(path), str(out)] + (["--plan", plan_file] if plan_file else [])
+        spec = LaunchSpec(module="tpcli.runtime.numerics", args=args, gpus=tp if gpus else None, cpu=None if gpus else tp,
+                          preflight=False, quiet=True, raise_on_interrupt=True)  # Ctrl-C: "interrupted", exit 130
+        lines: list[str] = []
+        code = launch(spec, report=lines.append)
+        if code != 0 or not out.exists():
+            return {"ok": False, "error": "the TP workers failed: " + " | ".join(lines[:3])}
+        data = json.loads(out.read_text())
+    tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(data["dtype"], 1e-5)
+    data["tolerance"] = tol
+    data["first_bad"] = next((layer["name"] for layer in data["layers"] if layer["max_abs"] > tol), None)
+    data["ok"] = data["logits"]["max_abs"] <= tol and data["first_bad"] is None and data["tokens_equal"]
+    return data
+
+
+def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
+    from tpcli.commands.integrity import check_folder
+
+    findings: list[Finding] = []
+    info = None
+    try:
+        info = check_folder(folder, quick=quick, with_plan=True)
+    except CheckpointError as exc:
+        findings.append(Finding("error", "integrity", str(exc)))
+    if info is not None:
+        if info["manifest"] is None:
+            findings.append(Finding("info", "no-manifest", "no tpcli.json (a transformers DCP save): hashes not "
+                                    "checked, coverage and config checked"))
+        if tp is not None and info["tp_size"] != tp:
+            findings.append(Finding("warning", "tp-mismatch", f"folder is tp={info['tp_size']}, --tp is {tp}: "
+                                    "transformers would reshard it on load"))
+    return {
+        "mode": "integrity",
+        "target": str(folder),
+        "tp": info["tp_size"] if info else None,
+        "tensors": len(info["tensors"]) if info else None,
+        # None: the check stopped at its first error, before it could say whether every hash was checked
+        "hashes_checked": bool(info["manifest"] and not quick) if info else None,
+        "findings": [f.to_dict() for f in findings],
+        "ok": not any(f.severity == "error" for f in findings),
+    }

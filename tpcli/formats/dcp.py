@@ -1,0 +1,131 @@
+"""transformers' pre-sharded layout (`save_pretrained(distributed_checkpoint=True)`), planned and read without
+processes.
+
+Writing (planned by `tpcli.planning.layout.plan_chunks`): rank r's file `shard-{r+1:05d}-model-00001-of-00001.safetensors` holds, for every tensor sharded on the
+mesh, its contiguous chunk (`_StridedShard` is saved as plain `Shard`, as transformers redistributes it first), and
+for every replicated tensor, one copy on the rank torch's DCP planner picks (`dedup_save_plans`, fed the same
+per-rank write items in state-dict order that `dcp.save` builds). `DCP_SHARDING_INFO` in the file metadata gives
+each chunk's `saved_offsets`.
+
+Reading: `scan` collects every chunk of every tensor in a folder of such files, infers global shapes the way
+`HuggingFaceStorageReader` does (max of offset + size), and checks that the chunks tile each tensor exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tpcli.errors import CheckpointError
+from tpcli.formats.storage import read_header
+from tpcli.formats.units import SAFETENSORS_DTYPES, tensor_bytes
+
+SHARD_FILE_RE = re.compile(r"^shard-([0-9]{5})-model-([0-9]{5})-of-([0-9]{5})\.safetensors$")
+SHARDING_KEY = "DCP_SHARDING_INFO"
+FILE_METADATA = {"DCP_VERSION": "1.0", "format": "pt"}
+
+
+def shard_file_name(rank: int) -> str:
+    return f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"
+
+
+@dataclass
+class Chunk:
+    name: str
+    rank: int
+    file: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dtype: str
+
+
+def sharding_metadata(chunks: list[Chunk]) -> dict[str, str]:
+    return {SHARDING_KEY: json.dumps({c.name: {"saved_offsets": list(c.offsets)} for c in chunks}), **FILE_METADATA}
+
+
+@dataclass
+class ShardedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.dtype, self.shape)
+
+
+def is_sharded_dir(path: Path) -> bool:
+    return path.is_dir() and any(SHARD_FILE_RE.match(p.name) for p in path.iterdir())
+
+
+def shard_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if SHARD_FILE_RE.match(p.name))
+
+
+def scan(folder: Path, *, expected_files: list[str] | None = None) -> dict[str, ShardedTensor]:
+    """Every tensor of a DCP-style sharded folder with its chunks; raises on gaps, overlaps or bad files."""
+    files = shard_files(folder)
+    if not files:
+        raise CheckpointError(f"{folder}: no shard-*-model-*.safetensors files; is this a sharded folder?")
+    if expected_files is not None:
+        missing = sorted(set(expected_files) - {p.name for p in files})
+        if missing:
+            raise CheckpointError(f"{folder / missing[0]}: missing (listed in the manifest).")
+    tensors: dict[str, ShardedTensor] = {}
+    for path in files:
+        header, meta = read_header(path)
+        try:
+            info = json.loads(meta.get(SHARDING_KEY, "{}"))
+        except ValueError:
+            info = None
+        if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+            raise CheckpointError(f"{path}: corrupt {SHARDING_KEY} metadata (not {{name: {{saved_offsets}}}}).")
+        rank = int(SHARD_FILE_RE.match(path.name).group(1)) - 1
+        for name, entry in header.items():
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
+            sizes = tuple(entry["shape"])
+            offsets = info.get(name, {}).get("saved_offsets", [0] * len(sizes))
+            if not isinstance(offsets, list) or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                                                        for o in offsets):
+                raise CheckpointError(f"{path}: {name} has saved_offsets {offsets!r}, not a list of non-negative "
+                                      f"integers ({SHARDING_KEY} metadata is corrupt).")
+            offsets = tuple(offsets)
+            if len(offsets) != len(sizes):
+                raise CheckpointError(f"{path}: {name} has {len(offsets)} offsets for a {len(sizes)}-D tensor.")
+            t = tensors.setdefault(name, ShardedTensor(name=name, dtype=dtype, shape=()))
+            if t.dtype != dtype:
+                raise CheckpointError(f"{path}: {name} is {dtype} here but {t.dtype} in another file.")
+            t.chunks.append(Chunk(name, rank, path.name, offsets, sizes, dtype))
+    for t in tensors.values():
+        t.shape = _global_shape(t)
+        check_coverage(t, folder)
+    return tensors
+
+
+def _global_shape(t: ShardedTensor) -> tuple[int, ...]:
+    ndim = len(t.chunks[0].sizes)
+    return tuple(max(c.offsets[d] + c.sizes[d] for c in t.chunks) for d in range(ndim))
+
+
+def check_coverage(t: ShardedTensor, folder: Path) -> None:
+    """The chunks of `t` tile its global box exactly: no gap, no overlap."""
+
+    def volume(sizes):
+        v = 1
+        for s in sizes:
+            v *= s
+        return v
+
+    chunks = [c for c in t.chunks if volume(c.sizes)]
+    for i, a in enumerate(chunks):
+        for b in chunks[i + 1:]:
+            if all(max(ao, bo) < min(ao + asz, bo + bsz)
+                   for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)):
+                raise CheckpointError(f"{folder / b.file}: {t.name} chunk at {list(b.offsets)} overlaps the one in {a.file}.")
+    if sum(volume(c.sizes) for c in chunks) != volume(t.shape):
+        raise CheckpointError(f"{folder}: {t.name} is not fully covered by its chunks (a rank file is missing or truncated).")

@@ -1,0 +1,153 @@
+"""`tpcli.json`: what a sharded folder holds, how it was made, and how to check it.
+
+Format (version 1), all keys always present:
+
+    format            "tpcli.sharded"
+    format_version    1
+    versions          {"tpcli", "transformers", "torch"}
+    source            {"spec", "path", "hub_id", "revision", "kind": "checkpoint" | "sharded"}
+    tp_size           N
+    architecture, model_type
+    dtype             the --dtype cast, or null
+    plan              {"rules": {pattern: style}, "user_plan": {...} | null, "source": str}
+    tensors           {run-time name: {"style", "placement", "shape", "dtype", "tied_to",
+                                       "chunks": [{"rank", "file", "offsets", "sizes"}]}}
+    files             {file name: {"rank", "bytes", "sha256"}}
+    quantization      null, or {"method", "block_size", ..., "representation", "scales"} (`tpcli.planning.quant`)
+    skipped_keys      checkpoint keys the model does not use (listed by `shard`, never silently dropped)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tpcli.errors import CheckpointError
+
+NAME = "tpcli.json"
+FORMAT = "tpcli.sharded"
+VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from tpcli import __version__
+
+    return {"tpcli": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def build(*, source: dict, tp: int, plan, tensors: list, chunks: list[list], dtype: str | None,
+          files: dict) -> dict:
+    """The manifest of a sharded folder: `tensors` are TensorInfo, `chunks` the per-rank dcp.Chunk lists."""
+    by_name: dict[str, list] = {}
+    for rank_chunks in chunks:
+        for c in rank_chunks:
+            by_name.setdefault(c.name, []).append(
+                {"rank": c.rank, "file": c.file, "offsets": list(c.offsets), "sizes": list(c.sizes)})
+    return {
+        "format": FORMAT,
+        "format_version": VERSION,
+        "versions": versions(),
+        "source": source,
+        "tp_size": tp,
+        "architecture": plan.architecture,
+        "model_type": plan.model_type,
+        "dtype": dtype,
+        "plan": {"rules": plan.rules, "user_plan": plan.user_rules or None, "source": plan.plan_source},
+        "tensors": {
+            t.name: {"style": t.style, "placement": t.placement.describe(), "shape": list(t.shape), "dtype": t.dtype,
+                     "tied_to": t.tied_to, "chunks": sorted(by_name.get(t.name, []), key=lambda c: c["rank"])}
+            for t in tensors
+        },
+        "files": files,
+    }
+
+
+def user_plan(manifest: dict | None) -> dict | None:
+    """The --plan a sharded folder was made with (None: the model's own plan, or no manifest)."""
+    return (manifest or {}).get("plan", {}).get("user_plan")
+
+
+def write(folder: Path, manifest: dict) -> None:
+    (folder / NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def read(folder: Path) -> dict | None:
+    """The manifest of `folder`, or None when there is none (e.g. a plain transformers DCP save).
+
+    The schema is checked here, once, for every reader (integrity, reshard, gather, load_model): types of every
+    field their code uses, and file names that are plain names listed under `files`, so no reader can be sent
+    outside the folder. A malformed manifest raises one CheckpointError naming the field.
+    """
+    path = folder / NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); restore it or re-run `tpcli shard`.") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tpcli manifest (format {data.get('format') if isinstance(data, dict) else '?'}).")
+    if data.get("format_version") != VERSION:
+        raise CheckpointError(f"{path}: manifest version {data.get('format_version')} is not supported by this tpcli.")
+    for key in ("tp_size", "tensors", "files", "plan"):
+        if key not in data:
+            raise CheckpointError(f"{path}: manifest lacks {key!r}; re-run `tpcli shard`.")
+    _validate(path, data)
+    return data
+
+
+def _validate(path: Path, data: dict) -> None:
+    from tpcli.formats.source import is_plain_name
+
+    def bad(field: str, want: str):
+        raise CheckpointError(f"{path}: field {field} must be {want}; the manifest is corrupt or was edited.")
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not count(data["tp_size"]) or data["tp_size"] < 1:
+        bad("tp_size", "a positive integer")
+    if not isinstance(data["plan"], dict) or not isinstance(data["plan"].get("user_plan") or {}, dict):
+        bad("plan", "an object (with user_plan an object or null)")
+    if data.get("dtype") is not None and not isinstance(data["dtype"], str):
+        bad("dtype", "a string or null")
+    files = data["files"]
+    if not isinstance(files, dict):
+        bad("files", "an object")
+    for name, f in files.items():
+        if not is_plain_name(name):
+            bad(f"files[{name!r}]", "named by a plain file name inside the folder")
+        if not isinstance(f, dict) or not count(f.get("rank")) or not count(f.get("bytes")) \
+                or not isinstance(f.get("sha256"), str):
+            bad(f"files[{name!r}]", "an object with integer rank and bytes and a string sha256")
+    if not isinstance(data["tensors"], dict):
+        bad("tensors", "an object")
+    for name, t in data["tensors"].items():
+        where = f"tensors[{name!r}]"
+        if not isinstance(t, dict):
+            bad(where, "an object")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(count(d) for d in shape):
+            bad(f"{where}.shape", "a list of non-negative integers")
+        if not isinstance(t.get("dtype"), str):
+            bad(f"{where}.dtype", "a string")
+        if t.get("tied_to") is not None and not isinstance(t["tied_to"], str):
+            bad(f"{where}.tied_to", "a string or null")
+        chunks = t.get("chunks")
+        if not isinstance(chunks, list):
+            bad(f"{where}.chunks", "a list")
+        for i, c in enumerate(chunks):
+            field = f"{where}.chunks[{i}]"
+            if not isinstance(c, dict) or not count(c.get("rank")):
+                bad(field, "an object with an integer rank")
+            if not is_plain_name(c.get("file")) or c["file"] not in files:
+                bad(f"{field}.file", "a file name listed under files")
+            for key in ("offsets", "sizes"):
+                v = c.get(key)
+                if not isinstance(v, list) or len(v) != len(shape) or not all(count(x) for x in v):
+                    bad(f"{field}.{key}", f"a list of {len(shape)} non-negative integers")

@@ -1,0 +1,99 @@
+"""Slicing maths: which global indices of a tensor each rank holds, computed by DTensor's own placement code.
+
+For a placement `p` over `W` ranks, `p._split_tensor(arange(N), W)` returns exactly the indices DTensor puts on
+each rank, so tpcli never re-derives `torch.chunk` rounding (chunk = ceil(N/W); trailing ranks may be short or
+empty) nor the `_StridedShard` interleave (rank r holds chunk r of each of the `sf` groups).
+
+A rank's slice of dimension `dim` is a list of half-open runs `[(start, stop), ...]`; one run for `Shard`,
+up to `sf` runs for `_StridedShard`. Every other dimension is whole.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from tpcli.formats import dcp
+from tpcli.planning.placements import ParamPlacement
+
+Runs = tuple[tuple[int, int], ...]
+
+
+@lru_cache(maxsize=4096)
+def rank_runs(size: int, placement: ParamPlacement, world: int) -> tuple[Runs, ...]:
+    """Per rank, the runs of `dim` that rank holds (replicated: the whole range on every rank)."""
+    if not placement.is_sharded or world == 1:
+        return tuple(((0, size),) if size else () for _ in range(world))
+    import torch
+
+    along_0 = ParamPlacement(placement.kind, 0, placement.split_factor).to_torch()  # an index vector is 1-D
+    pieces, _ = along_0._split_tensor(torch.arange(size), world, with_padding=False)
+    return tuple(_to_runs(piece.tolist()) for piece in pieces)
+
+
+def _to_runs(indices: list[int]) -> Runs:
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return tuple(runs)
+
+
+def local_shape(shape: tuple[int, ...], placement: ParamPlacement, world: int, rank: int) -> tuple[int, ...]:
+    """Shape of rank `rank`'s local tensor."""
+    if not placement.is_sharded:
+        return tuple(shape)
+    runs = rank_runs(shape[placement.dim], placement, world)[rank]
+    out = list(shape)
+    out[placement.dim] = sum(b - a for a, b in runs)
+    return tuple(out)
+
+
+def contiguous_chunk(shape: tuple[int, ...], placement: ParamPlacement, world: int, rank: int):
+    """(offsets, sizes) of rank's chunk in a DCP file, where `_StridedShard` is saved as plain `Shard`."""
+    p = placement.as_contiguous()
+    offsets = [0] * len(shape)
+    sizes = list(shape)
+    if p.is_sharded:
+        runs = rank_runs(shape[p.dim], p, world)[rank]
+        start, stop = runs[0] if runs else (0, 0)
+        offsets[p.dim], sizes[p.dim] = start, stop - start
+    return offsets, sizes
+
+
+def plan_chunks(tensors: list, tp: int) -> list[list[dcp.Chunk]]:
+    """Per rank, the chunks its file holds in transformers' pre-sharded layout (`tpcli.formats.dcp`), in DCP
+    state-dict order: the write items `dcp.save` builds, deduplicated by torch's own planner."""
+    import torch
+    from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    per_rank: list[list[WriteItem]] = [[] for _ in range(tp)]
+    for t in tensors:
+        dtype = getattr(torch, t.dtype)
+        for r in range(tp):
+            offsets, sizes = contiguous_chunk(t.shape, t.placement, tp, r)
+            if t.placement.is_sharded and sizes[t.placement.dim] == 0:
+                # an empty rank sits at the end of the dim, as DTensor puts it (`zero_global_offset`): at offset 0
+                # it would share rank 0's MetadataIndex and `dedup_save_plans` could drop rank 0's real chunk
+                offsets = list(offsets)
+                offsets[t.placement.dim] = t.shape[t.placement.dim]
+            per_rank[r].append(WriteItem(
+                index=MetadataIndex(t.name, torch.Size(offsets)),
+                type=WriteItemType.SHARD if t.placement.is_sharded else WriteItemType.TENSOR,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+                    properties=TensorProperties(dtype=dtype),
+                    size=torch.Size(t.shape),
+                ),
+            ))
+    plans = dedup_save_plans([SavePlan(items) for items in per_rank]) if tp > 1 else [SavePlan(per_rank[0])]
+    by_name = {t.name: t for t in tensors}
+    return [
+        [dcp.Chunk(name=item.index.fqn, rank=r, file=dcp.shard_file_name(r), offsets=tuple(item.tensor_data.chunk.offsets),
+               sizes=tuple(item.tensor_data.chunk.sizes), dtype=by_name[item.index.fqn].dtype)
+         for item in plan.items]
+        for r, plan in enumerate(plans)
+    ]

@@ -1,0 +1,129 @@
+"""Worker-side adaptations: what a library plan needs beyond transformers' styles to compute the same numbers.
+
+    ADAPTATIONS["opt_attention"](model, tp_size, rank)
+
+An adaptation runs on the TP-loaded model (DTensor parameters already sharded by the plan) and fixes what the
+modeling code derives from the *global* config at construction time, e.g. `self.num_heads` or `self.embed_dim`
+used in a `reshape`: each rank only holds `num_heads / tp` heads, so those become per-rank values. Adaptations are
+named in the plan file (`"adaptations": [...]`) and applied by `tpcli.load_model` (hence by `verify --numerics`
+and `tpcli run`), after loading, on every rank.
+
+One module per architecture family (`gpt2.py`, `opt.py`, ...) registers its functions with `@adaptation(name)`;
+every module of this package is imported on first use, so adding a family is adding a file (and its name to
+`tpcli.planning.plans_library.ADAPTATION_NAMES`, which plans are validated against).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable
+from pathlib import Path
+
+from tpcli.planning.plans_library import ADAPTATION_NAMES
+from tpcli.planning.style_classes import register as register_styles
+
+ADAPTATIONS: dict[str, Callable] = {}
+
+
+def adaptation(name: str):
+    """Register `fn(model, tp_size, rank)` under `name`."""
+
+    def register(fn: Callable) -> Callable:
+        if name not in ADAPTATION_NAMES:
+            raise RuntimeError(f"adaptation {name!r} is not declared in tpcli.planning.plans_library.ADAPTATION_NAMES")
+        if name in ADAPTATIONS:
+            raise RuntimeError(f"adaptation {name!r} registered twice")
+        ADAPTATIONS[name] = fn
+        return fn
+
+    return register
+
+
+def per_rank(total: int, tp_size: int, what: str) -> int:
+    """`total / tp_size`; the plan's constraints guarantee divisibility, this guards a plan without them."""
+    if total % tp_size:
+        raise ValueError(f"{what}={total} is not divisible by tp={tp_size}; the plan needs a divisible_by constraint")
+    return total // tp_size
+
+
+def divide_attributes(model, module_cls, tp_size: int, **config_names: str) -> None:
+    """On every `module_cls` module, replace each named attribute by its per-rank value (`total / tp_size`).
+
+    The modeling code reshapes with these (e.g. `view(bsz, -1, self.num_heads, self.head_dim)`); keyword values
+    name the config field each attribute comes from, for the error message.
+    """
+    for module in model.modules():
+        if isinstance(module, module_cls):
+            for attr, what in config_names.items():
+                setattr(module, attr, per_rank(getattr(module, attr), tp_size, what))
+
+def apply_adaptations(model, names) -> None:
+    """Run the named adaptations on a TP-loaded model (no-op outside a process group of size > 1)."""
+    import torch.distributed as dist
+
+    if not names or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for name in names:
+        ADAPTATIONS[name](model, dist.get_world_size(), dist.get_rank())
+
+
+def with_library_plans(load_model):
+    """Decorator of `tpcli.load_model`: picks the library plan (`tp_plan="auto"` for a model transformers leaves
+    unsharded, a shipped name, a `LibraryPlan`, or rules equal to a shipped plan's) and applies its adaptations."""
+
+    @functools.wraps(load_model)
+    def wrapper(path=None, *, tp_plan="auto", **kwargs):
+        from tpcli.planning import plans_library
+
+        if path is None and tp_plan == "auto" and os.environ.get("TPCLI_PLAN"):  # `tpcli run --model M --plan P`
+            rules, lib = plans_library.load_spec(os.environ["TPCLI_PLAN"])
+            tp_plan = lib or rules  # as `verify --numerics --plan` loads it
+        folder = Path(path or os.environ.get("TPCLI_MODEL") or "")
+        lib = None
+        if str(folder) not in ("", "."):  # otherwise load_model raises its own error
+            register_styles()  # tpcli's own style classes, before transformers validates the plan
+            tp_plan, lib = _library_plan(folder, tp_plan)
+        elif isinstance(tp_plan, plans_library.LibraryPlan):
+            tp_plan, lib = dict(tp_plan.tp_plan), tp_plan
+        model = load_model(path, tp_plan=tp_plan, **kwargs)
+        if lib is not None:
+            apply_adaptations(model, lib.adaptations)
+        return model
+
+    return wrapper
+
+
+def _library_plan(folder: Path, tp_plan):
+    """(tp_plan to hand to load_model, LibraryPlan | None)."""
+    from transformers import AutoConfig
+
+    from tpcli.formats import manifest
+    from tpcli.formats.dcp import is_sharded_dir
+    from tpcli.planning import plans_library
+
+    config = AutoConfig.from_pretrained(str(folder))
+    if isinstance(tp_plan, plans_library.LibraryPlan) or (isinstance(tp_plan, str) and tp_plan != "auto"):
+        lib = tp_plan if isinstance(tp_plan, plans_library.LibraryPlan) else plans_library.find(tp_plan)
+        plans_library.check_fits(lib, config)
+        return dict(lib.tp_plan), lib
+    if isinstance(tp_plan, dict):
+        return tp_plan, plans_library.recognise(config, tp_plan)
+    doc = manifest.read(folder) if folder.is_dir() and is_sharded_dir(folder) else None
+    if doc is not None:  # load_model takes the rules from the manifest; the adaptations come with them
+        return tp_plan, plans_library.recognise(config, manifest.user_plan(doc))
+    text = config.get_text_config()
+    if plans_library.covers_decoder(getattr(text, "base_model_tp_plan", None) or {}):
+        return tp_plan, None
+    lib = plans_library.auto_pick(config)
+    return (dict(lib.tp_plan), lib) if lib is not None else (tp_plan, None)
+
+
+def _import_families() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_families()

@@ -1,0 +1,63 @@
+"""Entry point of every worker `tpcli run` starts: runs the user's script or module under torch elastic's
+`record`, so an uncaught exception lands in torchrun's error file (tpcli reports it as the root cause), and
+records the worker's pid so that `tpcli run` can make sure no worker outlives it.
+
+    python /path/to/tpcli/runtime/bootstrap.py script PATH [ARGS...]
+    python /path/to/tpcli/runtime/bootstrap.py module NAME [ARGS...]
+
+It is started by file path, not `-m tpcli.runtime.bootstrap`: `-m` puts the current directory first on sys.path, so a
+`tpcli/` folder there (a clone) would shadow the installed package. The installed `tpcli` is imported before the
+user's directory is added; then sys.path is what `python SCRIPT` (script's folder first) or `python -m MODULE`
+(current directory first) would give.
+"""
+
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]  # this file's folder (tpcli/): its modules must not be importable as top-level names
+
+import runpy  # noqa: E402
+import signal  # noqa: E402
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL if the torchrun agent dies, so no worker is orphaned."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the agent died before prctl: nobody would send the signal
+        os._exit(1)
+
+
+def main() -> None:
+    _die_with_parent()
+    run_dir = os.environ.get("TPCLI_RUN_DIR")
+    if run_dir:
+        with open(os.path.join(run_dir, f"pid-{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(str(os.getpid()))
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    import tpcli  # noqa: F401  the installed package, cached before the user's folder goes first on sys.path
+
+    kind, target, *args = sys.argv[1:]
+
+    @record
+    def run() -> None:
+        sys.argv = [target, *args]
+        if kind == "module":
+            sys.path.insert(0, os.getcwd())
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            runpy.run_path(target, run_name="__main__")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

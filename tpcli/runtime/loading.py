@@ -1,0 +1,435 @@
+"""`tpcli.load_model`: a TP-sharded transformers model inside a worker started by `tpcli run` (or torchrun).
+
+    model = tpcli.load_model()                # path from $TPCLI_MODEL
+    model = tpcli.load_model("/ckpt", dtype="bfloat16", tp_plan={"...": "colwise"})
+
+* An ordinary checkpoint, a transformers DCP folder, or a tpcli folder at another TP size:
+  `from_pretrained(path, tp_plan=...)`, nothing re-implemented.
+* A tpcli sharded folder whose tp equals the world size (the fast path): transformers builds the model exactly as
+  `from_pretrained` does (`prepare_distribute_model`, `maybe_distribute_model`: the same DTensor placeholders and
+  forward hooks, then `_move_missing_keys_from_meta_to_device` and `tie_weights`, as its own DCP load does), and each
+  rank takes only the bytes of its local shards from its own rank files: about 1/N of the model plus the replicated
+  tensors. No collective, no DCP planning, no redistribution of strided shards. On the CPU, tensors stored whole in
+  the rank file are views of a private (copy-on-write) mapping of it, as safetensors maps files for transformers:
+  nothing is copied at load time and pages come from the page cache when first used.
+* Devices: each rank's model lives on `local_device()` (cuda:LOCAL_RANK on GPUs, as transformers binds it; the CPU
+  otherwise). The fast path never reads into device memory from the host: `_SliceReader` stages device-bound
+  bytes in a pinned host buffer and copies them over (see `_Staging`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from tpcli.errors import CheckpointError
+from tpcli.formats import manifest
+from tpcli.runtime.adaptations import with_library_plans
+
+MIN_STAGING = 16 * 2**20  # bytes per staging buffer at least: one allocation covers most layers
+
+
+def local_device():
+    """This process's device: the accelerator at LOCAL_RANK, where transformers' TP load binds a rank, or the CPU."""
+    import torch
+
+    device_type = torch._C._get_accelerator().type
+    if device_type in ("cpu", "mps"):  # transformers' TP mesh falls back to the CPU on MPS
+        return torch.device("cpu")
+    return torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _init_process_group(timeout_s: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
+        return
+    device = local_device()
+    backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")  # cuda: nccl, cpu: gloo
+    kwargs = {}
+    if device.type != "cpu":
+        # bind before init, as transformers does: each rank's NCCL communicator (and every tensor allocated without
+        # an explicit device) then lives on its own GPU, not all on GPU 0
+        torch.accelerator.set_device_index(device.index)
+        if backend == "nccl":
+            kwargs["device_id"] = device
+    # transformers would use a 2-hour timeout; a hung collective should fail a lot sooner than that.
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    atexit.register(_destroy_process_group)  # the group tpcli made: torn down before the interpreter's own teardown
+
+
+def _destroy_process_group() -> None:
+    """At exit, destroy the process group `_init_process_group` created, as a script should: left to interpreter
+    teardown, a gloo group's threads can abort the process after the script has finished ("terminate called
+    without an active exception")."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
+def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "auto", dtype=None,
+               timeout_s: float = float(os.environ.get("TPCLI_TIMEOUT", 1800)), auto_class=None, **kwargs):
+    """Return a TP-sharded model for this process's rank (world size = TP size)."""
+    import torch
+
+    from tpcli.formats.dcp import is_sharded_dir
+
+    path = Path(path or os.environ.get("TPCLI_MODEL") or "")
+    if not str(path) or str(path) == ".":
+        raise CheckpointError("load_model: pass a path or run under `tpcli run --model PATH` (sets TPCLI_MODEL).")
+    _init_process_group(timeout_s)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    doc = manifest.read(path) if path.is_dir() and is_sharded_dir(path) else None
+    if doc is not None and doc["tp_size"] == world and world > 1 and tp_plan == "auto" and not kwargs:
+        return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class)
+    if (doc or {}).get("quantization"):
+        raise CheckpointError(f"{path}: quantized tpcli shards load only at their own TP size "
+                              f"(tp={doc['tp_size']}, world size {world}) with tp_plan='auto'; reshard with "
+                              f"`tpcli shard {path} --tp {world}` or gather them.")
+    if manifest.user_plan(doc) and tp_plan == "auto":
+        tp_plan = manifest.user_plan(doc)
+    cls = auto_class or _auto_class(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    extra = {"dtype": dtype} if dtype is not None else {}
+    if world == 1:
+        device = local_device()
+        if device.type != "cpu" and "device_map" not in kwargs:  # `tpcli run --gpus 1`: on the GPU, as at tp > 1
+            extra["device_map"] = device
+        return cls.from_pretrained(str(path), **extra, **kwargs)
+    return cls.from_pretrained(str(path), tp_plan=tp_plan, **extra, **kwargs)
+
+
+def _auto_class(path: Path, *, trust_remote_code: bool = False):
+    """The class the checkpoint declares (`architectures`), as `tpcli.planning.plan` and the fast path build it: a Qwen2.5-VL
+    checkpoint is a Qwen2_5_VLForConditionalGeneration, which AutoModelForCausalLM does not map."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tpcli.planning.plan import _model_class
+
+    if trust_remote_code:  # remote code: only the Auto class knows how to fetch it
+        return AutoModelForCausalLM
+    return _model_class(AutoConfig.from_pretrained(str(path)))
+
+
+def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
+    """The fast path: build the model as `from_pretrained` does, then fill each rank's local tensors from its files.
+
+    A folder holding a quantized checkpoint in its stored form (FP8 weights + `*_scale_inv`) goes through
+    transformers' quantizer, as `from_pretrained` does: `validate_environment` decides whether this machine keeps
+    FP8 (a GPU with compute capability >= 8.9) or dequantizes (CPU, older GPUs), and `preprocess_model` builds the
+    matching modules and plan. Keeping FP8, each parameter (weights and scales) is read as stored. Dequantizing, rank
+    r reads its FP8 slice and its scales (exactly the blocks of that slice, `tpcli.planning.checks.block_findings`) and applies
+    transformers' `Fp8Dequantize` to them: elementwise, so equal bit for bit to dequantizing the whole tensor and
+    slicing it, which is what a TP load of the original checkpoint holds. The FP8 (GPU) branch is written against
+    transformers' code but has not run on a GPU in tpcli's tests.
+    """
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.distributed import DistributedConfig
+    from transformers.utils.generic import ContextManagers
+
+    from tpcli.planning.layout import rank_runs
+    from tpcli.planning.placements import ParamPlacement
+    from tpcli.planning.plan import _model_class
+    from tpcli.planning.quant import dequantize, make_quantizer, scale_name
+
+    rank = torch.distributed.get_rank()
+    world = len(doc["files"])
+    config = AutoConfig.from_pretrained(str(folder))
+    cls = _model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
+    dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
+    dc, device_map, mesh_manager = cls.prepare_distribute_model(dc)
+    config.distributed_config = dc
+    quantizer = None
+    if (doc.get("quantization") or {}).get("representation") == "stored":
+        quantizer = make_quantizer(config, dequantize=False)
+        quantizer.validate_environment(device_map=device_map, weights_only=True)  # CPU: sets dequantize=True
+    if dtype is None:  # dtype="auto"
+        if quantizer is not None:  # the checkpoint's non-quantized dtype, from config.json
+            dtype = getattr(torch, str(getattr(config, "dtype", None) or "float32").removeprefix("torch."))
+        else:  # what the files hold (the most common tensor dtype)
+            from collections import Counter
+
+            stored = Counter(t["dtype"] for t in doc["tensors"].values()).most_common(1)
+            dtype = getattr(torch, doc["dtype"] or (stored[0][0] if stored else "float32"))
+
+    # the same init context as from_pretrained: meta device, the checkpoint dtype, weights not tied yet
+    with ContextManagers(cls.get_init_context(dtype, quantizer is not None, False, False)):
+        model = cls(config)
+        if quantizer is not None:
+            quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=None,
+                                       use_kernels=False)
+    model = cls.maybe_distribute_model(model, dc, mesh_manager)
+    device_mesh = mesh_manager.get_mesh(("pp", "fsdp", "tp"))
+    device_map = device_map if isinstance(device_map, dict) else {"": device_map}  # as from_pretrained expands it
+    model._move_missing_keys_from_meta_to_device(set(model.state_dict()), device_map, device_mesh, None)
+    model.tie_weights(recompute_mapping=False)
+
+    reader = _SliceReader(folder)
+    tied = set(model.all_tied_weights_keys)
+
+    def local_runs(entry, placement):
+        return rank_runs(entry["shape"][placement.dim], placement, world)[rank] if placement.is_sharded else None
+
+    with torch.no_grad():
+        for name, target in model.state_dict(keep_vars=True).items():
+            if name in tied:
+                continue
+            entry = doc["tensors"].get(name)
+            if entry is None:
+                raise CheckpointError(f"{folder / 'tpcli.json'}: no entry for {name}; re-shard with this version.")
+            local = target._local_tensor if hasattr(target, "_local_tensor") else target
+            placements = getattr(target, "placements", ())
+            placement = _placement(placements[0]) if placements else ParamPlacement("replicate")
+            scale = doc["tensors"].get(scale_name(name)) if quantizer is not None else None
+            if scale is None or local.dtype == getattr(torch, entry["dtype"]):
+                # as stored (FP8 weights and scales on an FP8 GPU, every tensor without scales): any device, any
+                # dtype (cast on copy)
+                reader.read_into(local, name, entry, placement.dim, local_runs(entry, placement))
+                continue
+            # dequantizing: the scales are sharded like their weight (same style, same number of dims)
+            stored = reader.read_tensor(name, entry, placement.dim, local_runs(entry, placement))
+            scales = reader.read_tensor(scale_name(name), scale, placement.dim, local_runs(scale, placement))
+            local.copy_(dequantize(stored, scales, local.dtype))  # computed on the host, then one copy to the target
+    reader.finish()  # the last copies to the device have landed; the staging buffers can go
+    for t in model.state_dict(keep_vars=True).values():
+        t._is_hf_initialized = True
+    model.initialize_weights()  # non-persistent buffers (rotary frequencies) only
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)  # as from_pretrained: drops quantization_config when it dequantized
+    model.eval()
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    model.tpcli_bytes_read = reader.bytes_read  # read or mapped
+    model.tpcli_bytes_mapped = reader.bytes_mapped
+    return model
+
+
+def _placement(p):
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from tpcli.planning.placements import ParamPlacement
+
+    if isinstance(p, _StridedShard):
+        return ParamPlacement("strided", p.dim, p.split_factor)
+    if isinstance(p, Shard):
+        return ParamPlacement("shard", p.dim)
+    return ParamPlacement("replicate")
+
+
+class _SliceReader:
+    """Fills local tensors from the rank files, reading only the byte ranges they need.
+
+    At tp == world size a rank's Shard(d) slice is exactly one chunk of one file, contiguous on disk whatever d
+    is, and a replicated tensor is one whole entry: both are read with one `readinto`. Only `_StridedShard` slices
+    (packed gate/up) span several chunks; they are sliced out of the files with safetensors' `get_slice`.
+
+    Where the bytes land depends on the target, never on the path that read them:
+    * mapped: a CPU target of the stored dtype whose slice is one whole stored tensor (every Shard(d) slice and
+      replicated tensor at tp == world size) becomes a view of the rank file's private mapping (`_map_into`):
+      no bytes are copied at load time;
+    * host-direct: any other CPU target of the stored dtype is read straight into its own storage (no copy);
+    * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled by reading the bytes into
+      a host staging buffer and copying that to the target with `_to_target` (`copy_` casts when the dtypes
+      differ). Device memory is never touched from the host: no `.numpy()`, no `readinto` into a device tensor.
+    `stage=True` forces staging for CPU targets too (tests compare it with the direct path byte for byte).
+    """
+
+    def __init__(self, folder: Path, *, stage: bool = False, map_files: bool = True):
+        self.folder = folder
+        self.files: dict[str, object] = {}
+        self.slicers: dict[str, object] = {}
+        self.storages: dict[str, object] = {}  # file -> its private mapping (kept alive by the tensors viewing it)
+        self.bytes_read = 0  # bytes of the files this rank's tensors come from (read or mapped)
+        self.bytes_mapped = 0
+        self.force_stage = stage
+        self.map_files = map_files
+        self.staging = _Staging()
+
+    def _file(self, file: str):
+        from tpcli.formats.storage import TensorFile
+
+        if file not in self.files:
+            self.files[file] = TensorFile(self.folder / file)
+        return self.files[file]
+
+    def _slicer(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self.slicers:
+            self.slicers[file] = safe_open(str(self.folder / file), framework="pt")
+        return self.slicers[file]
+
+    @staticmethod
+    def _local_shape(entry: dict, dim: int | None, runs) -> list[int]:
+        shape = list(entry["shape"])
+        if runs is not None:
+            shape[dim] = sum(b - a for a, b in runs)
+        return shape
+
+    def read_tensor(self, name: str, entry: dict, dim: int | None, runs):
+        """This rank's slice as a new CPU tensor in the stored dtype."""
+        import torch
+
+        out = torch.empty(self._local_shape(entry, dim, runs), dtype=getattr(torch, entry["dtype"]))
+        self._read_host(out, name, entry, dim, runs)
+        return out
+
+    def read_into(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
+        """Fill `out` (any device, any dtype, this rank's local shape) with this rank's slice of `name`."""
+        import torch
+
+        stored = getattr(torch, entry["dtype"])
+        direct = out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage
+        if direct and self.map_files and self._map_into(out, name, entry, dim, runs):
+            return
+        if direct:
+            self._read_host(out, name, entry, dim, runs)
+            return
+        host, event = self.staging.buffer(self._local_shape(entry, dim, runs), stored, out.device)
+        self._read_host(host, name, entry, dim, runs)
+        self._to_target(out, host)
+        self.staging.copied(event, out.device)
+
+    def _map_into(self, out, name: str, entry: dict, dim: int | None, runs) -> bool:
+        """Point the CPU tensor `out` at its bytes in the file, copy-on-write, instead of copying them; False when the
+        slice is not one whole stored tensor or its offset is not a multiple of the element size (then it is read).
+
+        The rank file is mapped once, privately (`MAP_PRIVATE`): pages come from the page cache when first touched,
+        as with transformers' own safetensors loads, and a write to the parameter (an optimizer step) copies the
+        page instead of changing the file. tpcli never rewrites a file in place (outputs are new folders renamed
+        into place), so the mapping keeps reading the bytes it was loaded from.
+        """
+        import torch
+
+        chunk = self._whole_chunk(entry, dim, runs)
+        if chunk is None or list(out.shape) != chunk["sizes"] or out.numel() == 0:
+            return False
+        f = self._file(chunk["file"])
+        offset = f.offset(name)
+        if offset % out.element_size():
+            return False
+        if chunk["file"] not in self.storages:
+            size = f.path.stat().st_size
+            self.storages[chunk["file"]] = torch.UntypedStorage.from_file(str(f.path), shared=False, nbytes=size)
+            # start reading the file into the page cache in the background: the first forward then finds its pages
+            # there instead of faulting them in one by one from storage (a no-op when they are cached already)
+            os.posix_fadvise(f._file.fileno(), 0, size, os.POSIX_FADV_WILLNEED)
+        view = torch.empty(0, dtype=out.dtype).set_(self.storages[chunk["file"]], offset // out.element_size(),
+                                                    out.shape, out.stride())
+        out.data = view  # the same tensor object (a DTensor's local tensor, a Parameter) now reads from the file
+        nbytes = out.numel() * out.element_size()
+        self.bytes_read += nbytes
+        self.bytes_mapped += nbytes
+        return True
+
+    @staticmethod
+    def _whole_chunk(entry: dict, dim: int | None, runs):
+        """The stored chunk that is exactly this rank's slice (a replicated tensor's one copy), or None."""
+        chunks = entry["chunks"]
+        if runs is None:
+            return chunks[0]
+        if len(runs) == 1:
+            return next((c for c in chunks if (c["offsets"][dim], c["offsets"][dim] + c["sizes"][dim]) == runs[0]),
+                        None)
+        return None
+
+    def _to_target(self, out, host) -> None:
+        """The one step that touches the target: a device-side copy (a no-op on meta; async from pinned memory)."""
+        out.copy_(host, non_blocking=host.is_pinned())
+
+    def finish(self) -> None:
+        """Wait for the last copies to the device, then drop the staging buffers and close the files."""
+        self.staging.wait_all()
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+        self.slicers.clear()
+        self.storages.clear()
+
+    def _read_host(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
+        """Read this rank's slice into the contiguous CPU tensor `out` of the stored dtype."""
+        import torch
+
+        chunks = entry["chunks"]
+        whole = self._whole_chunk(entry, dim, runs)  # replicated: its one copy, stored in one file
+        if whole is not None and list(out.shape) == whole["sizes"]:
+            self._file(whole["file"]).read_into(name, out)
+            self.bytes_read += out.numel() * out.element_size()
+            return
+        parts = []
+        for start, stop in runs or [(0, entry["shape"][0])]:
+            for c in chunks:  # the contiguous chunks on disk that overlap [start, stop)
+                d = dim if dim is not None else 0
+                lo, hi = c["offsets"][d], c["offsets"][d] + c["sizes"][d]
+                a, b = max(start, lo), min(stop, hi)
+                if a < b:
+                    index = [slice(None)] * len(entry["shape"])
+                    index[d] = slice(a - lo, b - lo)
+                    part = self._slicer(c["file"]).get_slice(name)[tuple(index)]
+                    self.bytes_read += part.numel() * part.element_size()
+                    parts.append(part)
+        if len(parts) == 1:
+            out.copy_(parts[0])
+        else:
+            torch.cat(parts, dim=dim or 0, out=out)
+
+
+class _Staging:
+    """Two alternating host buffers between the files and a device: read tensor i+1 while tensor i is copied.
+
+    For an accelerator target the buffers are pinned, so `copy_(non_blocking=True)` runs as a DMA on the current
+    stream while the host reads the next tensor into the other buffer. An event recorded after each copy is
+    waited on before its buffer is refilled (or grown), so a buffer is never overwritten while the device still
+    reads from it. CPU and `meta` targets copy synchronously: no pinning, no events.
+    """
+
+    def __init__(self):
+        self.buffers: list = [None, None]
+        self.events: list = [None, None]
+        self.turn = 0
+
+    def buffer(self, shape: list[int], dtype, device):
+        """A host tensor of `shape`/`dtype` in the next staging buffer, safe to overwrite; and its slot."""
+        import math
+
+        import torch
+
+        slot, self.turn = self.turn, 1 - self.turn
+        if self.events[slot] is not None:
+            self.events[slot].synchronize()  # the device has finished reading this buffer
+            self.events[slot] = None
+        nbytes = math.prod(shape) * dtype.itemsize
+        pin = device.type not in ("cpu", "meta")
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() < nbytes or buf.is_pinned() != pin:
+            # grown only to the largest tensor seen (the embedding comes first, so this is rare); pinning is costly
+            buf = self.buffers[slot] = torch.empty(max(nbytes, MIN_STAGING), dtype=torch.uint8, pin_memory=pin)
+        return buf[:nbytes].view(dtype).view(shape), slot
+
+    def copied(self, slot: int, device) -> None:
+        """Mark the end of the copy out of `slot` (on the device's current stream)."""
+        import torch
+
+        if device.type not in ("cpu", "meta"):
+            event = torch.Event(device=device)
+            event.record(torch.accelerator.current_stream(device))  # the stream `copy_` was queued on
+            self.events[slot] = event
+
+    def wait_all(self) -> None:
+        for slot, event in enumerate(self.events):
+            if event is not None:
+                event.synchronize()
+                self.events[slot] = None
+        self.buffers = [None, None]

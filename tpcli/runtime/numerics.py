@@ -1,0 +1,126 @@
+"""Worker of `tpcli verify --numerics` (started through `tpcli.commands.run`, like `tpcli run`).
+
+    python -m tpcli.runtime.numerics MODEL OUT.json [--plan FILE|NAME]
+
+Every rank loads the model with the TP plan through `tpcli.load_model` (transformers' own
+`from_pretrained(tp_plan=...)`, plus the worker-side adaptations of a plans/ entry), rank 0 also loads
+the plain single-process model, both run one fixed batch with `output_hidden_states=True` and greedy-decode a few
+tokens. Rank 0 writes, per decoder layer and for the logits, the max absolute and relative error.
+
+On GPUs (`verify --numerics --gpus`) the TP model lives on cuda:LOCAL_RANK and gets its inputs there; the reference
+stays on rank 0's CPU (the oracle), and every comparison is made on the CPU.
+
+The model class is the one the checkpoint declares (`architectures` in config.json, as `tpcli.planning.plan` builds it), so a
+multimodal checkpoint (Qwen2_5_VLForConditionalGeneration, Gemma3ForConditionalGeneration) is compared on its text
+path: `input_ids` only, no pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+BATCH, SEQ, NEW_TOKENS = 2, 12, 4
+
+
+def fixed_batch(vocab_size: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, vocab_size, (BATCH, SEQ), generator=g)
+    ids[:, 0] = 1
+    return ids
+
+
+def _errors(a, b) -> dict:
+    a, b = a.float(), b.float()
+    diff = (a - b).abs().max().item()
+    scale = b.abs().max().item() or 1.0
+    return {"max_abs": diff, "max_rel": diff / scale}
+
+
+_REFERENCES: dict[str, tuple] = {}
+
+
+def _reference(model: str, ids):
+    """The single-process model's (dtype, outputs, greedy tokens) for the fixed batch, once per model path."""
+    import torch
+    from transformers import AutoConfig
+
+    from tpcli.planning.plan import _model_class
+
+    if model not in _REFERENCES:  # the class the checkpoint declares, as load_model builds it (e.g. Qwen2.5-VL)
+        ref_model = _model_class(AutoConfig.from_pretrained(model)).from_pretrained(model)
+        with torch.no_grad():
+            ref_out = ref_model(input_ids=ids, output_hidden_states=True)
+            ref_tokens = ref_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        _REFERENCES[model] = (str(ref_model.dtype).removeprefix("torch."), ref_out, ref_tokens)
+    return _REFERENCES[model]
+
+
+def compare(model: str, plan: str | None = None, *, load_from: str | None = None) -> dict | None:
+    """Collective: every rank loads the TP model (from `load_from`, e.g. a sharded folder, else `model`) and runs
+    the batch; rank 0 returns the errors against the single-process `model`, the other ranks None."""
+    import torch
+    import torch.distributed as dist
+
+    from tpcli.planning.plans_library import load_spec
+    from tpcli.runtime.loading import load_model
+
+    rank = dist.get_rank()
+    rules, library = load_spec(plan) if plan else ("auto", None)
+    # the same loader as `tpcli run` workers: a library plan's adaptations are part of what is verified
+    tp_model = load_model(load_from or model, tp_plan=library or rules)
+    ids = fixed_batch(tp_model.config.get_text_config().vocab_size)
+    device = tp_model.device
+    with torch.no_grad():
+        tp_out = tp_model(input_ids=ids.to(device), output_hidden_states=True)
+        try:  # a wrong plan can run the prompt yet crash on a 1-token step: report it, keep the forward numbers
+            tp_tokens, generate_error = tp_model.generate(ids.to(device), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                          pad_token_id=0), None
+        except RuntimeError as exc:
+            tp_tokens, generate_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    if rank != 0:
+        return None
+    dtype, ref_out, ref_tokens = _reference(model, ids)
+    layers = []
+    # hidden_states[0] is the embedding output, [i] the output of decoder layer i-1 (the last one after the norm)
+    for i, (a, b) in enumerate(zip(tp_out.hidden_states, ref_out.hidden_states, strict=True)):
+        layers.append({"name": "embeddings" if i == 0 else f"layer {i - 1}", **_errors(a.cpu(), b)})
+    return {
+        "dtype": dtype,
+        "world_size": dist.get_world_size(),
+        "layers": layers,
+        "logits": _errors(tp_out.logits.cpu(), ref_out.logits),
+        "tokens_equal": tp_tokens is not None and bool(torch.equal(tp_tokens.cpu(), ref_tokens)),
+        "tokens_tp": tp_tokens[:, SEQ:].tolist() if tp_tokens is not None else None,
+        "tokens_ref": ref_tokens[:, SEQ:].tolist(),
+        "generate_error": generate_error,
+    }
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    from tpcli.runtime.loading import _init_process_group
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("out")
+    parser.add_argument("--plan")
+    args = parser.parse_args()
+
+    # the same set-up as tpcli.load_model: on GPUs, nccl with each rank bound to cuda:LOCAL_RANK before init (a bare
+    # init_process_group("nccl") leaves every rank on GPU 0 until transformers binds it, and barrier() unbound)
+    _init_process_group(float(os.environ.get("TPCLI_TIMEOUT", 600)))
+    result = compare(args.model, args.plan)
+    if result is not None:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
