@@ -233,3 +233,13 @@ def test_refused_architectures_say_why():
     plan = resolve_plan(dbrx)  # transformers shards only lm_head
     (low,) = low_sharding_findings(plan)
     assert "plans/ has no plan for dbrx: its fused Wqkv packs q | k | v of different widths" in low.message
+
+
+def test_declared_adaptation_names_are_exactly_the_implemented_ones():
+    """planning validates plans against ADAPTATION_NAMES without importing the runtime; the two must not drift."""
+    from tpcli.planning.plans_library import ADAPTATION_NAMES
+    from tpcli.runtime.adaptations import ADAPTATIONS, adaptation
+
+    assert set(ADAPTATIONS) == ADAPTATION_NAMES
+    with pytest.raises(RuntimeError, match="not declared"):
+        adaptation("no_such_family")(lambda model, tp, rank: None)

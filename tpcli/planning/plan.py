@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tpcli.errors import ModelError, PlanError
 from tpcli.formats.units import tensor_bytes
+from tpcli.planning import plans_library
 from tpcli.planning.placements import ParamPlacement, param_placement
 
 
@@ -79,9 +80,8 @@ class ResolvedPlan:
 def load_plan_file(path: str | Path) -> dict[str, str]:
     """`--plan`: a shipped plan's short name, a library document, a JSON `{pattern: style}`, or
     `{"tp_plan": {pattern: style}}` (all documented in README and plans/README.md). Returns the rules."""
-    from tpcli.planning.plans_library import load_spec
 
-    return load_spec(path)[0]
+    return plans_library.load_spec(path)[0]
 
 
 def load_config(path: Path, *, trust_remote_code: bool = False):
@@ -141,13 +141,12 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
     if quantization is not None:
         apply_quantizer(model, config, dequantize=dequantize, dtype=model.dtype)
     default_rules = dict(model.tp_plan or {})
-    library = _library_plan(config, default_rules, user_plan, plan_file)
+    _, library = plans_library.select(config, plan_file or user_plan, default_rules=default_rules)
     if library is not None and user_plan is None:
         user_plan = dict(library.tp_plan)
     if not default_rules and not user_plan:
-        from tpcli.planning.plans_library import REFUSED
-
-        why = f"; tpcli refuses it: {REFUSED[config.model_type]}" if config.model_type in REFUSED else (
+        refused = plans_library.REFUSED.get(config.model_type)
+        why = f"; tpcli refuses it: {refused}" if refused else (
             "; write one and pass it with --plan FILE (see README, 'Plan files')")
         raise PlanError(f"{type(model).__name__} ({config.model_type}) has no TP plan in transformers and plans/ has "
                         f"none for it{why}.")
@@ -211,21 +210,6 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
         dequantized=quantization is not None and dequantize,
         library=library,
     )
-
-
-def _library_plan(config, default_rules: dict[str, str], user_plan, plan_file):
-    """The plans/ entry in use: the --plan NAME or library file (refused for another model_type), a manifest's
-    rules equal to a shipped plan's, or the automatic pick when transformers does not shard the decoder layers."""
-    from tpcli.planning import plans_library
-
-    if plan_file:
-        library = plans_library.load_spec(plan_file)[1]
-        if library is not None:
-            plans_library.check_fits(library, config)
-        return library
-    if user_plan:
-        return plans_library.recognise(config, user_plan)
-    return None if plans_library.covers_decoder(default_rules) else plans_library.auto_pick(config)
 
 
 def rule_matches(plan: ResolvedPlan) -> dict[str, list[str]]:

@@ -240,3 +240,27 @@ def better_plan(config, current_rules: dict[str, str]) -> LibraryPlan | None:
     """A shipped plan for this model that is not the one in use (for verify's low-sharding warning)."""
     lib = auto_pick(config)
     return lib if lib is not None and lib.tp_plan != current_rules else None
+
+
+def select(config, spec=None, *, default_rules: dict[str, str]) -> tuple[dict[str, str] | None, LibraryPlan | None]:
+    """The plans/ entry in use and the rules to load with: the one place plan resolution and loading pick a plan.
+
+    spec None (automatic)        -> (None, None) when `default_rules` (transformers' own) shard the decoder layers,
+                                    else the shipped plan for `config.model_type`: (its rules, it), or (None, None)
+    LibraryPlan, shipped name,   -> (its rules, it), refused for another model type;
+      or a plan file (--plan)       a bare `{pattern: style}` file: (its rules, None)
+    rules dict (a user plan,     -> (the rules, the shipped plan whose rules are equal, or None): a manifest's rules
+      a manifest's)                 bring the adaptations of the plan they came from
+    """
+    if spec is None:
+        lib = None if covers_decoder(default_rules) else auto_pick(config)
+        return (dict(lib.tp_plan), lib) if lib is not None else (None, None)
+    if isinstance(spec, dict):
+        return spec, recognise(config, spec)
+    if isinstance(spec, LibraryPlan):
+        rules, lib = dict(spec.tp_plan), spec
+    else:
+        rules, lib = load_spec(spec)
+    if lib is not None:
+        check_fits(lib, config)
+    return rules, lib

@@ -22,6 +22,7 @@ import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tpcli.planning import plans_library
 from tpcli.planning.plans_library import ADAPTATION_NAMES
 from tpcli.planning.style_classes import register as register_styles
 
@@ -76,8 +77,6 @@ def with_library_plans(load_model):
 
     @functools.wraps(load_model)
     def wrapper(path=None, *, tp_plan="auto", **kwargs):
-        from tpcli.planning import plans_library
-
         if path is None and tp_plan == "auto" and os.environ.get("TPCLI_PLAN"):  # `tpcli run --model M --plan P`
             rules, lib = plans_library.load_spec(os.environ["TPCLI_PLAN"])
             tp_plan = lib or rules  # as `verify --numerics --plan` loads it
@@ -97,28 +96,22 @@ def with_library_plans(load_model):
 
 
 def _library_plan(folder: Path, tp_plan):
-    """(tp_plan to hand to load_model, LibraryPlan | None)."""
+    """(tp_plan to hand to load_model, LibraryPlan | None), picked by `plans_library.select` as plan resolution does."""
     from transformers import AutoConfig
 
     from tpcli.formats import manifest
     from tpcli.formats.dcp import is_sharded_dir
-    from tpcli.planning import plans_library
 
     config = AutoConfig.from_pretrained(str(folder))
-    if isinstance(tp_plan, plans_library.LibraryPlan) or (isinstance(tp_plan, str) and tp_plan != "auto"):
-        lib = tp_plan if isinstance(tp_plan, plans_library.LibraryPlan) else plans_library.find(tp_plan)
-        plans_library.check_fits(lib, config)
-        return dict(lib.tp_plan), lib
-    if isinstance(tp_plan, dict):
-        return tp_plan, plans_library.recognise(config, tp_plan)
-    doc = manifest.read(folder) if folder.is_dir() and is_sharded_dir(folder) else None
-    if doc is not None:  # load_model takes the rules from the manifest; the adaptations come with them
-        return tp_plan, plans_library.recognise(config, manifest.user_plan(doc))
-    text = config.get_text_config()
-    if plans_library.covers_decoder(getattr(text, "base_model_tp_plan", None) or {}):
-        return tp_plan, None
-    lib = plans_library.auto_pick(config)
-    return (dict(lib.tp_plan), lib) if lib is not None else (tp_plan, None)
+    spec = tp_plan
+    if tp_plan == "auto":  # a tpcli folder's manifest holds the rules it was sharded with (load_model takes them)
+        doc = manifest.read(folder) if folder.is_dir() and is_sharded_dir(folder) else None
+        spec = manifest.user_plan(doc) if doc is not None else None
+    defaults = config.get_text_config().base_model_tp_plan or {}
+    rules, lib = plans_library.select(config, spec, default_rules=defaults)
+    if tp_plan == "auto" and (spec is not None or lib is None):
+        return tp_plan, lib
+    return (tp_plan if isinstance(tp_plan, dict) else rules), lib
 
 
 def _import_families() -> None:
