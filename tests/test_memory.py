@@ -256,7 +256,9 @@ def test_will_qwen3_06b_fit_a_24gib_gpu_from_an_offline_cache(tmp_path, monkeypa
     for text in ("Largest rank per TP size, GiB", "weights", "KV cache", "total", "fits",
                  "Smallest TP size that fits a 24.00 GiB GPU (2.00 GiB reserved): tp=1"):
         assert text in out, text
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:3].strip() in ("1", "2", "4", "8")}
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line[:3].strip() in ("1", "2", "4", "8") and "layers:" not in line}
+    assert "28 attention layers: 3.50 GiB at tp=1 .. 448.00 MiB at tp=8, split by TP" in out
     assert set(rows) == {"1", "2", "4", "8"}  # 8 KV heads: tp 1, 2, 4, 8
     assert rows["1"][2] == "3.50"  # 28 layers x 2 x 8 heads x 128 x 2 B x 32768 tokens = 3.50 GiB
     assert rows["8"][2] == "0.44"
