@@ -3,8 +3,11 @@
 For a TP size t and rank r, in bytes (d = element size):
 
     weights    = sum over state-dict tensors of d * prod(local_shape(tensor, t, r))          (what `inspect` counts)
-    kv_cache   = sum over attention layers of B * L * (k_rows(r) + v_rows(r)) * d_kv
-                 k_rows(r) = the rank's local output features of that layer's k_proj (local KV heads x head_dim)
+    kv_cache   = sum over cache layers of B * L * token_rows(r) * d_kv + B * states + scalars  (`CacheLayer`)
+                 attention: token_rows = K rows + V rows, the rank's slice of k_proj/v_proj when their style hands
+                   on a slice (`colwise`), every KV head when gathered (`colwise_gather_output`) or replicated
+                 MLA: token_rows = kv_lora_rank + qk_rope_head_dim, whole on every rank
+                 linear attention / SSM: fixed-size conv and recurrent states per sequence (`_STATE_FAMILIES`)
     grads      = sum over parameters of d * prod(local_shape), except an untied `embedding_rowwise` embedding,
                  whose gradient is the full (vocab, hidden) matrix on every rank (see `_full_gradient`)
     optimizer  = 2 * sum over parameters of d * prod(local_shape)      (AdamW exp_avg + exp_avg_sq, 0-d steps apart)
