@@ -32,6 +32,7 @@ MODELS = {
     # cache layouts of issue 30 (transformers' default configs, shrunk: tpcli/tiny.py SHRUNK_KINDS)
     "deepseek_v3": ("deepseek_v3", {"kv_lora_rank": 32, "heads": 4, "kv_heads": 4}),  # MLA, attention replicated
     "deepseek_v2": ("deepseek_v2", {}),  # MLA, kv_a_proj_with_mqa `mla_kv_a_proj`, kv_b_proj colwise
+    "longcat_flash": ("longcat_flash", {}),  # MLA, two attention sublayers (two cache layers) per decoder layer
     "qwen3_next": ("qwen3_next", {}),  # 3 gated-delta-net layers (fixed states) + 1 attention layer (split)
     "minimax": ("minimax", {}),  # 3 lightning-attention layers (MiniMaxCache.linear_cache) + 1 attention
     "jamba": ("jamba", {}),  # 2 mamba + 2 attention layers, neither split by the plan
@@ -40,7 +41,7 @@ MODELS = {
 }
 ORACLE_RUNS = {2: ["llama", "qwen3", "mixtral", "gemma3", "gemma2_wide", "phi3", "llama_bf16"], 3: ["mixtral3", "gemma3_3"]}
 # One more tp=2 launch, forward only (`--cache-only`): weights and the cache of the layouts above.
-CACHE_RUN = ["deepseek_v3", "deepseek_v2", "qwen3_next", "minimax", "jamba", "granitemoehybrid", "olmo2"]
+CACHE_RUN = ["deepseek_v3", "deepseek_v2", "longcat_flash", "qwen3_next", "minimax", "jamba", "granitemoehybrid", "olmo2"]
 # What the filer of issue 30 and 24 measured per rank at tp=2 (2 x 40 tokens, fp32): the fixtures reproduce it.
 ISSUE_BYTES = {"deepseek_v3": 25_600, "qwen3_next": 47_104, "jamba": 65_536, "olmo2": 40_960}
 TERMS = {"weight_bytes": "weight_bytes", "kv_cache_bytes": "kv_cache_storage_bytes",

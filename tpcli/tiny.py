@@ -195,6 +195,11 @@ SHRUNK_KINDS = {
                                         qk_nope_head_dim=8, v_head_dim=8, head_dim=8, n_routed_experts=4,
                                         n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
                                         first_k_dense_replace=1, n_group=1, topk_group=1)),
+    # MLA in two attention sublayers per decoder layer: 2 cache layers per layer (num_hidden_layers = 2 x num_layers)
+    "longcat_flash": ("longcat_flash", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
+                                            qk_nope_head_dim=8, v_head_dim=8, head_dim=8, ffn_hidden_size=96,
+                                            n_routed_experts=4, zero_expert_num=2, moe_topk=2,
+                                            expert_ffn_hidden_size=32)),
     # gated delta net (3 layers: conv + recurrent state) + 1 full-attention layer
     "qwen3_next": ("qwen3_next", dict(num_hidden_layers=4, layer_types=_LIN, num_key_value_heads=2, head_dim=16,
                                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
