@@ -7,7 +7,9 @@ and the sliding-window kinds gemma2 and gemma3 (`gemma3_text`): layer 0 slides o
 attends to everything (`sliding_window=`, `layer_types=` to change), the composite kinds in `_COMPOSITE` (MLA,
 multimodal), and the kinds of architectures served by plans/ (`LIBRARY_KINDS`: gpt2, gptj, stablelm, gpt_oss,
 gpt_neo, biogpt, xglm, persimmon, mpt; `FUSED_QKV_KINDS`: falcon (grouped KV), falcon-mha (ALiBi), falcon-mq
-(multi-query), bloom (ALiBi), gpt_bigcode (multi-query), gpt_bigcode-mha). `heads=6, kv_heads=3` makes a model
+(multi-query), bloom (ALiBi), gpt_bigcode (multi-query), gpt_bigcode-mha), and `SHRUNK_KINDS`: transformers' own
+default configs shrunk, for the cache layouts (olmo2 gathered K/V; deepseek_v2, longcat_flash MLA; qwen3_next,
+minimax, jamba, granitemoehybrid, falcon_h1 linear-attention / SSM layers). `heads=6, kv_heads=3` makes a model
 valid at tp=3. Weights are random but seeded, saved with `save_pretrained`; the model class is the one
 `architectures` names.
 """
