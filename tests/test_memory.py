@@ -37,11 +37,13 @@ MODELS = {
     "minimax": ("minimax", {}),  # 3 lightning-attention layers (MiniMaxCache.linear_cache) + 1 attention
     "jamba": ("jamba", {}),  # 2 mamba + 2 attention layers, neither split by the plan
     "granitemoehybrid": ("granitemoehybrid", {}),  # 2 mamba2 + 2 attention layers
+    "falcon_h1": ("falcon_h1", {}),  # "hybrid" layers: attention K/V and mamba2 states in one cache layer
     "olmo2": ("olmo2", {}),  # k_proj/v_proj colwise_gather_output: every KV head on every rank
 }
 ORACLE_RUNS = {2: ["llama", "qwen3", "mixtral", "gemma3", "gemma2_wide", "phi3", "llama_bf16"], 3: ["mixtral3", "gemma3_3"]}
 # One more tp=2 launch, forward only (`--cache-only`): weights and the cache of the layouts above.
-CACHE_RUN = ["deepseek_v3", "deepseek_v2", "longcat_flash", "qwen3_next", "minimax", "jamba", "granitemoehybrid", "olmo2"]
+CACHE_RUN = ["deepseek_v3", "deepseek_v2", "longcat_flash", "qwen3_next", "minimax", "jamba", "granitemoehybrid",
+             "falcon_h1", "olmo2"]
 # What the filer of issue 30 and 24 measured per rank at tp=2 (2 x 40 tokens, fp32): the fixtures reproduce it.
 ISSUE_BYTES = {"deepseek_v3": 25_600, "qwen3_next": 47_104, "jamba": 65_536, "olmo2": 40_960}
 TERMS = {"weight_bytes": "weight_bytes", "kv_cache_bytes": "kv_cache_storage_bytes",
