@@ -29,8 +29,23 @@ MODELS = {
     "llama_bf16": ("llama", {"dtype": "bfloat16"}),  # cache, gradients and AdamW state in the model's dtype
     "mixtral3": ("mixtral", {"heads": 6, "kv_heads": 6, "hidden": 96}),  # valid at tp=3, vocab 1001 uneven
     "gemma3_3": ("gemma3", {"heads": 6, "kv_heads": 3, "hidden": 96}),
+    # cache layouts of issue 30 (transformers' default configs, shrunk: tpcli/testing.py SHRUNK_KINDS)
+    "deepseek_v3": ("deepseek_v3", {"kv_lora_rank": 32, "heads": 4, "kv_heads": 4}),  # MLA, attention replicated
+    "deepseek_v2": ("deepseek_v2", {}),  # MLA, kv_a_proj_with_mqa `mla_kv_a_proj`, kv_b_proj colwise
+    "longcat_flash": ("longcat_flash", {}),  # MLA, two attention sublayers (two cache layers) per decoder layer
+    "qwen3_next": ("qwen3_next", {}),  # 3 gated-delta-net layers (fixed states) + 1 attention layer (split)
+    "minimax": ("minimax", {}),  # 3 lightning-attention layers (MiniMaxCache.linear_cache) + 1 attention
+    "jamba": ("jamba", {}),  # 2 mamba + 2 attention layers, neither split by the plan
+    "granitemoehybrid": ("granitemoehybrid", {}),  # 2 mamba2 + 2 attention layers
+    "falcon_h1": ("falcon_h1", {}),  # "hybrid" layers: attention K/V and mamba2 states in one cache layer
+    "olmo2": ("olmo2", {}),  # k_proj/v_proj colwise_gather_output: every KV head on every rank
 }
 ORACLE_RUNS = {2: ["llama", "qwen3", "mixtral", "gemma3", "gemma2_wide", "phi3", "llama_bf16"], 3: ["mixtral3", "gemma3_3"]}
+# One more tp=2 launch, forward only (`--cache-only`): weights and the cache of the layouts above.
+CACHE_RUN = ["deepseek_v3", "deepseek_v2", "longcat_flash", "qwen3_next", "minimax", "jamba", "granitemoehybrid",
+             "falcon_h1", "olmo2"]
+# What the filer of issue 30 and 24 measured per rank at tp=2 (2 x 40 tokens, fp32): the fixtures reproduce it.
+ISSUE_BYTES = {"deepseek_v3": 25_600, "qwen3_next": 47_104, "jamba": 65_536, "olmo2": 40_960}
 TERMS = {"weight_bytes": "weight_bytes", "kv_cache_bytes": "kv_cache_storage_bytes",
          "kv_cache_visible_bytes": "kv_cache_tensor_bytes", "grad_bytes": "grad_bytes",
          "optimizer_bytes": "optimizer_bytes"}
@@ -57,13 +72,14 @@ def measured(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("memory-oracle")
     cache: dict[int, dict] = {}
 
-    def get(tp: int) -> dict:
+    def get(tp: int | str) -> dict:
         if tp not in cache:
-            names = ORACLE_RUNS[tp]
+            names, flags = (CACHE_RUN, ["--cache-only"]) if tp == "cache" else (ORACLE_RUNS[tp], [])
             out = root / f"tp{tp}"
-            torchrun(tp, ORACLES / "memory_oracle.py", out, *(models(n) for n in names), "--batch", BATCH,
-                     "--seq-len", SEQ_LEN, "--eager-experts")
-            ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(tp)]
+            torchrun(2 if tp == "cache" else tp, ORACLES / "memory_oracle.py", out, *(models(n) for n in names),
+                     "--batch", BATCH, "--seq-len", SEQ_LEN, "--eager-experts", *flags)
+            tp_ranks = 2 if tp == "cache" else tp
+            ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(tp_ranks)]
             cache[tp] = {n: [rank[str(models(n))] for rank in ranks] for n in names}
         return cache[tp]
 
@@ -86,6 +102,19 @@ def test_every_term_equals_the_bytes_a_real_tp_run_holds(models, measured, tp, n
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("name", CACHE_RUN)
+def test_cache_terms_equal_the_storage_a_real_tp_run_holds(models, measured, name):
+    """MLA latents, linear-attention / SSM states, mixed layers and gathered K/V: every storage the cache reaches."""
+    oracle = measured("cache")[name]
+    ours = rank_memory(_plan(models(name)), 2, MemoryOptions(batch=BATCH, seq_len=SEQ_LEN))
+    for rank, (mine, real) in enumerate(zip(ours, oracle, strict=True)):
+        assert (mine.weight_bytes, mine.kv_cache_bytes, mine.kv_cache_visible_bytes) == (
+            real["weight_bytes"], real["kv_cache_storage_bytes"], real["kv_cache_tensor_bytes"]), (name, rank)
+        if name in ISSUE_BYTES:
+            assert real["kv_cache_storage_bytes"] == ISSUE_BYTES[name], (name, rank)
+
+
+@pytest.mark.dist
 def test_the_oracle_sees_what_naive_formulas_miss(measured):
     """The measured facts the model encodes; each would break a naive 'grads = weights, window = window' count."""
     runs = measured(2)
@@ -101,6 +130,19 @@ def test_the_oracle_sees_what_naive_formulas_miss(measured):
         assert real["kv_cache_tensor_bytes"] < real["kv_cache_storage_bytes"]
     for real in runs["gemma2_wide"]:  # window 64 > L: nothing cut
         assert real["kv_cache_tensor_bytes"] == real["kv_cache_storage_bytes"]
+
+
+@pytest.mark.dist
+def test_the_oracle_sees_where_the_plan_leaves_the_cache(measured):
+    """MLA latents and gathered K/V are whole on every rank; linear-attention states are cache layers of their own."""
+    runs = measured("cache")
+    for real in runs["deepseek_v3"]:  # latent (kv_lora_rank 32) and rope key (8), one "head", not split
+        assert real["kv_cache_layers"][0]["shapes"] == [[BATCH, 1, SEQ_LEN, 32], [BATCH, 1, SEQ_LEN, 8]]
+    for real in runs["olmo2"]:  # k_proj colwise_gather_output: both KV heads on each of the 2 ranks
+        assert real["kv_cache_layers"][0]["shapes"][0] == [BATCH, 2, SEQ_LEN, 16]
+    for real in runs["qwen3_next"]:  # the attention layer's K/V split (1 of 2 heads), the states not
+        assert [layer["type"] for layer in real["kv_cache_layers"]] == ["LinearAttentionLayer"] * 3 + ["DynamicLayer"]
+        assert real["kv_cache_layers"][3]["shapes"][0] == [BATCH, 1, SEQ_LEN, 16]
 
 
 def test_a_broken_gradient_rule_would_be_caught(models, monkeypatch):
@@ -256,7 +298,9 @@ def test_will_qwen3_06b_fit_a_24gib_gpu_from_an_offline_cache(tmp_path, monkeypa
     for text in ("Largest rank per TP size, GiB", "weights", "KV cache", "total", "fits",
                  "Smallest TP size that fits a 24.00 GiB GPU (2.00 GiB reserved): tp=1"):
         assert text in out, text
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:3].strip() in ("1", "2", "4", "8")}
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line[:3].strip() in ("1", "2", "4", "8") and "layers:" not in line}
+    assert "28 attention layers: 3.50 GiB at tp=1 .. 448.00 MiB at tp=8, split by TP" in out
     assert set(rows) == {"1", "2", "4", "8"}  # 8 KV heads: tp 1, 2, 4, 8
     assert rows["1"][2] == "3.50"  # 28 layers x 2 x 8 heads x 128 x 2 B x 32768 tokens = 3.50 GiB
     assert rows["8"][2] == "0.44"

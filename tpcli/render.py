@@ -223,6 +223,7 @@ def render_memory(r: dict) -> None:
             row.append("[green]yes[/green]" if m["total_bytes"] <= budget else "[red]no[/red]")
         table.add_row(*row)
     console.print(table)
+    render_cache_layers(memory)
     if memory["train"]:
         console.print("  activations are an estimate (formula in README, 'Memory'); the other terms are exact.")
     if not fit:
@@ -243,6 +244,28 @@ def render_memory(r: dict) -> None:
             console.print(f"  {change['text']}: {human_bytes(change['total_bytes'])} per rank, {verdict}")
         else:
             console.print(f"  to fit: {change['text']}")
+
+
+def cache_layer_line(c: dict) -> str:
+    """'61 MLA layers: 7.63 GiB replicated on every rank (latent + rope key per token)' for one cache layer kind."""
+    per_tp = c["bytes_per_tp"]
+    tps = sorted(per_tp, key=int)
+    layers = f"{c['layers']} {c['label']} layer{'s' if c['layers'] != 1 else ''}"
+    if c["sharded"]:
+        first, last = tps[0], tps[-1]
+        return f"{layers}: {human_bytes(per_tp[first])} at tp={first} .. {human_bytes(per_tp[last])} at tp={last}, split by TP"
+    what = f"{layers}: {human_bytes(per_tp[tps[0]])} replicated on every rank"
+    if not c["token_elements"]:
+        return f"{what}, fixed size"  # conv / recurrent states: the same at any --seq-len
+    if c["states"]:
+        return f"{what} (KV + fixed states)"
+    return f"{what} ({'latent + rope key' if c['label'] == 'MLA' else 'all KV heads'})"
+
+
+def render_cache_layers(memory: dict) -> None:
+    """One line per kind of cache layer (MLA, attention, gated delta net, mamba, ...) under the memory table."""
+    for c in memory.get("cache_layers") or []:
+        console.print("  " + cache_layer_line(c))
 
 
 class _NoBar:

@@ -7,7 +7,9 @@ and the sliding-window kinds gemma2 and gemma3 (`gemma3_text`): layer 0 slides o
 attends to everything (`sliding_window=`, `layer_types=` to change), the composite kinds in `_COMPOSITE` (MLA,
 multimodal), and the kinds of architectures served by plans/ (`LIBRARY_KINDS`: gpt2, gptj, stablelm, gpt_oss,
 gpt_neo, biogpt, xglm, persimmon, mpt; `FUSED_QKV_KINDS`: falcon (grouped KV), falcon-mha (ALiBi), falcon-mq
-(multi-query), bloom (ALiBi), gpt_bigcode (multi-query), gpt_bigcode-mha). `heads=6, kv_heads=3` makes a model
+(multi-query), bloom (ALiBi), gpt_bigcode (multi-query), gpt_bigcode-mha), and `SHRUNK_KINDS`: transformers' own
+default configs shrunk, for the cache layouts (olmo2 gathered K/V; deepseek_v2, longcat_flash MLA; qwen3_next,
+minimax, jamba, granitemoehybrid, falcon_h1 linear-attention / SSM layers). `heads=6, kv_heads=3` makes a model
 valid at tp=3. Weights are random but seeded, saved with `save_pretrained`; the model class is the one
 `architectures` names.
 """
@@ -104,6 +106,16 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
     if kind in FUSED_QKV_KINDS:
         return _fused_qkv_config(kind, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab,
                                  intermediate=intermediate, dtype=dtype, **extra)
+    if kind in SHRUNK_KINDS:
+        extra = dict(extra)
+        cfg = _shrunk_config(kind, hidden=hidden, layers=layers, heads=heads, vocab=vocab, intermediate=intermediate,
+                             extra=extra)
+        cfg.dtype = dtype
+        if not getattr(cfg, "architectures", None):
+            from transformers import AutoModelForCausalLM
+
+            cfg.architectures = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+        return cfg
     head_dim = hidden // heads if hidden % heads == 0 else 16
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=vocab,
                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -171,6 +183,63 @@ FUSED_QKV_KINDS = {
     "gpt_bigcode-mha": dict(heads=4, multi_query=False),
 }
 KINDS = KINDS + tuple(FUSED_QKV_KINDS)
+
+
+# --- transformers' own default configs, shrunk (the cache layouts of issue 30 and the gathered-KV families) ---------
+# kind -> (model_type, overrides of AutoConfig.for_model(model_type)'s defaults). Every size the cache depends on is
+# set here, so the tests' byte counts do not move when a default changes.
+_LIN = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+SHRUNK_KINDS = {
+    # k_proj/v_proj `colwise_gather_output`: every KV head cached on every rank
+    "olmo2": ("olmo2", dict(num_key_value_heads=2, head_dim=16)),
+    # MLA, kv_a_proj_with_mqa `mla_kv_a_proj`: latent (kv_lora_rank) + rope key, one "head", every rank whole
+    "deepseek_v2": ("deepseek_v2", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=8, head_dim=8, n_routed_experts=4,
+                                        n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        first_k_dense_replace=1, n_group=1, topk_group=1)),
+    # MLA in two attention sublayers per decoder layer: 2 cache layers per layer (num_hidden_layers = 2 x num_layers)
+    "longcat_flash": ("longcat_flash", dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
+                                            qk_nope_head_dim=8, v_head_dim=8, head_dim=8, ffn_hidden_size=96,
+                                            n_routed_experts=4, zero_expert_num=2, moe_topk=2,
+                                            expert_ffn_hidden_size=32)),
+    # gated delta net (3 layers: conv + recurrent state) + 1 full-attention layer
+    "qwen3_next": ("qwen3_next", dict(num_hidden_layers=4, layer_types=_LIN, num_key_value_heads=2, head_dim=16,
+                                      linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                      linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=32)),
+    # lightning attention (3 layers: one (heads, head_dim, head_dim) state) + 1 full-attention layer
+    "minimax": ("minimax", dict(num_hidden_layers=4, layer_types=_LIN, num_key_value_heads=2, head_dim=16,
+                                num_local_experts=4, num_experts_per_tok=2, block_size=16)),
+    # mamba (layers 0, 2: conv + ssm state) and attention (layers 1, 3)
+    "jamba": ("jamba", dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                            expert_layer_offset=1, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8)),
+    # mamba2 layers (0, 2) and attention layers (1, 3)
+    "granitemoehybrid": ("granitemoehybrid", dict(
+        num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "attention"], num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32, mamba_n_heads=8, mamba_n_groups=1,
+        mamba_d_state=8, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16)),
+    # every layer is attention and mamba2 side by side ("hybrid")
+    "falcon_h1": ("falcon_h1", dict(num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4,
+                                    mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4,
+                                    mamba_chunk_size=16)),
+}
+KINDS = KINDS + tuple(k for k in SHRUNK_KINDS if k not in KINDS)
+
+
+def _shrunk_config(kind: str, *, hidden, layers, heads, vocab, intermediate, extra: dict):
+    """transformers' default config of `kind`, shrunk: sizes from tiny_config's arguments and SHRUNK_KINDS."""
+    from transformers import AutoConfig
+
+    model_type, preset = SHRUNK_KINDS[kind]
+    kwargs = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=vocab,
+                  intermediate_size=intermediate, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    kwargs.update(preset)
+    kwargs.update(extra)
+    extra.clear()
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def _fused_qkv_config(kind: str, *, hidden, layers, heads, kv_heads, vocab, intermediate, dtype, **extra):

@@ -1,16 +1,17 @@
 """Oracle worker (run under torchrun): the bytes each rank really holds under transformers' TP.
 
     torchrun --nproc-per-node N memory_oracle.py OUT.json MODEL_DIR [MODEL_DIR ...] --batch B --seq-len L
-             [--eager-experts]
+             [--eager-experts] [--cache-only]
 
 For every model folder, on every rank: `from_pretrained(dir, tp_plan="auto")`, then
   * weights: local bytes of every state-dict tensor (tied parameters once), as `inspect` counts them;
-  * KV cache: a forward with `use_cache=True` over B x L seeded random tokens, then the cache's tensors: their
-    own bytes (numel x element size) and the bytes of the storages they keep alive (a slice is a view: it keeps
-    the storage it was cut from);
+  * KV cache: a forward with `use_cache=True` over B x L seeded random tokens, then every tensor reachable from
+    the cache object (K/V, MLA latents, linear-attention conv/recurrent states, MiniMax's linear_cache, ...;
+    tests/oracles/cache_walk.py): their own bytes (numel x element size) and the bytes of the storages they keep
+    alive, each storage once (a slice is a view: it keeps the storage it was cut from);
   * gradients: `model(ids, labels=ids).loss.backward()`, local bytes of every `param.grad`, with its placements;
   * optimizer: one `torch.optim.AdamW` step, local bytes of its state tensors (0-d `step` tensors counted apart).
-Rank r writes OUT.json's sibling OUT.rank{r}.json; {model_dir: {...}}.
+`--cache-only` stops after the cache (no backward, no optimizer). Rank r writes OUT.json's sibling OUT.rank{r}.json; {model_dir: {...}}.
 """
 
 import argparse
@@ -27,10 +28,12 @@ parser.add_argument("models", nargs="+")
 parser.add_argument("--batch", type=int, default=2)
 parser.add_argument("--seq-len", type=int, default=40)
 parser.add_argument("--eager-experts", action="store_true")
+parser.add_argument("--cache-only", action="store_true")
 args = parser.parse_args()
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
 rank = dist.get_rank()
+from cache_walk import cache_bytes  # noqa: E402  (this script's folder is on sys.path)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 
@@ -63,16 +66,18 @@ def measure(folder: str) -> dict:
 
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
-    tensors, layers = [], []
-    for layer in cache.layers:
-        kv = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
-        tensors.extend(kv)
+    layers = []
+    for layer in getattr(cache, "layers", []):
+        kv = [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if torch.is_tensor(t)]
         layers.append({"type": type(layer).__name__, "shapes": [list(t.shape) for t in kv]})
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    out["kv_cache_tensor_bytes"] = sum(nbytes(t) for t in tensors)
-    out["kv_cache_storage_bytes"] = sum(storages.values())
+    held = cache_bytes(cache)
+    out["kv_cache_tensor_bytes"] = held["tensor_bytes"]
+    out["kv_cache_storage_bytes"] = held["storage_bytes"]
+    out["kv_cache_dtypes"] = held["dtypes"]
     out["kv_cache_layers"] = layers
     del cache
+    if args.cache_only:
+        return out
 
     model.train()
     model(ids, labels=ids).loss.backward()

@@ -6,12 +6,22 @@ The result is one JSON-ready dict (documented in README, "inspect --json keys");
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
+from tpcli.errors import ModelError, TpcliError
 from tpcli.formats import source as sources
 from tpcli.formats.units import tensor_bytes
 from tpcli.planning.checks import check_plan, valid_tp_sizes
 from tpcli.planning.layout import local_shape
-from tpcli.planning.memory import MemoryOptions, check_budget, check_trainable, fit_table, largest_per_tp, rank_memory
+from tpcli.planning.memory import (
+    MemoryOptions,
+    cache_layers,
+    check_budget,
+    check_trainable,
+    fit_table,
+    largest_per_tp,
+    rank_memory,
+)
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches
 from tpcli.planning.quant import scale_pairs
 
@@ -24,7 +34,29 @@ def load_resolved(model: str, *, plan_file: str | None = None, revision: str | N
     src = sources.resolve(model, revision=revision, weights=weights)
     user_plan = load_plan_file(plan_file) if plan_file else None
     config = load_config(src.path)
-    return src, resolve_plan(config, user_plan=user_plan, plan_file=plan_file)
+    try:
+        return src, resolve_plan(config, user_plan=user_plan, plan_file=plan_file)
+    except TpcliError:
+        raise
+    except Exception as exc:
+        if not _raised_by_transformers_model(exc):
+            raise
+        raise ModelError(f"{src.path / 'config.json'}: transformers cannot build {config.model_type!r} from this config "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         "fix the config or use a transformers version that builds it.") from None
+
+
+def _raised_by_transformers_model(exc: BaseException) -> bool:
+    """Whether `exc` came out of transformers' own model or config code (its innermost frame is in transformers)."""
+    import transformers
+
+    tb = exc.__traceback__
+    root = str(Path(transformers.__file__).parent)
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and last.startswith(root)
 
 
 def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
@@ -59,6 +91,8 @@ def add_memory(report: dict, plan: ResolvedPlan, opts: MemoryOptions, *, gpu_mem
         "kv_dtype": opts.kv_dtype or plan.dtype,
         "train": opts.train,
         "per_tp": {str(n): m.to_dict() for n, m in per_tp.items()},  # the largest rank of each valid TP size
+        # one entry per kind of cache layer (tpcli.planning.memory.cache_layers), at every valid TP size and --tp
+        "cache_layers": cache_layers(plan, sorted({*report["valid_tp_sizes"], *([tp["size"]] if tp else [])}), opts),
     } if asked else None
     report["fit"] = fit_table(plan, per_tp, opts, gpu_mem=gpu_mem, reserve=reserve) if gpu_mem is not None else None
 

@@ -3,8 +3,11 @@
 For a TP size t and rank r, in bytes (d = element size):
 
     weights    = sum over state-dict tensors of d * prod(local_shape(tensor, t, r))          (what `inspect` counts)
-    kv_cache   = sum over attention layers of B * L * (k_rows(r) + v_rows(r)) * d_kv
-                 k_rows(r) = the rank's local output features of that layer's k_proj (local KV heads x head_dim)
+    kv_cache   = sum over cache layers of B * L * token_rows(r) * d_kv + B * states + scalars  (`CacheLayer`)
+                 attention: token_rows = K rows + V rows, the rank's slice of k_proj/v_proj when their style hands
+                   on a slice (`colwise`), every KV head when gathered (`colwise_gather_output`) or replicated
+                 MLA: token_rows = kv_lora_rank + qk_rope_head_dim, whole on every rank
+                 linear attention / SSM: fixed-size conv and recurrent states per sequence (`_STATE_FAMILIES`)
     grads      = sum over parameters of d * prod(local_shape), except an untied `embedding_rowwise` embedding,
                  whose gradient is the full (vocab, hidden) matrix on every rank (see `_full_gradient`)
     optimizer  = 2 * sum over parameters of d * prod(local_shape)      (AdamW exp_avg + exp_avg_sq, 0-d steps apart)
@@ -36,7 +39,7 @@ from dataclasses import asdict, dataclass
 from tpcli.errors import ModelError, UsageError
 from tpcli.formats.units import dtype_size
 from tpcli.planning.layout import local_shape
-from tpcli.planning.placements import HEAD_SPLITTING, REPLICATE, ParamPlacement
+from tpcli.planning.placements import HEAD_SPLITTING, REPLICATE, SPLIT_OUTPUT, ParamPlacement
 from tpcli.planning.plan import ResolvedPlan
 
 DEFAULT_RESERVE = "2GiB"  # CUDA context (~0.5 GiB), cuBLAS/NCCL workspaces, caching-allocator slack
@@ -69,6 +72,7 @@ class RankMemory:
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes_estimate: int
+    kv_cache_fixed_bytes: int = 0  # the part of kv_cache_bytes that does not grow with the sequence (state layers)
 
     @property
     def total_bytes(self) -> int:
@@ -133,11 +137,46 @@ def _full_gradient(style: str | None, tied: bool) -> bool:
     return style == "embedding_rowwise" and not tied
 
 
-def _kv_layer_groups(plan: ResolvedPlan) -> Counter:
-    """(layer type, window, K rows (shape, placement), V rows (shape, placement)) -> number of cache layers.
+@dataclass(frozen=True)
+class CacheLayer:
+    """One cache layer's cost, equal for every layer of a group: K/V rows per token, fixed-size states.
 
-    K rows are the layer's `k_proj` output features as the plan places them (local KV heads x head_dim on each
-    rank). A fused `qkv_proj` (Phi-3) whose output is gathered caches every KV head on every rank.
+    `k` and `v` are (shape, placement) of the rows cached per token (sharded rows follow `local_shape`); `states`
+    are the fixed-size states per sequence, (name, elements, dtype or None for the model dtype), replicated.
+    """
+
+    label: str  # "attention", "sliding attention", "MLA", "gated delta net", "mamba", ...
+    layer_type: str  # transformers' cache layer type
+    window: int | None
+    k: tuple | None
+    v: tuple | None
+    states: tuple = ()
+    scalar_bytes: int = 0  # per layer, whatever B and L: a window layer's 0-d int64 `_sliding_window_tensor`
+
+    def token_rows(self, tp: int, rank: int) -> int:
+        """Elements cached per token and sequence on `rank` (K + V, or MLA latent + rope key)."""
+        return sum(_rows(x, tp, rank) for x in (self.k, self.v) if x is not None)
+
+    def sharded(self, tp: int) -> bool:
+        return tp > 1 and any(x is not None and x[1].is_sharded for x in (self.k, self.v))
+
+    def state_bytes(self, model_dtype: str) -> int:
+        """Bytes of the fixed-size states per sequence (they do not grow with the sequence)."""
+        return sum(n * dtype_size(dt or model_dtype) for _, n, dt in self.states)
+
+
+def _kv_layer_groups(plan: ResolvedPlan) -> Counter:
+    """CacheLayer -> number of cache layers, one per `get_layer_types_and_kwargs` entry (transformers' own list).
+
+    * attention (full, sliding, chunked): K and V rows are the layer's `k_proj` / `v_proj` output features where the
+      plan leaves them: split by a style that hands on only this rank's slice (`colwise`: local KV heads x head_dim),
+      whole on every rank when the output is gathered (`colwise_gather_output`: olmo2, olmo3, olmoe, flex_olmo, ...)
+      or not sharded. A fused `qkv_proj` (Phi-3) whose output is gathered caches every KV head on every rank.
+    * MLA (a config with `kv_lora_rank`): per token the compressed latent (kv_lora_rank) and the rope key
+      (qk_rope_head_dim), one "head", whole on every rank while `kv_a_proj_with_mqa` is not split.
+    * linear attention / SSM (`linear_attention`, `hybrid` layers of the families in `_STATE_FAMILIES`): fixed-size
+      conv and recurrent states, whole on every rank while the mixer's projections are not split.
+    Anything else raises ModelError naming the layer and its type.
     """
     from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -147,25 +186,116 @@ def _kv_layer_groups(plan: ResolvedPlan) -> Counter:
     kv_rows = (getattr(text, "num_key_value_heads", None) or heads) * (
         getattr(text, "head_dim", None) or text.hidden_size // heads)
     proj: dict[tuple[int, str], tuple] = {}
+    by_layer: dict[int, list] = {}
     for t in plan.tensors.values():
+        if t.name.startswith(("model.vision", "vision", "model.audio")):
+            continue
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", t.name)
+        if layer:
+            by_layer.setdefault(int(layer.group(1)), []).append(t)
         m = _KV_PROJ.search(t.name)
-        if not m or t.name.startswith(("model.vision", "vision", "model.audio")):
+        if not m:
             continue
         layer, which = int(m.group(1)), m.group(2)
         if which != "qkv":
-            proj.setdefault((layer, which), (t.shape, t.placement))
+            split = t.style in SPLIT_OUTPUT  # else gathered or replicated: every KV head on every rank
+            proj.setdefault((layer, which), (t.shape, t.placement) if split else ((t.shape[0],), REPLICATE))
         elif t.style not in HEAD_SPLITTING:  # gathered or replicated: the full K and V slices on every rank
             proj.setdefault((layer, "k"), ((kv_rows,), REPLICATE))
             proj.setdefault((layer, "v"), ((kv_rows,), REPLICATE))
+    mla = _mla_layer(plan, text, layer_types)
+    family = _STATE_FAMILIES.get(text.model_type)
     groups: Counter = Counter()
     for i, (kind, kw) in enumerate(zip(layer_types, kwargs, strict=True)):
         if kind == "dummy":  # KV shared with another layer, or a layer without attention
             continue
-        if kind not in _CACHED_TOKENS_LAYERS or (i, "k") not in proj or (i, "v") not in proj:
-            raise ModelError(f"{plan.architecture}: the KV cache of layer {i} ({kind}) is not modelled by tpcli "
-                             "(only k_proj/v_proj or a gathered qkv_proj); run inspect without --seq-len.")
-        groups[(kind, kw.get("sliding_window"), proj[(i, "k")], proj[(i, "v")])] += 1
+        window = kw.get("sliding_window")
+        if kind in ("linear_attention", "hybrid") and family is not None:
+            label, mixer, states = family
+            split = [t.name for t in by_layer.get(i, []) if f".{mixer}." in t.name and t.style in SPLIT_OUTPUT]
+            if split:
+                raise ModelError(f"{plan.architecture}: the {kind} state of layer {i} is not modelled by tpcli when "
+                                 f"the plan splits its projections ({split[0]}: {plan.tensors[split[0]].style}); "
+                                 "run inspect without --seq-len.")
+            k = v = None
+            if kind == "hybrid":
+                if (i, "k") not in proj or (i, "v") not in proj:
+                    _unmodelled(plan, i, kind)
+                k, v, label = proj[(i, "k")], proj[(i, "v")], f"attention + {label}"
+            groups[CacheLayer(label, kind, None, k, v, states(text))] += 1
+        elif kind == "full_attention" and mla is not None:
+            groups[mla] += 1
+        elif kind in _CACHED_TOKENS_LAYERS and (i, "k") in proj and (i, "v") in proj:
+            label = "attention" if kind == "full_attention" else kind.replace("_", " ")
+            scalar = 8 if kind in _WINDOW_LAYERS else 0  # DynamicSlidingWindowLayer's int64 window tensor
+            groups[CacheLayer(label, kind, window, proj[(i, "k")], proj[(i, "v")], scalar_bytes=scalar)] += 1
+        else:
+            _unmodelled(plan, i, kind)
     return groups
+
+
+def _unmodelled(plan: ResolvedPlan, layer: int, kind: str):
+    raise ModelError(f"{plan.architecture}: the KV cache of layer {layer} ({kind}) is not modelled by tpcli (it models "
+                     "k_proj/v_proj or a gathered qkv_proj, MLA, and the linear-attention/SSM states of "
+                     f"{', '.join(sorted(_STATE_FAMILIES))}); run inspect without --seq-len.")
+
+
+def _mla_layer(plan: ResolvedPlan, text, layer_types: list[str]) -> CacheLayer | None:
+    """MLA (deepseek_v2/v3, longcat_flash, ...): the cache holds the latent and the rope key, (B, 1, L, r) each.
+
+    Both come from `kv_a_proj_with_mqa` (split into kv_lora_rank + qk_rope_head_dim); its `mla_kv_a_proj` style
+    keeps the whole projection on every rank, so TP does not shrink this cache. None for a config without MLA.
+    """
+    rank = getattr(text, "kv_lora_rank", None)
+    if not rank:
+        return None
+    kv_a = [t for t in plan.tensors.values() if re.search(r"\bkv_a_proj_with_mqa\.weight$", t.name)]
+    split = [t.name for t in kv_a if t.style in SPLIT_OUTPUT]
+    if split or len(kv_a) != sum(kind == "full_attention" for kind in layer_types):
+        detail = f"{split[0]} is split ({plan.tensors[split[0]].style})" if split else "its projections not found"
+        raise ModelError(f"{plan.architecture}: the MLA cache is not modelled by tpcli here ({detail}); "
+                         "run inspect without --seq-len.")
+    return CacheLayer("MLA", "full_attention", None, ((rank,), REPLICATE), ((text.qk_rope_head_dim,), REPLICATE))
+
+
+# Fixed-size states per sequence, read off transformers 5.23's modeling code and checked byte for byte against
+# real runs (tests/test_memory.py): (name, elements, dtype; None = the model dtype). The recurrent/SSM states are
+# float32 whatever the model dtype (the torch paths compute the scan in float32 and cache its final state).
+def _gated_delta_states(c) -> tuple:
+    """qwen3_next GatedDeltaNet: conv (2 Hk dk + Hv dv) x kernel, recurrent Hv x dk x dv (float32)."""
+    conv = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+    return (("conv", conv * c.linear_conv_kernel_dim, None),
+            ("recurrent", c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim, "float32"))
+
+
+def _lightning_states(c) -> tuple:
+    """MiniMax lightning attention: one K^T V state, heads x head_dim x head_dim (the model dtype)."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (("recurrent", c.num_attention_heads * head_dim * head_dim, None),)
+
+
+def _mamba_states(c) -> tuple:
+    """Jamba's mamba: conv I x kernel, ssm I x d_state (float32), I = mamba_expand x hidden."""
+    inner = c.mamba_expand * c.hidden_size
+    return (("conv", inner * c.mamba_d_conv, None), ("ssm", inner * c.mamba_d_state, "float32"))
+
+
+def _mamba2_states(c) -> tuple:
+    """Mamba2: conv (I + 2 G N) x kernel, ssm H x P x N (float32); I = mamba_d_ssm or mamba_expand x hidden."""
+    inner = getattr(c, "mamba_d_ssm", None) or int(c.mamba_expand * c.hidden_size)
+    conv = inner + 2 * c.mamba_n_groups * c.mamba_d_state
+    return (("conv", conv * c.mamba_d_conv, None),
+            ("ssm", c.mamba_n_heads * c.mamba_d_head * c.mamba_d_state, "float32"))
+
+
+# model_type -> (label, the mixer module's attribute name in a layer, states(config)).
+_STATE_FAMILIES = {
+    "qwen3_next": ("gated delta net", "linear_attn", _gated_delta_states),
+    "minimax": ("lightning attention", "self_attn", _lightning_states),
+    "jamba": ("mamba", "mamba", _mamba_states),
+    "granitemoehybrid": ("mamba2", "mamba", _mamba2_states),
+    "falcon_h1": ("mamba2", "mamba", _mamba2_states),
+}
 
 
 def _rows(shape_placement: tuple, tp: int, rank: int) -> int:
@@ -223,14 +353,39 @@ class _Counts:
                 if g.is_param:
                     params += b
                     grads += n * dtype_size(g.dtype) * math.prod(g.shape) if g.full_gradient else b
-            held = visible = 0
-            for (kind, window, k, v), n in self.kv_groups.items():
-                per_token = opts.batch * (_rows(k, tp, r) + _rows(v, tp, r)) * self.kv_size * n
-                held += per_token * opts.seq_len
-                visible += per_token * (min(opts.seq_len, window - 1) if kind in _WINDOW_LAYERS else opts.seq_len)
+            held = visible = fixed = 0
+            for layer, n in self.kv_groups.items():
+                per_token = opts.batch * layer.token_rows(tp, r) * self.kv_size * n
+                states = (opts.batch * layer.state_bytes(self.plan.dtype) + layer.scalar_bytes) * n
+                held += per_token * opts.seq_len + states
+                fixed += states
+                tokens = min(opts.seq_len, layer.window - 1) if layer.layer_type in _WINDOW_LAYERS else opts.seq_len
+                visible += per_token * tokens + states
             out.append(RankMemory(r, weights, held, visible, grads if opts.train else 0,
-                                  2 * params if opts.train else 0, activations))
+                                  2 * params if opts.train else 0, activations, fixed))
         return out
+
+
+def cache_layers(plan: ResolvedPlan, tp_sizes: list[int], opts: MemoryOptions) -> list[dict]:
+    """One entry per kind of cache layer: what it holds and its bytes on the largest rank of each TP size.
+
+    {"label", "layer_type", "layers", "window", "token_elements" (per token and sequence, unsharded),
+     "states" [{"name", "elements", "dtype"}] (per sequence), "sharded" (by TP at some size),
+     "bytes_per_tp" {tp: bytes held on the largest rank, B x L tokens + fixed states}}; [] without --seq-len.
+    """
+    if not opts.seq_len:
+        return []
+    kv_size = dtype_size(opts.kv_dtype or plan.dtype)
+    out = []
+    for layer, n in _kv_layer_groups(plan).items():
+        states = (opts.batch * layer.state_bytes(plan.dtype) + layer.scalar_bytes) * n
+        per_tp = {str(tp): max(opts.batch * opts.seq_len * layer.token_rows(tp, r) * kv_size * n + states
+                               for r in range(tp)) for tp in tp_sizes}
+        out.append({"label": layer.label, "layer_type": layer.layer_type, "layers": n, "window": layer.window,
+                    "token_elements": layer.token_rows(1, 0),
+                    "states": [{"name": name, "elements": e, "dtype": dt or plan.dtype} for name, e, dt in layer.states],
+                    "sharded": any(layer.sharded(tp) for tp in tp_sizes), "bytes_per_tp": per_tp})
+    return out
 
 
 def largest(ranks: list[RankMemory]) -> RankMemory:
@@ -253,8 +408,10 @@ def fit_table(plan: ResolvedPlan, per_tp: dict[int, RankMemory], opts: MemoryOpt
               reserve: int) -> dict:
     """Whether each TP size's largest rank fits `gpu_mem - reserve`, and the smallest TP size that fits.
 
-    When none fits, `advice` says by how much the best size misses and what would make it fit: everything but
-    weights, gradients and optimizer state grows linearly in B x L, so the largest L (or B) that fits is exact.
+    When none fits, `advice` says by how much the best size misses and what would make it fit. The total is
+    static + C + B x S + B x L x g (weights, gradients and optimizer state; C per-layer scalars; S the fixed-size
+    linear-attention / SSM states of one sequence; g per token and sequence), so the largest L at the given B and
+    the largest B at the given L are exact.
     """
     check_budget(gpu_mem, reserve)
     budget = gpu_mem - reserve
@@ -283,24 +440,39 @@ def _advice(plan: ResolvedPlan, tp: int, m: RankMemory, opts: MemoryOptions, bud
                         + f" alone exceed the budget at tp={tp}: use GPUs with more memory, quantized weights, "
                         "or more GPUs than TP alone allows (pipeline parallelism, FSDP)"})
         return out
-    dynamic = m.kv_cache_bytes + m.activation_bytes_estimate
-    if not dynamic or not opts.seq_len:
+    # T(B, L) = static + C + B * S + B * L * g: C the per-layer scalars, S the fixed states per sequence, g what
+    # every token of every sequence adds (KV rows, MLA latents, activations); solved in integers, so exact.
+    per_sequence, constant = _state_terms(plan, opts)
+    growing = m.kv_cache_bytes - m.kv_cache_fixed_bytes + m.activation_bytes_estimate  # = B * L * g
+    if not opts.seq_len or not (growing or per_sequence):
         return out
-    free = budget - static
-    per_seq_token = dynamic / (opts.batch * opts.seq_len)  # KV and activations are linear in B x L
-    max_len = int(free // (opts.batch * per_seq_token))
-    if max_len >= 1:
-        changes.append({"option": "--seq-len", "value": max_len, "text": f"--seq-len {max_len} at --batch {opts.batch}"})
-    max_batch = int(free // (opts.seq_len * per_seq_token))
+    base = static + constant
+    out["fixed_cache_bytes"] = m.kv_cache_fixed_bytes
+    if growing:
+        max_len = (budget - base - opts.batch * per_sequence) * opts.seq_len // growing
+        if max_len >= 1:
+            changes.append({"option": "--seq-len", "value": max_len,
+                            "text": f"--seq-len {max_len} at --batch {opts.batch}"})
+    max_batch = (budget - base) * opts.batch // (opts.batch * per_sequence + growing)
     if max_batch >= 1:
         changes.append({"option": "--batch", "value": max_batch,
                         "text": f"--batch {max_batch} at --seq-len {opts.seq_len}"})
     kv_size = dtype_size(opts.kv_dtype or plan.dtype)
-    if m.kv_cache_bytes and kv_size > 1:
-        fp8 = m.total_bytes - m.kv_cache_bytes + m.kv_cache_bytes // kv_size
+    tokens = m.kv_cache_bytes - m.kv_cache_fixed_bytes  # --kv-dtype shrinks K/V and latents, not the states
+    if tokens and kv_size > 1:
+        fp8 = m.total_bytes - tokens + tokens // kv_size
         changes.append({"option": "--kv-dtype", "value": "fp8", "total_bytes": fp8, "fits": fp8 <= budget,
                         "text": "--kv-dtype fp8 (an fp8 KV cache)"})
     return out
+
+
+def _state_terms(plan: ResolvedPlan, opts: MemoryOptions) -> tuple[int, int]:
+    """(bytes per sequence, bytes per run) of the cache that do not grow with L: the same on every rank."""
+    if not opts.seq_len:
+        return 0, 0
+    groups = _kv_layer_groups(plan)
+    return (sum(n * layer.state_bytes(plan.dtype) for layer, n in groups.items()),
+            sum(n * layer.scalar_bytes for layer, n in groups.items()))
 
 
 def _gib(n: int) -> str:
