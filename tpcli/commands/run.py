@@ -31,7 +31,7 @@ from tpcli.errors import LaunchError, UsageError
 GRACE_S = 10.0  # after Ctrl-C: how long torchrun gets to stop its workers before everything is killed
 TIMEOUT_EXIT = 124  # `--timeout` expired, as timeout(1)
 WORKER_LINE = re.compile(r"^\[(?:n\d+\.)?rank(\d+)\]:")
-BOOTSTRAP = str(Path(__file__).resolve().with_name("bootstrap.py"))  # by path: a ./tpcli folder cannot shadow it
+BOOTSTRAP = str(Path(__file__).resolve().parents[1] / "runtime" / "bootstrap.py")  # by path: a ./tpcli folder cannot shadow it
 # frames of the launch machinery, hidden from the root-cause traceback
 PLUMBING = ("torch/distributed/elastic/", "tpcli/runtime/bootstrap.py", "<frozen runpy>")
 

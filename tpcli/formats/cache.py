@@ -34,7 +34,7 @@ from pathlib import Path
 
 ENV = "TPCLI_CACHE_DIR"
 SCHEMA = 1
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # the whole tpcli package: any source change is a miss
 _PLAN_LIBRARIES = (_PACKAGE / "plans", _PACKAGE.parent / "plans")  # installed package data, or a source checkout
 _VERSIONED = ("tpcli", "torch", "transformers", "safetensors", "huggingface_hub")
 
