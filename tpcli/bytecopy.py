@@ -141,16 +141,22 @@ class CachedJob:
         return {k: v for k, v in self.__dict__.items() if k != "live"}
 
     @classmethod
-    def from_cache(cls, entry: dict | None, folder: Path = Path()):
-        """The cached job, if every source file still has the size and header it was planned with (else None:
-        replan). Offsets into a file move only when its header changes, so its bytes need not be compared."""
+    def from_cache(cls, entry: dict | None, folder: Path = Path(), check=None):
+        """The cached job, if `check(entry)` (`tpcli.cache_check`: every field present and typed, plain names,
+        sources inside the model folder) passes and every source file still has the size and header it was planned
+        with (else None: replan). Offsets into a file move only when its header changes, so its bytes need not be
+        compared."""
+        from .cache_check import Invalid
+
         if not entry:
             return None
         try:
+            if check is not None:
+                check(entry)
             job = cls(**entry)
             if any(header_digest(folder / f) != list(d) for f, d in job.headers.items()):
                 return None
-        except (OSError, TypeError, ValueError, struct.error):
+        except (Invalid, OSError, TypeError, ValueError, KeyError, struct.error):
             return None
         return job
 

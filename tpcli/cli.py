@@ -81,6 +81,10 @@ def _duration_s(flag: str, text: str | None) -> float | None:
     return float(m.group(1)) * _DURATION[m.group(2)]
 
 
+_INSPECT_FIELDS = ("schema", "source", "summary", "checkpoint", "plan", "unused_rules", "valid_tp_sizes",
+                   "invalid_tp_sizes", "coverage", "tp", "memory", "fit")
+
+
 @app.command()
 def inspect(
     ctx: typer.Context,
@@ -112,7 +116,7 @@ def inspect(
     from .render import print_json, render_inspect, render_memory
 
     key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/cache.py)
-    report = cache.get(key)
+    report = cache.get(key, required=_INSPECT_FIELDS)
     if report is None:
         from .inspection import inspect_model
 
@@ -148,7 +152,7 @@ def verify(
     from .render import print_json, render_verify
 
     key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/cache.py)
-    result = cache.get(key)
+    result = cache.get(key, required=("mode", "target", "architecture", "tp", "plan_source", "findings", "ok"))
     if result is None:
         from . import verification
 
@@ -329,6 +333,12 @@ def main() -> None:
 def _main() -> None:
     from . import versions
 
+    if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version"):
+        try:
+            os.getcwd()
+        except OSError:  # every relative path (and the cache key) depends on it
+            _fail("the current working directory no longer exists (deleted?); cd to an existing folder and re-run.",
+                  2)
     note = versions.warning() if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version") else None
     if note:
         print(note, file=sys.stderr)

@@ -61,7 +61,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
 
     Where transformers has no conversion to revert and nothing is cast, every output tensor is its chunks' bytes
     put in place (`tpcli.bytecopy`); byte_copy=False forces the general path (tests compare the two)."""
-    from . import cache
+    from . import cache, cache_check
 
     started = time.perf_counter()
     folder = Path(directory).expanduser().resolve()
@@ -73,7 +73,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     removed = remove_stale_temps(out_path.parent)
     key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
                     sharded=True) if byte_copy else None
-    job = GatherJob.from_cache(cache.get(key), folder)
+    job = GatherJob.from_cache(cache.get(key), folder, check=lambda e: cache_check.gather_entry(e, folder))
     # sizes, headers, coverage (and config agreement when planning) now; the hashes run alongside the gather and are
     # checked before the output is published (it is written into a temporary folder), so a corrupt input never
     # yields an output.

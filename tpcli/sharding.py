@@ -189,7 +189,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
 
     byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
     they are (`tpcli.bytecopy`); the two write identical files (tests compare them)."""
-    from . import cache
+    from . import cache, cache_check
 
     cast = parse_dtype(dtype)
     local = Path(model).expanduser()
@@ -198,7 +198,8 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     started = time.perf_counter()
     key = cache.key("shard", {"model": model, "tp": tp, "plan": plan_file, "dtype": cast,
                               "revision": revision}) if byte_copy else None
-    job = ShardJob.from_cache(cache.get(key))
+    job = ShardJob.from_cache(cache.get(key), check=lambda e: cache_check.shard_entry(e, local.resolve(), tp)) \
+        if key else None
     if job is None:
         reuse_freed_memory()
         job = plan_job(model, tp=tp, plan_file=plan_file, cast=cast, revision=revision, byte_copy=byte_copy)
