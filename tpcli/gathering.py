@@ -83,7 +83,8 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
         if job.boxes is not None:
             cache.put(key, job.to_json())
-    files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress)
+    files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress,
+                               force=force)
     return {
         "out": str(out_path),
         "source": str(folder),
@@ -159,14 +160,15 @@ def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> l
     return [reader._handle(folder / file).offset(name)]
 
 
-def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: bool) -> tuple[dict, list]:
+def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: bool,
+               force: bool = False) -> tuple[dict, list]:
     """Write the output files, index, config and tokenizer into a temporary folder and publish it as `out_path`."""
     from .render import progress_bar
 
     aux = [p for p in aux_files(folder) if p.name != manifest.NAME]
     check_free_space(out_path, sum(file_size(e, {"format": "pt"}) for e in job.per_file.values()) +
                      sum(f.stat().st_size for f in aux) + metadata_allowance(len(job.weight_map)))
-    with atomic_dir(out_path, command="gather") as tmp:
+    with atomic_dir(out_path, command="gather", force=force) as tmp:
         writers = {}
         reader = job.live[0] if job.live else None
         try:

@@ -206,7 +206,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
         prepare_output(out, force=force, inputs=[Path(job.src_path)])  # a hub id is only known apart from OUT now
         if job.boxes is not None:
             cache.put(key, job.to_json())
-    files, copied = _write_job(job, out_path, tp=tp, progress=progress)
+    files, copied = _write_job(job, out_path, tp=tp, progress=progress, force=force)
     info = job.summary
     return {
         "out": str(out_path),
@@ -264,14 +264,15 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
         raise
 
 
-def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: bool) -> tuple[dict, list]:
+def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: bool,
+               force: bool = False) -> tuple[dict, list]:
     """Write the rank files, config and manifest into a temporary folder and publish it as `out_path`."""
     from .render import progress_bar
 
     aux = sources.aux_files(Path(job.src_path))
     check_free_space(out_path, sum(file_size(e, m) for _, e, m in job.rank_files) +
                      sum(f.stat().st_size for f in aux) + metadata_allowance(job.entries))
-    with atomic_dir(out_path, command="shard") as tmp:
+    with atomic_dir(out_path, command="shard", force=force) as tmp:
         writers = []
         reader, steps, tied_after, chunk_of, check_hashes = job.live or (None, None, None, None, lambda: None)
         try:

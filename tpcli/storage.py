@@ -493,7 +493,7 @@ def _temp_folder(out: Path, command: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, *, command: str = "tpcli"):
+def atomic_dir(out: Path, *, command: str = "tpcli", force: bool = False):
     """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed.
 
     The temporary folder holds TEMP_MARKER (host, pid, start time) while it is written, so a later run can prove a
@@ -503,6 +503,8 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
     instead stalled 0.2-2 s on ext4 (measured with strace after writing 4.7 GB: the unlink waited for the journal
     to commit the fresh data; the overwrite and the rename do not).
     A full disk, or a final rename that fails, becomes one OutputError line; nothing is left behind either way.
+    `out` is checked again just before it is replaced (`check_replaceable`): whatever appeared there meanwhile is
+    only replaced if `prepare_output` would have allowed it (empty, or a tpcli output under `force`).
     """
     tmp = _temp_folder(out, command)
     try:
@@ -514,6 +516,7 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
             f.write(_marker_text({"tool": "tpcli", "command": command}))
             f.truncate()
         os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
+        check_replaceable(out, force=force)
         _publish(tmp, out, command)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -522,6 +525,29 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
             raise OutputError(f"--out {out}: no space left on the device{what}; nothing was kept: free some space "
                               "and re-run.") from None
         raise
+
+
+def check_replaceable(out: Path, *, force: bool) -> None:
+    """Raise OutputError unless `out` may be replaced now: absent, an empty folder, or (with `force`) a tpcli
+    output. `prepare_output` checked this before any work; this re-check, just before the rename, catches a folder
+    someone created or filled while tpcli was writing (a race `prepare_output` cannot see). A folder that was
+    there at the start under --force passes only if it still is a tpcli output."""
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            names = sorted(os.listdir(out))[:3]
+        except OSError as exc:
+            names = [f"unreadable: {exc.strerror}"]
+        if not names or (force and is_tpcli_output(out)):
+            return
+        what = f"now holds {', '.join(names)}" + ("" if force else " (and --force was not given)")
+    else:
+        what = "is now a symlink" if stat.S_ISLNK(st.st_mode) else "is now a file"
+    raise OutputError(f"--out {out}: changed while tpcli was writing: it {what}; nothing was replaced and the new "
+                      "output was discarded: move it away (or pick another --out) and re-run.")
 
 
 def _publish(tmp: Path, out: Path, command: str) -> None:
