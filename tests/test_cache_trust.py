@@ -196,3 +196,26 @@ def test_a_deleted_working_directory_is_one_line(env, tmp_path, monkeypatch, cap
     assert "Traceback" not in err
     assert rc == 2 and err.startswith("Error: ") and len(err.strip().splitlines()) == 1, err
 
+
+
+def test_a_planted_gather_entry_never_writes_outside_out(env, tmp_path, monkeypatch, capsys):
+    model, cache_dir = env
+    monkeypatch.setenv(cache.ENV, "off")
+    assert _shard(monkeypatch, capsys, model, tmp_path / "s")[0] == 0
+    monkeypatch.setenv(cache.ENV, str(cache_dir))
+    assert run_main(monkeypatch, capsys, "gather", tmp_path / "s", "--out", tmp_path / "g1")[0] == 0
+    (entry,) = _entries(cache_dir)
+
+    def plant(result):
+        (name,) = result["per_file"]
+        for field in ("per_file", "boxes"):
+            result[field]["../../pwned.safetensors"] = result[field].pop(name)
+        result["weight_map"] = {k: "../../pwned.safetensors" for k in result["weight_map"]}
+
+    _rewrite(entry, plant)
+    work = tmp_path / "w" / "x"
+    work.mkdir(parents=True)
+    rc, _, err = run_main(monkeypatch, capsys, "gather", tmp_path / "s", "--out", work / "g2")
+    assert rc == 0, err
+    assert not list(tmp_path.rglob("pwned.safetensors")), "a cache entry wrote outside --out"
+    assert (work / "g2" / "model.safetensors").read_bytes() == (tmp_path / "g1" / "model.safetensors").read_bytes()
