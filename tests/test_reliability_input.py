@@ -166,6 +166,21 @@ def test_an_out_created_mid_shard_is_not_deleted(force, model_dirs, tmp_path, mo
     assert sorted(os.listdir(tmp_path)) == ["race2"]  # the temporary folder is gone too
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_an_out_filled_between_the_check_and_the_rename_is_put_back(force, model_dirs, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The race after `check_replaceable`: `_publish` checks again what it moved aside, and puts it back."""
+    from tpcli import storage
+
+    out = tmp_path / "race3"
+    _appear_mid_write(monkeypatch, out, _precious)
+    monkeypatch.setattr(storage, "check_replaceable", lambda *a, **k: None)  # as if filled just after the check
+    rc, _, err = run_main(monkeypatch, capsys, "shard", model_dirs("llama3"), "--tp", "2", "--out", out,
+                          *(["--force"] if force else []))
+    assert rc == 1 and "precious.txt" in _one_error_line(err), err
+    assert sorted(os.listdir(out)) == ["precious.txt"] and sorted(os.listdir(tmp_path)) == ["race3"]
+
+
 def test_a_force_target_refilled_mid_shard_by_someone_else_is_not_deleted(sharded, model_dirs, tmp_path,
                                                                           monkeypatch, capsys):
     out = tmp_path / "prev"
