@@ -465,7 +465,7 @@ def test_a_run_killed_while_deleting_the_replaced_output_leaves_nothing_the_next
     out = tmp_path / "out"
     code = ("import os, sys\nfrom pathlib import Path\nfrom tpcli.formats import storage\n"
             "storage.shutil.rmtree = lambda *a, **k: os._exit(0)\n"
-            "with storage.atomic_dir(Path(sys.argv[1]), command='shard') as tmp:\n"
+            "with storage.atomic_dir(Path(sys.argv[1]), command='shard', force=True) as tmp:\n"
             "    (tmp / 'new.safetensors').write_bytes(b'new')\n")
     out.mkdir()
     (out / ".tpcli-output").write_text("{}")

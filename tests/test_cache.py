@@ -175,9 +175,10 @@ def test_shard_and_gather_hits_skip_torch_and_write_the_same_files(model_dirs, t
 
 
 def test_a_changed_header_with_the_same_size_and_mtime_is_replanned(model_dirs, tmp_path, monkeypatch):
-    """The key covers sizes and mtimes; a hit also compares each source file's header with the one planned. Here
-    two same-shaped tensors swap places inside a weight file (same size, same header length, mtime restored): the
-    key still matches, the header does not, so the shard is replanned and moves the right bytes."""
+    """The key covers sizes, mtimes and ctimes; a hit also compares each source file's header with the one planned.
+    Here two same-shaped tensors swap places inside a weight file (same size, same header length, mtime restored),
+    and the old entry is filed under the new key (as if the key had still matched): the header does not, so the
+    shard is replanned and moves the right bytes."""
     import struct
 
     from tpcli.commands.shard import shard_checkpoint
@@ -205,7 +206,10 @@ def test_a_changed_header_with_the_same_size_and_mtime_is_replanned(model_dirs, 
     raw[8:8 + n] = new  # the tensors' bytes stay where they were: a reads b's old place, which holds b's values
     weights.write_bytes(raw)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert cache.key("shard", params) == before  # the same key: only the header check can tell
+    after = cache.key("shard", params)
+    assert after != before  # the key names the bytes (ctime_ns, inode), so this is already a miss
+    entry = json.loads((c / f"{before}.json").read_text())  # file the old entry under the new key: a key that
+    (c / f"{after}.json").write_text(json.dumps({**entry, "key": after}))  # still matched, only the header check tells
     _run("shard", src, tmp_path / "after", c)
     shard_checkpoint(str(src), tp=2, out=str(tmp_path / "ref"), byte_copy=False)
     assert _digests(tmp_path / "after") == _digests(tmp_path / "ref") != _digests(tmp_path / "before")

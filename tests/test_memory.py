@@ -176,12 +176,12 @@ def test_kv_cache_of_a_70b_config_matches_the_hand_count(tmp_path):
 
 
 @pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("1.5 TiB", 3 * 2**39),
-                                           ("512MiB", 512 * 2**20), ("1000", 1000), ("2kb", 2000)])
+                                           ("512MiB", 512 * 2**20), ("24G", 24 * 2**30), ("2048kb", 2048000)])
 def test_parse_size(text, expected):
     assert parse_size(text, "--gpu-mem") == expected
 
 
-@pytest.mark.parametrize("text", ["banana", "", "10XB", "-1GiB", "GiB"])
+@pytest.mark.parametrize("text", ["banana", "", "10XB", "-1GiB", "GiB", "24", "1000", "2kb", "0", "9" * 400])
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError, match="--gpu-mem"):
         parse_size(text, "--gpu-mem")

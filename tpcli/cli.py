@@ -52,21 +52,38 @@ def _root(
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def _positive(flag: str, value: int | None) -> None:
+MAX_TP = 1024  # no model has attention heads that split further; bounds the per-rank report and the rank files
+MAX_SEQ_LEN = 10**9
+MAX_BATCH = 10**6
+
+
+def _positive(flag: str, value: int | None, most: int | None = None) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{flag} must be >= 1 (got {value}).")
+    if value is not None and most is not None and value > most:
+        shown = str(value) if len(str(value)) <= 20 else f"a {len(str(value))}-digit number"
+        raise UsageError(f"{flag} must be at most {most:,} (got {shown}).")
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # as transformers' convert_file_size_to_int
+def _plan_flag(plan: str | None) -> None:
+    """--plan naming a folder, FIFO or device: one line now, before anything reads (or blocks on) it."""
+    import stat
+
+    if plan is None:
+        return
+    try:
+        st = os.stat(plan)
+    except (OSError, ValueError):
+        return  # a shipped plan's name, or a missing file: the plan loader says which
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+        raise UsageError(f"--plan {plan}: is {what}; pass a JSON plan file or a shipped plan's name.")
 
 
 def _size_bytes(flag: str, text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    unit = m.group(2).upper() if m else None
-    if unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
-        raise UsageError(f"{flag} {text!r}: expected a positive size such as 500MB, 5GB or 2GiB.")
-    return int(float(m.group(1)) * _UNITS[unit])
+    from tpcli.formats.sizes import parse_size
+
+    return parse_size(text, flag)
 
 
 def _progress(json_out: bool):
@@ -89,6 +106,10 @@ def _duration_s(flag: str, text: str | None) -> float | None:
     return float(m.group(1)) * _DURATION[m.group(2)]
 
 
+_INSPECT_FIELDS = ("schema", "source", "summary", "checkpoint", "plan", "unused_rules", "valid_tp_sizes",
+                   "invalid_tp_sizes", "coverage", "tp", "memory", "fit")
+
+
 @app.command()
 def inspect(
     ctx: typer.Context,
@@ -100,27 +121,30 @@ def inspect(
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence: adds the KV cache per rank.")] = None,
     kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV cache dtype if not the model's: bf16, fp16, fp32, fp8.")] = None,
     train: Annotated[bool, typer.Option("--train", help="Add gradients, AdamW state and an activation estimate.")] = False,
-    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Memory of one GPU, e.g. 24GiB or 80GB: which TP sizes fit.")] = None,
-    reserve: Annotated[str | None, typer.Option("--reserve", help="Kept free per GPU for CUDA context and allocator slack (default 2GiB).")] = None,
+    gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Memory of one GPU, e.g. 24GiB or 80GB (G/GiB = 2^30 "
+                                                "bytes, GB = 10^9; a unit is required): which TP sizes fit.")] = None,
+    reserve: Annotated[str | None, typer.Option("--reserve", help="Kept free per GPU for CUDA context and allocator slack "
+                                                "(default 2GiB; 0 for none).")] = None,
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
-    _positive("--tp", tp)
-    _positive("--batch", batch)
-    _positive("--seq-len", seq_len)
+    _positive("--tp", tp, MAX_TP)
+    _positive("--batch", batch, MAX_BATCH)
+    _positive("--seq-len", seq_len, MAX_SEQ_LEN)
+    _plan_flag(plan)
     from tpcli.formats import cache
     from tpcli.planning.memory import DEFAULT_RESERVE, MemoryOptions, parse_dtype, parse_size
 
     if reserve is not None and gpu_mem is None:
         raise UsageError("--reserve only applies with --gpu-mem SIZE.")
     memory = MemoryOptions(batch=batch, seq_len=seq_len, train=train,
-                           kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype else None)
+                           kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype is not None else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
-    reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve")
+    reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve", zero=True)
     from tpcli.render import print_json, render_inspect, render_memory
 
     key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/formats/cache.py)
-    report = cache.get(key)
+    report = cache.get(key, required=_INSPECT_FIELDS)
     if report is None:
         from tpcli.commands.inspect import inspect_model
 
@@ -151,12 +175,13 @@ def verify(
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
-    _positive("--tp", tp)
+    _positive("--tp", tp, MAX_TP)
+    _plan_flag(plan)
     from tpcli.formats import cache
     from tpcli.render import print_json, render_verify
 
     key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/formats/cache.py)
-    result = cache.get(key)
+    result = cache.get(key, required=("mode", "target", "architecture", "tp", "plan_source", "findings", "ok"))
     if result is None:
         from tpcli.commands import verify as verification
 
@@ -181,7 +206,8 @@ def shard(
     json_out: JsonOpt = False,
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
-    _positive("--tp", tp)
+    _positive("--tp", tp, MAX_TP)
+    _plan_flag(plan)
     from tpcli.commands.shard import shard_checkpoint
     from tpcli.render import print_json, render_shard
 
@@ -194,7 +220,8 @@ def shard(
 def gather(
     directory: Annotated[str, typer.Argument(help="A tpcli or transformers DCP sharded folder.")],
     out: Annotated[str, typer.Option("--out", help="Output folder for the merged checkpoint.")],
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output file, e.g. 5GB.")] = "5GB",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output file, e.g. 5GB (GB = 10^9 "
+                                                "bytes, G/GiB = 2^30; at least 1 MiB).")] = "5GB",
     dtype: DtypeOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -337,6 +364,12 @@ def main() -> None:
 def _main() -> None:
     from tpcli import versions
 
+    if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version"):
+        try:
+            os.getcwd()
+        except OSError:  # every relative path (and the cache key) depends on it
+            _fail("the current working directory no longer exists (deleted?); cd to an existing folder and re-run.",
+                  2)
     note = versions.warning() if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version") else None
     if note:
         print(note, file=sys.stderr)

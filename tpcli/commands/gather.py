@@ -62,7 +62,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
 
     Where transformers has no conversion to revert and nothing is cast, every output tensor is its chunks' bytes
     put in place (`tpcli.formats.bytecopy`); byte_copy=False forces the general path (tests compare the two)."""
-    from tpcli.formats import cache
+    from tpcli.formats import cache, cache_check
 
     started = time.perf_counter()
     folder = Path(directory).expanduser().resolve()
@@ -74,7 +74,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     removed = remove_stale_temps(out_path.parent)
     key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
                     sharded=True) if byte_copy else None
-    job = GatherJob.from_cache(cache.get(key), folder)
+    job = GatherJob.from_cache(cache.get(key), folder, check=lambda e: cache_check.gather_entry(e, folder))
     # sizes, headers, coverage (and config agreement when planning) now; the hashes run alongside the gather and are
     # checked before the output is published (it is written into a temporary folder), so a corrupt input never
     # yields an output.
@@ -84,7 +84,8 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
         if job.boxes is not None:
             cache.put(key, job.to_json())
-    files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress)
+    files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress,
+                               force=force)
     return {
         "out": str(out_path),
         "source": str(folder),
@@ -160,12 +161,13 @@ def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> l
     return [reader._handle(folder / file).offset(name)]
 
 
-def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: Progress) -> tuple[dict, list]:
+def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: Progress,
+               force: bool = False) -> tuple[dict, list]:
     """Write the output files, index, config and tokenizer into a temporary folder and publish it as `out_path`."""
     aux = [p for p in aux_files(folder) if p.name != manifest.NAME]
     check_free_space(out_path, sum(file_size(e, {"format": "pt"}) for e in job.per_file.values()) +
                      sum(f.stat().st_size for f in aux) + metadata_allowance(len(job.weight_map)))
-    with atomic_dir(out_path, command="gather") as tmp:
+    with atomic_dir(out_path, command="gather", force=force) as tmp:
         writers = {}
         reader = job.live[0] if job.live else None
         try:

@@ -192,7 +192,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
 
     byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
     they are (`tpcli.formats.bytecopy`); the two write identical files (tests compare them)."""
-    from tpcli.formats import cache
+    from tpcli.formats import cache, cache_check
 
     cast = parse_dtype(dtype)
     local = Path(model).expanduser()
@@ -201,14 +201,15 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     started = time.perf_counter()
     key = cache.key("shard", {"model": model, "tp": tp, "plan": plan_file, "dtype": cast,
                               "revision": revision}) if byte_copy else None
-    job = ShardJob.from_cache(cache.get(key))
+    job = ShardJob.from_cache(cache.get(key), check=lambda e: cache_check.shard_entry(e, local.resolve(), tp)) \
+        if key else None
     if job is None:
         reuse_freed_memory()
         job = plan_job(model, tp=tp, plan_file=plan_file, cast=cast, revision=revision, byte_copy=byte_copy)
         prepare_output(out, force=force, inputs=[Path(job.src_path)])  # a hub id is only known apart from OUT now
         if job.boxes is not None:
             cache.put(key, job.to_json())
-    files, copied = _write_job(job, out_path, tp=tp, progress=progress)
+    files, copied = _write_job(job, out_path, tp=tp, progress=progress, force=force)
     info = job.summary
     return {
         "out": str(out_path),
@@ -266,12 +267,13 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
         raise
 
 
-def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress) -> tuple[dict, list]:
+def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress,
+               force: bool = False) -> tuple[dict, list]:
     """Write the rank files, config and manifest into a temporary folder and publish it as `out_path`."""
     aux = sources.aux_files(Path(job.src_path))
     check_free_space(out_path, sum(file_size(e, m) for _, e, m in job.rank_files) +
                      sum(f.stat().st_size for f in aux) + metadata_allowance(job.entries))
-    with atomic_dir(out_path, command="shard") as tmp:
+    with atomic_dir(out_path, command="shard", force=force) as tmp:
         writers = []
         reader, steps, tied_after, chunk_of, check_hashes = job.live or (None, None, None, None, lambda: None)
         try:

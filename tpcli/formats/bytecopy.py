@@ -141,16 +141,22 @@ class CachedJob:
         return {k: v for k, v in self.__dict__.items() if k != "live"}
 
     @classmethod
-    def from_cache(cls, entry: dict | None, folder: Path = Path()):
-        """The cached job, if every source file still has the size and header it was planned with (else None:
-        replan). Offsets into a file move only when its header changes, so its bytes need not be compared."""
+    def from_cache(cls, entry: dict | None, folder: Path = Path(), check=None):
+        """The cached job, if `check(entry)` (`tpcli.formats.cache_check`: every field present and typed, plain names,
+        sources inside the model folder) passes and every source file still has the size and header it was planned
+        with (else None: replan). Offsets into a file move only when its header changes, so its bytes need not be
+        compared."""
+        from tpcli.formats.cache_check import Invalid
+
         if not entry:
             return None
         try:
+            if check is not None:
+                check(entry)
             job = cls(**entry)
             if any(header_digest(folder / f) != list(d) for f, d in job.headers.items()):
                 return None
-        except (OSError, TypeError, ValueError, struct.error):
+        except (Invalid, OSError, TypeError, ValueError, KeyError, struct.error):
             return None
         return job
 
@@ -262,6 +268,8 @@ class _Sources:
                 base = lo - lo % mmap.ALLOCATIONGRANULARITY
                 fd = os.open(path, os.O_RDONLY)
                 try:
+                    if os.fstat(fd).st_size < hi:  # mmap would say "mmap length is greater than file size"
+                        raise _changed(path, hi)
                     self.maps[path] = (mmap.mmap(fd, hi - base, offset=base, access=mmap.ACCESS_READ), base, fd)
                 except BaseException:
                     os.close(fd)
@@ -297,9 +305,23 @@ def _copy(src: _Sources, path: Path, offset: int, f, dest: Path, pos: int, n: in
     try:
         copy_range(src.fd(path), f, n, offset, pos)
     except OSError as exc:
+        if exc.errno == errno.EIO and os.fstat(src.fd(path)).st_size < offset + n:
+            raise _changed(path, offset + n) from None
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise OSError(exc.errno, exc.strerror, str(dest)) from None
         _write(f, dest, src.view(path, offset, n), pos)  # no in-kernel copy between these two files
+
+
+def _changed(path: Path, needed: int):
+    """The CheckpointError for a source file that shrank after the job was planned (truncated or being rewritten)."""
+    from tpcli.errors import CheckpointError
+
+    try:
+        size = f"{os.stat(path).st_size:,} bytes"
+    except OSError as exc:
+        size = f"unreadable ({exc.strerror})"
+    return CheckpointError(f"{path}: is now {size}, shorter than the {needed:,} bytes planned; it changed while "
+                           "being read (truncated or rewritten?): re-run once it is complete. Nothing was written.")
 
 
 def _write(f, dest: Path, data, pos: int) -> None:

@@ -12,9 +12,17 @@ hit can never be stale:
                  the plan library files (plans/*.json), tpcli's own .py/.json files (size, mtime_ns),
                  the versions of python, tpcli, torch, transformers, safetensors and huggingface_hub)
 
-A cached shard/gather layout is used only if every source file still has the size and safetensors header it was
-planned with (checked at each hit), so even a file rewritten with the same size and mtime cannot send bytes to the
-wrong place. Versions are read with importlib.metadata, so a hit imports neither torch nor transformers. A model
+A path's fingerprint names the bytes, not the name: its resolved path, st_dev + st_ino, size, mtime_ns and
+ctime_ns (a hub blob's path is its sha256), so flipping a `latest -> ckpt-N` link, or rewriting a file at the same
+size and putting its mtime back (ctime cannot be put back), misses. A cached shard/gather layout is used only if
+every source file still has the size and safetensors header it was planned with (checked at each hit), so even a
+file rewritten with the same size and mtime cannot send bytes to the wrong place.
+
+A cache is never a way in: the folder is created 0700, and a folder (or entry) not owned by the current user or
+writable by group/others is not used at all (said once on stderr; tpcli then runs as without a cache). Every entry
+is validated before use (`CachedJob.from_cache`: every field present and typed, rank file names plain, sources
+regular files inside the model folder); anything else is a miss. At most MAX_ENTRIES entries and MAX_BYTES bytes
+are kept: writing an entry evicts the least recently used (a hit refreshes an entry's mtime). Versions are read with importlib.metadata, so a hit imports neither torch nor transformers. A model
 given as a hub id (no local folder) or with --revision is never cached (the hub can change under the same name).
 Only successful results are stored (the caller decides: an error raises before `put`, a failed verify is not
 stored).
@@ -28,15 +36,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
 
 ENV = "TPCLI_CACHE_DIR"
-SCHEMA = 1
+SCHEMA = 2
 _PACKAGE = Path(__file__).resolve().parents[1]  # the whole tpcli package: any source change is a miss
 _PLAN_LIBRARIES = (_PACKAGE / "plans", _PACKAGE.parent / "plans")  # installed package data, or a source checkout
 _VERSIONED = ("tpcli", "torch", "transformers", "safetensors", "huggingface_hub")
+MAX_ENTRIES = 256  # entries kept; the least recently used beyond this (or beyond MAX_BYTES) are removed on write
+MAX_BYTES = 256 * 2**20
+_warned: set[str] = set()
 
 
 def cache_dir() -> Path | None:
@@ -56,6 +68,10 @@ def key(command: str, params: dict, *, sharded: bool = False) -> str | None:
 
     if cache_dir() is None or params.get("revision") or params.get("numerics"):
         return None
+    try:
+        cwd = os.getcwd()  # relative paths in params mean something else elsewhere
+    except OSError:  # run from a deleted folder: nothing relative can be trusted; just do not cache
+        return None
     model = params.get("model", params.get("target"))
     if not isinstance(model, str) or not Path(model).expanduser().is_dir() or (
             is_sharded_dir(Path(model).expanduser()) and not sharded):
@@ -67,7 +83,7 @@ def key(command: str, params: dict, *, sharded: bool = False) -> str | None:
             h.update(repr(p).encode())
             h.update(b"\0")
 
-    add(SCHEMA, command, sorted((k, repr(v)) for k, v in params.items()), os.getcwd(), sys.version)
+    add(SCHEMA, command, sorted((k, repr(v)) for k, v in params.items()), cwd, sys.version)
     for name in _VERSIONED:
         add(name, _version(name))
     for value in params.values():
@@ -80,34 +96,130 @@ def key(command: str, params: dict, *, sharded: bool = False) -> str | None:
     return h.hexdigest()
 
 
-def get(k: str | None) -> dict | None:
-    """The stored result for key `k`, or None (no key, no entry, unreadable entry)."""
-    folder = cache_dir()
+def get(k: str | None, required: tuple[str, ...] = ()) -> dict | None:
+    """The stored result for key `k`, or None (no key, no usable cache folder, no entry, an unreadable or edited
+    entry, or a result without one of the `required` top-level fields)."""
+    folder = _usable_dir(create=False)
     if k is None or folder is None:
         return None
+    path = folder / f"{k}.json"
     try:
-        entry = json.loads((folder / f"{k}.json").read_text())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
         return None
-    return entry.get("result") if isinstance(entry, dict) and entry.get("key") == k else None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _private(st) or st.st_size > MAX_BYTES:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            entry = json.loads(f.read())
+    except (OSError, ValueError, RecursionError):
+        return None
+    finally:
+        os.close(fd)
+    if not (isinstance(entry, dict) and entry.get("key") == k and isinstance(entry.get("result"), dict)
+            and entry.get("digest") == digest(entry["result"])  # a truncated or hand-edited entry is a miss
+            and all(name in entry["result"] for name in required)):
+        return None
+    try:
+        os.utime(path)  # least recently used goes first
+    except OSError:
+        pass
+    return entry["result"]
 
 
 def put(k: str | None, result: dict) -> dict:
     """Store `result` (JSON-ready) under `k` and return it as a hit would (through JSON), so that a first run and a
     cached one print the same; a cache that cannot be written is silently skipped."""
-    folder = cache_dir()
-    if k is None or folder is None:
-        return result
-    text = json.dumps({"key": k, "result": result})
+    text = json.dumps({"key": k, "digest": digest(result), "result": result})
+    folder = _usable_dir(create=True) if k is not None else None
+    if folder is None:
+        return json.loads(text)["result"]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, folder / f"{k}.json")  # readers see the old entry or the whole new one
+        evict(folder)
     except OSError:
         pass
     return json.loads(text)["result"]
+
+
+def digest(result: dict) -> str:
+    """sha256 of a result's canonical JSON: stored with it, checked at each hit."""
+    return hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()
+
+
+def evict(folder: Path, max_entries: int | None = None, max_bytes: int | None = None) -> list[str]:
+    """Remove the least recently used entries beyond `max_entries` / `max_bytes` (default MAX_ENTRIES, MAX_BYTES),
+    and temporary files over an hour old; returns the names removed."""
+    import time
+
+    max_entries = MAX_ENTRIES if max_entries is None else max_entries
+    max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+    entries, removed = [], []
+    for p in folder.iterdir():
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if p.name.startswith(".tmp-"):
+            if st.st_mtime < time.time() - 3600:
+                entries.append((-1.0, st.st_size, p))  # stale: always removed
+            continue
+        if p.suffix == ".json":
+            entries.append((st.st_mtime, st.st_size, p))
+    entries.sort(key=lambda e: e[0], reverse=True)  # newest first
+    count = total = 0
+    for mtime, size, p in entries:
+        count += mtime >= 0
+        total += size
+        if mtime < 0 or count > max_entries or total > max_bytes:
+            try:
+                p.unlink()
+                removed.append(p.name)
+            except OSError:
+                pass
+    return removed
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user, and nobody else may write it."""
+    return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _usable_dir(*, create: bool) -> Path | None:
+    """The cache folder if it may be trusted: created 0700 when missing (`create`); an existing one must be a folder
+    owned by this user and not writable by group/others, else None and one line on stderr (once per folder)."""
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        if not create:
+            return None
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700)
+            st = os.stat(folder)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and _private(st):
+        return folder
+    if str(folder) not in _warned:
+        _warned.add(str(folder))
+        why = ("is not a folder" if not stat.S_ISDIR(st.st_mode) else
+               f"is owned by uid {st.st_uid}, not you" if st.st_uid != os.geteuid() else
+               f"is writable by group/others (mode {stat.S_IMODE(st.st_mode):o})")
+        print(f"tpcli: not using the cache: {folder} {why}; use a private folder (chmod 700) or set {ENV}=off.",
+              file=sys.stderr)
+    return None
 
 
 def _version(name: str) -> str | None:
@@ -128,18 +240,26 @@ def _version(name: str) -> str | None:
     return None
 
 
+def _identity(path: Path) -> tuple:
+    """What names a file's (or folder's) bytes: resolved path, device, inode, size, mtime_ns, ctime_ns. A rewrite at
+    the same size with its mtime put back still changes ctime (and a copy-and-rename, the inode); a hub blob's
+    resolved path is its sha256."""
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _fingerprint(path: Path):
-    """What a result can depend on in `path`: a file's bytes; a folder's top-level file sizes, mtimes and JSON bytes."""
+    """What a result can depend on in `path`: a file's identity and bytes; a folder's identity, and its top-level
+    files' identities and JSON bytes."""
     try:
         if path.is_file():
-            return hashlib.sha256(path.read_bytes()).hexdigest()
+            return _identity(path), hashlib.sha256(path.read_bytes()).hexdigest()
         if path.is_dir():
-            out = []
+            out = [_identity(path)]
             for p in sorted(path.iterdir()):
                 if p.is_file():
-                    st = p.stat()
                     digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.suffix == ".json" else None
-                    out.append((p.name, st.st_size, st.st_mtime_ns, digest))
+                    out.append((p.name, _identity(p), digest))
             return out
     except OSError:
         return "unreadable"

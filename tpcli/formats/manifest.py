@@ -125,6 +125,10 @@ def _validate(path: Path, data: dict) -> None:
         if not isinstance(f, dict) or not count(f.get("rank")) or not count(f.get("bytes")) \
                 or not isinstance(f.get("sha256"), str):
             bad(f"files[{name!r}]", "an object with integer rank and bytes and a string sha256")
+    ranks = sorted(f["rank"] for f in files.values())
+    if ranks != list(range(data["tp_size"])):
+        bad("files", f"one rank file per rank 0..{data['tp_size'] - 1} (tp_size {data['tp_size']}; it lists "
+                     f"{len(ranks)} file(s), ranks {ranks[:8]}{' ...' if len(ranks) > 8 else ''})")
     if not isinstance(data["tensors"], dict):
         bad("tensors", "an object")
     for name, t in data["tensors"].items():
@@ -143,8 +147,8 @@ def _validate(path: Path, data: dict) -> None:
             bad(f"{where}.chunks", "a list")
         for i, c in enumerate(chunks):
             field = f"{where}.chunks[{i}]"
-            if not isinstance(c, dict) or not count(c.get("rank")):
-                bad(field, "an object with an integer rank")
+            if not isinstance(c, dict) or not count(c.get("rank")) or c["rank"] >= data["tp_size"]:
+                bad(field, "an object with an integer rank below tp_size")
             if not is_plain_name(c.get("file")) or c["file"] not in files:
                 bad(f"{field}.file", "a file name listed under files")
             for key in ("offsets", "sizes"):

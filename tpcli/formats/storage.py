@@ -475,7 +475,7 @@ def _temp_folder(out: Path, command: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, *, command: str = "tpcli"):
+def atomic_dir(out: Path, *, command: str = "tpcli", force: bool = False):
     """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed.
 
     The temporary folder holds TEMP_MARKER (host, pid, start time) while it is written, so a later run can prove a
@@ -485,6 +485,8 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
     instead stalled 0.2-2 s on ext4 (measured with strace after writing 4.7 GB: the unlink waited for the journal
     to commit the fresh data; the overwrite and the rename do not).
     A full disk, or a final rename that fails, becomes one OutputError line; nothing is left behind either way.
+    `out` is checked again just before it is replaced (`check_replaceable`): whatever appeared there meanwhile is
+    only replaced if `prepare_output` would have allowed it (empty, or a tpcli output under `force`).
     """
     tmp = _temp_folder(out, command)
     try:
@@ -496,7 +498,8 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
             f.write(_marker_text({"tool": "tpcli", "command": command}))
             f.truncate()
         os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
-        _publish(tmp, out, command)
+        check_replaceable(out, force=force)
+        _publish(tmp, out, command, force)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -506,7 +509,36 @@ def atomic_dir(out: Path, *, command: str = "tpcli"):
         raise
 
 
-def _publish(tmp: Path, out: Path, command: str) -> None:
+def check_replaceable(out: Path, *, force: bool) -> None:
+    """Raise OutputError unless `out` may be replaced now: absent, an empty folder, or (with `force`) a tpcli
+    output. `prepare_output` checked this before any work; this re-check, just before the rename, catches a folder
+    someone created or filled while tpcli was writing (a race `prepare_output` cannot see). A folder that was
+    there at the start under --force passes only if it still is a tpcli output. `_publish` checks once more what
+    it actually moved aside, where nobody else can change it, and puts it back if it fails."""
+    why = _not_replaceable(out, force=force)
+    if why:
+        raise OutputError(f"--out {out}: changed while tpcli was writing: it {why}; nothing was replaced and the new "
+                          "output was discarded: move it away (or pick another --out) and re-run.")
+
+
+def _not_replaceable(path: Path, *, force: bool) -> str | None:
+    """Why `path` may not be replaced (see `check_replaceable`), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return "is now a symlink" if stat.S_ISLNK(st.st_mode) else "is now a file"
+    try:
+        names = sorted(os.listdir(path))[:3]
+    except OSError as exc:
+        names = [f"unreadable: {exc.strerror}"]
+    if not names or (force and is_tpcli_output(path)):
+        return None
+    return f"now holds {', '.join(names)}" + ("" if force else " (and --force was not given)")
+
+
+def _publish(tmp: Path, out: Path, command: str, force: bool = False) -> None:
     """Move the finished `tmp` to `out`; on failure put the previous output back.
 
     A previous output (--force) is first moved into a marked temporary folder, `out` -> `.OUT.tpcli-tmp-X/old`,
@@ -515,10 +547,16 @@ def _publish(tmp: Path, out: Path, command: str) -> None:
     """
     holder = None
     try:
-        if out.exists():
+        if out.exists() or out.is_symlink():
             holder = _temp_folder(out, command)
             os.replace(out, holder / "old")
-        os.replace(tmp, out)
+            why = _not_replaceable(holder / "old", force=force)  # what was moved can no longer change under us
+            if why:
+                os.replace(holder / "old", out)  # put it back untouched
+                shutil.rmtree(holder, ignore_errors=True)
+                raise OutputError(f"--out {out}: changed while tpcli was writing: it {why}; nothing was replaced "
+                                  "and the new output was discarded: move it away (or pick another --out) and re-run.")
+        os.replace(tmp, out)  # onto a missing or empty folder; a folder filled meanwhile fails (ENOTEMPTY)
     except OSError as exc:
         kept = ""
         if holder is not None:

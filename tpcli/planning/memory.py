@@ -43,8 +43,6 @@ from tpcli.planning.placements import HEAD_SPLITTING, REPLICATE, SPLIT_OUTPUT, P
 from tpcli.planning.plan import ResolvedPlan
 
 DEFAULT_RESERVE = "2GiB"  # CUDA context (~0.5 GiB), cuBLAS/NCCL workspaces, caching-allocator slack
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
            "fp32": "float32", "float32": "float32", "float": "float32", "fp8": "float8_e4m3fn",
            "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2", "int8": "int8"}
@@ -83,13 +81,12 @@ class RankMemory:
         return {**asdict(self), "total_bytes": self.total_bytes}
 
 
-def parse_size(text: str, flag: str) -> int:
-    """'24GiB', '80GB', '1.5 TiB', '512MiB', '1000' -> bytes (GB = 10^9, GiB = 2^30)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text or "")
-    unit = (m.group(2) or "b").lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise UsageError(f"{flag} {text!r}: expected a size such as 24GiB, 80GB or 512MiB.")
-    return int(float(m.group(1)) * _UNITS[unit])
+def parse_size(text: str, flag: str, *, zero: bool = False) -> int:
+    """'24GiB', '24G', '80GB', '512MiB' -> bytes (GB = 10^9, G = GiB = 2^30): `tpcli.formats.sizes.parse_size`, the one
+    parser of every size flag."""
+    from tpcli.formats.sizes import parse_size as parse
+
+    return parse(text, flag, zero=zero)
 
 
 def parse_dtype(text: str, flag: str) -> str:

@@ -84,6 +84,14 @@ def load_plan_file(path: str | Path) -> dict[str, str]:
     return plans_library.load_spec(path)[0]
 
 
+def _capped(message: str, limit: int = 400) -> str:
+    """transformers lists every offending key in one line (a 50k-rule plan: 1.3 MB): keep the first `limit`
+    characters and say how much was cut."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit].rstrip()}... ({len(message) - limit:,} more characters cut; fix the first ones and re-run)"
+
+
 def load_config(path: Path, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
@@ -161,7 +169,7 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
         expanded, _, _ = model._resolve_parallel_plans(dc)
     except ValueError as exc:
         where = f"--plan {plan_file}" if plan_file else "the model's plan"
-        raise PlanError(f"{where}: {str(exc).splitlines()[0]}") from None
+        raise PlanError(f"{where}: {_capped(str(exc).splitlines()[0])}") from None
     finally:
         tf_logger.setLevel(level)
     rules = dict(model.tp_plan)

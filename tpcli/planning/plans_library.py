@@ -13,6 +13,7 @@ A library plan is data (`tp_plan`, `constraints`, `adaptations`); the worker-sid
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -125,10 +126,29 @@ def parse(data, path: Path, *, shipped: bool = False) -> LibraryPlan:
 
 
 def _read_json(path: Path, flag: str):
+    """The JSON document in the regular file `path`; a folder, FIFO or device (which would block or raise) is a
+    usage error, unparseable or absurdly nested JSON a PlanError, each one line."""
+    import stat
+
+    from tpcli.errors import UsageError
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise PlanError(f"{flag}{path}: no such file.") from None
+    except OSError as exc:
+        raise PlanError(f"{flag}{path}: cannot be read ({exc.strerror}).") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+        raise UsageError(f"{flag}{path}: is {what}; pass a JSON plan file or a shipped plan's name.")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise PlanError(f"{flag}{path}: no such file.") from None
+    except OSError as exc:
+        raise PlanError(f"{flag}{path}: cannot be read ({exc.strerror}).") from None
+    except RecursionError:
+        raise PlanError(f"{flag}{path}: JSON nested too deeply to be a plan; expected {{pattern: style}}.") from None
     except ValueError as exc:
         raise PlanError(f"{flag}{path}: not valid JSON ({exc}).") from None
 
