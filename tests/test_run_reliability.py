@@ -253,3 +253,24 @@ def test_bad_run_flags_are_usage_errors_before_anything_starts(tmp_path, args, f
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0], proc.stderr
     assert not marker.exists() and not list((tmp_path / "tmp").iterdir())
+
+
+# --- run --json (issue 27 item 3) ---------------------------------------------------------------------------------
+
+@pytest.mark.dist
+def test_run_json_ends_with_one_object_and_workers_print_to_stderr(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text("import os, sys\nprint('hello from', os.environ['RANK'], flush=True)\n"
+                      "sys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    proc = tpcli_run("--cpu", 2, "--json", script)
+    doc = json.loads(proc.stdout)  # stdout holds the JSON object only
+    assert proc.returncode == 3 and doc["exit_code"] == 3 and doc["ok"] is False
+    assert doc["root_cause"]["rank"] == 1 and doc["root_cause"]["exit_code"] == 3
+    assert {r["rank"]: r["exit_code"] for r in doc["ranks"]}[1] == 3
+    assert doc["log_dir"] and os.path.isdir(doc["log_dir"]) and doc["duration_s"] > 0
+    assert "[rank0]:hello from 0" in proc.stderr
+    script.write_text("print('fine', flush=True)\n")
+    proc = tpcli_run("--cpu", 2, "--json", script)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0 and doc["ok"] and doc["root_cause"] is None and doc["log_dir"] is None
+    assert [(r["rank"], r["exit_code"], r["signal"]) for r in doc["ranks"]] == [(0, 0, None), (1, 0, None)]
