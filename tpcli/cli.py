@@ -218,7 +218,7 @@ def run(
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,
     rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Rendezvous id shared by all nodes.")] = "tpcli",
     max_restarts: Annotated[int, typer.Option("--max-restarts", help="torchrun restarts on failure.")] = 0,
-    log_dir: Annotated[str | None, typer.Option("--log-dir", help="Keep per-rank logs and error files here.")] = None,
+    log_dir: Annotated[str | None, typer.Option("--log-dir", help="Keep per-rank logs and error files here, in one run-* subfolder per run.")] = None,
     tee: Annotated[str | None, typer.Option("--tee", help="torchrun --tee: 0 none, 1 stdout, 2 stderr, 3 both.")] = None,
     ranks_filter: Annotated[str | None, typer.Option("--ranks-filter", help="Only show these local ranks, e.g. 0 or 0,1.")] = None,
     skip_preflight: Annotated[bool, typer.Option("--skip-preflight", help="Do not check --model before spawning.")] = False,
