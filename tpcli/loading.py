@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import atexit
-import functools
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -289,7 +288,6 @@ class _SliceReader:
         stored = getattr(torch, entry["dtype"])
         direct = out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage
         if direct:
-            _advise_hugepages(out)
             self._read_host(out, name, entry, dim, runs)
             return
         host, event = self.staging.buffer(self._local_shape(entry, dim, runs), stored, out.device)
@@ -346,38 +344,6 @@ class _SliceReader:
             out.copy_(parts[0])
         else:
             torch.cat(parts, dim=dim or 0, out=out)
-
-
-HUGEPAGE = 2 << 20
-MADV_HUGEPAGE = 14
-
-
-def _advise_hugepages(t) -> None:
-    """Ask for transparent huge pages under a fresh CPU tensor before its bytes are read into it (Linux, THP in
-    `madvise` or `always` mode; a no-op elsewhere).
-
-    Reading a parameter writes every page of it for the first time: with 4 KB pages that is one page fault per 4 KB,
-    about half the time of the read here; 2 MB pages cut the faults 512-fold (0.24 GB: 150 ms instead of 330 ms on
-    this machine). Only whole 2 MB pages inside the tensor are advised, so no neighbouring allocation is touched.
-    """
-    nbytes = t.numel() * t.element_size()
-    start = (t.data_ptr() + HUGEPAGE - 1) & ~(HUGEPAGE - 1)
-    end = (t.data_ptr() + nbytes) & ~(HUGEPAGE - 1)
-    madvise = _madvise()
-    if end - start >= HUGEPAGE and madvise is not None:
-        madvise(start, end - start, MADV_HUGEPAGE)  # an error (no THP) changes nothing: ignored
-
-
-@functools.cache
-def _madvise():
-    try:
-        import ctypes
-
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
 
 
 class _Staging:
