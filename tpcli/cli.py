@@ -253,17 +253,20 @@ def run(
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,
     rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Rendezvous id shared by all nodes.")] = "tpcli",
     max_restarts: Annotated[int, typer.Option("--max-restarts", help="torchrun restarts on failure.")] = 0,
-    log_dir: Annotated[str | None, typer.Option("--log-dir", help="Keep per-rank logs and error files here.")] = None,
+    log_dir: Annotated[str | None, typer.Option("--log-dir", help="Keep per-rank logs and error files here, in one run-* subfolder per run.")] = None,
     tee: Annotated[str | None, typer.Option("--tee", help="torchrun --tee: 0 none, 1 stdout, 2 stderr, 3 both.")] = None,
     ranks_filter: Annotated[str | None, typer.Option("--ranks-filter", help="Only show these local ranks, e.g. 0 or 0,1.")] = None,
     skip_preflight: Annotated[bool, typer.Option("--skip-preflight", help="Do not check --model before spawning.")] = False,
     timeout: Annotated[str | None, typer.Option("--timeout", help="Stop every worker after this long (90s, 30m, 2h, "
                                                 "or seconds) and exit 124.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="End with one JSON object on stdout (exit code, per-rank "
+                                           "exit codes and signals, root cause, log folder, duration); the workers' "
+                                           "output then goes to stderr, with tpcli's messages.")] = False,
 ):
     """Launch torchrun workers (one command), with preflight and clear failure reports.
 
     Everything after SCRIPT (or -m MODULE) is passed to the script unchanged."""
-    from tpcli.commands.run import LaunchSpec, launch
+    from tpcli.commands.run import LaunchSpec, run_job
 
     argv = list(ctx.args)
     if module and script is not None:
@@ -282,10 +285,14 @@ def run(
         script=script, module=module, args=argv, gpus=gpus, cpu=cpu if cpu is not None else (None if gpus else 1),
         model=model, plan_file=plan, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id, max_restarts=max_restarts, log_dir=log_dir, tee=tee, ranks_filter=ranks_filter,
-        preflight=not skip_preflight, timeout_s=_duration_s("--timeout", timeout),
+        preflight=not skip_preflight, timeout_s=_duration_s("--timeout", timeout), worker_stdout_to_stderr=json_out,
     )
-    code = launch(spec, report=lambda line: print(line, file=sys.stderr, flush=True))
-    raise typer.Exit(code)
+    result = run_job(spec, report=lambda line: print(line, file=sys.stderr, flush=True))
+    if json_out:
+        from tpcli.render import print_json
+
+        print_json(result.to_json())
+    raise typer.Exit(result.exit_code)
 
 
 class Interrupted(BaseException):

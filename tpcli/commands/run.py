@@ -5,8 +5,13 @@ cannot work at the world size, picks a free port (`--standalone`) on one node, p
 its rank (`--tee 3 --role rank`), runs each worker under torch elastic's `record` (tpcli.runtime.bootstrap) so a failure's
 traceback reaches torchrun's error file, prints which rank failed and why, and exits with that rank's exit code.
 Ctrl-C, SIGTERM or SIGHUP (and `--timeout`) stop torchrun, which stops its workers; any worker still alive after a
-grace period is killed by pid. If tpcli itself dies (even by SIGKILL), the kernel kills torchrun
-(PR_SET_PDEATHSIG), and each worker dies with torchrun the same way.
+grace period is killed by pid. torchrun runs under tpcli/runtime/supervise.py, a child subreaper: every process of the job,
+however deep, stays its descendant and is killed with it, and if tpcli itself dies (even by SIGKILL) the kernel
+tells the supervisor (PR_SET_PDEATHSIG), which kills the whole job and removes tpcli's temporary folder.
+
+The failure report names the rank that failed first: tpcli times each worker's death (pidfd, to the millisecond)
+and the moment its Python code raised (tpcli.runtime.bootstrap); torchrun orders failures by whole seconds and prefers error
+files, which a rank killed by a signal never writes, so it can blame a rank that died because of another.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -31,7 +37,9 @@ from tpcli.errors import LaunchError, UsageError
 GRACE_S = 10.0  # after Ctrl-C: how long torchrun gets to stop its workers before everything is killed
 TIMEOUT_EXIT = 124  # `--timeout` expired, as timeout(1)
 WORKER_LINE = re.compile(r"^\[(?:n\d+\.)?rank(\d+)\]:")
-BOOTSTRAP = str(Path(__file__).resolve().parents[1] / "runtime" / "bootstrap.py")  # by path: a ./tpcli folder cannot shadow it
+_RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
+BOOTSTRAP = str(_RUNTIME / "bootstrap.py")  # by path: a ./tpcli folder cannot shadow it
+SUPERVISOR = str(_RUNTIME / "supervise.py")
 # frames of the launch machinery, hidden from the root-cause traceback
 PLUMBING = ("torch/distributed/elastic/", "tpcli/runtime/bootstrap.py", "<frozen runpy>")
 
@@ -57,6 +65,7 @@ class LaunchSpec:
     quiet: bool = False  # keep worker output out of the console (it still goes to the per-rank logs)
     timeout_s: float | None = None  # stop every worker after this many seconds (exit 124)
     raise_on_interrupt: bool = False  # a signal raises LaunchError(exit 128 + signal) instead of returning the code
+    worker_stdout_to_stderr: bool = False  # `run --json`: stdout carries only the final JSON object
 
     @property
     def nproc(self) -> int:
@@ -154,20 +163,82 @@ def worker_env(spec: LaunchSpec, run_dir: Path) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """preexec_fn of torchrun (Linux): SIGKILL it when tpcli dies, whatever kills tpcli; its workers follow it the
-    same way (tpcli.runtime.bootstrap). Popen runs on the main thread, whose exit is what PDEATHSIG watches."""
-    try:
-        import ctypes
+TEE = re.compile(r"^[0-3]$|^\d+:[0-3](,\d+:[0-3])*$")
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+def validate(spec: LaunchSpec) -> None:
+    """Usage errors found before anything starts (torchrun would raise them as a traceback, after tpcli made its
+    folders): exit 2, one line naming the flag and the fix."""
+    if spec.max_restarts < 0:
+        raise UsageError(f"--max-restarts {spec.max_restarts}: must be >= 0 (0: no restart).")
+    if spec.tee is not None and not TEE.match(spec.tee):
+        raise UsageError(f"--tee {spec.tee}: expected 0 (none), 1 (stdout), 2 (stderr) or 3 (both), or per local "
+                         "rank as 0:3,1:1.")
+    if spec.ranks_filter is not None:
+        ranks = spec.ranks_filter.split(",")
+        if not all(r.strip().isdigit() for r in ranks) or any(int(r) >= spec.nproc for r in ranks):
+            raise UsageError(f"--ranks-filter {spec.ranks_filter}: expected local ranks below {spec.nproc}, "
+                             "comma-separated (e.g. 0 or 0,1).")
+    if spec.log_dir is not None:
+        _check_log_dir(Path(spec.log_dir).expanduser())
+
+
+def _check_log_dir(path: Path) -> None:
+    """--log-dir must be a folder we can write, or a path whose first existing ancestor is one (it is created)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == path else f"is under {probe}, a file"
+        raise UsageError(f"--log-dir {path}: {what}, not a folder; give a folder (it is created if missing).")
+    if not probe.exists() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--log-dir {path}: {probe} is not writable; give a folder you can write.")
+
+
+def _run_log_dir(spec: LaunchSpec, run_dir: Path) -> Path:
+    """Where torchrun writes this run's logs and error files: a fresh folder, so that a reused --log-dir never
+    reports a previous run's error (`--log-dir D` gives D/run-YYYYmmdd-HHMMSS-XXXX, one per run)."""
+    if spec.log_dir is None:
+        log_dir = run_dir / "logs"
+        log_dir.mkdir()
+        return log_dir
+    base = Path(spec.log_dir).expanduser().resolve()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=base))
+    except OSError as exc:
+        raise UsageError(f"--log-dir {spec.log_dir}: {exc.strerror}; give a folder you can write.") from None
+
+
+@dataclass
+class RunResult:
+    """What `tpcli run --json` prints: per-rank exit codes and signals, the root cause, the log folder kept."""
+
+    exit_code: int
+    duration_s: float
+    ranks: list[dict]  # this node's ranks: {"rank", "exit_code", "signal"}; exit_code None when not known
+    root_cause: dict | None = None  # {"rank", "exit_code", "signal", "message"}
+    log_dir: str | None = None  # kept per-rank logs (None when removed)
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM", "SIGHUP" or "timeout"
+
+    def to_json(self) -> dict:
+        return {"exit_code": self.exit_code, "ok": self.exit_code == 0, "stopped_by": self.stopped_by,
+                "root_cause": self.root_cause, "ranks": self.ranks, "log_dir": self.log_dir,
+                "duration_s": round(self.duration_s, 3)}
 
 
 def launch(spec: LaunchSpec, report: Callable[[str], None] = print) -> int:
     """Run the job; returns the exit code to use: 0, the root-cause rank's exit code, 128 + signal when stopped by a
     signal, 124 when `timeout_s` expired. Raises LaunchError before spawning when a check fails."""
+    return run_job(spec, report).exit_code
+
+
+def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResult:
+    """`launch`, returning the whole outcome (`RunResult`)."""
+    started = time.monotonic()
+    validate(spec)
     if spec.script and not Path(spec.script).is_file():
         raise UsageError(f"SCRIPT {spec.script}: no such file.")
     check_devices(spec)
@@ -175,15 +246,23 @@ def launch(spec: LaunchSpec, report: Callable[[str], None] = print) -> int:
         for note in preflight_model(spec):
             report(note)
     run_dir = Path(tempfile.mkdtemp(prefix="tpcli-run-"))  # 0700, a fresh name: never an existing path
-    log_dir = Path(spec.log_dir).resolve() if spec.log_dir else run_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = build_command(spec, log_dir)
+    try:
+        log_dir = _run_log_dir(spec, run_dir)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    cmd = [sys.executable, "-I", SUPERVISOR, str(os.getpid()), str(run_dir), str(GRACE_S), "--",
+           *build_command(spec, log_dir)]
+    deaths = DeathWatch(run_dir)
+    deaths.start()
     proc = subprocess.Popen(cmd, env=worker_env(spec, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True, bufsize=1, preexec_fn=_die_with_parent)
+                            start_new_session=True, text=True, bufsize=1)
     agent_lines: list[str] = []
     last: dict[str, deque] = {}  # rank -> its last output lines, for the --timeout report
     running: list[int] = []  # ranks still alive when --timeout expired
     out, err = (None, None) if spec.quiet else (sys.stdout, sys.stderr)
+    if spec.worker_stdout_to_stderr:
+        out = err
     pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, None, last), daemon=True),
              threading.Thread(target=_pump, args=(proc.stderr, err, agent_lines, last), daemon=True)]
     for t in pumps:
@@ -192,8 +271,11 @@ def launch(spec: LaunchSpec, report: Callable[[str], None] = print) -> int:
     for t in pumps:
         t.join(timeout=5)
     _kill_leftovers(run_dir)
+    deaths.finish()
     code = proc.returncode
     keep_logs = False
+    failures: list[dict] = []
+    root = None
     if stopped == "timeout":
         code = TIMEOUT_EXIT
         for line in timeout_report(spec, running, last):
@@ -207,26 +289,118 @@ def launch(spec: LaunchSpec, report: Callable[[str], None] = print) -> int:
         report(f"tpcli run: {message}")
         code = 128 + stopped
     elif code != 0:
-        root = _agent_root_cause(agent_lines)
-        for line in failure_report(log_dir, agent_lines, spec, root):
+        failures = collect_failures(agent_lines, log_dir, spec)
+        times, raised = deaths.times(run_dir)
+        root = root_cause(failures, times, _agent_root_cause(agent_lines), raised)
+        for line in failure_report(failures, root, agent_lines):
             report(line)
-        code = exit_code_of(root, code)
+        code = _shell_code(root["exitcode"]) if root and root["exitcode"] else code
         keep_logs = True
-    if keep_logs and spec.log_dir is None:
-        for f in run_dir.glob("pid-*"):
-            f.unlink()
+    kept = None
+    if spec.log_dir is not None:
+        kept = str(log_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if keep_logs:
+            report(f"tpcli run: per-rank logs in {log_dir}")
+    elif keep_logs:
+        for f in run_dir.iterdir():
+            if f.name.startswith(("pid-", "failed-")):
+                f.unlink()
+        kept = str(log_dir)
         report(f"tpcli run: per-rank logs kept in {log_dir} (only you can read them; delete the folder when done)")
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return code
+    return RunResult(exit_code=code, duration_s=time.monotonic() - started, ranks=_rank_codes(spec, code, stopped,
+                     failures), root_cause=_root_json(root), log_dir=kept,
+                     stopped_by=stopped if stopped == "timeout" else (signal.Signals(stopped).name if stopped else None))
 
 
-def exit_code_of(root: dict | None, agent_code: int) -> int:
-    """The root-cause rank's exit code (a signal N as 128 + N, as a shell reports it); torchrun's own otherwise."""
-    how = (root or {}).get("exitcode", "")
-    if how.lstrip("-").isdigit() and int(how) != 0:
-        return 128 - int(how) if int(how) < 0 else int(how)
-    return agent_code
+def _shell_code(exitcode: int) -> int:
+    """A process's exit status as a shell reports it: a signal N as 128 + N."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+def _rank_codes(spec: LaunchSpec, code: int, stopped, failures: list[dict]) -> list[dict]:
+    """This node's ranks with their exit codes: torchrun lists every rank that did not exit 0; the others exited 0
+    (unknown, None, when the job was stopped or torchrun failed before reporting)."""
+    by_rank = {f["rank"]: f["exitcode"] for f in failures}
+    known = not stopped and (code == 0 or bool(failures))
+    out = []
+    for local in range(spec.nproc):
+        rank = spec.node_rank * spec.nproc + local
+        raw = by_rank.get(rank, 0 if known else None)
+        out.append({"rank": rank, "exit_code": None if raw is None else _shell_code(raw), "signal": _signal_name(raw)})
+    return out
+
+
+def _root_json(root: dict | None) -> dict | None:
+    if root is None:
+        return None
+    return {"rank": root["rank"], "exit_code": None if root["exitcode"] is None else _shell_code(root["exitcode"]),
+            "signal": _signal_name(root["exitcode"]), "message": root["message"]}
+
+
+class DeathWatch(threading.Thread):
+    """When each worker of this run died, to the millisecond (pid -> time.time_ns()): a pidfd per worker pid (the
+    workers write them to RUN_DIR/pid-RANK as they start), polled until `finish`."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(daemon=True)
+        self.run_dir = run_dir
+        self.deaths: dict[int, int] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        poller, fds, seen = select.poll(), {}, set()
+        while not self.done.is_set():
+            for f in self.run_dir.glob("pid-*"):
+                try:
+                    pid = int(f.read_text())
+                except (ValueError, OSError):
+                    continue  # being written: next round
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                try:
+                    fd = os.pidfd_open(pid)
+                except (OSError, AttributeError):  # gone already (or no pidfd): died about now
+                    self.deaths.setdefault(pid, time.time_ns())
+                    continue
+                fds[fd] = pid
+                poller.register(fd, select.POLLIN)
+            for fd, _ in poller.poll(20):
+                self.deaths.setdefault(fds[fd], time.time_ns())
+                poller.unregister(fd)
+                del fds[fd]
+                os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+    def finish(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
+
+    def times(self, run_dir: Path) -> tuple[dict[int, int], set[int]]:
+        """pid -> when it failed: the moment its Python code raised (bootstrap's RUN_DIR/failed-PID) or else its
+        death; and the set of pids that raised."""
+        out, raised = dict(self.deaths), set()
+        for f in run_dir.glob("failed-*"):
+            try:
+                pid, when = int(f.name.removeprefix("failed-")), int(f.read_text())
+            except (ValueError, OSError):
+                continue
+            out[pid] = min(out.get(pid, when), when)
+            raised.add(pid)
+        return out, raised
 
 
 def _running_ranks(run_dir: Path) -> list[int]:
@@ -303,8 +477,8 @@ def _wait(proc: subprocess.Popen, report: Callable[[str], None], timeout_s: floa
             if expires is not None and time.monotonic() > expires and not stopped:
                 on_timeout()
                 stop("timeout")
-            if stopped and deadline is None:
-                deadline = time.monotonic() + GRACE_S
+            if stopped and deadline is None:  # the supervisor kills the job after GRACE_S; this is the backstop
+                deadline = time.monotonic() + GRACE_S + 5
             if deadline is not None and time.monotonic() > deadline:
                 _killpg(proc.pid)
             time.sleep(0.05)
@@ -336,43 +510,122 @@ def _kill_leftovers(run_dir: Path) -> None:
             pass
 
 
-def failure_report(log_dir: Path, agent_lines: list[str], spec: LaunchSpec, root: dict | None = None) -> list[str]:
-    """Which rank failed, with what exit code or signal, and the root-cause traceback from its error file."""
+AGENT_FIELD = re.compile(r"^\s+(rank|exitcode|error_file)\s*:\s?(.*)$")
+FATAL_SIGNALS = {"SIGKILL", "SIGBUS", "SIGSEGV", "SIGILL", "SIGFPE"}
+SIGNAL_LAG_S = 2.0  # see root_cause; torchrun escalates SIGTERM to SIGKILL only after 30 s, far beyond it
+SIGNAL_HINTS = {"SIGKILL": "killed: out of memory (the kernel's OOM killer) or `kill -9`",
+                "SIGBUS": "bus error: a memory-mapped file truncated or changed, or /dev/shm full",
+                "SIGSEGV": "segmentation fault in native code", "SIGABRT": "aborted by native code"}
+
+
+def parse_agent_failures(agent_lines: list[str]) -> list[dict]:
+    """Every failure in torchrun's ChildFailedError report: {"rank", "local_rank", "exitcode", "pid", "error_file",
+    "root"} (root: torchrun's own pick, its "Root Cause" entry), in the report's order.
+
+    The report lists each failed rank as a block `[i]:` with `rank : R (local_rank: L)`, `exitcode : C (pid: P)`,
+    `error_file: PATH` (or <N/A>) and a traceback; "Root Cause (first observed failure):" precedes torchrun's pick."""
     failures: list[dict] = []
-    for error_file in sorted(log_dir.rglob("error.json")):
-        try:
-            data = json.loads(error_file.read_text())["message"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        local_rank = int(error_file.parent.name) if error_file.parent.name.isdigit() else 0
-        extra = data.get("extraInfo", {}) if isinstance(data, dict) else {}
-        failures.append({
-            "rank": spec.node_rank * spec.nproc + local_rank,
-            "message": data.get("message", str(data)) if isinstance(data, dict) else str(data),
-            "traceback": extra.get("py_callstack", ""),
-            "timestamp": int(extra.get("timestamp", 0) or 0),
-        })
-    root = root or _agent_root_cause(agent_lines)
-    lines = []
-    if failures:
-        first = min(failures, key=lambda f: f["timestamp"])
-        code = f", exit code {root['exitcode']}" if root and root.get("rank") == first["rank"] else ""
-        lines.append(f"tpcli run: rank {first['rank']} failed{code}: {first['message']}")
-        lines += ["  " + ln for ln in user_frames(first["traceback"])[-16:]]
-        others = sorted({f["rank"] for f in failures} - {first["rank"]})
-        if others:
-            lines.append(f"tpcli run: ranks {others} failed too")
-    elif root:
-        how = root["exitcode"]
-        if how.lstrip("-").isdigit() and int(how) < 0:
-            how = f"signal {signal.Signals(-int(how)).name}"
-        else:
-            how = f"exit code {how}"
-        lines.append(f"tpcli run: rank {root['rank']} failed with {how} (no Python traceback: killed, or exited "
-                     "via sys.exit/os._exit)")
+    start = next((i for i in range(len(agent_lines) - 1, -1, -1) if agent_lines[i].startswith("Failures:")), None)
+    if start is None:
+        return failures
+    in_root = False
+    current: dict | None = None
+    for line in agent_lines[start + 1:]:
+        if line.startswith("Root Cause"):
+            in_root = True
+        elif re.match(r"^\[\d+\]:$", line):
+            current = {"root": in_root}
+            failures.append(current)
+        elif line.startswith("=" * 10):
+            break
+        elif current is not None and (m := AGENT_FIELD.match(line)) and m.group(1) not in current:
+            key, value = m.groups()
+            if key == "rank":
+                r = re.match(r"(\d+)(?: \(local_rank: (\d+)\))?", value)
+                if r:
+                    current["rank"], current["local_rank"] = int(r.group(1)), int(r.group(2) or r.group(1))
+            elif key == "exitcode":
+                r = re.match(r"(-?\d+)(?: \(pid: (\d+)\))?", value)
+                if r:
+                    current["exitcode"], current["pid"] = int(r.group(1)), int(r.group(2)) if r.group(2) else None
+            else:
+                current["error_file"] = None if value.strip() == "<N/A>" else value.strip()
+    return [f for f in failures if "rank" in f and "exitcode" in f]
+
+
+def collect_failures(agent_lines: list[str], log_dir: Path, spec: LaunchSpec) -> list[dict]:
+    """torchrun's failures with the message and traceback from each one's error file (only files of this run's log
+    folder); without torchrun's report, the error files of this run's folder alone."""
+    failures = parse_agent_failures(agent_lines)
+    files = {str(p.resolve()): p for p in log_dir.rglob("error.json")}
+    if not failures:  # torchrun could not report (killed itself?): what the workers wrote
+        for path in files.values():
+            local = int(path.parent.name) if path.parent.name.isdigit() else 0
+            failures.append({"rank": spec.node_rank * spec.nproc + local, "local_rank": local, "exitcode": None,
+                             "pid": None, "error_file": str(path), "root": False})
+    for f in failures:
+        f.update(message=None, traceback="")
+        path = files.get(str(Path(f.get("error_file") or "/nonexistent").resolve()))
+        if path is not None:
+            try:
+                data = json.loads(path.read_text())["message"]
+            except (ValueError, KeyError, TypeError, OSError):
+                data = None
+            if isinstance(data, dict):
+                f["message"] = str(data.get("message", ""))
+                f["traceback"] = str((data.get("extraInfo") or {}).get("py_callstack", ""))
+            elif data:
+                f["message"] = str(data)
+        if not f["message"]:
+            name = _signal_name(f["exitcode"])
+            f["message"] = (f"signal {name} ({SIGNAL_HINTS[name]})" if name in SIGNAL_HINTS else f"signal {name}"
+                            if name else f"exit code {f['exitcode']}")
+    return failures
+
+
+def root_cause(failures: list[dict], times: dict[int, int], agent_root: int | None = None,
+               raised: set[int] = frozenset()) -> dict | None:
+    """The failure that came first: the earliest of the ranks whose time of failure tpcli measured (`times`: pid ->
+    ns, `DeathWatch.times`; `raised`: the pids whose time is when their Python code raised); without any, torchrun's
+    own pick; else the first listed.
+
+    A rank that ended without Python raising, killed by a fatal signal (`FATAL_SIGNALS`: what the kernel or
+    `kill -9` does, never torchrun's SIGTERM) or exiting non-zero from native code (`os._exit`), counts as failed
+    SIGNAL_LAG_S before its death was seen: its sockets close as soon as it stops running, so a peer waiting in a
+    collective raises at once, while the kernel reports the death only once the process's memory is torn down
+    (7 ms for a 300 MB worker here; longer for a big one)."""
+    timed = [f for f in failures if f.get("pid") in times]
+    if timed:
+        def failed_at(f: dict) -> int:
+            abrupt = f["pid"] not in raised and (
+                _signal_name(f["exitcode"]) in FATAL_SIGNALS or (f["exitcode"] or 0) > 0)
+            return times[f["pid"]] - int(SIGNAL_LAG_S * 1e9 if abrupt else 0)
+
+        return min(timed, key=lambda f: (failed_at(f), f["rank"]))
+    picked = [f for f in failures if f.get("root")] or [f for f in failures if f["rank"] == agent_root]
+    return (picked or failures or [None])[0]
+
+
+def failure_report(failures: list[dict], root: dict | None, agent_lines: list[str]) -> list[str]:
+    """Which rank failed first, with what exit code or signal, its traceback; then the ranks that failed after it."""
+    if root is None:
+        return ["tpcli run: torchrun failed before any worker reported an error:"] + [
+            "  " + ln for ln in agent_lines[-15:]]
+    name = _signal_name(root["exitcode"])
+    if root["traceback"] or not (name or root["exitcode"]):
+        code = f", exit code {root['exitcode']}" if root["exitcode"] and not name else (f", {name}" if name else "")
+        lines = [f"tpcli run: rank {root['rank']} failed{code}: {root['message']}"]
+        lines += ["  " + ln for ln in user_frames(root["traceback"])[-16:]]
+    elif name:
+        hint = SIGNAL_HINTS.get(name, "no Python traceback")
+        lines = [f"tpcli run: rank {root['rank']} failed with signal {name} ({hint})"]
     else:
-        lines.append("tpcli run: torchrun failed before any worker reported an error:")
-        lines += ["  " + ln for ln in agent_lines[-15:]]
+        lines = [f"tpcli run: rank {root['rank']} failed with exit code {root['exitcode']} (no Python traceback: "
+                 "exited via sys.exit/os._exit)"]
+    for f in failures:
+        if f is not root:
+            first = f["message"].strip().splitlines()[-1] if f["message"].strip() else ""
+            lines.append(f"tpcli run: then rank {f['rank']} failed too: {first[:160]}")
     return lines
 
 
@@ -389,18 +642,7 @@ def user_frames(traceback: str) -> list[str]:
     return out
 
 
-def _agent_root_cause(agent_lines: list[str]) -> dict | None:
-    """Parse torchrun's 'Root Cause' block: rank and exitcode."""
-    try:
-        start = max(i for i, ln in enumerate(agent_lines) if ln.startswith("Root Cause"))
-    except ValueError:
-        return None
-    out: dict = {}
-    for ln in agent_lines[start:start + 12]:
-        key, _, value = ln.strip().partition(":")
-        key = key.strip()
-        if key == "rank":
-            out["rank"] = int(value.split()[0])
-        elif key == "exitcode":
-            out["exitcode"] = value.split()[0]
-    return out or None
+def _agent_root_cause(agent_lines: list[str]) -> int | None:
+    """The rank torchrun names as the root cause (its "Root Cause" block)."""
+    picked = [f["rank"] for f in parse_agent_failures(agent_lines) if f["root"]]
+    return picked[0] if picked else None

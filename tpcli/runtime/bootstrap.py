@@ -1,6 +1,8 @@
 """Entry point of every worker `tpcli run` starts: runs the user's script or module under torch elastic's
 `record`, so an uncaught exception lands in torchrun's error file (tpcli reports it as the root cause), and
-records the worker's pid so that `tpcli run` can make sure no worker outlives it.
+records the worker's pid so that `tpcli run` can make sure no worker outlives it and time its death. When the
+user's code raises (or exits non-zero), the moment is written to RUN_DIR/failed-PID (ns since the epoch): tpcli
+orders failures by it, since a rank that fails because another died fails after it.
 
     python /path/to/tpcli/runtime/bootstrap.py script PATH [ARGS...]
     python /path/to/tpcli/runtime/bootstrap.py module NAME [ARGS...]
@@ -19,6 +21,7 @@ if __name__ == "__main__" and sys.path and sys.path[0] == os.path.dirname(os.pat
 
 import runpy  # noqa: E402
 import signal  # noqa: E402
+import time  # noqa: E402
 
 
 def _die_with_parent() -> None:
@@ -32,6 +35,15 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the agent died before prctl: nobody would send the signal
         os._exit(1)
+
+
+def _stamp_failure(run_dir: str | None) -> None:
+    if run_dir:
+        try:
+            with open(os.path.join(run_dir, f"failed-{os.getpid()}"), "w") as f:
+                f.write(str(time.time_ns()))
+        except OSError:
+            pass
 
 
 def main() -> None:
@@ -49,12 +61,20 @@ def main() -> None:
     @record
     def run() -> None:
         sys.argv = [target, *args]
-        if kind == "module":
-            sys.path.insert(0, os.getcwd())
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
-            runpy.run_path(target, run_name="__main__")
+        try:
+            if kind == "module":
+                sys.path.insert(0, os.getcwd())
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            else:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+                runpy.run_path(target, run_name="__main__")
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                _stamp_failure(run_dir)
+            raise
+        except BaseException:
+            _stamp_failure(run_dir)
+            raise
 
     run()
 

@@ -9,9 +9,10 @@
   `from_pretrained` does (`prepare_distribute_model`, `maybe_distribute_model`: the same DTensor placeholders and
   forward hooks, then `_move_missing_keys_from_meta_to_device` and `tie_weights`, as its own DCP load does), and each
   rank takes only the bytes of its local shards from its own rank files: about 1/N of the model plus the replicated
-  tensors. No collective, no DCP planning, no redistribution of strided shards. On the CPU, tensors stored whole in
-  the rank file are views of a private (copy-on-write) mapping of it, as safetensors maps files for transformers:
-  nothing is copied at load time and pages come from the page cache when first used.
+  tensors. No collective, no DCP planning, no redistribution of strided shards. Every parameter owns its memory:
+  the bytes are read (`readinto`) into it, never left as a view of a mapping of the rank file, so a file replaced,
+  rewritten or truncated under a running job changes nothing the model computes (a private mapping is only
+  copy-on-write for the pages the process writes: the others follow the file, and a truncated file is SIGBUS).
 * Devices: each rank's model lives on `local_device()` (cuda:LOCAL_RANK on GPUs, as transformers binds it; the CPU
   otherwise). The fast path never reads into device memory from the host: `_SliceReader` stages device-bound
   bytes in a pinned host buffer and copies them over (see `_Staging`).
@@ -210,8 +211,7 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
     model.eval()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    model.tpcli_bytes_read = reader.bytes_read  # read or mapped
-    model.tpcli_bytes_mapped = reader.bytes_mapped
+    model.tpcli_bytes_read = reader.bytes_read
     return model
 
 
@@ -236,25 +236,20 @@ class _SliceReader:
     (packed gate/up) span several chunks; they are sliced out of the files with safetensors' `get_slice`.
 
     Where the bytes land depends on the target, never on the path that read them:
-    * mapped: a CPU target of the stored dtype whose slice is one whole stored tensor (every Shard(d) slice and
-      replicated tensor at tp == world size) becomes a view of the rank file's private mapping (`_map_into`):
-      no bytes are copied at load time;
-    * host-direct: any other CPU target of the stored dtype is read straight into its own storage (no copy);
+    * host-direct: a CPU target of the stored dtype is read straight into its own storage (no copy); never a view
+      of a mapping of the file (the file may change under a running job);
     * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled by reading the bytes into
       a host staging buffer and copying that to the target with `_to_target` (`copy_` casts when the dtypes
       differ). Device memory is never touched from the host: no `.numpy()`, no `readinto` into a device tensor.
     `stage=True` forces staging for CPU targets too (tests compare it with the direct path byte for byte).
     """
 
-    def __init__(self, folder: Path, *, stage: bool = False, map_files: bool = True):
+    def __init__(self, folder: Path, *, stage: bool = False):
         self.folder = folder
         self.files: dict[str, object] = {}
         self.slicers: dict[str, object] = {}
-        self.storages: dict[str, object] = {}  # file -> its private mapping (kept alive by the tensors viewing it)
-        self.bytes_read = 0  # bytes of the files this rank's tensors come from (read or mapped)
-        self.bytes_mapped = 0
+        self.bytes_read = 0  # bytes of the files this rank's tensors come from
         self.force_stage = stage
-        self.map_files = map_files
         self.staging = _Staging()
 
     def _file(self, file: str):
@@ -292,8 +287,6 @@ class _SliceReader:
 
         stored = getattr(torch, entry["dtype"])
         direct = out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage
-        if direct and self.map_files and self._map_into(out, name, entry, dim, runs):
-            return
         if direct:
             self._read_host(out, name, entry, dim, runs)
             return
@@ -301,38 +294,6 @@ class _SliceReader:
         self._read_host(host, name, entry, dim, runs)
         self._to_target(out, host)
         self.staging.copied(event, out.device)
-
-    def _map_into(self, out, name: str, entry: dict, dim: int | None, runs) -> bool:
-        """Point the CPU tensor `out` at its bytes in the file, copy-on-write, instead of copying them; False when the
-        slice is not one whole stored tensor or its offset is not a multiple of the element size (then it is read).
-
-        The rank file is mapped once, privately (`MAP_PRIVATE`): pages come from the page cache when first touched,
-        as with transformers' own safetensors loads, and a write to the parameter (an optimizer step) copies the
-        page instead of changing the file. tpcli never rewrites a file in place (outputs are new folders renamed
-        into place), so the mapping keeps reading the bytes it was loaded from.
-        """
-        import torch
-
-        chunk = self._whole_chunk(entry, dim, runs)
-        if chunk is None or list(out.shape) != chunk["sizes"] or out.numel() == 0:
-            return False
-        f = self._file(chunk["file"])
-        offset = f.offset(name)
-        if offset % out.element_size():
-            return False
-        if chunk["file"] not in self.storages:
-            size = f.path.stat().st_size
-            self.storages[chunk["file"]] = torch.UntypedStorage.from_file(str(f.path), shared=False, nbytes=size)
-            # start reading the file into the page cache in the background: the first forward then finds its pages
-            # there instead of faulting them in one by one from storage (a no-op when they are cached already)
-            os.posix_fadvise(f._file.fileno(), 0, size, os.POSIX_FADV_WILLNEED)
-        view = torch.empty(0, dtype=out.dtype).set_(self.storages[chunk["file"]], offset // out.element_size(),
-                                                    out.shape, out.stride())
-        out.data = view  # the same tensor object (a DTensor's local tensor, a Parameter) now reads from the file
-        nbytes = out.numel() * out.element_size()
-        self.bytes_read += nbytes
-        self.bytes_mapped += nbytes
-        return True
 
     @staticmethod
     def _whole_chunk(entry: dict, dim: int | None, runs):
@@ -356,7 +317,6 @@ class _SliceReader:
             f.close()
         self.files.clear()
         self.slicers.clear()
-        self.storages.clear()
 
     def _read_host(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
         """Read this rank's slice into the contiguous CPU tensor `out` of the stored dtype."""
