@@ -33,6 +33,9 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revisio
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Cast while streaming: bf16, fp16 or fp32.")]
+FsdpOpt = Annotated[int | None, typer.Option("--fsdp", help="Mesh: FSDP2 ranks per replica (world = dp-replicate x fsdp x tp).")]
+DpReplicateOpt = Annotated[int | None, typer.Option("--dp-replicate", help="Mesh: replicas of the fsdp x tp group (HSDP).")]
+EpOpt = Annotated[int | None, typer.Option("--ep", help="Mesh: expert-parallel ranks (a multiple of --tp dividing fsdp x tp).")]
 
 
 def _version(value: bool):
@@ -59,6 +62,23 @@ def _positive(flag: str, value: int | None) -> None:
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # as transformers' convert_file_size_to_int
+
+
+def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | None):
+    """The mesh flags as a `tpcli.planning.mesh.Mesh`, or None when none is given (plain TP, today's output)."""
+    given = {"--fsdp": fsdp, "--dp-replicate": dp_replicate, "--ep": ep}
+    for flag, value in given.items():
+        _positive(flag, value)
+    named = [flag for flag, value in given.items() if value is not None]
+    if not named:
+        return None
+    if tp is None:
+        raise UsageError(f"{named[0]} describes a mesh around a TP size: add --tp T (--tp 1 for no tensor parallelism).")
+    from tpcli.planning.mesh import Mesh, distributed_config
+
+    mesh = Mesh(tp=tp, fsdp=fsdp or 1, dp_replicate=dp_replicate or 1, ep=ep or 1)
+    distributed_config(mesh)  # transformers' own size rules, before any model is read
+    return mesh
 
 
 def _size_bytes(flag: str, text: str) -> int:
@@ -102,10 +122,14 @@ def inspect(
     train: Annotated[bool, typer.Option("--train", help="Add gradients, AdamW state and an activation estimate.")] = False,
     gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Memory of one GPU, e.g. 24GiB or 80GB: which TP sizes fit.")] = None,
     reserve: Annotated[str | None, typer.Option("--reserve", help="Kept free per GPU for CUDA context and allocator slack (default 2GiB).")] = None,
+    fsdp: FsdpOpt = None,
+    dp_replicate: DpReplicateOpt = None,
+    ep: EpOpt = None,
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
     _positive("--tp", tp)
+    mesh = _mesh(tp, fsdp, dp_replicate, ep)
     _positive("--batch", batch)
     _positive("--seq-len", seq_len)
     from tpcli.formats import cache
@@ -117,7 +141,7 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve")
-    from tpcli.render import print_json, render_inspect, render_memory
+    from tpcli.render import print_json, render_inspect, render_memory, render_mesh
 
     key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/formats/cache.py)
     report = cache.get(key)
@@ -125,7 +149,7 @@ def inspect(
         from tpcli.commands.inspect import inspect_model
 
         report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                               reserve=reserve_bytes)
+                               reserve=reserve_bytes, mesh=mesh)
         if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
             report = cache.put(key, report)
     if json_out:
@@ -133,6 +157,7 @@ def inspect(
     else:
         render_inspect(report)
         render_memory(report)
+        render_mesh(report)
     if report["tp"] and not report["tp"]["valid"]:
         raise typer.Exit(1)
 
@@ -148,10 +173,17 @@ def verify(
     tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max abs logit error (default fp32 1e-5, bf16/fp16 5e-2).")] = None,
     gpus: Annotated[bool, typer.Option("--gpus", help="Run --numerics workers on GPUs (default: CPU/gloo).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Sharded folder: skip sha256 of the files.")] = False,
+    fsdp: FsdpOpt = None,
+    dp_replicate: DpReplicateOpt = None,
+    ep: EpOpt = None,
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
     _positive("--tp", tp)
+    mesh = _mesh(tp, fsdp, dp_replicate, ep)
+    if mesh and numerics:
+        raise UsageError("--numerics runs plain TP workers; drop --fsdp/--dp-replicate/--ep (the mesh is checked "
+                         "statically) or drop --numerics.")
     from tpcli.formats import cache
     from tpcli.render import print_json, render_verify
 
@@ -161,7 +193,7 @@ def verify(
         from tpcli.commands import verify as verification
 
         result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
-                                     tolerance=tolerance, gpus=gpus, quick=quick)
+                                     tolerance=tolerance, gpus=gpus, quick=quick, mesh=mesh)
         if result["ok"]:
             result = cache.put(key, result)
     print_json(result) if json_out else render_verify(result)

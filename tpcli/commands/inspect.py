@@ -12,10 +12,11 @@ from tpcli.formats.units import tensor_bytes
 from tpcli.planning.checks import check_plan, valid_tp_sizes
 from tpcli.planning.layout import local_shape
 from tpcli.planning.memory import MemoryOptions, check_budget, check_trainable, fit_table, largest_per_tp, rank_memory
+from tpcli.planning.mesh import mesh_memory
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches
 from tpcli.planning.quant import scale_pairs
 
-SCHEMA = "tpcli.inspect/2"
+SCHEMA = "tpcli.inspect/3"  # 3: `mesh`
 
 
 def load_resolved(model: str, *, plan_file: str | None = None, revision: str | None = None,
@@ -29,7 +30,7 @@ def load_resolved(model: str, *, plan_file: str | None = None, revision: str | N
 
 def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
                   revision: str | None = None, max_tp: int = 64, memory: MemoryOptions | None = None,
-                  gpu_mem: int | None = None, reserve: int = 0) -> dict:
+                  gpu_mem: int | None = None, reserve: int = 0, mesh=None) -> dict:
     if gpu_mem is not None:
         check_budget(gpu_mem, reserve)
     src, plan = load_resolved(model, plan_file=plan_file, revision=revision)
@@ -37,6 +38,7 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
         check_trainable(plan)
     report = build_report(src, plan, tp=tp, max_tp=max_tp)
     add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
+    report["mesh"] = mesh_memory(plan, mesh, memory or MemoryOptions()) if mesh is not None else None
     return report
 
 

@@ -93,13 +93,13 @@ def distributed_config(mesh: Mesh):
         raise UsageError(_with_flag(str(exc).splitlines()[0], mesh)) from None
 
 
-def _with_flag(message: str, mesh: Mesh) -> str:
+def _with_flag(message: str, mesh: Mesh, source: str = "transformers' DistributedConfig") -> str:
     """'`ep_size` must be a multiple of `tp_size`.' -> '--ep 3: ... (--tp 2); transformers' DistributedConfig ...'"""
     for key in ("ep", "fsdp", "dp_replicate", "tp"):
         if f"`{key}_size" in message:
             sizes = ", ".join(f"{FLAGS[k]} {getattr(mesh, k)}" for k in FLAGS if k != key and f"{k}_size" in message)
             return (f"{FLAGS[key]} {getattr(mesh, key)}: {message.rstrip('.')}"
-                    + (f" ({sizes})" if sizes else "") + " (transformers' DistributedConfig)")
+                    + (f" ({sizes})" if sizes else "") + f" ({source})")
     return f"mesh {mesh.to_dict()}: {message}"
 
 
@@ -146,7 +146,7 @@ class MeshPlan:
         try:
             tp_plan, ep_plan, fsdp_plan = plan.model._resolve_parallel_plans(dc)
         except ValueError as exc:
-            raise UsageError(_with_flag(str(exc).splitlines()[0], mesh)) from None
+            raise UsageError(_with_flag(str(exc).splitlines()[0], mesh, "transformers' plan resolution")) from None
         finally:
             tf_logger.setLevel(level)
         self.tp_plan, self.ep_plan, self.fsdp_plan = tp_plan, ep_plan, fsdp_plan
