@@ -321,7 +321,7 @@ def render_mesh(r: dict) -> None:
     if any(rk["fsdp_gather_bytes_estimate"] for rk in estimates):
         console.print("  gather: ESTIMATE of FSDP's all-gathers: 2 x the largest unit (+1 with --train)")
     if estimates:
-        console.print("  (formulas in README, 'Memory'); the other terms are exact.")
+        console.print("  (formulas in README, 'Meshes'); the other terms are exact.")
 
 
 class _NoBar:

@@ -1,0 +1,155 @@
+"""Meshes (`inspect`/`verify --tp T --fsdp F --dp-replicate R --ep E`, `tpcli.planning.mesh`) against real runs.
+
+The oracle is tests/oracles/mesh_oracle.py: transformers' own `from_pretrained(distributed_config=
+DistributedConfig(...))` on CPU/gloo workers, then a backward and one AdamW step, with every rank's local bytes
+and mesh coordinates measured. One torchrun launch per world size loads every (model, mesh) case of that size.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ORACLES, run_main, tiny_models, torchrun
+
+from tpcli.errors import UsageError
+from tpcli.planning.memory import MemoryOptions
+from tpcli.planning.mesh import Mesh, distributed_config, mesh_memory
+from tpcli.planning.plan import load_config, resolve_plan
+
+MODELS = {name: (name, {}) for name in ("llama", "qwen3", "mixtral", "qwen3_moe")}
+DENSE_4 = ["tp=2,fsdp=2", "tp=2,dp_replicate=2"]
+MOE_4 = DENSE_4 + ["fsdp=4,ep=2", "fsdp=4,ep=4", "tp=2,fsdp=2,ep=2", "dp_replicate=2,fsdp=2,ep=2"]
+# world -> [(model, mesh)]: tp x fsdp, tp x dp_replicate, fsdp x ep and tp x ep (with and without FSDP)
+CASES = {
+    4: [(m, s) for m in ("llama", "qwen3") for s in DENSE_4] + [(m, s) for m in ("mixtral", "qwen3_moe") for s in MOE_4],
+    2: [(m, s) for m in ("mixtral", "qwen3_moe") for s in ("tp=2,ep=2", "fsdp=2,ep=2")] + [("llama", "fsdp=2")],
+}
+
+
+def _mesh(spec: str) -> Mesh:
+    return Mesh(**{k: int(v) for k, v in (item.split("=") for item in spec.split(","))})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("mesh-models"), MODELS)
+
+
+@pytest.fixture(scope="module")
+def measured(models, tmp_path_factory):
+    """measured(world) -> {(model, mesh spec): [rank 0 dict, ...]}, one torchrun launch per world size."""
+    root = tmp_path_factory.mktemp("mesh-oracle")
+    cache: dict[int, dict] = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            out = root / f"w{world}"
+            cases = [f"{models(m)}@{s}" for m, s in CASES[world]]
+            torchrun(world, ORACLES / "mesh_oracle.py", out, *cases)
+            ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
+            cache[world] = {key: [rank[case] for rank in ranks] for key, case in zip(CASES[world], cases, strict=True)}
+        return cache[world]
+
+    return get
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world,name,spec", [(w, m, s) for w, cases in CASES.items() for m, s in cases])
+def test_every_rank_holds_what_tpcli_says(models, measured, world, name, spec):
+    """Weights, gradients after one backward and AdamW state after one step, per rank, byte for byte, and each
+    rank's coordinates on transformers' dense and expert meshes."""
+    oracle = measured(world)[(name, spec)]
+    mesh = _mesh(spec)
+    assert mesh.world == world
+    doc = mesh_memory(resolve_plan(load_config(models(name))), mesh, MemoryOptions(train=True))
+    ours = [{k: rk[k] for k in ("weight_bytes", "grad_bytes", "optimizer_bytes")} | {"coords": rk["coords"]}
+            for rk in doc["ranks"]]
+    theirs = [{"weight_bytes": o["weight_bytes"], "grad_bytes": o["grad_bytes"], "optimizer_bytes": o["optimizer_bytes"],
+               "coords": {k: o["coords"][k] for k in ("dp_replicate", "fsdp", "tp", "efsdp", "ep")}} for o in oracle]
+    assert ours == theirs
+
+
+def test_mesh_rules_are_transformers_own():
+    """Every mesh of sizes 1..4 is refused by tpcli exactly when transformers' DistributedConfig refuses it."""
+    from transformers.distributed import DistributedConfig
+
+    for tp in range(1, 5):
+        for fsdp in range(1, 5):
+            for ep in range(1, 9):
+                try:
+                    DistributedConfig(tp_size=tp, fsdp_size=fsdp, ep_size=ep)
+                    refused = None
+                except ValueError as exc:
+                    refused = str(exc)
+                if refused is None:
+                    distributed_config(Mesh(tp=tp, fsdp=fsdp, ep=ep))
+                else:
+                    with pytest.raises(UsageError, match=f"^--ep {ep}: "):
+                        distributed_config(Mesh(tp=tp, fsdp=fsdp, ep=ep))
+
+
+def test_coordinates_follow_transformers_mesh_order():
+    """rank = (r * F + f) * T + t on the dense mesh; (r * EF + g) * E + e on the expert mesh."""
+    m = Mesh(tp=2, fsdp=4, dp_replicate=2, ep=4)
+    assert m.world == 16 and m.efsdp == 2
+    assert m.coords(13) == {"dp_replicate": 1, "fsdp": 2, "tp": 1, "efsdp": 1, "ep": 1}
+    assert [m.coords(r)["ep"] for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("args,rule", [
+    (["--tp", "2", "--ep", "3"], "--ep 3: `ep_size` must be a multiple of `tp_size` (--tp 2)"),
+    (["--tp", "2", "--fsdp", "3", "--ep", "4"], "--ep 4: `ep_size` must divide `fsdp_size * tp_size`"),
+    (["--fsdp", "2"], "--fsdp describes a mesh around a TP size: add --tp T"),
+    (["--tp", "2", "--dp-replicate", "0"], "--dp-replicate must be >= 1"),
+])
+def test_an_invalid_mesh_is_one_line_naming_the_rule(monkeypatch, capsys, models, args, rule):
+    for command in ("inspect", "verify"):
+        code, out, err = run_main(monkeypatch, capsys, command, models("mixtral"), *args)
+        assert code == 2 and out == "" and err.count("\n") == 1 and rule in err, (command, err)
+
+
+def test_model_level_mesh_rules(monkeypatch, capsys, models):
+    """Rules only the model can decide: a dense model has no EP plan; experts must split evenly over --ep."""
+    code, _, err = run_main(monkeypatch, capsys, "inspect", models("llama"), "--tp", "2", "--ep", "2")
+    assert code == 2 and err.startswith("Error: --ep 2: `ep_size=2` was requested, but `LlamaForCausalLM` has no `ep_plan`")
+    code, _, err = run_main(monkeypatch, capsys, "verify", models("mixtral"), "--tp", "1", "--fsdp", "8", "--ep", "8")
+    assert code == 2 and "--ep 8: model.layers.0.mlp.experts.gate_up_proj has 4 experts" in err
+
+
+def test_inspect_json_mesh(monkeypatch, capsys, models):
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("qwen3"), "--tp", "2", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["schema"] == "tpcli.inspect/3" and doc["mesh"] is None
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("qwen3"), "--tp", "2", "--dp-replicate", "2",
+                            "--train", "--seq-len", "8", "--batch", "3", "--json")
+    doc = json.loads(out)
+    mesh = doc["mesh"]
+    assert code == 0 and {k: mesh[k] for k in ("tp", "fsdp", "dp_replicate", "ep", "world")} == {
+        "tp": 2, "fsdp": 1, "dp_replicate": 2, "ep": 1, "world": 4}
+    assert [r["rank"] for r in mesh["ranks"]] == [0, 1, 2, 3]
+    # replicas hold what the plain TP ranks hold; --batch is per data-parallel rank, so the KV cache is tp=2's
+    for rk in mesh["ranks"]:
+        tp_rank = doc["tp"]["ranks"][rk["coords"]["tp"]]
+        for key in ("weight_bytes", "kv_cache_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes_estimate"):
+            assert rk[key] == tp_rank[key], key
+        assert rk["fsdp_gather_bytes_estimate"] == 0  # fsdp=1: nothing to gather
+        assert rk["total_bytes"] == tp_rank["total_bytes"]
+
+
+def test_mesh_table_fits_80_columns_in_a_pipe(monkeypatch, capsys, models):
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--tp", "2", "--fsdp", "2", "--ep", "2",
+                            "--train", "--seq-len", "16")
+    section = out[out.index("Memory per rank on the mesh"):].splitlines()
+    assert code == 0 and all(len(line) <= 80 for line in section), [len(x) for x in section]
+    assert "tp=2 x fsdp=2 x ep=2 (4 ranks)" in section[0] and "coords: (fsdp, tp, efsdp, ep)" in section[1]
+    assert any(line.startswith("0 *") for line in section) and any("gather: ESTIMATE" in line for line in section)
+
+
+def test_verify_mesh(monkeypatch, capsys, models):
+    code, out, _ = run_main(monkeypatch, capsys, "verify", models("qwen3_moe"), "--tp", "2", "--fsdp", "2", "--ep", "4",
+                            "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["ok"] and doc["mesh"] == {"tp": 2, "fsdp": 2, "dp_replicate": 1, "ep": 4, "world": 4,
+                                                       "efsdp": 1}
+    code, _, err = run_main(monkeypatch, capsys, "verify", models("qwen3_moe"), "--tp", "2", "--fsdp", "2", "--numerics")
+    assert code == 2 and "--numerics runs plain TP workers" in err
