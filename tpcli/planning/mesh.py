@@ -103,6 +103,26 @@ def _with_flag(message: str, mesh: Mesh, source: str = "transformers' Distribute
     return f"mesh {mesh.to_dict()}: {message}"
 
 
+def _resolved_plans(plan: ResolvedPlan, dc, mesh: Mesh) -> tuple[dict, dict, dict]:
+    """transformers' (tp, ep, fsdp) plans for this mesh, expanded per module and parameter
+    (`_resolve_parallel_plans`, what `from_pretrained(distributed_config=dc)` applies). They depend only on which of
+    tp, ep and dp_replicate x fsdp are above 1, so they are resolved once per model for each of those cases."""
+    key = (mesh.tp > 1, mesh.ep > 1, mesh.dp_size > 1)
+    cache = plan.__dict__.setdefault("_mesh_plans", {})
+    if key not in cache:
+        # transformers warns about default rules that match nothing; tpcli reports those itself (checks.py)
+        tf_logger = logging.getLogger("transformers.distributed.mixin")
+        level = tf_logger.level
+        tf_logger.setLevel(logging.ERROR)
+        try:
+            cache[key] = plan.model._resolve_parallel_plans(dc)
+        except ValueError as exc:  # refused before any expansion: cheap to ask again, so not kept
+            raise UsageError(_with_flag(str(exc).splitlines()[0], mesh, "transformers' plan resolution")) from None
+        finally:
+            tf_logger.setLevel(level)
+    return cache[key]
+
+
 @dataclass(frozen=True)
 class _Group:
     """State-dict tensors that cost the same on every rank of a mesh."""
@@ -139,16 +159,7 @@ class MeshPlan:
         dc = distributed_config(mesh)
         if plan.model is None:
             raise ModelError(f"{plan.architecture}: no model skeleton to resolve the mesh plans on.")
-        # transformers warns about default rules that match nothing; tpcli reports those itself (checks.py)
-        tf_logger = logging.getLogger("transformers.distributed.mixin")
-        level = tf_logger.level
-        tf_logger.setLevel(logging.ERROR)
-        try:
-            tp_plan, ep_plan, fsdp_plan = plan.model._resolve_parallel_plans(dc)
-        except ValueError as exc:
-            raise UsageError(_with_flag(str(exc).splitlines()[0], mesh, "transformers' plan resolution")) from None
-        finally:
-            tf_logger.setLevel(level)
+        tp_plan, ep_plan, fsdp_plan = _resolved_plans(plan, dc, mesh)
         self.tp_plan, self.ep_plan, self.fsdp_plan = tp_plan, ep_plan, fsdp_plan
         expert_modules = [m for m, s in ep_plan.items() if s == "ep_dispatch_experts"]
         self._check_experts(ep_plan)
