@@ -153,3 +153,64 @@ def test_verify_mesh(monkeypatch, capsys, models):
                                                        "efsdp": 1}
     code, _, err = run_main(monkeypatch, capsys, "verify", models("qwen3_moe"), "--tp", "2", "--fsdp", "2", "--numerics")
     assert code == 2 and "--numerics runs plain TP workers" in err
+
+
+def _brute_force(world: int, per_node: int, valid_tp: list[int]) -> set[tuple]:
+    """Every (tp, fsdp, dp_replicate, ep) of `world` ranks transformers' DistributedConfig accepts, TP in a node."""
+    from transformers.distributed import DistributedConfig
+
+    out = set()
+    for tp in range(1, world + 1):
+        for fsdp in range(1, world + 1):
+            for dp in range(1, world + 1):
+                for ep in range(1, world + 1):
+                    if tp * fsdp * dp != world or per_node % tp or tp not in valid_tp:
+                        continue
+                    try:
+                        DistributedConfig(tp_size=tp, fsdp_size=fsdp, dp_replicate_size=dp, ep_size=ep)
+                    except ValueError:
+                        continue
+                    out.add((tp, fsdp, dp, ep))
+    return out
+
+
+def test_fit_over_meshes_lists_every_valid_mesh_ranked(monkeypatch, capsys, models):
+    """--gpus 8 --gpus-per-node 4: the meshes listed plus those the model refuses are exactly the size combinations
+    transformers accepts with TP inside a node; each total is the largest rank of that mesh's table; fitting
+    meshes come first, and the best is the first."""
+    from tpcli.planning.mesh_fit import candidate_meshes
+
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("qwen3_moe"), "--gpus", "8", "--gpus-per-node", "4",
+                            "--gpu-mem", "3MiB", "--reserve", "1MiB", "--train", "--seq-len", "16", "--json")
+    fit = json.loads(out)["fit"]
+    listed = {(m["tp"], m["fsdp"], m["dp_replicate"], m["ep"]) for m in fit["meshes"]}
+    valid_tp = json.loads(out)["valid_tp_sizes"]
+    candidates = {(m.tp, m.fsdp, m.dp_replicate, m.ep) for m in candidate_meshes(8, 4, valid_tp)}
+    assert code == 0 and candidates == _brute_force(8, 4, valid_tp)
+    assert listed <= candidates and len(candidates - listed) == fit["refused_by_model"]
+    # TP never spans nodes
+    assert {m.tp for m in candidate_meshes(8, 4, [1, 2, 4, 8])} == {1, 2, 4}
+    assert {m.tp for m in candidate_meshes(8, 1, [1, 2, 4, 8])} == {1}
+    plan = resolve_plan(load_config(models("qwen3_moe")))
+    opts = MemoryOptions(train=True, seq_len=16)
+    for m in fit["meshes"][:3]:
+        doc = mesh_memory(plan, Mesh(tp=m["tp"], fsdp=m["fsdp"], dp_replicate=m["dp_replicate"], ep=m["ep"]), opts)
+        assert m["total_bytes"] == max(rk["total_bytes"] for rk in doc["ranks"])
+    fits = [m["fits"] for m in fit["meshes"]]
+    assert fits == sorted(fits, reverse=True) and any(fits) and not all(fits)
+    assert all(m["fits"] == (m["total_bytes"] <= 2 * 2**20) for m in fit["meshes"])
+    assert fit["best"] == fit["meshes"][0]
+    tps = [(m["tp"], m["dp_replicate"]) for m in fit["meshes"] if m["fits"]]
+    assert tps == sorted(tps)  # training: fewest TP ranks, then FSDP before replicas
+    assert fit["best"]["run_flags"].startswith("--gpus 4 --nnodes 2 ")
+
+
+def test_fit_over_meshes_renders_in_80_columns(monkeypatch, capsys, models):
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--gpus", "4", "--gpu-mem", "4MiB",
+                            "--reserve", "1MiB")
+    section = out[out.index("Meshes of 4 GPUs"):].splitlines()
+    assert code == 0 and all(len(line) <= 80 for line in section), [len(x) for x in section]
+    assert any(line.startswith("Best: ") for line in section)
+    assert any("DistributedConfig(tp_size=" in line for line in section)
+    code, _, err = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--gpus", "4")
+    assert code == 2 and "add --gpu-mem SIZE" in err

@@ -125,11 +125,21 @@ def inspect(
     fsdp: FsdpOpt = None,
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="With --gpu-mem: every valid mesh of this many GPUs, ranked, and the best.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node for --gpus (default: all on one node); TP stays inside a node.")] = None,
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
     _positive("--tp", tp)
+    _positive("--gpus", gpus)
+    _positive("--gpus-per-node", gpus_per_node)
     mesh = _mesh(tp, fsdp, dp_replicate, ep)
+    if gpus is not None and gpu_mem is None:
+        raise UsageError("--gpus W ranks the meshes of W GPUs by memory: add --gpu-mem SIZE (one GPU's memory).")
+    if gpus is not None and mesh is not None:
+        raise UsageError("--gpus lists every mesh of W GPUs; drop --fsdp/--dp-replicate/--ep (or drop --gpus).")
+    if gpus_per_node is not None and gpus is None:
+        raise UsageError("--gpus-per-node only applies with --gpus W.")
     _positive("--batch", batch)
     _positive("--seq-len", seq_len)
     from tpcli.formats import cache
@@ -141,7 +151,7 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve")
-    from tpcli.render import print_json, render_inspect, render_memory, render_mesh
+    from tpcli.render import print_json, render_inspect, render_memory, render_mesh, render_mesh_fit
 
     key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/formats/cache.py)
     report = cache.get(key)
@@ -149,7 +159,7 @@ def inspect(
         from tpcli.commands.inspect import inspect_model
 
         report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                               reserve=reserve_bytes, mesh=mesh)
+                               reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node)
         if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
             report = cache.put(key, report)
     if json_out:
@@ -158,6 +168,7 @@ def inspect(
         render_inspect(report)
         render_memory(report)
         render_mesh(report)
+        render_mesh_fit(report)
     if report["tp"] and not report["tp"]["valid"]:
         raise typer.Exit(1)
 

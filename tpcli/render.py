@@ -324,6 +324,48 @@ def render_mesh(r: dict) -> None:
         console.print("  (formulas in README, 'Meshes'); the other terms are exact.")
 
 
+def render_mesh_fit(r: dict) -> None:
+    """`inspect --gpus W --gpu-mem SIZE`: every valid mesh of W GPUs, ranked, its largest rank, and the best."""
+    fit = r.get("fit")
+    if not fit or "meshes" not in fit:
+        return
+    meshes = fit["meshes"]
+    unit, size = _mesh_unit(max((m["total_bytes"] for m in meshes), default=0))
+    node = f", {fit['gpus_per_node']} per node" if fit["gpus_per_node"] != fit["gpus"] else ""
+    console.print(f"Meshes of {fit['gpus']} GPUs{node}, largest rank in {unit}, budget "
+                  f"{human_bytes(fit['gpu_mem_bytes'] - fit['reserve_bytes'])} per GPU")
+    for line in _wrap(f"ranked: {fit['rule']}"):
+        console.print(f"  {line}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    for col in ("#", "tp", "fsdp", "dp_replicate", "ep", "total", "fits"):
+        table.add_column(col, justify="left" if col == "fits" else "right", no_wrap=True)
+    for i, m in enumerate(meshes, 1):
+        table.add_row(str(i), str(m["tp"]), str(m["fsdp"]), str(m["dp_replicate"]), str(m["ep"]),
+                      f"{m['total_bytes']:,}" if size == 1 else f"{m['total_bytes'] / size:.2f}",
+                      "[green]yes[/green]" if m["fits"] else "[red]no[/red]")
+    console.print(table)
+    if fit["refused_by_model"]:
+        console.print(f"  {fit['refused_by_model']} more size combinations refused by the model's own rules "
+                      "(no EP/FSDP plan, experts not divisible by ep).")
+    best = fit["best"]
+    if best is None:
+        console.print(f"[red]No mesh of {fit['gpus']} GPUs fits.[/red]")
+        return
+    console.print(f"[green]Best: tp={best['tp']} x fsdp={best['fsdp']} x dp_replicate={best['dp_replicate']} "
+                  f"x ep={best['ep']}[/green]")
+    flags, _, script = best["run_flags"].partition("  # ")
+    console.print(f"  tpcli run {flags} SCRIPT")
+    for line in _wrap(script):
+        console.print(f"  {line}")
+
+
+def _wrap(text: str, width: int = 78) -> list[str]:
+    """Prose lines for an 80-column pipe, cut only at spaces (identifiers stay whole)."""
+    import textwrap
+
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
 class _NoBar:
     def advance(self, n: int) -> None:
         pass

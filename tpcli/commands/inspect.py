@@ -13,6 +13,7 @@ from tpcli.planning.checks import check_plan, valid_tp_sizes
 from tpcli.planning.layout import local_shape
 from tpcli.planning.memory import MemoryOptions, check_budget, check_trainable, fit_table, largest_per_tp, rank_memory
 from tpcli.planning.mesh import mesh_memory
+from tpcli.planning.mesh_fit import fit_meshes
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches
 from tpcli.planning.quant import scale_pairs
 
@@ -30,7 +31,8 @@ def load_resolved(model: str, *, plan_file: str | None = None, revision: str | N
 
 def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
                   revision: str | None = None, max_tp: int = 64, memory: MemoryOptions | None = None,
-                  gpu_mem: int | None = None, reserve: int = 0, mesh=None) -> dict:
+                  gpu_mem: int | None = None, reserve: int = 0, mesh=None, gpus: int | None = None,
+                  gpus_per_node: int | None = None) -> dict:
     if gpu_mem is not None:
         check_budget(gpu_mem, reserve)
     src, plan = load_resolved(model, plan_file=plan_file, revision=revision)
@@ -39,6 +41,9 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
     report = build_report(src, plan, tp=tp, max_tp=max_tp)
     add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
     report["mesh"] = mesh_memory(plan, mesh, memory or MemoryOptions()) if mesh is not None else None
+    if gpus is not None:
+        report["fit"].update(fit_meshes(plan, memory or MemoryOptions(), world=gpus, per_node=gpus_per_node,
+                                        valid_tp=report["valid_tp_sizes"], gpu_mem=gpu_mem, reserve=reserve))
     return report
 
 
