@@ -151,6 +151,12 @@ class _Group:
         return shape
 
 
+def _owners(name: str) -> list[str]:
+    """'a.b.c.weight' -> ['a.b.c', 'a.b', 'a']: the modules that contain a parameter, innermost first."""
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 class MeshPlan:
     """The plan resolved by transformers for one mesh, reduced to groups of equal tensors."""
 
@@ -165,7 +171,8 @@ class MeshPlan:
         self._check_experts(ep_plan)
         params = {n for n, _ in plan.model.named_parameters()}
         tied_targets = {t.tied_to for t in plan.tensors.values() if t.tied_to}
-        units = sorted(set(fsdp_plan) | set(expert_modules), key=len, reverse=True) if mesh.dp_size > 1 else []
+        units = set(fsdp_plan) | set(expert_modules) if mesh.dp_size > 1 else set()
+        experts = set(expert_modules)
         self.groups: Counter = Counter()
         self.units: dict[str, Counter] = {}
         for t in plan.unique_tensors:
@@ -180,14 +187,15 @@ class MeshPlan:
                 stage = stage if placement.is_sharded else ""
             else:
                 stage, placement = "", REPLICATE
-            in_experts = any(t.name.startswith(m + ".") for m in expert_modules)
+            owners = _owners(t.name)  # enclosing modules, innermost first
+            in_experts = any(m in experts for m in owners)
             fsdp = ("efsdp" if in_experts else "fsdp") if is_param and mesh.dp_size > 1 else ""
             full = is_param and mesh.dp_size == 1 and stage == "tp" and _full_gradient(
                 tp_plan.get(t.name), t.name in tied_targets)
             group = _Group(t.shape, t.dtype, stage, placement, fsdp, is_param, full)
             self.groups[group] += 1
             if fsdp:
-                unit = next((u for u in units if t.name.startswith(u + ".")), "")
+                unit = next((u for u in owners if u in units), "")
                 self.units.setdefault(unit, Counter())[group] += 1
         # units with the same tensors cost the same: keep one of each kind
         self.unit_kinds = {tuple(sorted(c.items(), key=repr)): u for u, c in self.units.items()}
@@ -225,7 +233,10 @@ class MeshPlan:
 def mesh_memory(plan: ResolvedPlan, mesh: Mesh, opts: MemoryOptions) -> dict:
     """The `mesh` document of `inspect --json`: sizes, and every rank with its coordinates and bytes."""
     mp = MeshPlan(plan, mesh)
-    per_tp = rank_memory(plan, mesh.tp, opts)  # KV cache and the activation estimate per TP rank
+    cache_tp = plan.__dict__.setdefault("_mesh_tp_memory", {})
+    if (mesh.tp, opts) not in cache_tp:  # KV cache and the activation estimate per TP rank, once per TP size
+        cache_tp[(mesh.tp, opts)] = rank_memory(plan, mesh.tp, opts)
+    per_tp = cache_tp[(mesh.tp, opts)]
     cache: dict[tuple, tuple] = {}
     ranks = []
     for rank in range(mesh.world):
