@@ -17,17 +17,20 @@ from tpcli.planning.mesh import Mesh, distributed_config, mesh_memory
 from tpcli.planning.plan import load_config, resolve_plan
 
 MODELS = {name: (name, {}) for name in ("llama", "qwen3", "mixtral", "qwen3_moe")}
+MODELS["mixtral_i100"] = ("mixtral", {"intermediate": 100})  # at tp=2 its experts' TP widths break grouped_mm
 DENSE_4 = ["tp=2,fsdp=2", "tp=2,dp_replicate=2"]
 MOE_4 = DENSE_4 + ["fsdp=4,ep=2", "fsdp=4,ep=4", "tp=2,fsdp=2,ep=2", "dp_replicate=2,fsdp=2,ep=2"]
 # world -> [(model, mesh)]: tp x fsdp, tp x dp_replicate, fsdp x ep and tp x ep (with and without FSDP)
 CASES = {
     4: [(m, s) for m in ("llama", "qwen3") for s in DENSE_4] + [(m, s) for m in ("mixtral", "qwen3_moe") for s in MOE_4],
-    2: [(m, s) for m in ("mixtral", "qwen3_moe") for s in ("tp=2,ep=2", "fsdp=2,ep=2")] + [("llama", "fsdp=2")],
+    2: [(m, s) for m in ("mixtral", "qwen3_moe") for s in ("tp=2,ep=2", "fsdp=2,ep=2")] + [("llama", "fsdp=2")]
+    + [("mixtral_i100", "tp=2,ep=2,kernel=default")],
 }
+LOGITS_TOLERANCE = 1e-5  # fp32
 
 
 def _mesh(spec: str) -> Mesh:
-    return Mesh(**{k: int(v) for k, v in (item.split("=") for item in spec.split(","))})
+    return Mesh(**{k: int(v) for k, v in (item.split("=") for item in spec.split(",")) if k != "kernel"})
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,8 @@ def measured(models, tmp_path_factory):
 @pytest.mark.parametrize("world,name,spec", [(w, m, s) for w, cases in CASES.items() for m, s in cases])
 def test_every_rank_holds_what_tpcli_says(models, measured, world, name, spec):
     """Weights, gradients after one backward and AdamW state after one step, per rank, byte for byte, and each
-    rank's coordinates on transformers' dense and expert meshes."""
+    rank's coordinates on transformers' dense and expert meshes; and the mesh computes the single-process logits
+    (a mesh `verify` passes runs and is exact)."""
     oracle = measured(world)[(name, spec)]
     mesh = _mesh(spec)
     assert mesh.world == world
@@ -67,6 +71,7 @@ def test_every_rank_holds_what_tpcli_says(models, measured, world, name, spec):
     theirs = [{"weight_bytes": o["weight_bytes"], "grad_bytes": o["grad_bytes"], "optimizer_bytes": o["optimizer_bytes"],
                "coords": {k: o["coords"][k] for k in ("dp_replicate", "fsdp", "tp", "efsdp", "ep")}} for o in oracle]
     assert ours == theirs
+    assert all(o["logits_max_abs"] <= LOGITS_TOLERANCE for o in oracle), [o["logits_max_abs"] for o in oracle]
 
 
 def test_mesh_rules_are_transformers_own():
@@ -114,6 +119,18 @@ def test_model_level_mesh_rules(monkeypatch, capsys, models):
     assert code == 2 and err.startswith("Error: --ep 2: `ep_size=2` was requested, but `LlamaForCausalLM` has no `ep_plan`")
     code, _, err = run_main(monkeypatch, capsys, "verify", models("mixtral"), "--tp", "1", "--fsdp", "8", "--ep", "8")
     assert code == 2 and "--ep 8: model.layers.0.mlp.experts.gate_up_proj has 4 experts" in err
+
+
+def test_ep_drops_findings_about_the_experts_tp_shards(monkeypatch, capsys, models):
+    """With --ep the experts follow the EP plan (whole experts per rank), not their TP rules: the grouped_mm stride
+    error of mixtral_i100's TP-split experts at tp=2 does not apply at tp=2 x ep=2 (a real grouped_mm run of that
+    mesh matches the single process, test_every_rank_holds_what_tpcli_says[2-mixtral_i100-...])."""
+    code, out, _ = run_main(monkeypatch, capsys, "verify", models("mixtral_i100"), "--tp", "2", "--json")
+    assert code == 1 and "grouped-mm-stride" in {f["code"] for f in json.loads(out)["findings"]}
+    code, out, _ = run_main(monkeypatch, capsys, "verify", models("mixtral_i100"), "--tp", "2", "--ep", "2", "--json")
+    assert code == 0 and "grouped-mm-stride" not in {f["code"] for f in json.loads(out)["findings"]}
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("mixtral_i100"), "--tp", "2", "--ep", "2", "--json")
+    assert code == 0 and json.loads(out)["tp"]["valid"]
 
 
 def test_inspect_json_mesh(monkeypatch, capsys, models):

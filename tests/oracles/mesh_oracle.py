@@ -2,16 +2,17 @@
 
     torchrun --nproc-per-node W mesh_oracle.py OUT CASE [CASE ...] [--batch B] [--seq-len L]
 
-CASE is `MODEL_DIR@tp=T,fsdp=F,dp_replicate=R,ep=E` (missing sizes are 1; T x F x R must be W). For every case, on
-every rank: `from_pretrained(dir, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F,
+CASE is `MODEL_DIR@tp=T,fsdp=F,dp_replicate=R,ep=E[,kernel=default]` (missing sizes are 1; T x F x R must be W).
+For every case, on every rank: `from_pretrained(dir, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F,
 dp_replicate_size=R, ep_size=E))`, then
   * coords: this rank's coordinates on the dense mesh (dp_replicate, fsdp, tp) and the expert mesh (efsdp, ep);
+  * logits_max_abs: the largest difference of its logits on a fixed batch from the single-process model's;
   * weights: local bytes (`to_local()`) of every state-dict tensor (tied parameters once), and of parameters alone;
   * gradients: `model(ids, labels=ids).loss.backward()` over this rank's B x L seeded random tokens (a different
     batch per data-parallel rank), local bytes of every `param.grad`;
   * optimizer: one `torch.optim.AdamW` step, local bytes of its state tensors (0-d `step` tensors counted apart).
 Rank r writes OUT.rank{r}.json: {CASE: {...}}. MoE experts run `experts_implementation="eager"` (memory does not
-depend on the kernel).
+depend on the kernel) unless the case says `kernel=default` (transformers' own pick, grouped_mm).
 """
 
 import argparse
@@ -50,15 +51,19 @@ def parse(case: str) -> tuple[str, dict]:
     sizes = {"tp": 1, "fsdp": 1, "dp_replicate": 1, "ep": 1}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        sizes[key] = int(value)
+        sizes[key] = value if key == "kernel" else int(value)
     return folder, sizes
+
+
+FIXED_IDS = torch.tensor([[1, 17, 256, 3, 999, 42, 7, 512], [1, 5, 6, 7, 8, 900, 13, 21]])
 
 
 def measure(case: str) -> dict:
     folder, sizes = parse(case)
+    kernel = {} if sizes.pop("kernel", None) == "default" else {"experts_implementation": "eager"}
     dc = DistributedConfig(tp_size=sizes["tp"], fsdp_size=sizes["fsdp"], dp_replicate_size=sizes["dp_replicate"],
                            ep_size=sizes["ep"])
-    model = AutoModelForCausalLM.from_pretrained(folder, distributed_config=dc, experts_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(folder, distributed_config=dc, **kernel)
     mm = model._mesh_manager
     dense = dict(zip(("pp", "dp_replicate", "fsdp", "tp"), mm._dense_mesh.get_coordinate(), strict=True))
     expert = dict(zip(("pp", "dp_replicate", "efsdp", "ep"), mm._expert_mesh.get_coordinate(), strict=True))
@@ -93,6 +98,16 @@ def measure(case: str) -> dict:
     out["optimizer_bytes"] = state_bytes
     out["optimizer_step_tensors"] = steps
     del opt, model, params, unique, grads
+    gc.collect()
+    # numerics on a fresh load: a no_grad forward before the backward above would change it (measured: FSDP2's
+    # keep_full_weight tail then gets no gradients), so the two are measured on separate loads
+    model = AutoModelForCausalLM.from_pretrained(folder, distributed_config=dc, **kernel)
+    with torch.no_grad():
+        logits = model(FIXED_IDS).logits
+        logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+        reference = AutoModelForCausalLM.from_pretrained(folder, **kernel)(FIXED_IDS).logits
+    out["logits_max_abs"] = (logits - reference).abs().max().item()
+    del model
     gc.collect()
     dist.barrier()
     return out

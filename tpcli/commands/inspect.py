@@ -12,7 +12,7 @@ from tpcli.formats.units import tensor_bytes
 from tpcli.planning.checks import check_plan, valid_tp_sizes
 from tpcli.planning.layout import local_shape
 from tpcli.planning.memory import MemoryOptions, check_budget, check_trainable, fit_table, largest_per_tp, rank_memory
-from tpcli.planning.mesh import mesh_memory
+from tpcli.planning.mesh import mesh_findings, mesh_memory
 from tpcli.planning.mesh_fit import fit_meshes
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches
 from tpcli.planning.quant import scale_pairs
@@ -41,6 +41,9 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
     report = build_report(src, plan, tp=tp, max_tp=max_tp)
     add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
     report["mesh"] = mesh_memory(plan, mesh, memory or MemoryOptions()) if mesh is not None else None
+    if mesh is not None and mesh.ep > 1:  # the experts follow the EP plan, not their TP rules
+        report["tp"]["findings"] = mesh_findings(plan, mesh, report["tp"]["findings"])
+        report["tp"]["valid"] = not any(f["severity"] == "error" for f in report["tp"]["findings"])
     if gpus is not None:
         report["fit"].update(fit_meshes(plan, memory or MemoryOptions(), world=gpus, per_node=gpus_per_node,
                                         valid_tp=report["valid_tp_sizes"], gpu_mem=gpu_mem, reserve=reserve))

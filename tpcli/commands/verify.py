@@ -37,6 +37,10 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
         MeshPlan(plan, mesh)  # transformers' plan resolution for the mesh, and the experts over --ep
         mesh_doc = {**mesh.to_dict(), "efsdp": mesh.efsdp}
     findings = check_plan(plan, tp)
+    if mesh is not None:
+        from tpcli.planning.mesh import mesh_findings
+
+        findings = mesh_findings(plan, mesh, findings)
     result = {
         "mode": "numerics" if numerics else "static",
         "target": target,

@@ -230,6 +230,21 @@ class MeshPlan:
         return weights, grads, params, unit
 
 
+def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list) -> list:
+    """tpcli's per-TP findings (`checks.check_plan` at T, as objects or dicts) that still apply on `mesh`: with
+    E > 1 transformers drops the experts' TP rules for the EP plan (whole experts per rank), so findings about the
+    experts' TP shards (e.g. grouped_mm strides of a split intermediate size) do not apply and are dropped."""
+    if mesh.ep < 2:
+        return findings
+    experts = set(MeshPlan(plan, mesh).ep_plan)  # the EP plan's parameters and modules
+
+    def target(f):
+        return f.get("target") if isinstance(f, dict) else f.target
+
+    return [f for f in findings
+            if not (target(f) and (target(f) in experts or any(o in experts for o in _owners(target(f)))))]
+
+
 def mesh_memory(plan: ResolvedPlan, mesh: Mesh, opts: MemoryOptions) -> dict:
     """The `mesh` document of `inspect --json`: sizes, and every rank with its coordinates and bytes."""
     mp = MeshPlan(plan, mesh)
