@@ -34,9 +34,9 @@ def test_inspect_json_is_stable_and_complete(model_dirs):
     result = runner.invoke(app, ["inspect", str(model_dirs("mixtral3")), "--tp", "3", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "tpcli.inspect/2"
+    assert doc["schema"] == "tpcli.inspect/3"
     assert set(doc) == {"schema", "source", "summary", "checkpoint", "plan", "unused_rules", "valid_tp_sizes",
-                        "invalid_tp_sizes", "coverage", "tp", "memory", "fit"}
+                        "invalid_tp_sizes", "coverage", "tp", "memory", "fit", "mesh"}
     assert doc["checkpoint"]["files"] == 1 and sum(doc["checkpoint"]["parameters_by_dtype"].values()) == \
         doc["summary"]["parameters"]
     assert doc["summary"]["architecture"] == "MixtralForCausalLM"

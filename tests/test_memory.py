@@ -228,7 +228,7 @@ def test_inspect_json_memory_keys(models, monkeypatch, capsys):
                           "40", "--train", "--gpu-mem", "8MiB", "--reserve", "1MiB", "--json")
     assert rc == 0
     doc = json.loads(out)
-    assert doc["schema"] == "tpcli.inspect/2"
+    assert doc["schema"] == "tpcli.inspect/3"
     for rk in doc["tp"]["ranks"]:
         assert {"weight_bytes", "kv_cache_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes_estimate",
                 "total_bytes", "sharded_bytes", "replicated_bytes"} <= set(rk)

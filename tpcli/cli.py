@@ -33,6 +33,9 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revisio
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Cast while streaming: bf16, fp16 or fp32.")]
+FsdpOpt = Annotated[int | None, typer.Option("--fsdp", help="Mesh: FSDP2 ranks per replica (world = dp-replicate x fsdp x tp).")]
+DpReplicateOpt = Annotated[int | None, typer.Option("--dp-replicate", help="Mesh: replicas of the fsdp x tp group (HSDP).")]
+EpOpt = Annotated[int | None, typer.Option("--ep", help="Mesh: expert-parallel ranks (a multiple of --tp dividing fsdp x tp).")]
 
 
 def _version(value: bool):
@@ -52,6 +55,7 @@ def _root(
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+MAX_WORLD = 65536  # ranks of one mesh report
 MAX_TP = 1024  # no model has attention heads that split further; bounds the per-rank report and the rank files
 MAX_SEQ_LEN = 10**9
 MAX_BATCH = 10**6
@@ -78,6 +82,26 @@ def _plan_flag(plan: str | None) -> None:
     if not stat.S_ISREG(st.st_mode):
         what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
         raise UsageError(f"--plan {plan}: is {what}; pass a JSON plan file or a shipped plan's name.")
+
+
+def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | None):
+    """The mesh flags as a `tpcli.planning.mesh.Mesh`, or None when none is given (plain TP, today's output)."""
+    given = {"--fsdp": fsdp, "--dp-replicate": dp_replicate, "--ep": ep}
+    for flag, value in given.items():
+        _positive(flag, value, MAX_TP)
+    named = [flag for flag, value in given.items() if value is not None]
+    if not named:
+        return None
+    if tp is None:
+        raise UsageError(f"{named[0]} describes a mesh around a TP size: add --tp T (--tp 1 for no tensor parallelism).")
+    from tpcli.planning.mesh import Mesh, distributed_config
+
+    mesh = Mesh(tp=tp, fsdp=fsdp or 1, dp_replicate=dp_replicate or 1, ep=ep or 1)
+    if mesh.world > MAX_WORLD:  # the report lists every rank
+        raise UsageError(f"--tp x --fsdp x --dp-replicate is {mesh.world:,} ranks; at "
+                         f"most {MAX_WORLD:,} are planned here.")
+    distributed_config(mesh)  # transformers' own size rules, before any model is read
+    return mesh
 
 
 def _size_bytes(flag: str, text: str) -> int:
@@ -125,10 +149,24 @@ def inspect(
                                                 "bytes, GB = 10^9; a unit is required): which TP sizes fit.")] = None,
     reserve: Annotated[str | None, typer.Option("--reserve", help="Kept free per GPU for CUDA context and allocator slack "
                                                 "(default 2GiB; 0 for none).")] = None,
+    fsdp: FsdpOpt = None,
+    dp_replicate: DpReplicateOpt = None,
+    ep: EpOpt = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="With --gpu-mem: every valid mesh of this many GPUs, ranked, and the best.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node for --gpus (default: all on one node); TP stays inside a node.")] = None,
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
     _positive("--tp", tp, MAX_TP)
+    _positive("--gpus", gpus, MAX_TP)
+    _positive("--gpus-per-node", gpus_per_node, MAX_TP)
+    mesh = _mesh(tp, fsdp, dp_replicate, ep)
+    if gpus is not None and gpu_mem is None:
+        raise UsageError("--gpus W ranks the meshes of W GPUs by memory: add --gpu-mem SIZE (one GPU's memory).")
+    if gpus is not None and mesh is not None:
+        raise UsageError("--gpus lists every mesh of W GPUs; drop --fsdp/--dp-replicate/--ep (or drop --gpus).")
+    if gpus_per_node is not None and gpus is None:
+        raise UsageError("--gpus-per-node only applies with --gpus W.")
     _positive("--batch", batch, MAX_BATCH)
     _positive("--seq-len", seq_len, MAX_SEQ_LEN)
     _plan_flag(plan)
@@ -141,7 +179,7 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype is not None else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve", zero=True)
-    from tpcli.render import print_json, render_inspect, render_memory
+    from tpcli.render import print_json, render_inspect, render_memory, render_mesh, render_mesh_fit
 
     key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/formats/cache.py)
     report = cache.get(key, required=_INSPECT_FIELDS)
@@ -149,7 +187,7 @@ def inspect(
         from tpcli.commands.inspect import inspect_model
 
         report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                               reserve=reserve_bytes)
+                               reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node)
         if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
             report = cache.put(key, report)
     if json_out:
@@ -157,6 +195,8 @@ def inspect(
     else:
         render_inspect(report)
         render_memory(report)
+        render_mesh(report)
+        render_mesh_fit(report)
     if report["tp"] and not report["tp"]["valid"]:
         raise typer.Exit(1)
 
@@ -172,11 +212,18 @@ def verify(
     tolerance: Annotated[float | None, typer.Option("--tolerance", help="Max abs logit error (default fp32 1e-5, bf16/fp16 5e-2).")] = None,
     gpus: Annotated[bool, typer.Option("--gpus", help="Run --numerics workers on GPUs (default: CPU/gloo).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Sharded folder: skip sha256 of the files.")] = False,
+    fsdp: FsdpOpt = None,
+    dp_replicate: DpReplicateOpt = None,
+    ep: EpOpt = None,
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
     _positive("--tp", tp, MAX_TP)
     _plan_flag(plan)
+    mesh = _mesh(tp, fsdp, dp_replicate, ep)
+    if mesh and numerics:
+        raise UsageError("--numerics runs plain TP workers; drop --fsdp/--dp-replicate/--ep (the mesh is checked "
+                         "statically) or drop --numerics.")
     from tpcli.formats import cache
     from tpcli.render import print_json, render_verify
 
@@ -186,7 +233,7 @@ def verify(
         from tpcli.commands import verify as verification
 
         result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
-                                     tolerance=tolerance, gpus=gpus, quick=quick)
+                                     tolerance=tolerance, gpus=gpus, quick=quick, mesh=mesh)
         if result["ok"]:
             result = cache.put(key, result)
     print_json(result) if json_out else render_verify(result)

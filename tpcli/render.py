@@ -266,6 +266,125 @@ def render_cache_layers(memory: dict) -> None:
     """One line per kind of cache layer (MLA, attention, gated delta net, mamba, ...) under the memory table."""
     for c in memory.get("cache_layers") or []:
         console.print("  " + cache_layer_line(c))
+# Mesh coordinates shown per row, in the order of transformers' meshes; only dims of size > 1 appear.
+_MESH_DIMS = (("dp_replicate", "dp_replicate"), ("fsdp", "fsdp"), ("tp", "tp"), ("efsdp", "efsdp"), ("ep", "ep"))
+_MESH_ESTIMATES = (("activation_bytes_estimate", "act est"), ("fsdp_gather_bytes_estimate", "gather"))
+_MESH_HEADERS = {"kv_cache_bytes": "KV"}  # narrow: the whole table fits 80 columns
+
+
+def _mesh_unit(largest: int) -> tuple[str, int]:
+    """The largest unit in which the largest figure is still >= 10, so that ranks that differ show different."""
+    for name, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if largest >= 10 * size:
+            return name, size
+    return "B", 1
+
+
+def mesh_label(m: dict) -> str:
+    """'tp=2 x fsdp=2 (4 ranks)': the sizes above 1, in the order of the flags."""
+    sizes = [f"{k}={m[k]}" for k in ("tp", "fsdp", "dp_replicate", "ep") if m[k] > 1] or ["tp=1"]
+    return " x ".join(sizes) + f" ({m['world']} rank{'s' * (m['world'] > 1)})"
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """[0] -> '0', [0, 1, 2] -> '0-2', [1, 3] -> '1,3', [1, 3, 5, 7, 9] -> '1,3,..,9' (every 2nd)."""
+    if len(ranks) == 1:
+        return str(ranks[0])
+    step = ranks[1] - ranks[0]
+    if all(b - a == step for a, b in zip(ranks, ranks[1:], strict=False)):
+        if step == 1:
+            return f"{ranks[0]}-{ranks[-1]}"
+        if len(ranks) > 3:
+            return f"{ranks[0]},{ranks[1]},..,{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def render_mesh(r: dict) -> None:
+    """Per-rank memory on a mesh (`inspect --tp T --fsdp F ...`): ranks with equal figures share a row; the
+    coordinates column shows what the ranks of a row have in common (`*`: differs within the row)."""
+    m = r.get("mesh")
+    if not m:
+        return
+    memory = r.get("memory")
+    dims = [(key, name) for key, name in _MESH_DIMS if m[key] > 1]
+    columns = [c for c in _memory_columns(memory) if c[0] != "activation_bytes_estimate"]
+    columns += [c for c in _MESH_ESTIMATES if any(rk[c[0]] for rk in m["ranks"])]
+    keys = [k for k, _ in columns] + ["total_bytes"]
+    largest = max(rk["total_bytes"] for rk in m["ranks"])
+    unit, size = _mesh_unit(largest)
+    console.print(f"Memory per rank on the mesh {mesh_label(m)}, in {unit}")
+    console.print(f"  {_memory_what(memory)}" + ("; coords: (" + ", ".join(n for _, n in dims) + ")" if dims else ""))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("ranks", no_wrap=True)
+    if dims:
+        table.add_column("coords", no_wrap=True)
+    for key, header in [*columns, ("total_bytes", "total")]:
+        table.add_column(_MESH_HEADERS.get(key, header), justify="right", no_wrap=True)
+    rows: dict[tuple, list[dict]] = {}
+    for rk in m["ranks"]:
+        rows.setdefault(tuple(rk[k] for k in keys), []).append(rk)
+    for values, members in rows.items():
+        coords = []
+        for key, _ in dims:
+            seen = {rk["coords"][key] for rk in members}
+            coords.append(str(seen.pop()) if len(seen) == 1 else "*")
+        mark = " *" if values[-1] == largest and len(rows) > 1 else ""
+        cells = [_rank_list([rk["rank"] for rk in members]) + mark]
+        if dims:
+            cells.append("(" + ",".join(coords) + ")")
+        table.add_row(*cells, *(f"{v:,}" if size == 1 else f"{v / size:.2f}" for v in values))
+    console.print(table)
+    if len(rows) > 1:
+        console.print(f"  * largest: rank {m['largest_rank']}")
+    estimates = [rk for rk in m["ranks"] if rk["activation_bytes_estimate"] or rk["fsdp_gather_bytes_estimate"]]
+    if any(rk["activation_bytes_estimate"] for rk in estimates):
+        console.print(f"  act est: ESTIMATE of activations at tp={m['tp']}, B per data-parallel rank")
+    if any(rk["fsdp_gather_bytes_estimate"] for rk in estimates):
+        console.print("  gather: ESTIMATE of FSDP's all-gathers: 2 x the largest unit (+1 with --train)")
+    if estimates:
+        console.print("  (formulas in README, 'Meshes'); the other terms are exact.")
+
+
+def render_mesh_fit(r: dict) -> None:
+    """`inspect --gpus W --gpu-mem SIZE`: every valid mesh of W GPUs, ranked, its largest rank, and the best."""
+    fit = r.get("fit")
+    if not fit or "meshes" not in fit:
+        return
+    meshes = fit["meshes"]
+    unit, size = _mesh_unit(max((m["total_bytes"] for m in meshes), default=0))
+    node = f", {fit['gpus_per_node']} per node" if fit["gpus_per_node"] != fit["gpus"] else ""
+    console.print(f"Meshes of {fit['gpus']} GPUs{node}, largest rank in {unit}, budget "
+                  f"{human_bytes(fit['gpu_mem_bytes'] - fit['reserve_bytes'])} per GPU")
+    for line in _wrap(f"ranked: {fit['rule']}"):
+        console.print(f"  {line}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    for col in ("#", "tp", "fsdp", "dp_replicate", "ep", "total", "fits"):
+        table.add_column(col, justify="left" if col == "fits" else "right", no_wrap=True)
+    for i, m in enumerate(meshes, 1):
+        table.add_row(str(i), str(m["tp"]), str(m["fsdp"]), str(m["dp_replicate"]), str(m["ep"]),
+                      f"{m['total_bytes']:,}" if size == 1 else f"{m['total_bytes'] / size:.2f}",
+                      "[green]yes[/green]" if m["fits"] else "[red]no[/red]")
+    console.print(table)
+    if fit["refused_by_model"]:
+        console.print(f"  {fit['refused_by_model']} more size combinations refused by the model's own rules "
+                      "(no EP/FSDP plan, experts not divisible by ep).")
+    best = fit["best"]
+    if best is None:
+        console.print(f"[red]No mesh of {fit['gpus']} GPUs fits.[/red]")
+        return
+    console.print(f"[green]Best: tp={best['tp']} x fsdp={best['fsdp']} x dp_replicate={best['dp_replicate']} "
+                  f"x ep={best['ep']}[/green]")
+    flags, _, script = best["run_flags"].partition("  # ")
+    console.print(f"  tpcli run {flags} SCRIPT")
+    for line in _wrap(script):
+        console.print(f"  {line}")
+
+
+def _wrap(text: str, width: int = 78) -> list[str]:
+    """Prose lines for an 80-column pipe, cut only at spaces (identifiers stay whole)."""
+    import textwrap
+
+    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 class _NoBar:
@@ -359,7 +478,8 @@ def render_verify(r: dict) -> None:
                           f"hashes {'checked' if r['hashes_checked'] else 'not checked'}: {verdict}")
         render_findings(r["findings"], title="Integrity")
         return
-    console.print(f"{r['architecture']} at tp={r['tp']} (plan: {r['plan_source']}): {verdict}")
+    where = f"on the mesh {mesh_label(r['mesh'])}" if r.get("mesh") else f"at tp={r['tp']}"
+    console.print(f"{r['architecture']} {where} (plan: {r['plan_source']}): {verdict}")
     render_findings(r["findings"], title="Static checks")
     n = r.get("numerics")
     if not n:

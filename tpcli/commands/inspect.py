@@ -22,10 +22,12 @@ from tpcli.planning.memory import (
     largest_per_tp,
     rank_memory,
 )
+from tpcli.planning.mesh import mesh_findings, mesh_memory
+from tpcli.planning.mesh_fit import fit_meshes
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches
 from tpcli.planning.quant import scale_pairs
 
-SCHEMA = "tpcli.inspect/2"
+SCHEMA = "tpcli.inspect/3"  # 3: `mesh`
 
 
 def load_resolved(model: str, *, plan_file: str | None = None, revision: str | None = None,
@@ -61,7 +63,8 @@ def _raised_by_transformers_model(exc: BaseException) -> bool:
 
 def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
                   revision: str | None = None, max_tp: int = 64, memory: MemoryOptions | None = None,
-                  gpu_mem: int | None = None, reserve: int = 0) -> dict:
+                  gpu_mem: int | None = None, reserve: int = 0, mesh=None, gpus: int | None = None,
+                  gpus_per_node: int | None = None) -> dict:
     if gpu_mem is not None:
         check_budget(gpu_mem, reserve)
     src, plan = load_resolved(model, plan_file=plan_file, revision=revision)
@@ -69,6 +72,13 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
         check_trainable(plan)
     report = build_report(src, plan, tp=tp, max_tp=max_tp)
     add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
+    report["mesh"] = mesh_memory(plan, mesh, memory or MemoryOptions()) if mesh is not None else None
+    if mesh is not None and mesh.ep > 1:  # the experts follow the EP plan, not their TP rules
+        report["tp"]["findings"] = mesh_findings(plan, mesh, report["tp"]["findings"])
+        report["tp"]["valid"] = not any(f["severity"] == "error" for f in report["tp"]["findings"])
+    if gpus is not None:
+        report["fit"].update(fit_meshes(plan, memory or MemoryOptions(), world=gpus, per_node=gpus_per_node,
+                                        valid_tp=report["valid_tp_sizes"], gpu_mem=gpu_mem, reserve=reserve))
     return report
 
 

@@ -16,9 +16,12 @@ DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 5e-2, "float1
 
 
 def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, revision: str | None = None,
-           numerics: bool = False, tolerance: float | None = None, gpus: bool = False, quick: bool = False) -> dict:
+           numerics: bool = False, tolerance: float | None = None, gpus: bool = False, quick: bool = False,
+           mesh=None) -> dict:
     local = Path(target).expanduser()
     if dcp.is_sharded_dir(local):
+        if mesh is not None:
+            raise UsageError("--fsdp/--dp-replicate/--ep check a model's plan on a mesh; pass the original model folder.")
         if numerics:
             raise UsageError("--numerics checks a model against its TP load; pass the original model folder.")
         return verify_sharded(local, tp=tp, quick=quick)
@@ -27,7 +30,17 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
     from tpcli.commands.inspect import load_resolved
 
     src, plan = load_resolved(target, plan_file=plan_file, revision=revision)
+    mesh_doc = None
+    if mesh is not None:
+        from tpcli.planning.mesh import MeshPlan
+
+        MeshPlan(plan, mesh)  # transformers' plan resolution for the mesh, and the experts over --ep
+        mesh_doc = {**mesh.to_dict(), "efsdp": mesh.efsdp}
     findings = check_plan(plan, tp)
+    if mesh is not None:
+        from tpcli.planning.mesh import mesh_findings
+
+        findings = mesh_findings(plan, mesh, findings)
     result = {
         "mode": "numerics" if numerics else "static",
         "target": target,
@@ -37,6 +50,8 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
         "findings": [f.to_dict() for f in findings],
         "ok": not any(f.severity == "error" for f in findings),
     }
+    if mesh_doc is not None:
+        result["mesh"] = mesh_doc
     if numerics and result["ok"]:
         result["numerics"] = run_numerics(src.path, tp=tp, plan_file=plan_file, gpus=gpus, tolerance=tolerance,
                                           default_dtype=plan.dtype)

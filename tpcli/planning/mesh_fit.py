@@ -1,0 +1,94 @@
+"""Fit over meshes: every valid (tp, fsdp, dp_replicate, ep) of W GPUs, its largest rank, and the best one.
+
+`inspect MODEL --gpus W [--gpus-per-node G] --gpu-mem SIZE` enumerates W = dp_replicate x fsdp x tp with
+
+* tp a valid TP size of the model (`tpcli.planning.checks.valid_tp_sizes`) that divides G: a TP group never spans
+  two nodes (its all-reduces run in every layer);
+* ep = 1, or for a model with an EP plan every size transformers accepts (a multiple of tp dividing fsdp x tp)
+  that splits the experts evenly;
+* FSDP (dp_replicate x fsdp > 1) only for a model with an FSDP plan;
+
+each validated and costed by `tpcli.planning.mesh` (the largest rank's total: weights, KV cache, grads, AdamW
+and the two labelled estimates). Ranking rule, fitting meshes first (total <= gpu_mem - reserve):
+
+    training : fewest TP ranks, then fewest replicas (FSDP before replicas: FSDP shards the optimizer state over
+               more ranks), then most EP ranks (whole experts, no expert all-gather), then the smallest total;
+    inference: fewest ranks per model copy (tp x fsdp; the rest are replicas serving on their own), then fewest
+               FSDP ranks (FSDP all-gathers every layer's weights at every step), then most EP ranks, then the
+               smallest total;
+    not fitting: by total.
+"""
+
+from __future__ import annotations
+
+from tpcli.errors import UsageError
+from tpcli.planning.memory import MemoryOptions
+from tpcli.planning.mesh import Mesh, mesh_memory
+from tpcli.planning.plan import ResolvedPlan
+
+RULE = {
+    True: "fitting first; fewest TP ranks (inside a node), then FSDP before replicas, then most EP ranks, "
+          "then the smallest total",
+    False: "fitting first; fewest ranks per model copy (tp x fsdp; the rest are replicas), TP (inside a node) "
+           "before FSDP, then most EP ranks, then the smallest total",
+}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_meshes(world: int, per_node: int, valid_tp: list[int]) -> list[Mesh]:
+    """Every size combination of `world` ranks with the TP group inside a node (before the model's rules)."""
+    out = []
+    for tp in _divisors(per_node):
+        if tp not in valid_tp or world % tp:
+            continue
+        for fsdp in _divisors(world // tp):
+            dp_replicate = world // (tp * fsdp)
+            for ep in _divisors(fsdp * tp):
+                if ep == 1 or ep % tp == 0:
+                    out.append(Mesh(tp=tp, fsdp=fsdp, dp_replicate=dp_replicate, ep=ep))
+    return out
+
+
+def _rank_key(entry: dict, train: bool) -> tuple:
+    m = entry
+    if train:
+        order = (m["tp"], m["dp_replicate"], -m["ep"])
+    else:
+        order = (m["tp"] * m["fsdp"], m["fsdp"], -m["ep"])
+    return (not m["fits"], *(order if m["fits"] else ()), m["total_bytes"])
+
+
+def run_flags(mesh: Mesh, per_node: int) -> str:
+    """How to launch it: `tpcli run` starts the workers; the script passes the mesh to transformers."""
+    nodes = mesh.world // per_node if mesh.world > per_node else 1
+    gpus = min(per_node, mesh.world)
+    flags = f"--gpus {gpus}" + (f" --nnodes {nodes} --node-rank N --rdzv-endpoint HOST:PORT" if nodes > 1 else "")
+    return (f"{flags}  # in the script: from_pretrained(..., distributed_config=DistributedConfig("
+            f"tp_size={mesh.tp}, fsdp_size={mesh.fsdp}, dp_replicate_size={mesh.dp_replicate}, ep_size={mesh.ep}))")
+
+
+def fit_meshes(plan: ResolvedPlan, opts: MemoryOptions, *, world: int, per_node: int | None, valid_tp: list[int],
+               gpu_mem: int, reserve: int) -> dict:
+    """`fit.meshes` (ranked) and `fit.best` for W GPUs of `gpu_mem` bytes each."""
+    per_node = per_node or world
+    if world % per_node:
+        raise UsageError(f"--gpus {world} is not a whole number of nodes of --gpus-per-node {per_node}.")
+    budget = gpu_mem - reserve
+    meshes, skipped = [], 0
+    for mesh in candidate_meshes(world, per_node, valid_tp):
+        try:
+            doc = mesh_memory(plan, mesh, opts)
+        except UsageError:  # the model's own rules: no EP or FSDP plan, experts not divisible by ep
+            skipped += 1
+            continue
+        total = doc["ranks"][doc["largest_rank"]]["total_bytes"]
+        meshes.append({"tp": mesh.tp, "fsdp": mesh.fsdp, "dp_replicate": mesh.dp_replicate, "ep": mesh.ep,
+                       "total_bytes": total, "fits": total <= budget, "largest_rank": doc["largest_rank"],
+                       "run_flags": run_flags(mesh, per_node)})
+    meshes.sort(key=lambda m: _rank_key(m, opts.train))
+    best = meshes[0] if meshes and meshes[0]["fits"] else None
+    return {"gpus": world, "gpus_per_node": per_node, "rule": RULE[opts.train], "meshes": meshes,
+            "refused_by_model": skipped, "best": best}
