@@ -171,7 +171,7 @@ def _index(weight_file):
 
 
 def _keys(model: Path) -> list[str]:
-    from tpcli.formats.storage import read_header
+    from tpcli.formats.tensor_file import read_header
 
     return list(read_header(model / "model.safetensors")[0])
 
@@ -230,16 +230,16 @@ def _disk_too_small(ctx):
 
     src = ctx.copy_model()
     real = sh.disk_usage
-    ctx.monkeypatch.setattr("tpcli.formats.storage.shutil.disk_usage",
+    ctx.monkeypatch.setattr("tpcli.formats.output.shutil.disk_usage",
                             lambda p: real(p)._replace(free=300_000))  # the output needs ~530 KB
     return ["shard", src, "--tp", "2", "--out", ctx.out]
 
 
 def _enospc(ctx):
     src = ctx.copy_model()
-    from tpcli.formats import storage
+    from tpcli.formats import tensor_file
 
-    real = storage.open_for_writing
+    real = tensor_file.open_for_writing
 
     class Full:
         def __init__(self, f):
@@ -254,10 +254,10 @@ def _enospc(ctx):
         def close(self):
             self.f.close()
 
-    ctx.monkeypatch.setattr(storage, "open_for_writing", lambda p: Full(real(p)))
+    ctx.monkeypatch.setattr(tensor_file, "open_for_writing", lambda p: Full(real(p)))
     # the byte-moving path (tpcli.formats.bytecopy) writes with pwrite / copy_file_range on the file's descriptor
     written = [0]
-    real_write_at, real_copy_range = storage.write_at, storage.copy_range
+    real_write_at, real_copy_range = tensor_file.write_at, tensor_file.copy_range
 
     def fill(n):
         written[0] += n
@@ -272,8 +272,8 @@ def _enospc(ctx):
         fill(n)
         real_copy_range(src_fd, f.f, n, src_pos, pos)
 
-    ctx.monkeypatch.setattr(storage, "write_at", write_at)
-    ctx.monkeypatch.setattr(storage, "copy_range", copy_range)
+    ctx.monkeypatch.setattr(tensor_file, "write_at", write_at)
+    ctx.monkeypatch.setattr(tensor_file, "copy_range", copy_range)
     return ["shard", src, "--tp", "2", "--out", ctx.out]
 
 
@@ -286,7 +286,7 @@ def _rename_fails(ctx):
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         return real(a, b)
 
-    ctx.monkeypatch.setattr("tpcli.formats.storage.os.replace", replace)
+    ctx.monkeypatch.setattr("tpcli.formats.output.os.replace", replace)
     return ["shard", src, "--tp", "1", "--out", ctx.out]
 
 
@@ -294,7 +294,7 @@ def _mount_point(ctx):
     src = ctx.copy_model()
     ctx.out.mkdir()
     real = os.path.ismount
-    ctx.monkeypatch.setattr("tpcli.formats.storage.os.path.ismount", lambda p: Path(p) == ctx.out or real(p))
+    ctx.monkeypatch.setattr("tpcli.formats.output.os.path.ismount", lambda p: Path(p) == ctx.out or real(p))
     return ["shard", src, "--tp", "1", "--out", ctx.out]
 
 
@@ -431,7 +431,7 @@ def test_interrupted_run_leaves_a_temp_folder_the_next_run_removes(model_dirs, t
     """A process killed mid-write (os._exit: no cleanup runs) leaves its temp folder; the next run into the same
     parent removes it and says so, but leaves alone temp folders of live processes, other hosts, or unmarked ones."""
     out = tmp_path / "out"
-    code = ("import os, sys\nfrom pathlib import Path\nfrom tpcli.formats.storage import atomic_dir\n"
+    code = ("import os, sys\nfrom pathlib import Path\nfrom tpcli.formats.output import atomic_dir\n"
             "with atomic_dir(Path(sys.argv[1])) as tmp:\n    (tmp / 'half.safetensors').write_bytes(b'x')\n"
             "    os._exit(0)\n")
     subprocess.run([sys.executable, "-c", code, str(out)], check=True)
@@ -463,9 +463,9 @@ def test_a_run_killed_while_deleting_the_replaced_output_leaves_nothing_the_next
     that deletion (os._exit in rmtree: no cleanup runs) leaves a folder the next run removes, not a hidden copy of
     the old output forever (it used to be `.out.tpcli-old-PID`, which nothing removed)."""
     out = tmp_path / "out"
-    code = ("import os, sys\nfrom pathlib import Path\nfrom tpcli.formats import storage\n"
-            "storage.shutil.rmtree = lambda *a, **k: os._exit(0)\n"
-            "with storage.atomic_dir(Path(sys.argv[1]), command='shard', force=True) as tmp:\n"
+    code = ("import os, sys\nfrom pathlib import Path\nfrom tpcli.formats import output\n"
+            "output.shutil.rmtree = lambda *a, **k: os._exit(0)\n"
+            "with output.atomic_dir(Path(sys.argv[1]), command='shard', force=True) as tmp:\n"
             "    (tmp / 'new.safetensors').write_bytes(b'new')\n")
     out.mkdir()
     (out / ".tpcli-output").write_text("{}")
@@ -491,7 +491,7 @@ def test_a_failed_final_rename_under_force_puts_the_previous_output_back(sharded
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         return real(a, b)
 
-    monkeypatch.setattr("tpcli.formats.storage.os.replace", replace)
+    monkeypatch.setattr("tpcli.formats.output.os.replace", replace)
     rc, _, err = run_main(monkeypatch, capsys, "gather", sharded_src, "--out", out, "--force")
     assert rc == 1 and "could not move the finished output into place" in err and "previous output" not in err
     assert _snapshot(out) == before
@@ -535,10 +535,10 @@ def test_a_real_full_filesystem(check, model_dirs, tmp_path, monkeypatch, capsys
 def test_free_space_estimate_covers_the_output(command, model_dirs, sharded_src, tmp_path, monkeypatch):
     """The size the up-front check asks for is never less than what is then written (and not wildly more)."""
     from tpcli.commands.gather import gather_checkpoint
-    from tpcli.formats import storage
+    from tpcli.formats import output
 
     asked = []
-    real = storage.check_free_space
+    real = output.check_free_space
     monkeypatch.setattr(f"tpcli.commands.{command}.check_free_space",
                         lambda out, needed: (asked.append(needed), real(out, needed)))
     out = tmp_path / "o"

@@ -98,9 +98,9 @@ def test_a_failing_write_stops_every_file_and_names_it(model_dirs, tmp_path, mon
     """A write error on one rank file surfaces as an OSError naming that file; the other threads stop."""
     import errno
 
-    from tpcli.formats import storage
+    from tpcli.formats import tensor_file
 
-    real = storage.write_at
+    real = tensor_file.write_at
     seen = []
 
     def write_at(f, data, pos):
@@ -109,7 +109,7 @@ def test_a_failing_write_stops_every_file_and_names_it(model_dirs, tmp_path, mon
             raise OSError(errno.EIO, "Input/output error")
         return real(f, data, pos)
 
-    monkeypatch.setattr(storage, "write_at", write_at)
+    monkeypatch.setattr(tensor_file, "write_at", write_at)
     with pytest.raises(OSError, match="shard-00002") as exc:
         shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(tmp_path / "o"))
     assert exc.value.errno == errno.EIO

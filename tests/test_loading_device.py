@@ -118,7 +118,7 @@ def test_staged_path_reads_the_same_bytes_as_the_direct_path(sharded, name):
 
 
 def test_tensorfile_refuses_a_device_tensor(sharded):
-    from tpcli.formats.storage import TensorFile
+    from tpcli.formats.tensor_file import TensorFile
 
     _, folder, doc, _ = sharded("qwen3")
     name, entry = next(iter(doc["tensors"].items()))

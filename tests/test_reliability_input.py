@@ -172,11 +172,11 @@ def test_an_out_created_mid_shard_is_not_deleted(force, model_dirs, tmp_path, mo
 def test_an_out_filled_between_the_check_and_the_rename_is_put_back(force, model_dirs, tmp_path, monkeypatch,
                                                                      capsys):
     """The race after `check_replaceable`: `_publish` checks again what it moved aside, and puts it back."""
-    from tpcli.formats import storage
+    from tpcli.formats import output
 
     out = tmp_path / "race3"
     _appear_mid_write(monkeypatch, out, _precious)
-    monkeypatch.setattr(storage, "check_replaceable", lambda *a, **k: None)  # as if filled just after the check
+    monkeypatch.setattr(output, "check_replaceable", lambda *a, **k: None)  # as if filled just after the check
     rc, _, err = run_main(monkeypatch, capsys, "shard", model_dirs("llama3"), "--tp", "2", "--out", out,
                           *(["--force"] if force else []))
     assert rc == 1 and "precious.txt" in _one_error_line(err), err

@@ -81,7 +81,7 @@ def test_shard_manifest_and_copied_files(model_dirs, tmp_path):
     assert set(doc["versions"]) == {"tpcli", "transformers", "torch"}
     assert doc["tensors"]["model.embed_tokens.weight"]["chunks"][1]["offsets"] == [501, 0]
     assert doc["tensors"]["lm_head.weight"]["tied_to"] == "model.embed_tokens.weight"
-    from tpcli.formats.storage import sha256_file
+    from tpcli.formats.hashing import sha256_file
 
     for fname, f in doc["files"].items():
         assert sha256_file(out / fname) == f["sha256"] and (out / fname).stat().st_size == f["bytes"]

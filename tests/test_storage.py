@@ -1,4 +1,4 @@
-"""storage.reuse_freed_memory: a streaming pass reuses freed tensor buffers instead of faulting in fresh pages."""
+"""tpcli.formats.heap.reuse_freed_memory: a streaming pass reuses freed tensor buffers instead of faulting in fresh pages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 LOOP = """
 import resource, sys, torch
-from tpcli.formats.storage import reuse_freed_memory
+from tpcli.formats.heap import reuse_freed_memory
 if sys.argv[1] == "on":
     reuse_freed_memory()
 sizes = [22 * 2**20, 22 * 2**20, 22 * 2**20, 8 * 2**20]  # a layer of the bench Llama: MLP weights, o_proj

@@ -343,7 +343,7 @@ def run(
 
 
 class Interrupted(BaseException):
-    """SIGINT/SIGTERM/SIGHUP: unwinds like Ctrl-C (so `storage.atomic_dir` removes its temporary output), but is not
+    """SIGINT/SIGTERM/SIGHUP: unwinds like Ctrl-C (so `tpcli.formats.output.atomic_dir` removes its temporary output), but is not
     a KeyboardInterrupt, which typer would turn into a silent exit. Exit code 128 + signal number (130 for Ctrl-C)."""
 
     def __init__(self, signum: int):

@@ -319,7 +319,7 @@ def quantize_fp8(folder: str | Path, *, block: tuple[int, int] = (16, 16)) -> Pa
     from safetensors.torch import save_file
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-    from tpcli.formats.storage import TensorFile
+    from tpcli.formats.tensor_file import TensorFile
     from tpcli.planning.convert import Conversions
     from tpcli.planning.plan import build_meta_model, load_config
     from tpcli.planning.quant import apply_quantizer

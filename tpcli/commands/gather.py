@@ -19,17 +19,10 @@ from tpcli.commands.shard import _cast, _set_config_dtype, metadata_allowance, p
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import bytecopy, dcp, manifest
 from tpcli.formats.bytecopy import CachedJob, header_digest
+from tpcli.formats.heap import reuse_freed_memory
+from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
 from tpcli.formats.source import aux_files
-from tpcli.formats.storage import (
-    StreamWriter,
-    atomic_dir,
-    check_free_space,
-    copy_aux,
-    file_size,
-    prepare_output,
-    remove_stale_temps,
-    reuse_freed_memory,
-)
+from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import tensor_bytes
 from tpcli.planning.readers import ShardedReader
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats import dcp, manifest
-from tpcli.formats.storage import require_regular_file, sha256_files
+from tpcli.formats.hashing import sha256_files
+from tpcli.formats.tensor_file import require_regular_file
 
 
 def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, defer_hashes: bool = False) -> dict:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpcli.errors import LaunchError, UsageError
+from tpcli.formats.processes import alive
 
 GRACE_S = 10.0  # after Ctrl-C: how long torchrun gets to stop its workers before everything is killed
 TIMEOUT_EXIT = 124  # `--timeout` expired, as timeout(1)
@@ -405,14 +406,19 @@ class DeathWatch(threading.Thread):
 
 def _running_ranks(run_dir: Path) -> list[int]:
     """Global ranks whose worker process is still alive (their pids are in run_dir/pid-RANK)."""
-    alive = []
+    running = []
     for f in run_dir.glob("pid-*"):
-        try:
-            os.kill(int(f.read_text()), 0)
-        except (ValueError, ProcessLookupError, PermissionError):
-            continue
-        alive.append(int(f.name.removeprefix("pid-")))
-    return sorted(alive)
+        pid = _read_pid(f)
+        if pid is not None and alive(pid, None):
+            running.append(int(f.name.removeprefix("pid-")))
+    return sorted(running)
+
+
+def _read_pid(f: Path) -> int | None:
+    try:
+        return int(f.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def timeout_report(spec: LaunchSpec, running: list[int], last: dict[str, deque]) -> list[str]:
@@ -498,15 +504,13 @@ def _killpg(pid: int) -> None:
 def _kill_leftovers(run_dir: Path) -> None:
     """Workers run in their own sessions; make sure none outlives `tpcli run`."""
     for f in run_dir.glob("pid-*"):
-        try:
-            pid = int(f.read_text())
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError, PermissionError):
+        pid = _read_pid(f)
+        if pid is None or not alive(pid, None):
             continue
         time.sleep(0.5)
         try:
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
 
 

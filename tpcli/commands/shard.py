@@ -18,16 +18,9 @@ from tpcli.errors import CheckpointError, PlanError, UsageError
 from tpcli.formats import bytecopy, dcp, manifest
 from tpcli.formats import source as sources
 from tpcli.formats.bytecopy import CachedJob, header_digest
-from tpcli.formats.storage import (
-    StreamWriter,
-    atomic_dir,
-    check_free_space,
-    copy_aux,
-    file_size,
-    prepare_output,
-    remove_stale_temps,
-    reuse_freed_memory,
-)
+from tpcli.formats.heap import reuse_freed_memory
+from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
+from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import tensor_bytes
 from tpcli.planning.checks import check_plan, errors
 from tpcli.planning.layout import plan_chunks

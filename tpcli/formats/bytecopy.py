@@ -20,7 +20,7 @@ thread, tensor by tensor, in file order:
 
 Mappings are opened per tensor and closed after it, so the process holds about one tensor's pages per thread.
 hashlib, numpy's copy, pwrite and copy_file_range release the GIL: at tp=2 the two rank files use both cores. The
-general path (`tpcli.planning.readers` + `storage.StreamWriter`) stays for conversions (fused MoE experts), casts and
+general path (`tpcli.planning.readers` + `tensor_file.StreamWriter`) stays for conversions (fused MoE experts), casts and
 quantized checkpoints; tests check that both write byte-identical files.
 """
 
@@ -91,7 +91,7 @@ def lay_out(path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
             metadata: dict[str, str] | None) -> tuple[OutputFile, dict[str, int]]:
     """An `OutputFile` with the header `StreamWriter` would write for `entries` (and no units yet), and each
     tensor's absolute byte offset in the file."""
-    from tpcli.formats.storage import _layout
+    from tpcli.formats.tensor_file import _layout
 
     raw, sizes, _ = _layout(entries, metadata)
     head = struct.pack("<Q", len(raw)) + raw
@@ -166,7 +166,7 @@ def write_files(files: list[OutputFile], *, sha256: bool, advance=None, workers:
 
     `advance(nbytes)` is called from the worker threads after each tensor (a progress bar's advance is locked).
     """
-    from tpcli.formats.storage import open_for_writing
+    from tpcli.formats.tensor_file import open_for_writing
 
     workers = workers or min(len(files), os.cpu_count() or 1) or 1
     stop = threading.Event()
@@ -300,7 +300,7 @@ class _Sources:
 
 def _copy(src: _Sources, path: Path, offset: int, f, dest: Path, pos: int, n: int) -> None:
     """n bytes from `path` at `offset` to the output at `pos`: by the kernel where it can, else from the mapping."""
-    from tpcli.formats.storage import copy_range
+    from tpcli.formats.tensor_file import copy_range
 
     try:
         copy_range(src.fd(path), f, n, offset, pos)
@@ -326,7 +326,7 @@ def _changed(path: Path, needed: int):
 
 def _write(f, dest: Path, data, pos: int) -> None:
     """Write `data` at `pos`; an OSError names the output file."""
-    from tpcli.formats.storage import write_at
+    from tpcli.formats.tensor_file import write_at
 
     try:
         write_at(f, data, pos)

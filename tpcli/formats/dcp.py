@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpcli.errors import CheckpointError
-from tpcli.formats.storage import read_header
+from tpcli.formats.tensor_file import read_header
 from tpcli.formats.units import SAFETENSORS_DTYPES, tensor_bytes
 
 SHARD_FILE_RE = re.compile(r"^shard-([0-9]{5})-model-([0-9]{5})-of-([0-9]{5})\.safetensors$")

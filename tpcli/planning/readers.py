@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats.dcp import ShardedTensor, scan
-from tpcli.formats.storage import TensorFile, read_header
+from tpcli.formats.tensor_file import TensorFile, read_header
 from tpcli.formats.units import SAFETENSORS_DTYPES, tensor_bytes
 from tpcli.planning.convert import Conversions
 

@@ -253,7 +253,7 @@ class _SliceReader:
         self.staging = _Staging()
 
     def _file(self, file: str):
-        from tpcli.formats.storage import TensorFile
+        from tpcli.formats.tensor_file import TensorFile
 
         if file not in self.files:
             self.files[file] = TensorFile(self.folder / file)

@@ -1,6 +1,5 @@
-"""Where bytes hit disk: streaming safetensors writing, hashing, and atomic output folders.
-
-`StreamWriter` writes a safetensors file whose header is known up front (names, dtypes, shapes), then takes the
+"""safetensors files, read and written by tpcli itself: a checked header reader, `TensorFile` (a tensor's bytes by
+name), and `StreamWriter`, which writes a file whose header is known up front (names, dtypes, shapes), then takes the
 tensors one at a time in header order, so memory never holds more than one tensor and the sha256 of the file is
 computed while writing. The layout is standard safetensors: 8-byte little-endian header length, JSON header padded
 with spaces to 8 bytes, then the raw little-endian data of each tensor at its `data_offsets`.
@@ -13,20 +12,15 @@ import errno
 import hashlib
 import json
 import os
-import shutil
-import socket
 import stat
 import struct
-import tempfile
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from tpcli.errors import CheckpointError, OutputError
-from tpcli.formats.units import SAFETENSORS_BITS, SAFETENSORS_CODES, SAFETENSORS_DTYPES, decimal_bytes, tensor_bytes
+from tpcli.errors import CheckpointError
+from tpcli.formats.units import SAFETENSORS_BITS, SAFETENSORS_CODES, SAFETENSORS_DTYPES, tensor_bytes
 
-HASH_CHUNK = 16 * 2**20
 HASH_LAG = 64 * 2**20  # measured: hashing one buffer behind cost ~17% of shard time; 64 MB behind recovers it
 
 
@@ -146,30 +140,6 @@ class StreamWriter:
         with contextlib.suppress(OSError):  # the disk may be full: the folder is removed anyway
             self._file.close()
         self._hasher.shutdown(wait=True, cancel_futures=True)
-
-
-def reuse_freed_memory() -> None:
-    """Let the next tensor buffer reuse the memory of the last one instead of faulting in fresh pages.
-
-    glibc serves an allocation above its mmap threshold with a fresh `mmap` and unmaps it on free, and trims the
-    heap top above its trim threshold: a streaming pass then page-faults (and the kernel zero-fills) every byte it
-    reads or slices, once more. Keeping allocations up to 32 MiB (glibc's maximum threshold on 64-bit: every
-    per-layer tensor of a 2048-wide Llama) in the heap and up to 128 MiB of free heap un-trimmed makes the buffers
-    of one step reuse those of the last. Measured on the 1.4 GB bench checkpoint: shard system time 2.5 -> 1.6 s,
-    gather 3.7 -> 2.0 s, page faults roughly halved, peak RSS unchanged (0.60 GB). Process-wide and harmless
-    elsewhere; a no-op where libc has no `mallopt` (not glibc).
-    """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    mallopt(M_TRIM_THRESHOLD, 128 * 2**20)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
@@ -342,241 +312,3 @@ class TensorFile:
 
     def close(self) -> None:
         self._file.close()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_files(paths: list[Path]) -> list[str]:
-    """sha256 of several files, two at a time (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(2, max(1, len(paths)))) as pool:
-        return list(pool.map(sha256_file, paths))
-
-
-OUTPUT_MARKER = ".tpcli-output"  # written into every folder tpcli publishes: what --force may replace
-TEMP_MARKER = ".tpcli-tmp.json"  # written into every temporary folder: who made it, so a stale one can be removed
-
-
-def prepare_output(out: str | Path, *, force: bool, inputs: list[Path] = ()) -> Path:
-    """Check OUT before any work: refuse a path that is, holds or lies inside an input; a file; a mount point; a
-    non-empty folder without --force; and, even with --force, a non-empty folder that is not a tpcli output."""
-    path = Path(out).expanduser().resolve()
-    for src in inputs:
-        src = Path(src).expanduser().resolve()
-        relation = ("is the input folder" if path == src else "contains the input folder" if path in src.parents
-                    else "lies inside the input folder" if src in path.parents else None)
-        if relation:
-            raise OutputError(f"--out {out}: {relation} {src}; write somewhere else.")
-    if path.exists():
-        if not path.is_dir():
-            raise OutputError(f"--out {out}: exists and is not a directory; pick another path.")
-        if os.path.ismount(path):
-            raise OutputError(f"--out {out}: is a mount point; tpcli builds the output beside it and renames it into "
-                              f"place, which cannot cross filesystems: pass a folder inside it (e.g. {path / 'model'}).")
-        if any(path.iterdir()):
-            if not force:
-                raise OutputError(f"--out {out}: directory is not empty; pass --force to replace it or pick another path.")
-            if not is_tpcli_output(path):
-                raise OutputError(f"--out {out}: not empty and not a tpcli output (no {OUTPUT_MARKER} or tpcli.json); "
-                                  "--force only replaces tpcli's own outputs: empty it yourself or pick another path.")
-    if not path.parent.exists():
-        raise OutputError(f"--out {out}: parent directory {path.parent} does not exist.")
-    return path
-
-
-def is_tpcli_output(path: Path) -> bool:
-    """A folder tpcli wrote: it holds the output marker, or (shard outputs of older versions) a tpcli manifest."""
-    if (path / OUTPUT_MARKER).is_file():
-        return True
-    try:
-        return json.loads((path / "tpcli.json").read_text()).get("format") == "tpcli.sharded"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_free_space(out: Path, needed: int) -> None:
-    """Refuse before writing when the filesystem of `out` has fewer than `needed` bytes free."""
-    free = shutil.disk_usage(out.parent).free
-    if needed > free:
-        raise OutputError(f"--out {out}: needs {decimal_bytes(needed)}, {decimal_bytes(free)} free on {_mount_point(out.parent)}; "
-                          "free some space or pick another filesystem.")
-
-
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not os.path.ismount(path) and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (field 22 of /proc/PID/stat), to tell a reused pid from the original."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = _process_start(pid)
-    return started is None or now is None or now == started
-
-
-def remove_stale_temps(parent: Path) -> list[str]:
-    """Remove the temporary folders in `parent` that an interrupted tpcli left: only folders holding tpcli's temp
-    marker, written on this host by a process that is gone. Returns their paths; nothing else is touched."""
-    removed = []
-    host = socket.gethostname()
-    for p in sorted(parent.glob(".*.tpcli-tmp-*")):
-        marker = p / TEMP_MARKER
-        if p.is_symlink() or not p.is_dir() or marker.is_symlink() or not marker.is_file():
-            continue
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(info, dict) or info.get("tool") != "tpcli" or info.get("host") != host:
-            continue
-        pid = info.get("pid")
-        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or _alive(pid, info.get("pid_start")):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(str(p))
-    return removed
-
-
-MARKER_SIZE = 512  # bytes: a hostname is at most 64
-
-
-def _marker_text(info: dict) -> str:
-    """`info` as one JSON line padded with spaces to MARKER_SIZE, so both markers have the same size."""
-    return json.dumps(info).ljust(MARKER_SIZE - 1) + "\n"
-
-
-def _temp_folder(out: Path, command: str) -> Path:
-    """A fresh hidden sibling of `out` holding TEMP_MARKER (host, pid, start time): remove_stale_temps removes it
-    once this process is gone, whatever killed it."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
-    (tmp / TEMP_MARKER).write_text(_marker_text({
-        "tool": "tpcli", "command": command, "host": socket.gethostname(), "pid": os.getpid(),
-        "pid_start": _process_start(os.getpid()), "started": time.time()}))
-    return tmp
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path, *, command: str = "tpcli", force: bool = False):
-    """Yield a temporary sibling folder; on success it replaces `out`, on any error (or Ctrl-C) it is removed.
-
-    The temporary folder holds TEMP_MARKER (host, pid, start time) while it is written, so a later run can prove a
-    leftover one is stale; the published folder holds OUTPUT_MARKER, so a later --force knows it may replace it.
-    The one becomes the other in place: the temp marker is overwritten with the output marker's text (both padded
-    to MARKER_SIZE, so no block is freed and the published marker holds no host or pid) and renamed. Unlinking it
-    instead stalled 0.2-2 s on ext4 (measured with strace after writing 4.7 GB: the unlink waited for the journal
-    to commit the fresh data; the overwrite and the rename do not).
-    A full disk, or a final rename that fails, becomes one OutputError line; nothing is left behind either way.
-    `out` is checked again just before it is replaced (`check_replaceable`): whatever appeared there meanwhile is
-    only replaced if `prepare_output` would have allowed it (empty, or a tpcli output under `force`).
-    """
-    tmp = _temp_folder(out, command)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
-        yield tmp
-        with open(tmp / TEMP_MARKER, "r+") as f:  # same size, overwritten in place: no block is freed
-            f.write(_marker_text({"tool": "tpcli", "command": command}))
-            f.truncate()
-        os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
-        check_replaceable(out, force=force)
-        _publish(tmp, out, command, force)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            what = f" while writing {Path(exc.filename).name}" if exc.filename else ""
-            raise OutputError(f"--out {out}: no space left on the device{what}; nothing was kept: free some space "
-                              "and re-run.") from None
-        raise
-
-
-def check_replaceable(out: Path, *, force: bool) -> None:
-    """Raise OutputError unless `out` may be replaced now: absent, an empty folder, or (with `force`) a tpcli
-    output. `prepare_output` checked this before any work; this re-check, just before the rename, catches a folder
-    someone created or filled while tpcli was writing (a race `prepare_output` cannot see). A folder that was
-    there at the start under --force passes only if it still is a tpcli output. `_publish` checks once more what
-    it actually moved aside, where nobody else can change it, and puts it back if it fails."""
-    why = _not_replaceable(out, force=force)
-    if why:
-        raise OutputError(f"--out {out}: changed while tpcli was writing: it {why}; nothing was replaced and the new "
-                          "output was discarded: move it away (or pick another --out) and re-run.")
-
-
-def _not_replaceable(path: Path, *, force: bool) -> str | None:
-    """Why `path` may not be replaced (see `check_replaceable`), or None."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISDIR(st.st_mode):
-        return "is now a symlink" if stat.S_ISLNK(st.st_mode) else "is now a file"
-    try:
-        names = sorted(os.listdir(path))[:3]
-    except OSError as exc:
-        names = [f"unreadable: {exc.strerror}"]
-    if not names or (force and is_tpcli_output(path)):
-        return None
-    return f"now holds {', '.join(names)}" + ("" if force else " (and --force was not given)")
-
-
-def _publish(tmp: Path, out: Path, command: str, force: bool = False) -> None:
-    """Move the finished `tmp` to `out`; on failure put the previous output back.
-
-    A previous output (--force) is first moved into a marked temporary folder, `out` -> `.OUT.tpcli-tmp-X/old`,
-    then deleted: if this process dies before the deletion ends, the next run's remove_stale_temps finds it as it
-    finds any interrupted write, instead of a hidden copy of the old output lingering forever.
-    """
-    holder = None
-    try:
-        if out.exists() or out.is_symlink():
-            holder = _temp_folder(out, command)
-            os.replace(out, holder / "old")
-            why = _not_replaceable(holder / "old", force=force)  # what was moved can no longer change under us
-            if why:
-                os.replace(holder / "old", out)  # put it back untouched
-                shutil.rmtree(holder, ignore_errors=True)
-                raise OutputError(f"--out {out}: changed while tpcli was writing: it {why}; nothing was replaced "
-                                  "and the new output was discarded: move it away (or pick another --out) and re-run.")
-        os.replace(tmp, out)  # onto a missing or empty folder; a folder filled meanwhile fails (ENOTEMPTY)
-    except OSError as exc:
-        kept = ""
-        if holder is not None:
-            if not out.exists() and (holder / "old").exists():
-                with contextlib.suppress(OSError):
-                    os.replace(holder / "old", out)
-            if (holder / "old").exists():  # could not be put back: unmark it so no later run deletes it
-                (holder / TEMP_MARKER).unlink(missing_ok=True)
-                kept = f"; the previous output is in {holder / 'old'}"
-            else:
-                shutil.rmtree(holder, ignore_errors=True)
-        raise OutputError(f"--out {out}: could not move the finished output into place ({exc.strerror}); nothing "
-                          f"was written{kept}.") from None
-    if holder is not None:
-        shutil.rmtree(holder, ignore_errors=True)
-
-
-def copy_aux(src_folder: Path, dst: Path, files: list[Path]) -> list[str]:
-    copied = []
-    for f in files:
-        shutil.copy2(f, dst / f.name)
-        copied.append(f.name)
-    return copied
