@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from .layout import rank_runs
 from .plan import ResolvedPlan, dtype_size, rule_matches
 from .quant import block_misalignments, scale_pairs
-from .styles import HEAD_SPLITTING, HOOK_ONLY, SPLIT_INPUT, SPLIT_OUTPUT, is_known_style
+from .styles import HEAD_SPLITTING, HOOK_ONLY, SPLIT_INPUT, SPLIT_OUTPUT, is_known_style, unknown_style_hint
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 # Projections whose output columns are attention heads (MLA: q_b_proj, kv_b_proj; q_proj when q_lora_rank is None)
@@ -46,7 +46,8 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
 
     for rule, style in plan.rules.items():
         if not is_known_style(style):
-            add(Finding(ERROR, "unknown-style", f"rule {rule!r} uses style {style!r}, which transformers does not know", rule))
+            add(Finding(ERROR, "unknown-style", f"rule {rule!r} uses style {style!r}, which transformers does not know"
+                               f"{unknown_style_hint(style)}", rule))
 
     unused_defaults = []
     for rule, names in rule_matches(plan).items():
