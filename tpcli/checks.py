@@ -332,7 +332,8 @@ def _replication_findings(plan: ResolvedPlan) -> list[Finding]:
                                    f"{t.name} is tied to {t.tied_to} but they get different placements "
                                    f"({t.placement.describe()} vs {other.placement.describe()})", t.name))
             else:
-                out.append(Finding(INFO, "tied", f"{t.name} is tied to {t.tied_to} (stored once per file pair)", t.name))
+                out.append(Finding(INFO, "tied", f"{t.name} is tied to {t.tied_to}: one tensor in memory on each rank; "
+                                   "each rank file stores both names, as transformers' distributed save does", t.name))
     return out
 
 

@@ -104,7 +104,7 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
     _, plan = load_resolved(spec.model, plan_file=spec.plan_file)
     findings = _preflight_at_world_size(plan, tp)
     warnings = [f for f in findings if f.severity == "warning"]
-    return [f"preflight: {plan.architecture} plan OK at tp={tp}" + (f" ({len(warnings)} warnings, see `tpcli verify`)"
+    return [f"preflight: {plan.architecture} plan OK at tp={tp}" + (f" ({len(warnings)} warning{'' if len(warnings) == 1 else 's'}, see `tpcli verify`)"
                                                                       if warnings else "")]
 
 
