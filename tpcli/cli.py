@@ -109,17 +109,21 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve")
-    from .render import print_json, render_inspect, render_memory
+    from .render import print_json, render_inspect, render_memory, status_line
 
-    key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/cache.py)
-    report = cache.get(key)
-    if report is None:
-        from .inspection import inspect_model
+    with status_line(not json_out) as say:
+        say("checking the result cache")
+        key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/cache.py)
+        report = cache.get(key)
+        if report is None:
+            say("loading transformers")
+            from .inspection import inspect_model
 
-        report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                               reserve=reserve_bytes)
-        if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
-            report = cache.put(key, report)
+            say("building the model (no weights) and resolving its TP plan")
+            report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory,
+                                   gpu_mem=gpu_bytes, reserve=reserve_bytes)
+            if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
+                report = cache.put(key, report)
     if json_out:
         print_json(report)
     else:
@@ -145,17 +149,21 @@ def verify(
     """Catch a broken TP setup before it costs GPU hours."""
     _positive("--tp", tp)
     from . import cache
-    from .render import print_json, render_verify
+    from .render import print_json, render_verify, status_line
 
-    key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/cache.py)
-    result = cache.get(key)
-    if result is None:
-        from . import verification
+    with status_line(not json_out) as say:
+        say("checking the result cache")
+        key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/cache.py)
+        result = cache.get(key)
+        if result is None:
+            say("loading transformers")
+            from . import verification
 
-        result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
-                                     tolerance=tolerance, gpus=gpus, quick=quick, progress=not json_out)
-        if result["ok"]:
-            result = cache.put(key, result)
+            result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
+                                         tolerance=tolerance, gpus=gpus, quick=quick, progress=not json_out,
+                                         status=say)
+            if result["ok"]:
+                result = cache.put(key, result)
     print_json(result) if json_out else render_verify(result)
     if not result["ok"]:
         raise typer.Exit(1)
@@ -174,11 +182,15 @@ def shard(
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
     _positive("--tp", tp)
-    from .render import print_json, render_shard
-    from .sharding import shard_checkpoint
+    from .render import print_json, render_shard, status_line
 
-    result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision, force=force,
-                              progress=not json_out)
+    with status_line(not json_out) as say:
+        say("loading transformers")
+        from .sharding import shard_checkpoint
+
+        say(f"reading {model} and planning the split into {tp} ranks")
+        result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision,
+                                  force=force, progress=not json_out)
     print_json(result) if json_out else render_shard(result)
 
 
@@ -193,11 +205,15 @@ def gather(
 ):
     """Merge per-rank shards into a standard checkpoint that from_pretrained loads without TP."""
     size = _size_bytes("--max-shard-size", max_shard_size)
-    from .gathering import gather_checkpoint
-    from .render import print_json, render_gather
+    from .render import print_json, render_gather, status_line
 
-    result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
-                               progress=not json_out)
+    with status_line(not json_out) as say:
+        say("loading transformers")
+        from .gathering import gather_checkpoint
+
+        say(f"checking {directory} and planning the merge")
+        result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
+                                   progress=not json_out)
     print_json(result) if json_out else render_gather(result)
 
 

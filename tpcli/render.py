@@ -278,6 +278,45 @@ def render_memory(r: dict) -> None:
             console.print(f"  to fit: {change['text']}")
 
 
+class status_line:  # noqa: N801 - used as a context manager
+    """What a command is doing while nothing else shows: one transient spinner line on stderr, in a terminal only
+    (never in a pipe, a log or under --json). `with status_line(enabled) as say: say("loading transformers")`;
+    `say` is the callback the library gets (`status=`). It is shown at once when the command starts (before torch
+    or transformers are imported) and removed when a progress bar starts or the command ends."""
+
+    active: status_line | None = None
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err_console.is_terminal
+        self._status = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._status = err_console.status("", spinner="dots")
+            self._status.start()
+            status_line.active = self
+        return self
+
+    def __call__(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(f"{text}…", spinner="dots")  # a spinner given: drawn now, not at the next tick
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if status_line.active is self:
+            status_line.active = None
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def no_status(text: str) -> None:
+    """The status callback when nobody shows it (library calls outside the CLI)."""
+
+
 class _NoBar:
     def advance(self, n: int) -> None:
         pass
@@ -301,6 +340,8 @@ class progress_bar:  # noqa: N801 - used as a context manager
     def __enter__(self):
         if not self.enabled or not err_console.is_terminal:  # a pipe or log: no bar, and no empty line it leaves
             return _NoBar()
+        if status_line.active is not None:  # one live display at a time: the bar says what happens now
+            status_line.active.stop()
         from rich.progress import (
             BarColumn,
             DownloadColumn,

@@ -17,7 +17,11 @@ DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 5e-2, "float1
 
 def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, revision: str | None = None,
            numerics: bool = False, tolerance: float | None = None, gpus: bool = False, quick: bool = False,
-           progress: bool = False) -> dict:
+           progress: bool = False, status=None) -> dict:
+    """`status(text)` is told each slow step (the CLI shows it on a terminal)."""
+    from .render import no_status
+
+    say = status or no_status
     local = Path(target).expanduser()
     if dcp.is_sharded_dir(local):
         if numerics:
@@ -27,6 +31,7 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
         raise UsageError("--tp N is required to verify a model (or pass a sharded folder to check its files).")
     from .inspection import load_resolved
 
+    say("building the model (no weights) and resolving its TP plan")
     src, plan = load_resolved(target, plan_file=plan_file, revision=revision)
     findings = check_plan(plan, tp)
     result = {
@@ -39,6 +44,7 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
         "ok": not any(f.severity == "error" for f in findings),
     }
     if numerics and result["ok"]:
+        say(f"starting {tp} {'GPU' if gpus else 'CPU'} workers: TP load, single-process reference, compare")
         result["numerics"] = run_numerics(src.path, tp=tp, plan_file=plan_file, gpus=gpus, tolerance=tolerance,
                                           default_dtype=plan.dtype)
         result["ok"] = result["numerics"]["ok"]
