@@ -35,3 +35,10 @@ def test_unknown_style_in_a_library_plan_suggests_too(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(PlanError, match=r"\(did you mean 'conv1d_colwise'\?\); known styles: "):
         plans_lib.load_spec(str(path))
+
+
+def test_preflight_counts_one_warning_in_the_singular(model_dirs):
+    from tpcli.launch import LaunchSpec, preflight_model
+
+    (note,) = preflight_model(LaunchSpec(script="x.py", cpu=2, model=str(model_dirs("qwen3"))))  # uneven vocab only
+    assert note.endswith("plan OK at tp=2 (1 warning, see `tpcli verify`)"), note
