@@ -127,7 +127,8 @@ def paired(runs: int, cmd: list[str], source: Path, out: Path, env: dict) -> tup
 TRANSFORMERS_SAVE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], tp_plan="auto")
+from transformers.distributed import DistributedConfig
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], distributed_config=DistributedConfig(tp_plan="auto"))
 m.save_pretrained(sys.argv[2], distributed_checkpoint=True)
 """
 
@@ -153,6 +154,7 @@ import torch, torch.distributed as dist
 if not dist.is_initialized():
     dist.init_process_group("gloo", timeout=timedelta(seconds=900))
 from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
 import tpcli
 tpcli_dir, tf_dir, out = sys.argv[1:4]
 rank = dist.get_rank()
@@ -186,7 +188,7 @@ def timed(fn, folder=None):
     dist.barrier(); del m; gc.collect(); return dt, dt_fwd, b
 
 ours = lambda: tpcli.load_model(tpcli_dir)
-theirs = lambda: AutoModelForCausalLM.from_pretrained(tf_dir, tp_plan="auto")
+theirs = lambda: AutoModelForCausalLM.from_pretrained(tf_dir, distributed_config=DistributedConfig(tp_plan="auto"))
 timed(ours); timed(theirs)  # first touch: lazy imports and the page cache
 res = {"rank": rank}
 for _ in range(3):  # alternately: drift in the machine's load hits both alike; best of three

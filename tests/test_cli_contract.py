@@ -45,6 +45,10 @@ CASES = [
     ("run no script", ["run", "--cpu", "2"], 2, "SCRIPT.py or -m MODULE"),
     ("run world size", ["run", "--cpu", "3", "--model", "MODEL", "SCRIPT"], 1, "world size 3 is invalid"),
     ("inspect invalid tp", ["inspect", "MODEL", "--tp", "3"], 1, None),
+    ("run mistyped flag", ["run", "--gpu", "2", "SCRIPT"], 2, "No such option: --gpu (Possible options: --gpus"),
+    ("run mistyped flag=value", ["run", "--cpus=2", "SCRIPT"], 2, "No such option: --cpus (Possible options: --cpu"),
+    ("run example as a script", ["run", "--cpu", "1", "generate.py"], 2, "-m tpcli.examples.generate"),
+    ("shard invalid tp", ["shard", "MODEL", "--tp", "3", "--out", "OUT"], 1, "; valid TP sizes: 1, 2."),
 ]
 
 

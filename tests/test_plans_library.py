@@ -38,6 +38,20 @@ def numerics_ok(r: dict) -> bool:
         all(layer["max_abs"] <= TOL for layer in r["layers"])
 
 
+def transformers_ships_plan(config) -> bool:
+    """transformers ships its own TP plan for this architecture's decoder layers (a `*` rule in the config's
+    `base_model_tp_plan`): tpcli then keeps it ("transformers default") and picks no plans/ entry. gptj and codegen
+    gained one in transformers 5.24; gpt_oss's shards only the embedding."""
+    return any("*" in rule for rule in getattr(config, "base_model_tp_plan", None) or {})
+
+
+def auto_source(name: str, path: Path) -> str:
+    """The plan source the automatic pick gives the tiny model of plans/NAME.json with this transformers."""
+    from tpcli.planning.plan import load_config
+
+    return "transformers default" if transformers_ships_plan(load_config(path)) else f"tpcli plans/{name}.json"
+
+
 def valid_at(name: str, path: Path, tp: int) -> bool:
     from tpcli.planning.checks import check_plan, errors
     from tpcli.planning.plan import load_config, resolve_plan
@@ -53,9 +67,13 @@ def test_shipped_plans_validate_and_are_picked_automatically(plan_models):
 
     assert NAMES, "plans/ is empty"
     for name, path in plan_models.items():
-        plan = resolve_plan(load_config(path))
+        config = load_config(path)
+        plan = resolve_plan(config)
+        assert plan.plan_source == auto_source(name, path), name
+        if transformers_ships_plan(config):  # transformers' own plan wins; plans/NAME still resolves by name
+            assert plan.library is None and not plan.user_rules
+            plan = resolve_plan(config, user_plan=plans_library.load_spec(name)[0], plan_file=name)
         assert plan.library is not None and plan.library.name == name
-        assert plan.plan_source == f"tpcli plans/{name}.json"
         assert plan.user_rules == plans_library.shipped()[name].tp_plan
 
 
@@ -192,7 +210,7 @@ def test_every_plan_numerics_and_round_trip(tp, plan_models, tmp_path):
         for n in names:
             sharded[n] = tmp_path / f"{n}-tp{tp}"
             shard_checkpoint(str(plan_models[n]), tp=tp, out=str(sharded[n]))
-            assert read(sharded[n])["plan"]["source"] == f"tpcli plans/{n}.json"
+            assert read(sharded[n])["plan"]["source"] == auto_source(n, plan_models[n])
             assert verify_sharded(sharded[n], tp=tp, quick=False)["ok"]
             cases.append({"id": f"{n}-sharded", "model": str(plan_models[n]), "plan": None,
                           "load_from": str(sharded[n])})
@@ -225,8 +243,12 @@ def test_refused_architectures_say_why():
     from tpcli.planning.checks import low_sharding_findings
     from tpcli.planning.plan import resolve_plan
 
-    with pytest.raises(PlanError, match=re.escape("tpcli refuses it: qkv_proj packs 4 hard-coded")):
-        resolve_plan(AutoConfig.for_model("codegen", n_embd=64, n_layer=1, n_head=4, vocab_size=101))
+    codegen = AutoConfig.for_model("codegen", n_embd=64, n_layer=1, n_head=4, vocab_size=101)
+    if transformers_ships_plan(codegen):  # transformers >= 5.24: its own plan, no refusal
+        assert resolve_plan(codegen).plan_source == "transformers default"
+    else:
+        with pytest.raises(PlanError, match=re.escape("tpcli refuses it: qkv_proj packs 4 hard-coded")):
+            resolve_plan(codegen)
     dbrx = AutoConfig.for_model("dbrx", d_model=64, n_heads=4, n_layers=1, vocab_size=101,
                                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
                                 ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 2})

@@ -9,29 +9,34 @@ import sys
 import pytest
 
 LOOP = """
-import resource, sys, torch
+import ctypes, resource, torch
 from tpcli.formats.heap import reuse_freed_memory
-if sys.argv[1] == "on":
-    reuse_freed_memory()
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages only, whatever huge pages are free now
 sizes = [22 * 2**20, 22 * 2**20, 22 * 2**20, 8 * 2**20]  # a layer of the bench Llama: MLP weights, o_proj
 def step():
     held = [torch.empty(n, dtype=torch.uint8).fill_(1) for n in sizes]  # read, sliced, written, freed
     del held
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+def faults():
     step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+off = faults()  # glibc's defaults first: once set, the thresholds stay for the process
+reuse_freed_memory()
+print(off, faults())
 """
 
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="needs glibc's mallopt")
 def test_reuse_freed_memory_stops_page_faults_per_tensor():
-    faults = {mode: int(subprocess.run([sys.executable, "-c", LOOP, mode], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("off", "on")}
+    """Page faults of the same ten steps, without then with the setting, in one process: a count of what the kernel
+    did for this process (not a timing), compared with a wide margin (measured: 122k -> 0 faults)."""
+    off, on = map(int, subprocess.run([sys.executable, "-c", LOOP], capture_output=True, text=True,
+                                      check=True).stdout.split())
     pages = 10 * sum([22, 22, 22, 8]) * 2**20 // 4096
-    assert faults["off"] > pages / 2  # glibc's default: fresh pages for most buffers, every step
-    assert faults["on"] < faults["off"] / 3  # reused (measured: 129k -> 32k faults)
+    assert off > pages / 4, (off, on)  # glibc's default: fresh pages for many buffers, every step
+    assert on < off / 4, (off, on)  # reused
 
 
 @pytest.mark.parametrize("name", ["mixtral", "llama", "qwen3_moe"])

@@ -179,17 +179,21 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype is not None else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve", zero=True)
-    from tpcli.render import print_json, render_inspect, render_memory, render_mesh, render_mesh_fit
+    from tpcli.render import print_json, render_inspect, render_memory, render_mesh, render_mesh_fit, status_line
 
-    key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/formats/cache.py)
-    report = cache.get(key, required=_INSPECT_FIELDS)
-    if report is None:
-        from tpcli.commands.inspect import inspect_model
+    with status_line(not json_out) as say:
+        say("checking the result cache")
+        key = cache.key(ctx.info_name, ctx.params)  # a hit skips importing torch/transformers (tpcli/formats/cache.py)
+        report = cache.get(key, required=_INSPECT_FIELDS)
+        if report is None:
+            say("loading transformers")
+            from tpcli.commands.inspect import inspect_model
 
-        report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                               reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node)
-        if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
-            report = cache.put(key, report)
+            say("building the model (no weights) and resolving its TP plan")
+            report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
+                                   reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node)
+            if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
+                report = cache.put(key, report)
     if json_out:
         print_json(report)
     else:
@@ -225,17 +229,20 @@ def verify(
         raise UsageError("--numerics runs plain TP workers; drop --fsdp/--dp-replicate/--ep (the mesh is checked "
                          "statically) or drop --numerics.")
     from tpcli.formats import cache
-    from tpcli.render import print_json, render_verify
+    from tpcli.render import print_json, render_verify, status_line
 
-    key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/formats/cache.py)
-    result = cache.get(key, required=("mode", "target", "architecture", "tp", "plan_source", "findings", "ok"))
-    if result is None:
-        from tpcli.commands import verify as verification
+    with status_line(not json_out) as say:
+        say("checking the result cache")
+        key = cache.key(ctx.info_name, ctx.params)  # static checks of a local model only (tpcli/formats/cache.py)
+        result = cache.get(key, required=("mode", "target", "architecture", "tp", "plan_source", "findings", "ok"))
+        if result is None:
+            say("loading transformers")
+            from tpcli.commands import verify as verification
 
-        result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
-                                     tolerance=tolerance, gpus=gpus, quick=quick, mesh=mesh)
-        if result["ok"]:
-            result = cache.put(key, result)
+            result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
+                                         tolerance=tolerance, gpus=gpus, quick=quick, mesh=mesh, status=say)
+            if result["ok"]:
+                result = cache.put(key, result)
     print_json(result) if json_out else render_verify(result)
     if not result["ok"]:
         raise typer.Exit(1)
@@ -255,11 +262,15 @@ def shard(
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
     _positive("--tp", tp, MAX_TP)
     _plan_flag(plan)
-    from tpcli.commands.shard import shard_checkpoint
-    from tpcli.render import print_json, render_shard
+    from tpcli.render import print_json, render_shard, status_line
 
-    result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision, force=force,
-                              progress=_progress(json_out))
+    with status_line(not json_out) as say:
+        say("loading transformers")
+        from tpcli.commands.shard import shard_checkpoint
+
+        say(f"reading {model} and planning the split into {tp} ranks")
+        result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision,
+                                  force=force, progress=_progress(json_out))
     print_json(result) if json_out else render_shard(result)
 
 
@@ -275,11 +286,15 @@ def gather(
 ):
     """Merge per-rank shards into a standard checkpoint that from_pretrained loads without TP."""
     size = _size_bytes("--max-shard-size", max_shard_size)
-    from tpcli.commands.gather import gather_checkpoint
-    from tpcli.render import print_json, render_gather
+    from tpcli.render import print_json, render_gather, status_line
 
-    result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
-                               progress=_progress(json_out))
+    with status_line(not json_out) as say:
+        say("loading transformers")
+        from tpcli.commands.gather import gather_checkpoint
+
+        say(f"checking {directory} and planning the merge")
+        result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
+                                   progress=_progress(json_out))
     print_json(result) if json_out else render_gather(result)
 
 
@@ -315,6 +330,7 @@ def run(
     Everything after SCRIPT (or -m MODULE) is passed to the script unchanged."""
     from tpcli.commands.run import LaunchSpec, run_job
 
+    _check_run_script(ctx, script)
     argv = list(ctx.args)
     if module and script is not None:
         argv.insert(0, script)
@@ -342,6 +358,31 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
+def _check_run_script(ctx: typer.Context, script: str | None) -> None:
+    """Option parsing stops at SCRIPT, so a mistyped flag before it (`run --gpu 2 x.py`) arrives as SCRIPT: refuse
+    it as the other commands refuse an unknown flag, with the closest option. A missing SCRIPT named like one of
+    tpcli's examples (`generate.py`, as README once wrote it) points at `-m tpcli.examples.NAME`."""
+    import difflib
+    from pathlib import Path
+
+    if script is None or script == "-":
+        return
+    if script.startswith("-"):
+        flag = script.split("=", 1)[0]
+        names = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("--")]
+        close = difflib.get_close_matches(flag, names, n=3, cutoff=0.6)
+        maybe = f" (Possible options: {', '.join(close)})" if close else ""
+        raise UsageError(f"No such option: {flag}{maybe} (see 'tpcli run --help'; everything after SCRIPT goes "
+                         "to the script).")
+    if not Path(script).is_file():
+        from tpcli import examples
+
+        name = Path(script).stem
+        if Path(script).suffix == ".py" and (Path(examples.__file__).parent / f"{name}.py").is_file():
+            raise UsageError(f"SCRIPT {script}: no such file; tpcli's example runs as a module: "
+                             f"-m tpcli.examples.{name}")
+
+
 class Interrupted(BaseException):
     """SIGINT/SIGTERM/SIGHUP: unwinds like Ctrl-C (so `tpcli.formats.output.atomic_dir` removes its temporary output), but is not
     a KeyboardInterrupt, which typer would turn into a silent exit. Exit code 128 + signal number (130 for Ctrl-C)."""
@@ -355,13 +396,29 @@ def _on_signal(signum, frame):
     raise Interrupted(signum)
 
 
+# run's options that take a value (the next argument is not SCRIPT)
+_RUN_TAKES_VALUE = {"--gpus", "--cpu", "--model", "--plan", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id",
+                    "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision"}
+
+
+def _own_args(args: list[str]) -> list[str]:
+    """The arguments tpcli parses itself: for `run`, those before SCRIPT, -m MODULE or "--" (the rest is the
+    script's)."""
+    start = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))  # after global flags
+    if start == len(args) or args[start] != "run":
+        return args[:args.index("--")] if "--" in args else args
+    i = start + 1
+    while i < len(args) and args[i] != "--" and args[i].startswith("-") and args[i] not in ("-m", "--module"):
+        i += 2 if args[i] in _RUN_TAKES_VALUE else 1
+    return args[:min(i, len(args))]
+
+
 def _split_run_args(args: list[str]) -> list[str]:
     """`run ... -m MODULE ARGS`: insert "--" after MODULE so that ARGS reach the module untouched."""
     start = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))  # after global flags
     if start == len(args) or args[start] != "run":
         return args
-    takes_value = {"--gpus", "--cpu", "--model", "--plan", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id",
-                   "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision"}
+    takes_value = _RUN_TAKES_VALUE
     i = start + 1
     while i < len(args):
         a = args[i]
@@ -401,8 +458,10 @@ def _show_usage_error(exc) -> int:
         return 2
     hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
     message = " ".join(exc.format_message().split())
+    code = getattr(exc, "exit_code", 2)
+    _error_json(message + hint, code, "usage")
     print(f"Error: {message}{hint}", file=sys.stderr)
-    return getattr(exc, "exit_code", 2)
+    return code
 
 
 def main() -> None:
@@ -415,9 +474,23 @@ def main() -> None:
             signal.signal(s, handler)
 
 
+_JSON_ERRORS = False  # set by `_main` when the command line asks for --json: errors then also go to stdout as JSON
+
+
+def _error_json(message: str, code: int, kind: str) -> None:
+    """Under --json an error is also one JSON object on stdout, so a program reading stdout always gets JSON:
+    {"error": the message (as on stderr, without "Error: "), "exit_code", "kind": usage, error class, interrupted}."""
+    if _JSON_ERRORS:
+        import json
+
+        print(json.dumps({"error": message, "exit_code": code, "kind": kind}), flush=True)
+
+
 def _main() -> None:
+    global _JSON_ERRORS
     from tpcli import versions
 
+    _JSON_ERRORS = "--json" in _own_args(sys.argv[1:])
     if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version"):
         try:
             os.getcwd()
@@ -430,15 +503,15 @@ def _main() -> None:
     try:
         rc = app(args=_split_run_args(sys.argv[1:]), prog_name="tpcli", standalone_mode=False)
     except TpcliError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(str(exc), exc.exit_code, "usage" if isinstance(exc, UsageError) else type(exc).__name__)
     except Interrupted as exc:
-        _fail(f"interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+        _fail(f"interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum, "interrupted")
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        _fail("interrupted", 130, "interrupted")
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        _fail("aborted", 1)
+        _fail("aborted", 1, "interrupted")
     except BrokenPipeError:
         _quiet_stdout()  # `tpcli inspect ... | head`: the reader has what it wanted
         sys.exit(0)
@@ -452,7 +525,7 @@ def _main() -> None:
             sys.exit(_show_usage_error(exc))
         moved = versions.moved_internal(exc)
         if moved:
-            _fail(moved, 1)
+            _fail(moved, 1, "untested-version")
         raise
     sys.exit(rc if isinstance(rc, int) else 0)
 
@@ -465,10 +538,11 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int, kind: str = "error") -> None:
     if os.environ.get("TPCLI_DEBUG"):
         import traceback
 
         traceback.print_exc()
+    _error_json(message, code, kind)
     print(f"Error: {message}", file=sys.stderr)
     sys.exit(code)

@@ -50,17 +50,37 @@ def rank_runs(values: list) -> list[tuple[str, object]]:
     return [(f"{a}" if a == b else f"{a}-{b}", v) for a, b, v in runs]
 
 
+def identifier_column(table: Table, header: str, values, **kwargs) -> None:
+    """A column of identifiers (rules, styles, parameter names): never broken inside one. It is as wide as its
+    longest value; the other (free-text) columns wrap between words to make room, and a row wider than the
+    terminal is wrapped by the terminal, whole identifiers included."""
+    width = max([len(header), *(len(str(v)) for v in values)])
+    table.add_column(header, no_wrap=True, min_width=width, overflow="fold", **kwargs)
+
+
+def print_table(table: Table) -> None:
+    """Print a table no narrower than its columns' minimum widths (`identifier_column`): on a narrow terminal its
+    rows are then wider than the screen and the terminal wraps them, instead of Rich breaking or cutting a name."""
+    need = sum((c.min_width or 1) + 3 for c in table.columns) + 1  # "│ x " per column, the closing border
+    if console.width >= need:
+        console.print(table)
+        return
+    wide = Console(file=console.file, width=need, soft_wrap=True, force_terminal=console.is_terminal,
+                   color_system=console.color_system, no_color=console.no_color)  # print caps width at its own
+    wide.print(table)
+
+
 def render_findings(findings: list[dict], title: str = "Findings") -> None:
     if not findings:
         console.print(f"[green]{title}: no problems found[/green]")
         return
     table = Table(title=title, title_justify="left")
-    table.add_column("severity", no_wrap=True)
-    table.add_column("check", no_wrap=True)
+    identifier_column(table, "severity", [f["severity"] for f in findings])
+    identifier_column(table, "check", [f["code"] for f in findings])
     table.add_column("message", overflow="fold")
     for f in findings:
         table.add_row(f"[{SEVERITY_STYLE[f['severity']]}]{f['severity']}[/]", f["code"], f["message"])
-    console.print(table)
+    print_table(table)
 
 
 def render_inspect(r: dict) -> None:
@@ -81,13 +101,19 @@ def render_inspect(r: dict) -> None:
         console.print(f"  checkpoint: {ck['files']} safetensors file(s){on_disk}; parameters by dtype: {by_dtype}")
 
     table = Table(title="TP plan", title_justify="left")
-    for col in ("rule", "style", "matches", "params", "bytes sharded"):
-        numeric = col in ("matches", "params", "bytes sharded")
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold")
+    identifier_column(table, "rule", [rule["rule"] for rule in r["plan"]])
+    identifier_column(table, "style", [rule["style"] for rule in r["plan"]])
+    identifier_column(table, "matches", [rule["matches"] or "0 (matches nothing)" for rule in r["plan"]],
+                      justify="right")
+    identifier_column(table, "params", [rule["parameters"] for rule in r["plan"]], justify="right")
+    identifier_column(table, "bytes sharded", [human_bytes(rule["bytes_sharded"]) for rule in r["plan"]],
+                      justify="right")
     for rule in r["plan"]:
         m = str(rule["matches"]) if rule["matches"] else "[red]0 (matches nothing)[/red]"
         table.add_row(rule["rule"], rule["style"], m, str(rule["parameters"]), human_bytes(rule["bytes_sharded"]))
-    console.print(table)
+    print_table(table)
+    console.print("  matches: modules and parameters the rule applies to, all layers; params: parameter tensors it "
+                  "places (a tied one counted once); bytes sharded: their bytes split between ranks")
 
     c = r["coverage"]
     console.print(f"Coverage: {c['sharded_fraction'] * 100:.1f}% of parameter bytes sharded, "
@@ -99,11 +125,12 @@ def render_inspect(r: dict) -> None:
     tp = r.get("tp")
     if tp:
         table = Table(title=f"Per-rank shapes at tp={tp['size']}", title_justify="left")
-        table.add_column("parameter group", overflow="fold")
-        table.add_column("n", justify="right", no_wrap=True)
-        table.add_column("placement", overflow="fold")
-        table.add_column("global", no_wrap=True)
-        table.add_column("local per rank", overflow="fold")
+        identifier_column(table, "parameter group", [g["pattern"] for g in tp["groups"]])
+        identifier_column(table, "n", [g["count"] for g in tp["groups"]], justify="right")
+        identifier_column(table, "placement", [g["placement"] for g in tp["groups"]])
+        identifier_column(table, "global", [shape(g["global_shape"]) for g in tp["groups"]])
+        widest = max(len(shape(s)) for g in tp["groups"] for s in g["local_shapes"])  # wraps between shapes only
+        table.add_column("local per rank", min_width=max(widest, len("local per rank")), overflow="fold")
         for g in tp["groups"]:
             locals_ = [shape(s) for s in g["local_shapes"]]
             if len(set(locals_)) == 1:
@@ -113,7 +140,7 @@ def render_inspect(r: dict) -> None:
             else:  # large tp: one entry per run of equal shapes
                 local = " / ".join(f"{s} ranks {runs}" for runs, s in rank_runs(locals_))
             table.add_row(g["pattern"], str(g["count"]), g["placement"], shape(g["global_shape"]), local)
-        console.print(table)
+        print_table(table)
         render_rank_memory(tp, r.get("memory"))
         render_findings(tp["findings"], title=f"Checks at tp={tp['size']}")
 
@@ -266,6 +293,8 @@ def render_cache_layers(memory: dict) -> None:
     """One line per kind of cache layer (MLA, attention, gated delta net, mamba, ...) under the memory table."""
     for c in memory.get("cache_layers") or []:
         console.print("  " + cache_layer_line(c))
+
+
 # Mesh coordinates shown per row, in the order of transformers' meshes; only dims of size > 1 appear.
 _MESH_DIMS = (("dp_replicate", "dp_replicate"), ("fsdp", "fsdp"), ("tp", "tp"), ("efsdp", "efsdp"), ("ep", "ep"))
 _MESH_ESTIMATES = (("activation_bytes_estimate", "act est"), ("fsdp_gather_bytes_estimate", "gather"))
@@ -387,6 +416,42 @@ def _wrap(text: str, width: int = 78) -> list[str]:
     return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
+class status_line:  # noqa: N801 - used as a context manager
+    """What a command is doing while nothing else shows: one transient spinner line on stderr, in a terminal only
+    (never in a pipe, a log or under --json). `with status_line(enabled) as say: say("loading transformers")`;
+    `say` is the callback the library gets (`status=`). It is shown at once when the command starts (before torch
+    or transformers are imported) and removed when a progress bar starts or the command ends."""
+
+    active: status_line | None = None
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err_console.is_terminal
+        self._status = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._status = err_console.status("", spinner="dots")
+            self._status.start()
+            status_line.active = self
+        return self
+
+    def __call__(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(f"{text}…", spinner="dots")  # a spinner given: drawn now, not at the next tick
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if status_line.active is self:
+            status_line.active = None
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+
 class _NoBar:
     def advance(self, n: int) -> None:
         pass
@@ -408,8 +473,10 @@ class progress_bar:  # noqa: N801 - used as a context manager
         self._progress = None
 
     def __enter__(self):
-        if not self.enabled:
+        if not self.enabled or not err_console.is_terminal:  # a pipe or log: no bar, and no empty line it leaves
             return _NoBar()
+        if status_line.active is not None:  # one live display at a time: the bar says what happens now
+            status_line.active.stop()
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -439,8 +506,9 @@ def render_shard(r: dict) -> None:
     _render_removed(r)
     console.print(f"[green]Wrote[/green] {r['out']}: tp={r['tp_size']}, {r['tensors']} tensors, "
                   f"{len(r['files'])} rank files, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
-    for name, f in r["files"].items():
-        console.print(f"  {name}  {human_bytes(f['bytes'])}  sha256 {f['sha256'][:12]}…")
+    for name, f in r["files"].items():  # a terminal gets the hash's start; a pipe or log the whole hash
+        digest = f"{f['sha256'][:12]}…" if console.is_terminal else f["sha256"]
+        console.print(f"  {name}  {human_bytes(f['bytes'])}  sha256 {digest}")
     q = r.get("quantization")
     if q:
         console.print(f"  quantization: {quantization_line(q)}, {q['representation']} "
@@ -489,11 +557,12 @@ def render_verify(r: dict) -> None:
         return
     table = Table(title=f"Numerics: tp={n['world_size']} vs single process ({n['dtype']}, tolerance {n['tolerance']:g})",
                   title_justify="left")
-    for col in ("output", "max abs err", "max rel err", ""):
-        table.add_column(col, justify="right" if "err" in col else "left")
+    for col in ("output", "max abs err", "max rel err", "within tolerance"):
+        table.add_column(col, justify="right" if "err" in col else "left", no_wrap=True)
     for row in [*n["layers"], {"name": "logits", **n["logits"]}]:
         bad = row["max_abs"] > n["tolerance"]
-        table.add_row(row["name"], f"{row['max_abs']:.3g}", f"{row['max_rel']:.3g}", "[red]X[/red]" if bad else "")
+        table.add_row(row["name"], f"{row['max_abs']:.3g}", f"{row['max_rel']:.3g}",
+                      "[red]no[/red]" if bad else "yes")
     console.print(table)
     if n.get("generate_error"):
         console.print(f"[red]greedy decoding with the TP model failed: {n['generate_error']}[/red]")

@@ -13,7 +13,7 @@ from importlib import metadata
 from tpcli import __version__
 
 # package -> (oldest tested, newest tested), compared on (major, minor)
-TESTED = {"transformers": ("5.23", "5.23"), "torch": ("2.13", "2.15")}
+TESTED = {"transformers": ("5.23", "5.24"), "torch": ("2.13", "2.15")}
 
 
 def _minor(version: str) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 Each command is a pipeline over the layers below (source -> plan -> layout -> write) and returns a JSON-ready dict;
 none prints. Long ones take a `progress` callback, `progress(total_bytes, description)`, a context manager whose
-value has `.advance(n_bytes)` (the CLI passes `tpcli.render.progress_bar`; the default draws nothing).
+value has `.advance(n_bytes)` (the CLI passes `tpcli.render.progress_bar`; the default draws nothing); some take a
+`status(text)` callback saying what they are doing (`tpcli.render.status_line`; the default shows nothing).
 """
 
 from __future__ import annotations
@@ -22,3 +23,7 @@ def no_progress(total: int, description: str) -> AbstractContextManager:
 
 
 Progress = Callable[[int, str], AbstractContextManager]
+
+
+def no_status(text: str) -> None:
+    """The default `status` callback (what a command is doing, for a terminal spinner): shows nothing."""

@@ -67,8 +67,8 @@ def _hash_check(folder: Path, meta: dict):
     def check() -> None:
         for name, digest in zip(names, future.result(), strict=True):
             if digest != meta["files"][name]["sha256"]:
-                raise CheckpointError(f"{folder / name}: sha256 {digest[:12]}… does not match the manifest "
-                                      f"({meta['files'][name]['sha256'][:12]}…); the file is corrupt.")
+                raise CheckpointError(f"{folder / name}: sha256 {digest} does not match the manifest "
+                                      f"({meta['files'][name]['sha256']}); the file is corrupt.")
 
     return check
 

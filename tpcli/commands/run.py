@@ -113,9 +113,9 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
         return notes
     _, plan = load_resolved(spec.model, plan_file=spec.plan_file)
     findings = _preflight_at_world_size(plan, tp)
-    warnings = [f for f in findings if f.severity == "warning"]
-    return [f"preflight: {plan.architecture} plan OK at tp={tp}" + (f" ({len(warnings)} warnings, see `tpcli verify`)"
-                                                                      if warnings else "")]
+    n = sum(f.severity == "warning" for f in findings)
+    return [f"preflight: {plan.architecture} plan OK at tp={tp}" + (f" ({n} warning{'' if n == 1 else 's'}, see "
+                                                                      "`tpcli verify`)" if n else "")]
 
 
 def _preflight_at_world_size(plan, world_size: int) -> list:

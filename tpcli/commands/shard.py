@@ -102,8 +102,12 @@ def preflight(plan: ResolvedPlan, tp: int) -> list:
     findings = check_plan(plan, tp)
     errs = errors(findings)
     if errs:
+        from tpcli.planning.checks import valid_tp_sizes
+
         more = f" (+{len(errs) - 1} more; see `tpcli verify`)" if len(errs) > 1 else ""
-        raise PlanError(f"--tp {tp} is invalid for {plan.architecture}: {errs[0].message}{more}.")
+        valid = ", ".join(map(str, valid_tp_sizes(plan)[0])) or "none up to 64"
+        raise PlanError(f"--tp {tp} is invalid for {plan.architecture}: {errs[0].message}{more}; valid TP sizes: "
+                        f"{valid}.")
     return findings
 
 

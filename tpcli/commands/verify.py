@@ -8,6 +8,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from tpcli.commands import no_status
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import dcp
 from tpcli.planning.checks import Finding, check_plan
@@ -17,7 +18,9 @@ DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 5e-2, "float1
 
 def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, revision: str | None = None,
            numerics: bool = False, tolerance: float | None = None, gpus: bool = False, quick: bool = False,
-           mesh=None) -> dict:
+           mesh=None, status=None) -> dict:
+    """`status(text)` is told each slow step (the CLI shows it on a terminal)."""
+    say = status or no_status
     local = Path(target).expanduser()
     if dcp.is_sharded_dir(local):
         if mesh is not None:
@@ -29,6 +32,7 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
         raise UsageError("--tp N is required to verify a model (or pass a sharded folder to check its files).")
     from tpcli.commands.inspect import load_resolved
 
+    say("building the model (no weights) and resolving its TP plan")
     src, plan = load_resolved(target, plan_file=plan_file, revision=revision)
     mesh_doc = None
     if mesh is not None:
@@ -53,6 +57,7 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
     if mesh_doc is not None:
         result["mesh"] = mesh_doc
     if numerics and result["ok"]:
+        say(f"starting {tp} {'GPU' if gpus else 'CPU'} workers: TP load, single-process reference, compare")
         result["numerics"] = run_numerics(src.path, tp=tp, plan_file=plan_file, gpus=gpus, tolerance=tolerance,
                                           default_dtype=plan.dtype)
         result["ok"] = result["numerics"]["ok"]

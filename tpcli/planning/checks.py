@@ -9,7 +9,14 @@ from dataclasses import asdict, dataclass
 
 from tpcli.formats.units import dtype_size
 from tpcli.planning.layout import rank_runs
-from tpcli.planning.placements import HEAD_SPLITTING, HOOK_ONLY, SPLIT_INPUT, SPLIT_OUTPUT, is_known_style
+from tpcli.planning.placements import (
+    HEAD_SPLITTING,
+    HOOK_ONLY,
+    SPLIT_INPUT,
+    SPLIT_OUTPUT,
+    is_known_style,
+    unknown_style_hint,
+)
 from tpcli.planning.plan import ResolvedPlan, rule_matches
 from tpcli.planning.quant import block_misalignments, scale_pairs
 
@@ -47,7 +54,8 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
 
     for rule, style in plan.rules.items():
         if not is_known_style(style):
-            add(Finding(ERROR, "unknown-style", f"rule {rule!r} uses style {style!r}, which transformers does not know", rule))
+            add(Finding(ERROR, "unknown-style", f"rule {rule!r} uses style {style!r}, which transformers does not know"
+                               f"{unknown_style_hint(style)}", rule))
 
     unused_defaults = []
     for rule, names in rule_matches(plan).items():
@@ -332,7 +340,8 @@ def _replication_findings(plan: ResolvedPlan) -> list[Finding]:
                                    f"{t.name} is tied to {t.tied_to} but they get different placements "
                                    f"({t.placement.describe()} vs {other.placement.describe()})", t.name))
             else:
-                out.append(Finding(INFO, "tied", f"{t.name} is tied to {t.tied_to} (stored once per file pair)", t.name))
+                out.append(Finding(INFO, "tied", f"{t.name} is tied to {t.tied_to}: one tensor in memory on each rank; "
+                                   "each rank file stores both names, as transformers' distributed save does", t.name))
     return out
 
 

@@ -106,6 +106,16 @@ def is_known_style(style: str) -> bool:
     return style in KNOWN_STYLES
 
 
+def unknown_style_hint(style: object) -> str:
+    """For an error about an unknown style: the closest known style (difflib) and the list of styles, e.g.
+    " (did you mean 'colwise'?); known styles: all_reduce, colwise, ..."."""
+    import difflib
+
+    close = difflib.get_close_matches(str(style), sorted(KNOWN_STYLES), n=1, cutoff=0.6)
+    maybe = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{maybe}; known styles: {', '.join(sorted(KNOWN_STYLES))}"
+
+
 def param_placement(style: str | None, param_name: str, ndim: int) -> ParamPlacement:
     """The placement transformers gives parameter `param_name` (its last name component decides `bias`)."""
     if style is None or style in HOOK_ONLY or ndim == 0:

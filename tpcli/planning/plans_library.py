@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 from tpcli.errors import PlanError
-from tpcli.planning.placements import is_known_style
+from tpcli.planning.placements import is_known_style, unknown_style_hint
 
 PLANS_DIR = Path(__file__).parents[1] / "plans"  # data shipped in the package (tpcli/plans/)
 FIELDS = {
@@ -100,7 +100,7 @@ def parse(data, path: Path, *, shipped: bool = False) -> LibraryPlan:
         raise bad("tp_plan", "is empty")
     for pattern, style in data["tp_plan"].items():
         if not isinstance(style, str) or not is_known_style(style):
-            raise bad("tp_plan", f"rule {pattern!r} has unknown style {style!r}")
+            raise bad("tp_plan", f"rule {pattern!r} has unknown style {style!r}{unknown_style_hint(style)}")
     for i, c in enumerate(data["constraints"]):
         where = f"constraints[{i}]"
         if not isinstance(c, dict) or not isinstance(c.get("config"), str):
@@ -191,7 +191,7 @@ def load_spec(spec: str | Path) -> tuple[dict[str, str], LibraryPlan | None]:
         raise PlanError(f"--plan {path}: expected a JSON object mapping module patterns to style names.")
     for key, style in data.items():
         if not is_known_style(style):
-            raise PlanError(f"--plan {path}: rule {key!r} has unknown style {style!r}; see `tpcli inspect --help` for styles.")
+            raise PlanError(f"--plan {path}: rule {key!r} has unknown style {style!r}{unknown_style_hint(style)}.")
     return data, None
 
 

@@ -4,7 +4,7 @@
     model = tpcli.load_model("/ckpt", dtype="bfloat16", tp_plan={"...": "colwise"})
 
 * An ordinary checkpoint, a transformers DCP folder, or a tpcli folder at another TP size:
-  `from_pretrained(path, tp_plan=...)`, nothing re-implemented.
+  `from_pretrained(path, distributed_config=DistributedConfig(tp_size=world, tp_plan=...))`, nothing re-implemented.
 * A tpcli sharded folder whose tp equals the world size (the fast path): transformers builds the model exactly as
   `from_pretrained` does (`prepare_distribute_model`, `maybe_distribute_model`: the same DTensor placeholders and
   forward hooks, then `_move_missing_keys_from_meta_to_device` and `tie_weights`, as its own DCP load does), and each
@@ -106,7 +106,11 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
         if device.type != "cpu" and "device_map" not in kwargs:  # `tpcli run --gpus 1`: on the GPU, as at tp > 1
             extra["device_map"] = device
         return cls.from_pretrained(str(path), **extra, **kwargs)
-    return cls.from_pretrained(str(path), tp_plan=tp_plan, **extra, **kwargs)
+    if "distributed_config" not in kwargs:  # transformers' current API: `tp_plan=` alone is deprecated (FutureWarning)
+        from transformers.distributed import DistributedConfig
+
+        extra["distributed_config"] = DistributedConfig(tp_size=world, tp_plan=tp_plan)
+    return cls.from_pretrained(str(path), **extra, **kwargs)
 
 
 def _auto_class(path: Path, *, trust_remote_code: bool = False):
