@@ -14,7 +14,8 @@ from conftest import ORACLES, base_env, tiny_models, torchrun
 from test_cli import _hub_cache, run_main
 
 from tpcli.errors import UsageError
-from tpcli.planning.memory import MemoryOptions, fit_table, largest_per_tp, parse_dtype, parse_size, rank_memory
+from tpcli.formats.units import parse_dtype, parse_size
+from tpcli.planning.memory import MemoryOptions, fit_table, largest_per_tp, rank_memory
 from tpcli.planning.plan import load_config, resolve_plan
 
 BATCH, SEQ_LEN = 2, 40  # 40 tokens > the tiny gemmas' 16-token window

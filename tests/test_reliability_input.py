@@ -129,13 +129,17 @@ def test_reserve_zero_is_no_reserve(model_dirs, monkeypatch, capsys):
     assert rc == 0 and json.loads(out)["fit"]["reserve_bytes"] == 0, err
 
 
-def test_the_two_size_parsers_are_one():
+def test_one_parser_for_every_size_flag():
+    """--gpu-mem, --reserve and --max-shard-size all go through tpcli.formats.units.parse_size (the CLI and the
+    memory planner had one each, treating 0 differently)."""
     from tpcli import cli
-    from tpcli.formats import sizes
+    from tpcli.formats import units
     from tpcli.planning import memory
 
+    assert cli.parse_size is units.parse_size
+    assert not hasattr(memory, "parse_size")
     for text in ("24G", "80GB", "3.5MiB"):
-        assert cli._size_bytes("--x", text) == memory.parse_size(text, "--x") == sizes.parse_size(text, "--x")
+        assert units.parse_size(text, "--x") == {"24G": 24 * 2**30, "80GB": 80 * 10**9, "3.5MiB": 7 * 2**19}[text]
 
 
 # --- the output folder: what appears at --out while tpcli writes is never deleted (issue 23 item 5) -----------

@@ -6,7 +6,6 @@ Importing this module must stay cheap: torch and transformers are imported insid
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 from typing import Annotated
@@ -15,6 +14,7 @@ import typer
 
 from tpcli import __version__
 from tpcli.errors import TpcliError, UsageError
+from tpcli.formats.units import parse_dtype, parse_duration, parse_size
 
 app = typer.Typer(
     name="tpcli",
@@ -104,30 +104,12 @@ def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | 
     return mesh
 
 
-def _size_bytes(flag: str, text: str) -> int:
-    from tpcli.formats.sizes import parse_size
-
-    return parse_size(text, flag)
-
-
 def _progress(json_out: bool):
     """The progress callback a long command draws with: a bar on stderr, none under --json."""
     from tpcli.commands import no_progress
     from tpcli.render import progress_bar
 
     return no_progress if json_out else progress_bar
-
-
-_DURATION = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration_s(flag: str, text: str | None) -> float | None:
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not m or float(m.group(1)) <= 0:
-        raise UsageError(f"{flag} {text!r}: expected a positive duration such as 90s, 30m, 2h or plain seconds.")
-    return float(m.group(1)) * _DURATION[m.group(2)]
 
 
 _INSPECT_FIELDS = ("schema", "source", "summary", "checkpoint", "plan", "unused_rules", "valid_tp_sizes",
@@ -171,7 +153,7 @@ def inspect(
     _positive("--seq-len", seq_len, MAX_SEQ_LEN)
     _plan_flag(plan)
     from tpcli.formats import cache
-    from tpcli.planning.memory import DEFAULT_RESERVE, MemoryOptions, parse_dtype, parse_size
+    from tpcli.planning.memory import DEFAULT_RESERVE, MemoryOptions
 
     if reserve is not None and gpu_mem is None:
         raise UsageError("--reserve only applies with --gpu-mem SIZE.")
@@ -285,7 +267,7 @@ def gather(
     json_out: JsonOpt = False,
 ):
     """Merge per-rank shards into a standard checkpoint that from_pretrained loads without TP."""
-    size = _size_bytes("--max-shard-size", max_shard_size)
+    size = parse_size(max_shard_size, "--max-shard-size")
     from tpcli.render import print_json, render_gather, status_line
 
     with status_line(not json_out) as say:
@@ -348,7 +330,7 @@ def run(
         script=script, module=module, args=argv, gpus=gpus, cpu=cpu if cpu is not None else (None if gpus else 1),
         model=model, plan_file=plan, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id, max_restarts=max_restarts, log_dir=log_dir, tee=tee, ranks_filter=ranks_filter,
-        preflight=not skip_preflight, timeout_s=_duration_s("--timeout", timeout), worker_stdout_to_stderr=json_out,
+        preflight=not skip_preflight, timeout_s=parse_duration(timeout, "--timeout"), worker_stdout_to_stderr=json_out,
     )
     result = run_job(spec, report=lambda line: print(line, file=sys.stderr, flush=True))
     if json_out:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
 from tpcli.commands.integrity import check_folder
-from tpcli.commands.shard import _cast, _set_config_dtype, metadata_allowance, parse_dtype
+from tpcli.commands.shard import _cast, _set_config_dtype, metadata_allowance
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import bytecopy, dcp, manifest
 from tpcli.formats.bytecopy import CachedJob, header_digest
@@ -23,7 +23,7 @@ from tpcli.formats.heap import reuse_freed_memory
 from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
 from tpcli.formats.source import aux_files
 from tpcli.formats.tensor_file import StreamWriter, file_size
-from tpcli.formats.units import tensor_bytes
+from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
 from tpcli.planning.readers import ShardedReader
 
 SINGLE_FILE = "model.safetensors"
@@ -62,7 +62,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     if not dcp.is_sharded_dir(folder):
         raise CheckpointError(f"DIR {directory}: no shard-*-model-*.safetensors files; pass a folder written by "
                               "`tpcli shard` or save_pretrained(distributed_checkpoint=True).")
-    cast = parse_dtype(dtype)
+    cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     out_path = prepare_output(out, force=force, inputs=[folder])
     removed = remove_stale_temps(out_path.parent)
     key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},

@@ -21,7 +21,7 @@ from tpcli.formats.bytecopy import CachedJob, header_digest
 from tpcli.formats.heap import reuse_freed_memory
 from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
 from tpcli.formats.tensor_file import StreamWriter, file_size
-from tpcli.formats.units import tensor_bytes
+from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
 from tpcli.planning.checks import check_plan, errors
 from tpcli.planning.layout import plan_chunks
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
@@ -33,18 +33,6 @@ def metadata_allowance(entries: int) -> int:
     """Bytes to reserve for what is written after the weights (tpcli.json or index.json, markers): ~200 B per
     chunk or key in practice; 512 B each plus 4 KB keeps the free-space check on the safe side."""
     return 4096 + 512 * entries
-
-
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32",
-          "float32": "float32"}
-
-
-def parse_dtype(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if value.lower() not in DTYPES:
-        raise UsageError(f"--dtype {value}: use bf16, fp16 or fp32.")
-    return DTYPES[value.lower()]
 
 
 def open_source(model: str, *, plan_file: str | None, revision: str | None, cast: str | None = None):
@@ -191,7 +179,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     they are (`tpcli.formats.bytecopy`); the two write identical files (tests compare them)."""
     from tpcli.formats import cache, cache_check
 
-    cast = parse_dtype(dtype)
+    cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     local = Path(model).expanduser()
     out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
     removed = remove_stale_temps(out_path.parent)

@@ -43,9 +43,6 @@ from tpcli.planning.placements import HEAD_SPLITTING, REPLICATE, SPLIT_OUTPUT, P
 from tpcli.planning.plan import ResolvedPlan
 
 DEFAULT_RESERVE = "2GiB"  # CUDA context (~0.5 GiB), cuBLAS/NCCL workspaces, caching-allocator slack
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16",
-           "fp32": "float32", "float32": "float32", "float": "float32", "fp8": "float8_e4m3fn",
-           "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2", "int8": "int8"}
 _KV_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\..*\b([kv]|qkv)_proj\.weight$")
 _CACHED_TOKENS_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
 _WINDOW_LAYERS = {"sliding_attention", "chunked_attention"}
@@ -79,21 +76,6 @@ class RankMemory:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
-
-
-def parse_size(text: str, flag: str, *, zero: bool = False) -> int:
-    """'24GiB', '24G', '80GB', '512MiB' -> bytes (GB = 10^9, G = GiB = 2^30): `tpcli.formats.sizes.parse_size`, the one
-    parser of every size flag."""
-    from tpcli.formats.sizes import parse_size as parse
-
-    return parse(text, flag, zero=zero)
-
-
-def parse_dtype(text: str, flag: str) -> str:
-    try:
-        return _DTYPES[text.lower()]
-    except KeyError:
-        raise UsageError(f"{flag} {text!r}: expected one of bf16, fp16, fp32, fp8, int8.") from None
 
 
 def check_trainable(plan: ResolvedPlan) -> None:
