@@ -119,15 +119,11 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
 
 
 def _preflight_at_world_size(plan, world_size: int) -> list:
-    """sharding.preflight names `--tp`; `run` has no --tp, so name the world size the user asked for."""
-    from tpcli.commands.shard import preflight
-    from tpcli.errors import PlanError
+    """`run` has no --tp: name the world size the user asked for, and where it comes from."""
+    from tpcli.planning.checks import require_valid
 
-    try:
-        return preflight(plan, world_size)
-    except PlanError as exc:
-        raise PlanError(str(exc).replace(f"--tp {world_size} is invalid", f"world size {world_size} is invalid", 1)
-                        + " The world size is --cpu/--gpus x --nnodes.") from None
+    return require_valid(plan, world_size, what=f"world size {world_size}",
+                         hint=" The world size is --cpu/--gpus x --nnodes.")
 
 
 def build_command(spec: LaunchSpec, log_dir: Path) -> list[str]:

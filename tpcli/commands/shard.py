@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
 from tpcli.commands.integrity import check_folder
-from tpcli.errors import CheckpointError, PlanError, UsageError
+from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import bytecopy, dcp, manifest
 from tpcli.formats import source as sources
 from tpcli.formats.bytecopy import CachedJob, header_digest
@@ -22,7 +22,7 @@ from tpcli.formats.heap import reuse_freed_memory
 from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
 from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
-from tpcli.planning.checks import check_plan, errors
+from tpcli.planning.checks import require_valid
 from tpcli.planning.layout import plan_chunks
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
 from tpcli.planning.quant import quantization_record, strip_quantization_config
@@ -84,19 +84,6 @@ def check_kept_keys(reader: CheckpointReader, where: Path) -> None:
         raise CheckpointError(f"{where}: checkpoint key {missing[0]}{more} is missing: the float8 weight "
                               f"{missing[0].removesuffix('_scale_inv')} cannot be used without its scales; is the "
                               "checkpoint complete?")
-
-
-def preflight(plan: ResolvedPlan, tp: int) -> list:
-    findings = check_plan(plan, tp)
-    errs = errors(findings)
-    if errs:
-        from tpcli.planning.checks import valid_tp_sizes
-
-        more = f" (+{len(errs) - 1} more; see `tpcli verify`)" if len(errs) > 1 else ""
-        valid = ", ".join(map(str, valid_tp_sizes(plan)[0])) or "none up to 64"
-        raise PlanError(f"--tp {tp} is invalid for {plan.architecture}: {errs[0].message}{more}; valid TP sizes: "
-                        f"{valid}.")
-    return findings
 
 
 def layout(plan: ResolvedPlan, reader, cast: str | None):
@@ -218,7 +205,7 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
     """Resolve the plan with transformers, check it, and lay out every rank file (nothing written yet)."""
     src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
     try:
-        findings = preflight(plan, tp)
+        findings = require_valid(plan, tp)
         infos, steps, tied_after = layout(plan, reader, cast)
         chunks = plan_chunks(infos, tp)
         chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}

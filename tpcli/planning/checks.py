@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tpcli.errors import PlanError
 from tpcli.formats.units import dtype_size
 from tpcli.planning.layout import rank_runs
 from tpcli.planning.placements import (
@@ -397,3 +398,17 @@ def valid_tp_sizes(plan: ResolvedPlan, max_tp: int = 64) -> tuple[list[int], dic
         else:
             valid.append(tp)
     return valid, invalid
+
+
+def require_valid(plan: ResolvedPlan, tp: int, *, what: str | None = None, hint: str = "") -> list[Finding]:
+    """The findings at `tp`, or a PlanError naming the first error, how many more there are and the valid sizes.
+
+    `what` names the size as the user gave it (`--tp 4` by default; `run` says `world size 4`), `hint` is appended."""
+    findings = check_plan(plan, tp)
+    errs = errors(findings)
+    if errs:
+        more = f" (+{len(errs) - 1} more; see `tpcli verify`)" if len(errs) > 1 else ""
+        valid = ", ".join(map(str, valid_tp_sizes(plan)[0])) or "none up to 64"
+        raise PlanError(f"{what or f'--tp {tp}'} is invalid for {plan.architecture}: {errs[0].message}{more}; "
+                        f"valid TP sizes: {valid}.{hint}")
+    return findings
