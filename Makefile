@@ -54,8 +54,8 @@ demo-gpu: install
 test: install
 	$(BIN)/python -m pytest -q
 
-test-quick: install
-	$(BIN)/python -m pytest -q -m "not dist"
+test-quick: install    # no torchrun, no fresh interpreters: <= 90 s of CPU here
+	$(BIN)/python -m pytest -q -m "not dist and not e2e"
 
 # The newest supported transformers (the top of the window in tpcli/versions.py) in a second venv; `make test` runs
 # the whole suite on the lowest (5.23). NEWEST_TESTS is the subset CI runs there: planning (test_plan), shard/gather

@@ -78,6 +78,7 @@ def test_shard_and_gather_write_the_same_files_as_the_general_path(name, tp, lon
     assert len(list((tmp_path / "g-fast-60KB").glob("*.safetensors"))) > 1
 
 
+@pytest.mark.dist
 def test_gather_of_transformers_own_dcp_save_moves_bytes_too(oracle, tmp_path, spy):
     dcp = oracle("qwen3", 2) / "dcp"
     gather_checkpoint(str(dcp), out=str(tmp_path / "fast"))

@@ -157,6 +157,7 @@ def _run(cmd, src, out, cache_dir):
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_shard_and_gather_hits_skip_torch_and_write_the_same_files(model_dirs, tmp_path):
     """A second shard / gather of the same input is planned from the cache (neither torch nor transformers is
     imported) and writes exactly what the first run, and the uncached general path, wrote."""
@@ -174,6 +175,7 @@ def test_shard_and_gather_hits_skip_torch_and_write_the_same_files(model_dirs, t
     assert _digests(tmp_path / "g1") == _digests(tmp_path / "g2") == _digests(tmp_path / "g-ref")
 
 
+@pytest.mark.e2e
 def test_a_changed_header_with_the_same_size_and_mtime_is_replanned(model_dirs, tmp_path, monkeypatch):
     """The key covers sizes, mtimes and ctimes; a hit also compares each source file's header with the one planned.
     Here two same-shaped tensors swap places inside a weight file (same size, same header length, mtime restored),

@@ -129,24 +129,30 @@ def _hub_cache(root, repo_id, folder):
     return commit
 
 
-def test_hub_id_from_an_offline_cache(model_dirs, tmp_path):
+def use_hub_cache(monkeypatch, hf_home) -> None:
+    """Point huggingface_hub at `hf_home` for this test, offline (in-process: its cache folder is read per call)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+
+
+def test_hub_id_from_an_offline_cache(model_dirs, tmp_path, monkeypatch, capsys):
     hf_home = tmp_path / "hf"
     _hub_cache(hf_home, "tiny-org/tiny-qwen3", model_dirs("qwen3"))
-    env = {**base_env(), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    env.pop("HF_HUB_CACHE", None)
+    use_hub_cache(monkeypatch, hf_home)
 
-    def tpcli(*args):
-        return subprocess.run([sys.executable, "-m", "tpcli", *map(str, args)], capture_output=True, text=True,
-                              env=env, timeout=180)
-
-    proc = tpcli("inspect", "tiny-org/tiny-qwen3", "--tp", "2", "--json")
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
+    rc, out, err = run_main(monkeypatch, capsys, "inspect", "tiny-org/tiny-qwen3", "--tp", "2", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
     assert doc["source"]["hub_id"] == "tiny-org/tiny-qwen3" and doc["summary"]["model_type"] == "qwen3"
-    proc = tpcli("shard", "tiny-org/tiny-qwen3", "--tp", "2", "--out", tmp_path / "s", "--json")
-    assert proc.returncode == 0, proc.stderr
+    assert doc["source"]["path"].startswith(str(hf_home))  # read from the cache, not from the fixture's folder
+    rc, out, err = run_main(monkeypatch, capsys, "shard", "tiny-org/tiny-qwen3", "--tp", "2", "--out", tmp_path / "s",
+                            "--json")
+    assert rc == 0, err
     assert json.loads((tmp_path / "s" / "tpcli.json").read_text())["source"]["hub_id"] == "tiny-org/tiny-qwen3"
-    proc = tpcli("inspect", "tiny-org/not-cached")
-    assert proc.returncode == 1 and "not in the HF cache" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
-    proc = tpcli("inspect", "tiny-org/tiny-qwen3", "--revision", "v9")
-    assert proc.returncode == 1 and "v9" in proc.stderr
+    rc, _, err = run_main(monkeypatch, capsys, "inspect", "tiny-org/not-cached")
+    assert rc == 1 and "not in the HF cache" in err and "HF_HUB_OFFLINE" in err
+    rc, _, err = run_main(monkeypatch, capsys, "inspect", "tiny-org/tiny-qwen3", "--revision", "v9")
+    assert rc == 1 and "v9" in err

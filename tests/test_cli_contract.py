@@ -104,6 +104,7 @@ def test_large_tp_is_summarised(model_dirs, monkeypatch, capsys):
     assert "(2, 64) ranks 0-499 / (1, 64) ranks 500 / (0, 64) ranks 501-999" in out  # vocab 1001 over 1000 ranks
 
 
+@pytest.mark.e2e
 def test_piped_output_is_never_cut(model_dirs, tmp_path):
     """A non-terminal 80-column console (a pipe with COLUMNS=80): names, paths and numbers stay whole, one line."""
     env = {**base_env(), "COLUMNS": "80"}
@@ -127,6 +128,7 @@ def test_piped_output_is_never_cut(model_dirs, tmp_path):
     assert any(str(folder) in ln and "missing" in ln for ln in lines), proc.stdout
 
 
+@pytest.mark.e2e
 def test_output_into_a_closed_pipe_exits_0_quietly(model_dirs):
     proc = subprocess.Popen([*TPCLI, "inspect", model_dirs("qwen3"), "--tp", "1000"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=base_env())
@@ -158,6 +160,7 @@ def test_a_moved_transformers_internal_is_one_line(model_dirs, monkeypatch, caps
 
 @pytest.mark.parametrize("name,slowed", [("qwen3", "tpcli.formats.bytecopy._copy_unit"),  # the byte path's threads
                                           ("mixtral", "tpcli.planning.readers.CheckpointReader.load")])  # the general path
+@pytest.mark.e2e
 def test_sigterm_during_shard_leaves_nothing(name, slowed, model_dirs, tmp_path):
     """A scheduler's SIGTERM mid-write cleans up like Ctrl-C: no output, no temporary folder. tpcli's own per-tensor
     step (not transformers') is slowed so that the signal lands while rank files are being written."""

@@ -5,13 +5,11 @@ a forward with `use_cache=True`, a backward and one AdamW step, with the local b
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ORACLES, base_env, tiny_models, torchrun
-from test_cli import _hub_cache, run_main
+from conftest import ORACLES, tiny_models, torchrun
+from test_cli import _hub_cache, run_main, use_hub_cache
 
 from tpcli.errors import UsageError
 from tpcli.formats.units import parse_dtype, parse_size
@@ -290,12 +288,10 @@ def test_will_qwen3_06b_fit_a_24gib_gpu_from_an_offline_cache(tmp_path, monkeypa
     (folder / "config.json").write_text(json.dumps(QWEN3_06B))
     hf_home = tmp_path / "hf"
     _hub_cache(hf_home, "Qwen/Qwen3-0.6B", folder)
-    env = {**base_env(), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "COLUMNS": "80"}
-    env.pop("HF_HUB_CACHE", None)
-    args = [sys.executable, "-m", "tpcli", "inspect", "Qwen/Qwen3-0.6B", "--gpu-mem", "24GiB", "--seq-len", "32768"]
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    use_hub_cache(monkeypatch, hf_home)
+    rc, out, err = run_main(monkeypatch, capsys, "inspect", "Qwen/Qwen3-0.6B", "--gpu-mem", "24GiB", "--seq-len",
+                            "32768")
+    assert rc == 0, err
     for text in ("Largest rank per TP size, GiB", "weights", "KV cache", "total", "fits",
                  "Smallest TP size that fits a 24.00 GiB GPU (2.00 GiB reserved): tp=1"):
         assert text in out, text

@@ -58,6 +58,7 @@ def test_numerics_table_labels_its_verdict_column(narrow):
     assert re.search(r"layer 0 .* yes", out) and re.search(r"logits .* no", out)
 
 
+@pytest.mark.e2e
 def test_piped_shard_prints_full_hashes_and_no_empty_stderr_line(model_dirs, tmp_path):
     out = tmp_path / "tp2"
     proc = subprocess.run([sys.executable, "-m", "tpcli", "shard", str(model_dirs("qwen3")), "--tp", "2", "--out",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ORACLES, base_env, single_process_logits
+from conftest import ORACLES, base_env, run_main, single_process_logits
 
 from tpcli.commands.shard import shard_checkpoint
 
@@ -148,22 +148,22 @@ def test_sigint_stops_every_worker(tmp_path):
             os.kill(pid, 0)
 
 
-def test_gpus_without_gpus_fails_before_spawning(tmp_path):
+def test_gpus_without_gpus_fails_before_spawning(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "spawned"
     script = tmp_path / "s.py"
     script.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    proc = tpcli_run("--gpus", 1, script, check=False, timeout=60)
-    assert proc.returncode == 1 and "--gpus 1" in proc.stderr and "--cpu 1" in proc.stderr
+    rc, _, err = run_main(monkeypatch, capsys, "run", "--gpus", 1, script)
+    assert rc == 1 and "--gpus 1" in err and "--cpu 1" in err
     assert not marker.exists()
 
 
-def test_preflight_refuses_invalid_world_size(model_dirs, tmp_path):
+def test_preflight_refuses_invalid_world_size(model_dirs, tmp_path, monkeypatch, capsys):
     marker = tmp_path / "spawned"
     script = tmp_path / "s.py"
     script.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    proc = tpcli_run("--cpu", 4, "--model", model_dirs("llama"), script, check=False, timeout=60)
-    assert proc.returncode == 1 and "num_key_value_heads=2 not divisible by 4" in proc.stderr
-    assert not marker.exists() and "Traceback" not in proc.stderr
+    rc, _, err = run_main(monkeypatch, capsys, "run", "--cpu", 4, "--model", model_dirs("llama"), script)
+    assert rc == 1 and "num_key_value_heads=2 not divisible by 4" in err
+    assert not marker.exists() and "Traceback" not in err
 
 
 def test_usage_errors_exit_2(tmp_path):

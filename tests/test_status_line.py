@@ -36,6 +36,7 @@ def test_json_shows_no_status(model_dirs, monkeypatch, capsys, terminal):
     assert rc == 0 and json.loads(out)["ok"] and terminal() == ""
 
 
+@pytest.mark.e2e
 def test_a_pipe_shows_no_status(model_dirs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tpcli", "shard", str(model_dirs("llama")), "--tp", "2", "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, env=base_env(), timeout=300)
@@ -63,6 +64,7 @@ print(json.dumps(seen), file=sys.__stderr__)
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["inspect", "verify", "shard"])
 def test_first_status_comes_before_torch_is_imported(model_dirs, tmp_path, command):
     """Something is said at once, not after the seconds of importing torch and transformers."""

@@ -28,6 +28,7 @@ print(off, faults())
 """
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="needs glibc's mallopt")
 def test_reuse_freed_memory_stops_page_faults_per_tensor():
     """Page faults of the same ten steps, without then with the setting, in one process: a count of what the kernel

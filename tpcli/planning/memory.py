@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from tpcli.errors import ModelError, UsageError
 from tpcli.formats.units import dtype_size
 from tpcli.planning.layout import local_shape
-from tpcli.planning.placements import HEAD_SPLITTING, REPLICATE, SPLIT_OUTPUT, ParamPlacement
+from tpcli.planning.placements import HEAD_SPLITTING, REPLICATE, SPLIT_OUTPUT, VOCAB_PARALLEL_EMBEDDING, ParamPlacement
 from tpcli.planning.plan import ResolvedPlan
 
 DEFAULT_RESERVE = "2GiB"  # CUDA context (~0.5 GiB), cuBLAS/NCCL workspaces, caching-allocator slack
@@ -113,7 +113,7 @@ def _tensor_groups(plan: ResolvedPlan) -> Counter:
 
 def _full_gradient(style: str | None, tied: bool) -> bool:
     """Whether this parameter's gradient is the whole tensor on every rank (measured, see module docstring)."""
-    return style == "embedding_rowwise" and not tied
+    return style == VOCAB_PARALLEL_EMBEDDING and not tied
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ KNOWN_STYLES = COLWISE | ROWWISE | set(EMBEDDING) | PACKED | HOOK_ONLY | set(TPC
 # Styles whose projections carry attention heads: sharding them splits heads between ranks.
 HEAD_SPLITTING = COLWISE - {"colwise_gather_output", "colwise_rep"} | {"conv1d_qkv_colwise", "qkv_colwise"}
 SPLIT_FACTOR = 2
+# `replicate` in a user plan switches a default rule off (transformers' own meaning)
+OFF = "replicate"
+# A vocab-parallel embedding: DTensor's embedding backward has no Shard(0) strategy, so an untied one keeps its whole
+# gradient on every rank (measured; tpcli.planning.memory)
+VOCAB_PARALLEL_EMBEDDING = "embedding_rowwise"
 # How a style leaves the activations between two projections (transformers' local forward, `use_local_output`):
 # these hand the next layer only this rank's slice of their output features ...
 SPLIT_OUTPUT = {"colwise", "packed_colwise", "conv1d_colwise", "conv1d_qkv_colwise", "qkv_colwise"}

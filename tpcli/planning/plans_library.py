@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 from tpcli.errors import PlanError
-from tpcli.planning.placements import is_known_style, unknown_style_hint
+from tpcli.planning.placements import OFF, is_known_style, unknown_style_hint
 
 PLANS_DIR = Path(__file__).parents[1] / "plans"  # data shipped in the package (tpcli/plans/)
 FIELDS = {
@@ -197,7 +197,7 @@ def load_spec(spec: str | Path) -> tuple[dict[str, str], LibraryPlan | None]:
 
 def covers_decoder(rules: dict[str, str]) -> bool:
     """Whether transformers' own plan shards the decoder layers (a rule under a `*` module list)."""
-    return any("*" in rule and style != "replicate" for rule, style in rules.items())
+    return any("*" in rule and style != OFF for rule, style in rules.items())
 
 
 def _text_config(config):
