@@ -42,3 +42,20 @@ def test_preflight_counts_one_warning_in_the_singular(model_dirs):
 
     (note,) = preflight_model(LaunchSpec(script="x.py", cpu=2, model=str(model_dirs("qwen3"))))  # uneven vocab only
     assert note.endswith("plan OK at tp=2 (1 warning, see `tpcli verify`)"), note
+
+
+def test_module_arguments_that_look_like_flags_reach_the_module(monkeypatch, capsys):
+    """`run -m MODULE --prompt x`: --prompt is the module's, not a mistyped run flag (the demo's own command)."""
+    from tpcli.commands import run as run_mod
+
+    seen = {}
+
+    class Done:
+        exit_code = 0
+
+    monkeypatch.setattr(run_mod, "run_job", lambda spec, report: seen.setdefault("spec", spec) and Done())
+    rc, _, err = run_main(monkeypatch, capsys, "run", "--cpu", "2", "-m", "tpcli.examples.generate", "--prompt",
+                          "Tensor parallel", "--max-new-tokens", "12")
+    assert rc == 0, err
+    assert seen["spec"].module == "tpcli.examples.generate"
+    assert seen["spec"].args == ["--prompt", "Tensor parallel", "--max-new-tokens", "12"]

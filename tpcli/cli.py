@@ -312,7 +312,8 @@ def run(
     Everything after SCRIPT (or -m MODULE) is passed to the script unchanged."""
     from tpcli.commands.run import LaunchSpec, run_job
 
-    _check_run_script(ctx, script)
+    if module is None:  # with -m MODULE, what typer calls SCRIPT is the module's first argument
+        _check_run_script(ctx, script)
     argv = list(ctx.args)
     if module and script is not None:
         argv.insert(0, script)

@@ -10,8 +10,15 @@ from __future__ import annotations
 import torch
 
 
-def _local(t):
+def local(t):
+    """A DTensor's local shard (what this rank holds), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nbytes(t) -> int:
+    """Bytes this rank holds of `t` (its local shard's elements, not its storage)."""
+    t = local(t)
+    return t.numel() * t.element_size()
 
 
 def reachable_tensors(obj) -> list:
@@ -25,7 +32,7 @@ def reachable_tensors(obj) -> list:
             continue
         seen.add(id(x))
         if torch.is_tensor(x):
-            found[id(x)] = _local(x)
+            found[id(x)] = local(x)
         elif isinstance(x, dict):
             stack.extend(x.values())
         elif isinstance(x, (list, tuple, set)):

@@ -33,17 +33,8 @@ args = parser.parse_args()
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
 rank = dist.get_rank()
-from cache_walk import cache_bytes  # noqa: E402  (this script's folder is on sys.path)
+from cache_walk import cache_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
 from transformers import AutoModelForCausalLM  # noqa: E402
-
-
-def local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def nbytes(t) -> int:
-    t = local(t)
-    return t.numel() * t.element_size()
 
 
 def placements(t) -> list[str]:
