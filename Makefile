@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.testing qwen3 $(DEMO)/model --tokenizer
+	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.testing qwen3 $(DEMO)/model --tokenizer --heads 8 --kv-heads 8  # splits at tp 2, 4, 8
 	$(BIN)/tpcli inspect $(DEMO)/model --tp 2
 	$(BIN)/tpcli verify $(DEMO)/model --tp 2 --numerics
 	$(BIN)/tpcli shard $(DEMO)/model --tp 2 --out $(DEMO)/tp2 --force
@@ -39,7 +39,7 @@ gpu-check: install
 	$(MAKE) demo-gpu GPUS=$$($(BIN)/python -c "import torch; print(min($(GPUS), torch.cuda.device_count()))")
 
 demo-gpu: install
-	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.testing qwen3 $(DEMO)/model --tokenizer
+	@test -f $(DEMO)/model/config.json || $(BIN)/python -m tpcli.testing qwen3 $(DEMO)/model --tokenizer --heads 8 --kv-heads 8  # splits at tp 2, 4, 8
 	$(BIN)/tpcli run --gpus 1 --model $(DEMO)/model -m tpcli.examples.generate --prompt "Tensor parallel" --max-new-tokens 12
 	@if [ "$(GPUS)" -lt 2 ]; then echo "demo-gpu: one GPU: the TP steps need GPUS >= 2"; exit 0; fi; set -e; set -x; \
 	$(BIN)/tpcli verify $(DEMO)/model --tp $(GPUS) --numerics --gpus; \
