@@ -79,6 +79,7 @@ def _cli(*args) -> tuple[dict, list[str]]:
     return json.loads(out), json.loads(loaded)
 
 
+@pytest.mark.e2e
 def test_first_gather_and_verify_of_a_fresh_folder_import_neither_torch_nor_transformers(model_dirs, tmp_path):
     shard_checkpoint(str(model_dirs("qwen3")), tp=2, out=str(tmp_path / "s"))  # tied embeddings, a tokenizer
     result, loaded = _cli("gather", tmp_path / "s", "--out", tmp_path / "g")
