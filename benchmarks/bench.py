@@ -44,7 +44,7 @@ def build_bench_model(root: Path, layers: int, files: int) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from .plan import build_meta_model
+    from tpcli.planning.plan import build_meta_model
 
     cfg = AutoConfig.for_model("llama", hidden_size=2048, intermediate_size=5504, num_hidden_layers=layers,
                                num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
@@ -120,8 +120,13 @@ def paired(runs: int, cmd: list[str], source: Path, out: Path, env: dict) -> tup
     ratios = sorted(o["wall"] / c["wall"] for o, c in zip(ours, cps, strict=True))
     med = {k: statistics.median(r[k] for r in ours) for k in ("wall", "user", "sys")}
     med |= {"rss": max(r["rss"] for r in ours), "ratio": statistics.median(ratios), "lo": ratios[0], "hi": ratios[-1],
-            "out": ours[-1]["out"]}
+            "out": ours[-1]["out"], "pairs": [(o["wall"], c["wall"]) for o, c in zip(ours, cps, strict=True)]}
     return med, {k: statistics.median(r[k] for r in cps) for k in ("wall", "user", "sys")}
+
+
+def pairs_text(figures: dict) -> str:
+    """Every pair's ratio with both raw times, in run order: a slow `cp` day shows as a large cp time."""
+    return "; ".join(f"{o / c:.2f}x = {o:.2f}/{c:.2f} s" for o, c in figures["pairs"])
 
 
 TRANSFORMERS_SAVE = """
@@ -209,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="small,large", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--runs", type=int, default=3, help="paired runs per command (medians)")
     parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--only-gather", action="store_true",
+                        help="gather and verify DIR only (the tp=2 folder is sharded once, untimed; no load rows)")
     args = parser.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SIZES]
@@ -254,10 +261,15 @@ def main(argv: list[str] | None = None) -> None:
         largest = _largest_tensor_bytes(src) / GB
         rss_target = f"<= {0.6 + largest:.2f} GB"
 
-        if size == sizes[0]:
+        if size == sizes[0] and not args.only_gather:
             inspect_rows(src, work, tpcli_cmd, env, row)
 
         shard_cmd = [*tpcli_cmd, "shard", src, "--tp", "2", "--out", work / "tp2", "--json"]
+        if args.only_gather:
+            measure(shard_cmd, env)
+            gather_rows(label, work, tpcli_cmd, env, cached, args.runs, row, rss_target)
+            shutil.rmtree(work, ignore_errors=True)
+            continue
         s, cp = paired(args.runs, shard_cmd, src, work / "tp2", env)  # no layout cache: planned with transformers
         measure(shard_cmd + ["--force"], cached)  # plans once, fills the layout cache
         sw, cpw = paired(args.runs, shard_cmd, src, work / "tp2", cached)  # planned from the cache
@@ -275,21 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{engine['shard'] / cp['wall']:.2f}x cp -r")
         row(f"{label} tpcli shard peak RSS", f"{s['rss']:.2f} GB", f"largest tensor {largest:.2f} GB", rss_target)
 
-        warm(work / "tp2")
-        gather_cmd = [*tpcli_cmd, "gather", work / "tp2", "--out", work / "merged", "--json"]
-        g, cp2 = paired(args.runs, gather_cmd, work / "tp2", work / "merged", env)
-        measure(gather_cmd + ["--force"], cached)
-        gw, cp2w = paired(args.runs, gather_cmd, work / "tp2", work / "merged", cached)
-        row(f"{label} cp -r of the tp=2 folder", f"{cp2['wall']:.2f} s")
-        row(f"{label} tpcli gather (whole CLI)", f"{g['wall']:.2f} s (user {g['user']:.1f}, sys {g['sys']:.1f})",
-            f"{g['ratio']:.2f}x cp -r ({g['lo']:.2f}-{g['hi']:.2f}, {args.runs} pairs)", "<= 2x cp -r")
-        row(f"{label} tpcli gather (whole CLI, layout cached)",
-            f"{gw['wall']:.2f} s (user {gw['user']:.1f}, sys {gw['sys']:.1f})",
-            f"{gw['ratio']:.2f}x cp -r ({gw['lo']:.2f}-{gw['hi']:.2f}; cp {cp2w['wall']:.2f} s)", "<= 2x cp -r")
-        row(f"{label} tpcli gather (engine, imports done)", f"{engine['gather']:.2f} s",
-            f"{engine['gather'] / cp2['wall']:.2f}x cp -r")
-        row(f"{label} tpcli gather peak RSS", f"{g['rss']:.2f} GB", "", rss_target)
-        shutil.rmtree(work / "merged", ignore_errors=True)
+        gather_rows(label, work, tpcli_cmd, env, cached, args.runs, row, rss_target)
+        row(f"{label} tpcli gather (engine, imports done)", f"{engine['gather']:.2f} s")
 
         if size == sizes[-1] and not args.skip_load:
             load_rows(label, src, work, tpcli_cmd, env, row)
@@ -303,6 +302,40 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * 165)
     for metric, value, ratio, target in rows:
         print(f"{metric:62} | {value:36} | {ratio:46} | {target}")
+
+
+def gather_rows(label: str, work: Path, tpcli_cmd: list[str], env: dict, cached: dict, runs: int, row,
+                rss_target: str) -> None:
+    """`tpcli gather` of the tp=2 folder paired with `cp -r` of it: a first run (no layout cache), a repeat (cache
+    on), and the same folder with a manifest from before the `names` record (planned through transformers, as every
+    first run was before); then `verify DIR --quick` and `verify DIR`. Every pair is shown with both raw times."""
+    folder = work / "tp2"
+    warm(folder)
+    gather_cmd = [*tpcli_cmd, "gather", folder, "--out", work / "merged", "--json"]
+    g, cp = paired(runs, gather_cmd, folder, work / "merged", env)
+    measure(gather_cmd + ["--force"], cached)
+    gw, _ = paired(runs, gather_cmd, folder, work / "merged", cached)
+    doc = json.loads((folder / "tpcli.json").read_text())
+    old = dict(doc)
+    old.pop("names", None)
+    (folder / "tpcli.json").write_text(json.dumps(old, indent=1) + "\n")
+    gt, _ = paired(runs, gather_cmd, folder, work / "merged", env)
+    (folder / "tpcli.json").write_text(json.dumps(doc, indent=1) + "\n")
+    row(f"{label} cp -r of the tp=2 folder (median)", f"{cp['wall']:.2f} s", f"user {cp['user']:.1f} s, sys {cp['sys']:.1f} s")
+    for what, fig in (("first run", g), ("repeat, layout cache on", gw), ("first run, manifest without names", gt)):
+        path = _json_field(fig["out"], "path")
+        row(f"{label} tpcli gather ({what}; path {path})",
+            f"{fig['wall']:.2f} s (user {fig['user']:.1f}, sys {fig['sys']:.1f})",
+            f"{fig['ratio']:.2f}x cp -r (median of {runs} pairs)", "<= 1.5x cp -r" if what == "first run" else "")
+        row(f"{label}   each pair: ratio = tpcli / cp -r", pairs_text(fig))
+    row(f"{label} tpcli gather peak RSS", f"{g['rss']:.2f} GB", "", rss_target)
+    shutil.rmtree(work / "merged", ignore_errors=True)
+    for flags, target in ((["--quick"], "<= 1 s"), ([], "<= 1 s + hashing")):
+        runs_v = [measure([*tpcli_cmd, "verify", folder, *flags, "--json"], env) for _ in range(3)]
+        row(f"{label} tpcli verify DIR {' '.join(flags)} (path {_json_field(runs_v[-1]['out'], 'path')})",
+            f"{statistics.median(r['wall'] for r in runs_v):.2f} s (user "
+            f"{statistics.median(r['user'] for r in runs_v):.2f}, sys {statistics.median(r['sys'] for r in runs_v):.2f})",
+            "median of 3", target)
 
 
 def inspect_rows(src: Path, work: Path, tpcli_cmd: list[str], env: dict, row) -> None:
@@ -340,8 +373,15 @@ def load_rows(label: str, src: Path, work: Path, tpcli_cmd: list[str], env: dict
             f"{r['tpcli_read'] / whole:.2f} / {r['transformers_read'] / whole:.2f} of the model", "~ 1/2")
 
 
+def _json_field(out: str, key: str):
+    try:
+        return json.loads(out).get(key)
+    except ValueError:
+        return None
+
+
 def _largest_tensor_bytes(folder: Path) -> int:
-    from .storage import read_header
+    from tpcli.formats.tensor_file import read_header
 
     best = 0
     for f in folder.glob("*.safetensors"):

@@ -65,24 +65,33 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     out_path = prepare_output(out, force=force, inputs=[folder])
     removed = remove_stale_temps(out_path.parent)
-    key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
-                    sharded=True) if byte_copy else None
-    job = GatherJob.from_cache(cache.get(key), folder, check=lambda e: cache_check.gather_entry(e, folder))
-    # sizes, headers, coverage (and config agreement when planning) now; the hashes run alongside the gather and are
-    # checked before the output is published (it is written into a temporary folder), so a corrupt input never
-    # yields an output.
-    integrity = check_folder(folder, quick=False, with_plan=job is None, defer_hashes=True)
-    if job is None:
-        reuse_freed_memory()
-        job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
-        if job.boxes is not None:
-            cache.put(key, job.to_json())
+    # sizes, headers, coverage (and config agreement when planning with transformers) now; the hashes run alongside
+    # the gather and are checked before the output is published (it is written into a temporary folder), so a
+    # corrupt input never yields an output.
+    job = _manifest_job(folder, max_shard_size=max_shard_size, cast=cast) if byte_copy else None
+    if job is not None:
+        job, integrity = job
+        path = "manifest"
+    else:
+        key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
+                        sharded=True) if byte_copy else None
+        job = GatherJob.from_cache(cache.get(key), folder, check=lambda e: cache_check.gather_entry(e, folder))
+        path = "cache" if job is not None else "transformers"
+        integrity = check_folder(folder, quick=False, with_plan=job is None, defer_hashes=True)
+        if job is None:
+            reuse_freed_memory()
+            job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
+            if job.boxes is not None:
+                cache.put(key, job.to_json())
     files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress,
                                force=force)
     return {
         "out": str(out_path),
         "source": str(folder),
         "source_kind": "tpcli" if integrity["manifest"] else "transformers-dcp",
+        # how the output was laid out: "manifest" (tpcli.json + headers, no torch/transformers), "transformers"
+        # (planned through its conversions now), "cache" (a layout transformers planned for this folder before)
+        "path": path,
         "tp_size": integrity["tp_size"],
         "tensors": len(job.weight_map),
         "files": files,
@@ -91,6 +100,21 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         "removed_temp_folders": removed,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _manifest_job(folder: Path, *, max_shard_size, cast: str | None) -> tuple[GatherJob, dict] | None:
+    """(job, integrity) planned from tpcli.json and the rank files' headers alone, when the manifest vouches for
+    it (`tpcli.formats.manifest_gather`); None: plan through transformers."""
+    from tpcli.formats import manifest_gather
+
+    meta = manifest.read(folder)
+    if manifest_gather.why_not_mergeable(folder, meta, cast) is not None:
+        return None
+    integrity = check_folder(folder, quick=False, with_plan=False, defer_hashes=True)
+    if integrity["manifest"] != meta:
+        raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing writes it.")
+    fields = manifest_gather.plan(folder, integrity["manifest"], integrity["tensors"], max_shard_size=max_shard_size)
+    return GatherJob(**fields, cast=cast), integrity
 
 
 def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None, byte_copy: bool = True) -> GatherJob:

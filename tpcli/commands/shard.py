@@ -15,7 +15,7 @@ from pathlib import Path
 from tpcli.commands import Progress, no_progress
 from tpcli.commands.integrity import check_folder
 from tpcli.errors import CheckpointError, UsageError
-from tpcli.formats import bytecopy, dcp, manifest
+from tpcli.formats import bytecopy, dcp, manifest, manifest_gather
 from tpcli.formats import source as sources
 from tpcli.formats.bytecopy import CachedJob, header_digest
 from tpcli.formats.heap import reuse_freed_memory
@@ -84,6 +84,14 @@ def check_kept_keys(reader: CheckpointReader, where: Path) -> None:
         raise CheckpointError(f"{where}: checkpoint key {missing[0]}{more} is missing: the float8 weight "
                               f"{missing[0].removesuffix('_scale_inv')} cannot be used without its scales; is the "
                               "checkpoint complete?")
+
+
+def checkpoint_names(plan: ResolvedPlan) -> bool:
+    """True when the model's run-time names are its checkpoint names: transformers has no conversion to revert
+    (what `gather` checks before moving chunks as bytes), recorded in the manifest for `tpcli.formats.manifest_gather`."""
+    from tpcli.planning.convert import Conversions
+
+    return not Conversions(plan.model).reverts
 
 
 def layout(plan: ResolvedPlan, reader, cast: str | None):
@@ -217,6 +225,8 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
         doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
                              tensors=infos, chunks=chunks, dtype=cast, files={})
         doc.update(quantization_record(plan, list(reader.unexpected)))
+        if plan.quantization is None and not plan.dequantized:  # config_sha256 is added once config.json is written
+            doc["names"] = {"checkpoint": checkpoint_names(plan)}
         job = ShardJob(rank_files=rank_files, doc=doc, src_path=str(src.path), cast=cast,
                        dequantized=plan.dequantized, entries=len(chunk_of),
                        total=sum(reader.step_bytes(s) for s, _ in steps),
@@ -280,7 +290,14 @@ def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress,
             strip_quantization_config(tmp / "config.json")
         files = {p.name: {"rank": r, "bytes": p.stat().st_size, "sha256": h}
                  for r, (p, h) in enumerate(zip(paths, hashes, strict=True))}
-        manifest.write(tmp, {**job.doc, "files": files})  # "files" keeps its place in the manifest
+        doc = {**job.doc, "files": files}  # "files" keeps its place in the manifest
+        if "names" in doc:
+            sha = manifest_gather.config_sha256(tmp)
+            if sha:
+                doc["names"] = {**doc["names"], "config_sha256": sha}
+            else:
+                del doc["names"]
+        manifest.write(tmp, doc)
     return files, copied
 
 

@@ -90,13 +90,25 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
 
 
 def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
+    """Integrity of a sharded folder. config.json's agreement with the shards is checked through transformers,
+    unless the manifest vouches for that very config.json (`tpcli.formats.manifest_gather`): then neither torch
+    nor transformers is imported ("path": "manifest")."""
     from tpcli.commands.integrity import check_folder
+    from tpcli.formats import manifest, manifest_gather
 
     findings: list[Finding] = []
     info = None
+    path = "transformers"
     try:
-        info = check_folder(folder, quick=quick, with_plan=True)
+        meta = manifest.read(folder)
+        vouched = manifest_gather.why_not_vouched(folder, meta) is None
+        path = "manifest" if vouched else "transformers"
+        info = check_folder(folder, quick=quick, with_plan=not vouched)
+        if vouched and info["manifest"] != meta:
+            raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing "
+                                  "writes it.")
     except CheckpointError as exc:
+        info = None
         findings.append(Finding("error", "integrity", str(exc)))
     if info is not None:
         if info["manifest"] is None:
@@ -112,6 +124,7 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
         "tensors": len(info["tensors"]) if info else None,
         # None: the check stopped at its first error, before it could say whether every hash was checked
         "hashes_checked": bool(info["manifest"] and not quick) if info else None,
+        "path": path,  # "manifest": config.json vouched for by tpcli.json; "transformers": checked by its model
         "findings": [f.to_dict() for f in findings],
         "ok": not any(f.severity == "error" for f in findings),
     }

@@ -15,6 +15,13 @@ Format (version 1), all keys always present:
     files             {file name: {"rank", "bytes", "sha256"}}
     quantization      null, or {"method", "block_size", ..., "representation", "scales"} (`tpcli.planning.quant`)
     skipped_keys      checkpoint keys the model does not use (listed by `shard`, never silently dropped)
+
+Optional (absent from manifests written before it; readers then take the path through transformers):
+
+    names             {"checkpoint": bool, "config_sha256": str}, written for a folder that is not quantized:
+                      the sha256 of the config.json `shard` wrote beside the rank files, and whether the run-time
+                      names are the checkpoint names (transformers has no conversion to revert). With it, `gather`
+                      and `verify DIR` need neither torch nor transformers (`tpcli.formats.manifest_gather`).
 """
 
 from __future__ import annotations
@@ -116,6 +123,10 @@ def _validate(path: Path, data: dict) -> None:
         bad("plan", "an object (with user_plan an object or null)")
     if data.get("dtype") is not None and not isinstance(data["dtype"], str):
         bad("dtype", "a string or null")
+    names = data.get("names")
+    if names is not None and not (isinstance(names, dict) and isinstance(names.get("checkpoint"), bool)
+                                  and isinstance(names.get("config_sha256"), str)):
+        bad("names", "an object with a boolean checkpoint and a string config_sha256")
     files = data["files"]
     if not isinstance(files, dict):
         bad("files", "an object")

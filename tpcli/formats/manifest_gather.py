@@ -1,0 +1,144 @@
+"""`gather` and `verify DIR` from `tpcli.json` and the rank files' headers alone: no torch, no transformers.
+
+A tpcli folder's manifest lists every tensor with its shape, dtype, tied_to and chunks, and the rank files' headers
+(`DCP_SHARDING_INFO`, data_offsets) say where each chunk's bytes lie. What only transformers knows is
+
+  1. which tensors config.json's model has (names, shapes, ties): `verify DIR`'s config check, and
+  2. which checkpoint names the run-time names revert to (fused MoE experts, ...): `gather`'s names.
+
+`shard` records both in the manifest's `names` field (`tpcli.formats.manifest`): `config_sha256`, the sha256 of
+the config.json it wrote beside the rank files (its tensors are exactly that config's model's, planned by
+transformers at shard time), and `checkpoint`, true when transformers has no conversion to revert for the model
+(the run-time names are the checkpoint names). The record is trusted only while it still describes the folder:
+
+    vouched  = names present, config.json's sha256 = names.config_sha256,
+               installed transformers version = versions.transformers (names and conversions change with it)
+    mergeable = vouched and names.checkpoint and every tensor's dtype is the --dtype cast (or no cast)
+
+Anything else (an older manifest, a transformers DCP save, an edited config, a quantized folder, a conversion)
+takes the general path through transformers. The chunks, shapes and dtypes the fast path uses are the ones
+`integrity.check_folder` has checked against the manifest (`_compare_manifest`) before this module plans.
+
+The plan is today's general-path plan with transformers' parts replaced by what they reduce to without a
+conversion: `revert_weight_conversion` is the identity, its groups are one name each in `dot_natural_key` order,
+and huggingface_hub's `split_state_dict_into_shards_factory` (pure Python) splits the same sizes in the same order.
+tests/test_manifest_gather.py checks the output byte for byte against the general path on every architecture the
+suite shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+from tpcli.formats.tensor_file import read_header
+
+
+def installed_transformers() -> str | None:
+    """The installed transformers version, from its metadata (importing it costs seconds)."""
+    from tpcli.formats.cache import _version
+
+    return _version("transformers")
+
+
+def config_sha256(folder: Path) -> str | None:
+    path = Path(folder) / "config.json"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def why_not_vouched(folder: Path, meta: dict | None) -> str | None:
+    """None when the manifest vouches for config.json (see the module docstring), else why not (one phrase)."""
+    if meta is None:
+        return "no tpcli.json (a transformers DCP save)"
+    names = meta.get("names")
+    if names is None:
+        return "the manifest has no 'names' record (written by an older tpcli)"
+    if config_sha256(folder) != names["config_sha256"]:
+        return "config.json differs from the one written by `tpcli shard`"
+    versions = meta.get("versions")
+    recorded = versions.get("transformers") if isinstance(versions, dict) else None
+    if recorded != installed_transformers():
+        return f"sharded with transformers {recorded}, {installed_transformers()} is installed"
+    return None
+
+
+def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None) -> str | None:
+    """None when `gather` may merge `folder` from its manifest alone, else why not."""
+    why = why_not_vouched(folder, meta)
+    if why:
+        return why
+    if not meta["names"]["checkpoint"]:
+        return "its run-time names are not its checkpoint names (transformers reverts a conversion)"
+    if cast and any(t["dtype"] != cast for t in meta["tensors"].values()):
+        return "--dtype casts its tensors"
+    tensors = meta["tensors"]
+    for name, t in tensors.items():  # a tie leaves a tensor out of the output: it must name a twin it can leave
+        twin = tensors.get(t["tied_to"]) if t["tied_to"] else t
+        if twin is None or twin["tied_to"] or (twin["shape"], twin["dtype"]) != (t["shape"], t["dtype"]):
+            return f"{name} is tied to {t['tied_to']!r}, which the manifest does not list as its twin"
+    return None
+
+
+def dot_natural_key(s: str) -> list:
+    """transformers.core_model_loading.dot_natural_key (the order of `reverse_groups`), without importing it:
+    split on '.', digits numerically, a trailing number of a word numerically (tests compare the two)."""
+    parts: list[tuple] = []
+    for part in s.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+        else:
+            text = part.rstrip("0123456789")
+            digits = part[len(text):]
+            parts.append((1, text, int(digits)) if digits else (1, text))
+    return parts
+
+
+def plan(folder: Path, meta: dict, tensors: dict, *, max_shard_size) -> dict:
+    """The gather job's fields (`commands.gather.GatherJob`) for a mergeable folder.
+
+    `tensors` is `dcp.scan`'s result (state order of the rank files, chunks from their headers), already checked
+    against the manifest. Returns per_file, weight_map, parameter_count, total, boxes: what the general path's
+    `plan_job` computes for a folder without conversions, for the same inputs.
+    """
+    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+
+    recorded = meta["tensors"]
+    names = [n for n in tensors if n in recorded and not recorded[n]["tied_to"]]
+    sizes = {n: tensors[n].nbytes for n in names}
+    split = split_state_dict_into_shards_factory(
+        sizes, get_storage_size=lambda nbytes: nbytes, get_storage_id=lambda nbytes: None,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    file_of = {n: f for f, ns in split.filename_to_tensors.items() for n in ns}
+    per_file: dict[str, list] = {f: [] for f in split.filename_to_tensors}
+    weight_map: dict[str, str] = {}
+    for n in sorted(names, key=dot_natural_key):  # reverse groups of one name each, in transformers' order
+        t = tensors[n]
+        per_file[file_of[n]].append((n, t.dtype, tuple(t.shape)))
+        weight_map[n] = file_of[n]
+    per_file = {f: e for f, e in per_file.items() if e}
+    starts = {f: _data_starts(Path(folder) / f) for f in {c.file for n in names for c in tensors[n].chunks}}
+    boxes = {f: [[[c.file, starts[c.file][name], list(c.offsets), list(c.sizes)] for c in tensors[name].chunks]
+                 for name, _, _ in entries] for f, entries in per_file.items()}
+    return {"per_file": per_file, "weight_map": weight_map,
+            "parameter_count": sum(_numel(recorded[n]["shape"]) for n in recorded if not recorded[n]["tied_to"]),
+            "total": sum(sizes.values()), "boxes": boxes}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _data_starts(path: Path) -> dict[str, int]:
+    """{tensor: absolute byte offset of its data} in a safetensors file (header checked by `read_header`)."""
+    header, _ = read_header(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return {name: 8 + n + entry["data_offsets"][0] for name, entry in header.items()}
+
