@@ -112,6 +112,8 @@ def test_dry_run_without_mesh_flags_is_todays_plain_tp(monkeypatch, capsys, tmp_
     assert code == 0
     assert out.startswith("mesh: tp=2 x fsdp=1 x dp_replicate=1 (2 ranks), ep=1 (no mesh flag")
     assert "TPCLI_MESH" not in out and "  CUDA_VISIBLE_DEVICES=''" in out
+    code, out, err = run_main(monkeypatch, capsys, "run", "--cpu", "2", "--dry-run", "--json", script)
+    assert code == 0 and json.loads(out)["ok"] and "command: " in err
 
 
 # --- SLURM -------------------------------------------------------------------------------------------------------
@@ -260,3 +262,36 @@ def test_tp_fsdp_training_steps_match_one_process(model_dirs):
         ref.append(loss.item())
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) <= 1e-5, (losses, ref)
     assert len(set(ref)) == 3  # the steps changed the model
+
+
+@pytest.mark.dist
+def test_two_nodes_on_loopback_tp_within_nodes_replicas_across(model_dirs):
+    """2 nodes x 2 CPU workers, --tp 2 --dp-replicate 2: each node holds one replica (a TP group never spans
+    nodes), and each replica's tokens are one process's."""
+    import socket
+
+    from transformers import AutoModelForCausalLM
+
+    from tpcli.examples.replicas_generate import prompt_ids
+
+    src = model_dirs("llama")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prompts = ["alpha", "beta gamma"]
+    nodes = [subprocess.Popen([*TPCLI, "run", "--cpu", "2", "--nnodes", "2", "--node-rank", str(r),
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--tp", "2", "--dp-replicate", "2",
+                               "--model", str(src), "-m", "tpcli.examples.replicas_generate", "--prompt", prompts[0],
+                               "--prompt", prompts[1], "--max-new-tokens", "3"], env=base_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs
+    single = AutoModelForCausalLM.from_pretrained(src)
+    for node, (out, err) in enumerate(outs):
+        assert "mesh tp=2 x fsdp=1 x dp_replicate=2 (4 ranks), ep=1 over --cpu 2 x --nnodes 2" in err
+        m = re.search(rf"\[n{node}\.rank0\]:prompt {node} \(replica {node}\): tokens (\[[^\]]*\])", out)
+        assert m, out
+        ids = prompt_ids(prompts[node])
+        with torch.no_grad():
+            ref = single.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert json.loads(m[1]) == ref[0, ids.shape[1]:].tolist()

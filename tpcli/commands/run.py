@@ -380,8 +380,8 @@ def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResul
         for note in (preflight_mesh(spec, mesh) if spec.mesh_given else preflight_model(spec)):
             report(note)
     if spec.dry_run:
-        for line in dry_run_lines(spec):
-            print(line, flush=True)
+        for line in dry_run_lines(spec):  # with --json, stdout carries only the JSON object
+            print(line, file=sys.stderr if spec.worker_stdout_to_stderr else sys.stdout, flush=True)
         return RunResult(exit_code=0, duration_s=time.monotonic() - started, ranks=[])
     run_dir = Path(tempfile.mkdtemp(prefix="tpcli-run-"))  # 0700, a fresh name: never an existing path
     try:
