@@ -295,3 +295,22 @@ def test_two_nodes_on_loopback_tp_within_nodes_replicas_across(model_dirs):
         with torch.no_grad():
             ref = single.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
         assert json.loads(m[1]) == ref[0, ids.shape[1]:].tolist()
+
+
+def test_model_preflight_on_the_mesh(monkeypatch, capsys, tmp_path, model_dirs):
+    script = tmp_path / "s.py"
+    script.write_text("")
+    qwen3, llama = model_dirs("qwen3"), model_dirs("llama")  # 4 heads, 2 KV heads
+    code, out, err = run_main(monkeypatch, capsys, "run", "--cpu", "4", "--tp", "2", "--fsdp", "2", "--model", qwen3,
+                              "--dry-run", script)
+    assert code == 0 and "plan OK on the mesh tp=2 x fsdp=2" in err
+    assert "tied weights" in err  # qwen3 ties lm_head to the embedding: the FSDP training caveat
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", "8", "--tp", "4", "--fsdp", "2", "--model", qwen3,
+                            "--dry-run", script)
+    assert code != 0 and "mesh tp=4 x fsdp=2 x dp_replicate=1 (8 ranks), ep=1 is invalid for Qwen3ForCausalLM" in err
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", "2", "--tp", "2", "--ep", "2", "--model", llama,
+                            "--dry-run", script)
+    assert code == 2 and "--ep 2" in err, err
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", "2", "--tp", "2", "--model", llama, "--dry-run",
+                            script)  # --tp W alone: the plain-TP preflight, as without flags
+    assert code == 0 and "plan OK at tp=2" in err

@@ -377,7 +377,8 @@ def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResul
     if not spec.dry_run:
         check_devices(spec)
     if spec.model and spec.preflight:
-        for note in (preflight_mesh(spec, mesh) if spec.mesh_given else preflight_model(spec)):
+        plain = mesh.tp == spec.world_size and mesh.ep == 1  # `--tp W` alone is today's plain TP
+        for note in (preflight_model(spec) if plain else preflight_mesh(spec, mesh)):
             report(note)
     if spec.dry_run:
         for line in dry_run_lines(spec):  # with --json, stdout carries only the JSON object
