@@ -314,3 +314,18 @@ def test_model_preflight_on_the_mesh(monkeypatch, capsys, tmp_path, model_dirs):
     code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", "2", "--tp", "2", "--model", llama, "--dry-run",
                             script)  # --tp W alone: the plain-TP preflight, as without flags
     assert code == 0 and "plan OK at tp=2" in err
+
+
+# --- verify --numerics on a mesh ----------------------------------------------------------------------------------
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name,sizes", [("qwen3", {"tp": 2, "fsdp": 2}), ("mixtral", {"tp": 1, "fsdp": 2, "ep": 2})])
+def test_verify_numerics_on_a_mesh(model_dirs, name, sizes):
+    from tpcli.commands.verify import verify
+
+    mesh = Mesh(**sizes)
+    r = verify(str(model_dirs(name)), tp=mesh.tp, numerics=True, mesh=mesh)
+    n = r["numerics"]
+    assert r["ok"] and n["mesh"] == mesh.to_dict() and n["world_size"] == mesh.world, n
+    assert n["first_bad"] is None and n["tokens_equal"] and n["logits"]["max_abs"] <= 1e-5
+    assert len(n["layers"]) == 3  # embeddings + 2 decoder layers, each compared

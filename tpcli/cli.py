@@ -221,9 +221,6 @@ def verify(
     _positive("--tp", tp, MAX_TP)
     _plan_flag(plan)
     mesh = _mesh(tp, fsdp, dp_replicate, ep)
-    if mesh and numerics:
-        raise UsageError("--numerics runs plain TP workers; drop --fsdp/--dp-replicate/--ep (the mesh is checked "
-                         "statically) or drop --numerics.")
     from tpcli.formats import cache
     from tpcli.render import print_json, render_verify
 
