@@ -90,7 +90,8 @@ def first_host(nodelist: str) -> str:
 
 @dataclass
 class SlurmNodes:
-    """What SLURM says about this node's place in the job; fields are None when SLURM does not say."""
+    """What SLURM says about this node's place in the job; fields are None when SLURM does not say. The
+    rendezvous port is MASTER_PORT when set, else 29500."""
 
     job_id: str
     nnodes: int | None
@@ -109,7 +110,7 @@ def _int(env: dict, *names: str) -> int | None:
     for name in names:
         value = (env.get(name) or "").strip()
         if value:
-            m = re.match(r"^(\d+)", value)  # SLURM_JOB_NUM_NODES is a number; SLURM_NNODES may be "2(x2)"? take it
+            m = re.match(r"^(\d+)", value)  # the leading count (SLURM's per-node forms read "4(x2)")
             if m is None:
                 raise UsageError(f"{name}={value!r}: expected a number.")
             return int(m.group(1))
