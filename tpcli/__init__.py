@@ -5,7 +5,7 @@ Importing `tpcli` is cheap (no torch, no transformers); `tpcli.load_model` is re
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "mesh_info"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from tpcli.runtime.loading import load_model
 
         return load_model
+    if name == "mesh_info":  # this rank's place on the job's mesh (tpcli.runtime.meshinfo)
+        from tpcli.runtime.meshinfo import mesh_info
+
+        return mesh_info
     raise AttributeError(f"module 'tpcli' has no attribute {name!r}")

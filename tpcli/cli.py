@@ -207,9 +207,6 @@ def verify(
     _positive("--tp", tp, MAX_TP)
     _plan_flag(plan)
     mesh = _mesh(tp, fsdp, dp_replicate, ep)
-    if mesh and numerics:
-        raise UsageError("--numerics runs plain TP workers; drop --fsdp/--dp-replicate/--ep (the mesh is checked "
-                         "statically) or drop --numerics.")
     from tpcli.formats import cache
     from tpcli.render import print_json, render_verify, status_line
 
@@ -292,10 +289,15 @@ def run(
     module: Annotated[str | None, typer.Option("-m", "--module", help="Run a module instead of a script.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model or sharded folder: preflight it, export TPCLI_MODEL.")] = None,
     plan: PlanOpt = None,
-    nnodes: Annotated[int, typer.Option("--nnodes", help="Number of nodes.")] = 1,
-    node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
+    tp: Annotated[int | None, typer.Option("--tp", help="Mesh: TP ranks (default: the world left by --fsdp x --dp-replicate).")] = None,
+    fsdp: FsdpOpt = None,
+    dp_replicate: DpReplicateOpt = None,
+    ep: EpOpt = None,
+    nnodes: Annotated[int | None, typer.Option("--nnodes", help="Number of nodes (default 1; in SLURM: the job's).")] = None,
+    node_rank: Annotated[int | None, typer.Option("--node-rank", help="This node's rank (default 0; in SLURM: SLURM_NODEID).")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,
-    rdzv_id: Annotated[str, typer.Option("--rdzv-id", help="Rendezvous id shared by all nodes.")] = "tpcli",
+    rdzv_id: Annotated[str | None, typer.Option("--rdzv-id", help="Rendezvous id shared by all nodes (default tpcli; in SLURM: the job id).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the mesh, the torchrun command and the workers' environment; start nothing.")] = False,
     max_restarts: Annotated[int, typer.Option("--max-restarts", help="torchrun restarts on failure.")] = 0,
     log_dir: Annotated[str | None, typer.Option("--log-dir", help="Keep per-rank logs and error files here, in one run-* subfolder per run.")] = None,
     tee: Annotated[str | None, typer.Option("--tee", help="torchrun --tee: 0 none, 1 stdout, 2 stderr, 3 both.")] = None,
@@ -322,6 +324,20 @@ def run(
         raise UsageError("give exactly one of SCRIPT.py or -m MODULE.")
     if gpus is not None and cpu is not None:
         raise UsageError("--gpus and --cpu are exclusive; pick one.")
+    for flag, value in (("--tp", tp), ("--fsdp", fsdp), ("--dp-replicate", dp_replicate), ("--ep", ep)):
+        _positive(flag, value, MAX_TP)
+    slurm = _slurm_nodes()
+    if slurm is not None:
+        from tpcli.commands import slurm as slurm_flags
+
+        filled, line = slurm_flags.apply(slurm, gpus=gpus, cpu=cpu, nnodes=nnodes, node_rank=node_rank,
+                                         rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+        print(line, file=sys.stderr, flush=True)
+        gpus, nnodes, node_rank, rdzv_endpoint, rdzv_id = (filled[k] for k in (
+            "gpus", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id"))
+    nnodes = 1 if nnodes is None else nnodes
+    node_rank = 0 if node_rank is None else node_rank
+    rdzv_id = rdzv_id or "tpcli"
     _positive("--gpus", gpus)
     _positive("--cpu", cpu)
     _positive("--nnodes", nnodes)
@@ -332,6 +348,7 @@ def run(
         model=model, plan_file=plan, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id, max_restarts=max_restarts, log_dir=log_dir, tee=tee, ranks_filter=ranks_filter,
         preflight=not skip_preflight, timeout_s=parse_duration(timeout, "--timeout"), worker_stdout_to_stderr=json_out,
+        tp=tp, fsdp=fsdp, dp_replicate=dp_replicate, ep=ep, dry_run=dry_run,
     )
     result = run_job(spec, report=lambda line: print(line, file=sys.stderr, flush=True))
     if json_out:
@@ -366,6 +383,15 @@ def _check_run_script(ctx: typer.Context, script: str | None) -> None:
                              f"-m tpcli.examples.{name}")
 
 
+def _slurm_nodes():
+    """Inside a SLURM allocation (SLURM_JOB_ID set): what SLURM says about the nodes (`tpcli.commands.slurm`)."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    from tpcli.commands.slurm import from_env
+
+    return from_env(dict(os.environ))
+
+
 class Interrupted(BaseException):
     """SIGINT/SIGTERM/SIGHUP: unwinds like Ctrl-C (so `tpcli.formats.output.atomic_dir` removes its temporary output), but is not
     a KeyboardInterrupt, which typer would turn into a silent exit. Exit code 128 + signal number (130 for Ctrl-C)."""
@@ -381,7 +407,8 @@ def _on_signal(signum, frame):
 
 # run's options that take a value (the next argument is not SCRIPT)
 _RUN_TAKES_VALUE = {"--gpus", "--cpu", "--model", "--plan", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id",
-                    "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision"}
+                    "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision", "--tp", "--fsdp",
+                    "--dp-replicate", "--ep"}
 
 
 def _own_args(args: list[str]) -> list[str]:

@@ -555,7 +555,8 @@ def render_verify(r: dict) -> None:
     if "skipped" in n or "error" in n:
         console.print(f"[yellow]numerics: {n.get('skipped') or n.get('error')}[/yellow]")
         return
-    table = Table(title=f"Numerics: tp={n['world_size']} vs single process ({n['dtype']}, tolerance {n['tolerance']:g})",
+    where = mesh_label(n["mesh"]) if n.get("mesh") else f"tp={n['world_size']}"
+    table = Table(title=f"Numerics: {where} vs single process ({n['dtype']}, tolerance {n['tolerance']:g})",
                   title_justify="left")
     for col in ("output", "max abs err", "max rel err", "within tolerance"):
         table.add_column(col, justify="right" if "err" in col else "left", no_wrap=True)

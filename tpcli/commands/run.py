@@ -67,6 +67,15 @@ class LaunchSpec:
     timeout_s: float | None = None  # stop every worker after this many seconds (exit 124)
     raise_on_interrupt: bool = False  # a signal raises LaunchError(exit 128 + signal) instead of returning the code
     worker_stdout_to_stderr: bool = False  # `run --json`: stdout carries only the final JSON object
+    tp: int | None = None  # mesh flags; all None: plain TP over the world (no TPCLI_MESH), as before
+    fsdp: int | None = None
+    dp_replicate: int | None = None
+    ep: int | None = None
+    dry_run: bool = False  # print the mesh, the torchrun command and the environment; start nothing
+
+    @property
+    def mesh_given(self) -> bool:
+        return any(v is not None for v in (self.tp, self.fsdp, self.dp_replicate, self.ep))
 
     @property
     def nproc(self) -> int:
@@ -77,6 +86,65 @@ class LaunchSpec:
         return self.nproc * self.nnodes
 
 
+COMPLETIONS = {"fsdp": "training: shards params, grads, optimizer", "dp_replicate": "inference replicas"}
+
+
+def resolve_mesh(spec: LaunchSpec):
+    """The job's mesh (`tpcli.planning.mesh.Mesh`), checked against the world W = workers per node x nodes.
+
+    No mesh flag: plain TP, tp = W. Without --tp, tp takes what --fsdp x --dp-replicate leave (W / (F x R)).
+    tp x fsdp x dp_replicate must be W: a mesh that covers a part of it is a usage error naming the two ways to
+    complete it (more FSDP ranks, or replicas). The sizes' rules (ep a multiple of tp dividing fsdp x tp) are
+    transformers' own DistributedConfig (`tpcli.planning.mesh.distributed_config`). A TP group must stay inside a
+    node: T <= workers per node and T divides it (TP all-reduces activations in every layer; it needs the
+    intra-node links)."""
+    from tpcli.planning.mesh import Mesh, distributed_config
+
+    world, launcher = spec.world_size, _launcher_flags(spec)
+    if not spec.mesh_given:
+        return Mesh(tp=world)
+    for flag, value in (("--tp", spec.tp), ("--fsdp", spec.fsdp), ("--dp-replicate", spec.dp_replicate),
+                        ("--ep", spec.ep)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be a positive integer.")
+    fsdp, replicate, ep = spec.fsdp or 1, spec.dp_replicate or 1, spec.ep or 1
+    tp = spec.tp
+    if tp is None:
+        if world % (fsdp * replicate):
+            raise UsageError(f"--fsdp {fsdp} x --dp-replicate {replicate} = {fsdp * replicate} does not divide the "
+                             f"{world} ranks of {launcher}; give sizes whose product is {world}.")
+        tp = world // (fsdp * replicate)
+    mesh = Mesh(tp=tp, fsdp=fsdp, dp_replicate=replicate, ep=ep)
+    if mesh.world != world:
+        given = " x ".join(f"{flag} {v}" for flag, v in (("--tp", tp), ("--fsdp", spec.fsdp),
+                                                          ("--dp-replicate", spec.dp_replicate)) if v is not None)
+        if world % mesh.world:
+            raise UsageError(f"{given} = {mesh.world} ranks, but {launcher} starts {world}: tp x fsdp x "
+                             f"dp-replicate must equal the world size {world}.")
+        k = world // mesh.world
+        raise UsageError(f"{given} = {mesh.world} of the {world} ranks of {launcher}: add "
+                         f"--fsdp {fsdp * k} ({COMPLETIONS['fsdp']}) or --dp-replicate {replicate * k} "
+                         f"({COMPLETIONS['dp_replicate']}).")
+    per_node = spec.nproc
+    if spec.nnodes > 1 and (mesh.tp > per_node or per_node % mesh.tp):
+        raise UsageError(f"--tp {mesh.tp} with {per_node} workers per node: a TP group would span nodes. TP "
+                         "all-reduces activations in every layer and needs the intra-node links (NVLink); use a "
+                         f"--tp that divides {per_node} and --fsdp/--dp-replicate across the nodes.")
+    distributed_config(mesh)  # transformers' size rules, named by flag
+    return mesh
+
+
+def _launcher_flags(spec: LaunchSpec) -> str:
+    flag = f"--gpus {spec.gpus}" if spec.gpus else f"--cpu {spec.nproc}"
+    return flag + (f" x --nnodes {spec.nnodes}" if spec.nnodes > 1 else "")
+
+
+def describe_mesh(mesh) -> str:
+    """'tp=2 x fsdp=2 x dp_replicate=1 (4 ranks), ep=1'"""
+    return (f"tp={mesh.tp} x fsdp={mesh.fsdp} x dp_replicate={mesh.dp_replicate} ({mesh.world} ranks), "
+            f"ep={mesh.ep}")
+
+
 def check_devices(spec: LaunchSpec) -> None:
     if spec.gpus:
         import torch
@@ -85,6 +153,39 @@ def check_devices(spec: LaunchSpec) -> None:
         if visible < spec.gpus:
             raise LaunchError(f"--gpus {spec.gpus}: only {visible} CUDA GPU(s) visible on this machine; "
                               f"use --cpu {spec.gpus} to run {spec.gpus} CPU workers (gloo) instead.")
+
+
+def preflight_mesh(spec: LaunchSpec, mesh) -> list[str]:
+    """Static checks of --model on a mesh, as `tpcli inspect/verify --tp --fsdp --dp-replicate --ep` plan it:
+    transformers' plan resolution for the mesh and the experts over --ep (`MeshPlan`), then tpcli's per-TP checks at
+    T, less those about experts that the EP plan takes (`mesh_findings`)."""
+    from tpcli.commands.inspect import load_resolved
+    from tpcli.errors import PlanError
+    from tpcli.formats import dcp
+    from tpcli.planning.checks import check_plan, errors
+    from tpcli.planning.mesh import MeshPlan, mesh_findings
+
+    if dcp.is_sharded_dir(Path(spec.model).expanduser()):
+        return [f"preflight: {spec.model} is a sharded folder: on the mesh {describe_mesh(mesh)} it is not checked "
+                "here and tpcli.load_model loads it through transformers (DCP), not the per-rank fast path (plain "
+                "TP only)"]
+    _, plan = load_resolved(spec.model, plan_file=spec.plan_file)
+    MeshPlan(plan, mesh)
+    findings = mesh_findings(plan, mesh, check_plan(plan, mesh.tp))
+    errs = errors(findings)
+    if errs:
+        more = f" (+{len(errs) - 1} more; see `tpcli verify`)" if len(errs) > 1 else ""
+        raise PlanError(f"mesh {describe_mesh(mesh)} is invalid for {plan.architecture}: {errs[0].message}{more}.")
+    warnings = [f for f in findings if f.severity == "warning"]
+    notes = [f"preflight: {plan.architecture} plan OK on the mesh {describe_mesh(mesh)}"
+             + (f" ({len(warnings)} warnings, see `tpcli verify`)" if warnings else "")]
+    tied = sorted(f"{t.name} = {t.tied_to}" for t in plan.tensors.values() if t.tied_to)
+    if tied and mesh.dp_size > 1:
+        notes.append(f"preflight: warning: tied weights ({tied[0]}) under FSDP: with transformers 5.23 the forward "
+                     "after an optimizer step no longer matches one process (measured: qwen3, tp=2 x fsdp=2 and "
+                     "fsdp=2, loss off by ~1e-3 after one SGD step while every parameter matches); loading and "
+                     "inference are exact")
+    return notes
 
 
 def preflight_model(spec: LaunchSpec) -> list[str]:
@@ -145,7 +246,12 @@ def build_command(spec: LaunchSpec, log_dir: Path) -> list[str]:
 
 
 def worker_env(spec: LaunchSpec, run_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    return {**os.environ, **tpcli_env(spec, run_dir)}
+
+
+def tpcli_env(spec: LaunchSpec, run_dir: Path) -> dict[str, str]:
+    """The variables tpcli sets for the workers, on top of its own environment."""
+    env: dict[str, str] = {}
     env["TPCLI_RUN_DIR"] = str(run_dir)
     env["PYTHONUNBUFFERED"] = "1"
     if spec.model:
@@ -154,9 +260,14 @@ def worker_env(spec: LaunchSpec, run_dir: Path) -> dict[str, str]:
     if spec.plan_file:  # tpcli.load_model() uses it as `tp_plan` (a shipped name, or the file by absolute path)
         plan = Path(spec.plan_file).expanduser()
         env["TPCLI_PLAN"] = str(plan.resolve()) if plan.exists() else spec.plan_file
+    if spec.mesh_given:  # tpcli.load_model / tpcli.mesh_info read it (tpcli.runtime.meshinfo)
+        from tpcli.runtime.meshinfo import ENV, format_mesh
+
+        env[ENV] = format_mesh(resolve_mesh(spec))
     if not spec.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers: transformers then picks gloo
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc)))
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.nproc))
     return env
 
 
@@ -209,6 +320,25 @@ def _run_log_dir(spec: LaunchSpec, run_dir: Path) -> Path:
         raise UsageError(f"--log-dir {spec.log_dir}: {exc.strerror}; give a folder you can write.") from None
 
 
+DRY_RUN_LOG_DIR = "<log-dir>"  # a fresh folder per run, made when the job starts
+
+
+def dry_run_lines(spec: LaunchSpec) -> list[str]:
+    """`tpcli run --dry-run`: the torchrun command (under tpcli's supervisor) and the variables tpcli sets for the
+    workers, one per line, shell-quoted; nothing is started or created."""
+    import shlex
+
+    env = tpcli_env(spec, Path("<run-dir>"))
+    cmd = build_command(spec, Path(spec.log_dir or DRY_RUN_LOG_DIR))
+    mesh = resolve_mesh(spec)
+    lines = [f"mesh: {describe_mesh(mesh)}" + ("" if spec.mesh_given else " (no mesh flag: plain TP over the world)"),
+             f"world: {spec.world_size} = {spec.nproc} {'GPU' if spec.gpus else 'CPU'} workers per node x "
+             f"{spec.nnodes} node(s), this node's rank {spec.node_rank}",
+             "command: " + shlex.join(cmd), "environment (set by tpcli, on top of the current one):"]
+    lines += [f"  {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    return lines
+
+
 @dataclass
 class RunResult:
     """What `tpcli run --json` prints: per-rank exit codes and signals, the root cause, the log folder kept."""
@@ -238,10 +368,19 @@ def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResul
     validate(spec)
     if spec.script and not Path(spec.script).is_file():
         raise UsageError(f"SCRIPT {spec.script}: no such file.")
-    check_devices(spec)
+    mesh = resolve_mesh(spec)
+    if spec.mesh_given:
+        report(f"tpcli run: mesh {describe_mesh(mesh)} over {_launcher_flags(spec)}")
+    if not spec.dry_run:
+        check_devices(spec)
     if spec.model and spec.preflight:
-        for note in preflight_model(spec):
+        plain = mesh.tp == spec.world_size and mesh.ep == 1  # `--tp W` alone is today's plain TP
+        for note in (preflight_model(spec) if plain else preflight_mesh(spec, mesh)):
             report(note)
+    if spec.dry_run:
+        for line in dry_run_lines(spec):  # with --json, stdout carries only the JSON object
+            print(line, file=sys.stderr if spec.worker_stdout_to_stderr else sys.stdout, flush=True)
+        return RunResult(exit_code=0, duration_s=time.monotonic() - started, ranks=[])
     run_dir = Path(tempfile.mkdtemp(prefix="tpcli-run-"))  # 0700, a fresh name: never an existing path
     try:
         log_dir = _run_log_dir(spec, run_dir)

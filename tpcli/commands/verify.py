@@ -59,7 +59,7 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
     if numerics and result["ok"]:
         say(f"starting {tp} {'GPU' if gpus else 'CPU'} workers: TP load, single-process reference, compare")
         result["numerics"] = run_numerics(src.path, tp=tp, plan_file=plan_file, gpus=gpus, tolerance=tolerance,
-                                          default_dtype=plan.dtype)
+                                          default_dtype=plan.dtype, mesh=mesh)
         result["ok"] = result["numerics"]["ok"]
     elif numerics:
         result["numerics"] = {"skipped": "static errors: the workers would crash or compute garbage"}
@@ -67,7 +67,9 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
 
 
 def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tolerance: float | None,
-                 default_dtype: str) -> dict:
+                 default_dtype: str, mesh=None) -> dict:
+    """The numerics workers (`tpcli.runtime.numerics`), started as `tpcli run` starts them: tp workers, or on a
+    mesh its world of workers with TPCLI_MESH (each rank runs the same batch; rank 0 compares)."""
     from tpcli.commands.run import LaunchSpec, launch
 
     with tempfile.TemporaryDirectory(prefix="tpcli-verify-") as tmp:
@@ -75,8 +77,11 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
         if plan_file and Path(plan_file).exists():
             plan_file = str(Path(plan_file).resolve())  # the workers may run elsewhere; a shipped NAME stays a name
         args = [str(path), str(out)] + (["--plan", plan_file] if plan_file else [])
-        spec = LaunchSpec(module="tpcli.runtime.numerics", args=args, gpus=tp if gpus else None, cpu=None if gpus else tp,
-                          preflight=False, quiet=True, raise_on_interrupt=True)  # Ctrl-C: "interrupted", exit 130
+        world = mesh.world if mesh is not None else tp
+        sizes = {"tp": mesh.tp, "fsdp": mesh.fsdp, "dp_replicate": mesh.dp_replicate, "ep": mesh.ep} if mesh else {}
+        spec = LaunchSpec(module="tpcli.runtime.numerics", args=args, gpus=world if gpus else None,
+                          cpu=None if gpus else world, preflight=False, quiet=True, raise_on_interrupt=True,
+                          **sizes)  # Ctrl-C: "interrupted", exit 130
         lines: list[str] = []
         code = launch(spec, report=lines.append)
         if code != 0 or not out.exists():
@@ -84,6 +89,7 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
         data = json.loads(out.read_text())
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(data["dtype"], 1e-5)
     data["tolerance"] = tol
+    data["mesh"] = mesh.to_dict() if mesh is not None else None
     data["first_bad"] = next((layer["name"] for layer in data["layers"] if layer["max_abs"] > tol), None)
     data["ok"] = data["logits"]["max_abs"] <= tol and data["first_bad"] is None and data["tokens_equal"]
     return data

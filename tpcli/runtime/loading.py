@@ -4,7 +4,8 @@
     model = tpcli.load_model("/ckpt", dtype="bfloat16", tp_plan={"...": "colwise"})
 
 * An ordinary checkpoint, a transformers DCP folder, or a tpcli folder at another TP size:
-  `from_pretrained(path, distributed_config=DistributedConfig(tp_size=world, tp_plan=...))`, nothing re-implemented.
+  `from_pretrained(path, distributed_config=DistributedConfig(tp_size=..., tp_plan=...))`, nothing re-implemented;
+  on a mesh (`tpcli run --tp T --fsdp F --dp-replicate R --ep E`, TPCLI_MESH) always this way, with its sizes.
 * A tpcli sharded folder whose tp equals the world size (the fast path): transformers builds the model exactly as
   `from_pretrained` does (`prepare_distribute_model`, `maybe_distribute_model`: the same DTensor placeholders and
   forward hooks, then `_move_missing_keys_from_meta_to_device` and `tie_weights`, as its own DCP load does), and each
@@ -77,8 +78,14 @@ def _destroy_process_group() -> None:
 
 @with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
 def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "auto", dtype=None,
-               timeout_s: float = float(os.environ.get("TPCLI_TIMEOUT", 1800)), auto_class=None, **kwargs):
-    """Return a TP-sharded model for this process's rank (world size = TP size)."""
+               timeout_s: float = float(os.environ.get("TPCLI_TIMEOUT", 1800)), auto_class=None, mesh=None,
+               **kwargs):
+    """Return the model sharded for this process's rank on the job's mesh.
+
+    The mesh is `mesh` (a `tpcli.planning.mesh.Mesh` or 'tp=2,fsdp=2' text), else TPCLI_MESH (`tpcli run --tp
+    --fsdp --dp-replicate --ep`), else plain TP over the world (tp = WORLD_SIZE). Loaded with
+    `from_pretrained(path, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F, dp_replicate_size=R,
+    ep_size=E, tp_plan=tp_plan))`; the model's `_device_mesh` is transformers' own."""
     import torch
 
     from tpcli.formats.dcp import is_sharded_dir
@@ -88,10 +95,12 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
         raise CheckpointError("load_model: pass a path or run under `tpcli run --model PATH` (sets TPCLI_MODEL).")
     _init_process_group(timeout_s)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mesh = _job_mesh(mesh, world)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     doc = manifest.read(path) if path.is_dir() and is_sharded_dir(path) else None
-    if doc is not None and doc["tp_size"] == world and world > 1 and tp_plan == "auto" and not kwargs:
+    plain = mesh.tp == world  # plain TP: no fsdp, no replicas, no ep
+    if doc is not None and doc["tp_size"] == world and world > 1 and plain and tp_plan == "auto" and not kwargs:
         return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class)
     if (doc or {}).get("quantization"):
         raise CheckpointError(f"{path}: quantized tpcli shards load only at their own TP size "
@@ -106,11 +115,35 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
         if device.type != "cpu" and "device_map" not in kwargs:  # `tpcli run --gpus 1`: on the GPU, as at tp > 1
             extra["device_map"] = device
         return cls.from_pretrained(str(path), **extra, **kwargs)
-    if "distributed_config" not in kwargs:  # transformers' current API: `tp_plan=` alone is deprecated (FutureWarning)
-        from transformers.distributed import DistributedConfig
-
-        extra["distributed_config"] = DistributedConfig(tp_size=world, tp_plan=tp_plan)
+    if "distributed_config" not in kwargs:  # transformers' current API: `tp_plan=` alone is deprecated
+        extra["distributed_config"] = mesh_config(mesh, tp_plan)
     return cls.from_pretrained(str(path), **extra, **kwargs)
+
+
+def _job_mesh(mesh, world: int):
+    """The mesh to load on (see `load_model`), checked to cover the world."""
+    from tpcli.planning.mesh import Mesh
+    from tpcli.runtime.meshinfo import mesh_from_env, parse_mesh
+
+    if mesh is None:
+        return mesh_from_env(world)
+    mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
+    if not isinstance(mesh, Mesh) or mesh.world != world:
+        raise CheckpointError(f"load_model: mesh {mesh} does not cover the {world} ranks of this job "
+                              "(tp x fsdp x dp_replicate must equal WORLD_SIZE).")
+    return mesh
+
+
+def mesh_config(mesh, tp_plan="auto"):
+    """transformers' `DistributedConfig` for `mesh` (a `tpcli.planning.mesh.Mesh`) with `tp_plan`: what
+    `from_pretrained(distributed_config=...)` takes instead of the deprecated `tp_plan=` argument. Plain TP is
+    `DistributedConfig(tp_size=world, tp_plan=tp_plan)`; the other sizes are passed only when a mesh has them."""
+    from transformers.distributed import DistributedConfig
+
+    sizes = {"tp_size": mesh.tp}
+    if mesh.tp != mesh.world or mesh.ep > 1:
+        sizes.update(fsdp_size=mesh.fsdp, dp_replicate_size=mesh.dp_replicate, ep_size=mesh.ep)
+    return DistributedConfig(**sizes, tp_plan=tp_plan)
 
 
 def _auto_class(path: Path, *, trust_remote_code: bool = False):

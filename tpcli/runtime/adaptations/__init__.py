@@ -67,6 +67,13 @@ def apply_adaptations(model, names) -> None:
 
     if not names or not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is not None and mesh["tp"].size() != dist.get_world_size():  # they divide by the world size
+        from tpcli.errors import ModelError
+
+        raise ModelError(f"the plan's adaptations ({', '.join(names)}) assume plain TP (tp = world size "
+                         f"{dist.get_world_size()}); this model is on a mesh with tp={mesh['tp'].size()}: run it "
+                         "without --fsdp/--dp-replicate/--ep.")
     for name in names:
         ADAPTATIONS[name](model, dist.get_world_size(), dist.get_rank())
 
