@@ -219,6 +219,8 @@ def test_fit_over_meshes_lists_every_valid_mesh_ranked(monkeypatch, capsys, mode
     tps = [(m["tp"], m["dp_replicate"]) for m in fit["meshes"] if m["fits"]]
     assert tps == sorted(tps)  # training: fewest TP ranks, then FSDP before replicas
     assert fit["best"]["run_flags"].startswith("--gpus 4 --nnodes 2 ")
+    best = fit["best"]
+    assert f" --tp {best['tp']}" in best["run_flags"].partition("  #")[0]
 
 
 def test_fit_over_meshes_renders_in_80_columns(monkeypatch, capsys, models):

@@ -62,12 +62,16 @@ def _rank_key(entry: dict, train: bool) -> tuple:
 
 
 def run_flags(mesh: Mesh, per_node: int) -> str:
-    """How to launch it: `tpcli run` starts the workers; the script passes the mesh to transformers."""
+    """How to launch it: `tpcli run` with the mesh flags; its workers' `tpcli.load_model()` loads on that mesh (a
+    script of its own passes the same sizes to transformers)."""
     nodes = mesh.world // per_node if mesh.world > per_node else 1
     gpus = min(per_node, mesh.world)
     flags = f"--gpus {gpus}" + (f" --nnodes {nodes} --node-rank N --rdzv-endpoint HOST:PORT" if nodes > 1 else "")
-    return (f"{flags}  # in the script: from_pretrained(..., distributed_config=DistributedConfig("
-            f"tp_size={mesh.tp}, fsdp_size={mesh.fsdp}, dp_replicate_size={mesh.dp_replicate}, ep_size={mesh.ep}))")
+    flags += f" --tp {mesh.tp}" + "".join(f" --{name} {size}" for name, size in (
+        ("fsdp", mesh.fsdp), ("dp-replicate", mesh.dp_replicate), ("ep", mesh.ep)) if size > 1)
+    return (f"{flags}  # tpcli.load_model() loads on this mesh; or from_pretrained(..., distributed_config="
+            f"DistributedConfig(tp_size={mesh.tp}, fsdp_size={mesh.fsdp}, dp_replicate_size={mesh.dp_replicate}, "
+            f"ep_size={mesh.ep}))")
 
 
 def fit_meshes(plan: ResolvedPlan, opts: MemoryOptions, *, world: int, per_node: int | None, valid_tp: list[int],
