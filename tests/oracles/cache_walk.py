@@ -21,6 +21,21 @@ def nbytes(t) -> int:
     return t.numel() * t.element_size()
 
 
+def adamw_step_bytes(model) -> tuple[int, int]:
+    """One AdamW step on `model` (gradients already there): (bytes of its state tensors this rank holds, count of
+    its 0-d step counters)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt.step()
+    state_bytes, steps = 0, 0
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and local(value).dim() == 0:
+                steps += 1
+            elif torch.is_tensor(value):
+                state_bytes += nbytes(value)
+    return state_bytes, steps
+
+
 def reachable_tensors(obj) -> list:
     """The tensors reachable from `obj` through attributes, dicts, lists and tuples (each tensor object once)."""
     seen: set[int] = set()

@@ -33,7 +33,7 @@ args = parser.parse_args()
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
 rank = dist.get_rank()
-from cache_walk import cache_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
+from cache_walk import adamw_step_bytes, cache_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 
@@ -77,17 +77,7 @@ def measure(folder: str) -> dict:
     out["grads"] = {n: {"local_shape": list(local(g).shape), "placements": placements(g),
                         "is_dtensor": hasattr(g, "placements")} for n, g in grads.items()}
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt.step()
-    state_bytes, steps = 0, 0
-    for state in opt.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and local(value).dim() == 0:
-                steps += 1
-            elif torch.is_tensor(value):
-                state_bytes += nbytes(value)
-    out["optimizer_bytes"] = state_bytes
-    out["optimizer_step_tensors"] = steps
+    out["optimizer_bytes"], out["optimizer_step_tensors"] = adamw_step_bytes(model)
     return out
 
 

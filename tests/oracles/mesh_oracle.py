@@ -33,7 +33,7 @@ args = parser.parse_args()
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
 rank = dist.get_rank()
-from cache_walk import local, nbytes  # noqa: E402  (this script's folder is on sys.path)
+from cache_walk import adamw_step_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.distributed import DistributedConfig  # noqa: E402
 
@@ -78,18 +78,8 @@ def measure(case: str) -> dict:
     grads = {n: p.grad for n, p in params.items() if p.grad is not None}
     out["grad_bytes"] = sum(nbytes(g) for g in grads.values())
     out["grads"] = {n: list(local(g).shape) for n, g in grads.items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt.step()
-    state_bytes, steps = 0, 0
-    for state in opt.state.values():
-        for value in state.values():
-            if torch.is_tensor(value) and local(value).dim() == 0:
-                steps += 1
-            elif torch.is_tensor(value):
-                state_bytes += nbytes(value)
-    out["optimizer_bytes"] = state_bytes
-    out["optimizer_step_tensors"] = steps
-    del opt, model, params, unique, grads
+    out["optimizer_bytes"], out["optimizer_step_tensors"] = adamw_step_bytes(model)
+    del model, params, unique, grads
     gc.collect()
     # numerics on a fresh load: a no_grad forward before the backward above would change it (measured: FSDP2's
     # keep_full_weight tail then gets no gradients), so the two are measured on separate loads
