@@ -11,6 +11,7 @@ from conftest import base_env, run_main
 from typer.testing import CliRunner
 
 from tpcli.cli import app
+from tpcli.commands.inspect import expand_runs, local_shapes
 
 runner = CliRunner()
 
@@ -34,17 +35,17 @@ def test_inspect_json_is_stable_and_complete(model_dirs):
     result = runner.invoke(app, ["inspect", str(model_dirs("mixtral3")), "--tp", "3", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["schema"] == "tpcli.inspect/3"
+    assert doc["schema"] == "tpcli.inspect/4"
     assert set(doc) == {"schema", "source", "summary", "checkpoint", "plan", "unused_rules", "valid_tp_sizes",
                         "invalid_tp_sizes", "coverage", "tp", "memory", "fit", "mesh"}
     assert doc["checkpoint"]["files"] == 1 and sum(doc["checkpoint"]["parameters_by_dtype"].values()) == \
         doc["summary"]["parameters"]
     assert doc["summary"]["architecture"] == "MixtralForCausalLM"
     groups = {g["pattern"]: g for g in doc["tp"]["groups"]}
-    assert groups["model.embed_tokens.weight"]["local_shapes"] == [[334, 96], [334, 96], [333, 96]]
+    assert local_shapes(groups["model.embed_tokens.weight"]) == [[334, 96], [334, 96], [333, 96]]
     assert groups["model.layers.*.mlp.experts.gate_up_proj"]["placement"] == "_StridedShard(1, sf=2)"
     assert 3 in doc["valid_tp_sizes"] and "4" in doc["invalid_tp_sizes"]
-    ranks = doc["tp"]["ranks"]
+    ranks = expand_runs(doc["tp"]["rank_runs"])
     assert doc["tp"]["largest_rank"] == 0 and ranks[0]["total_bytes"] > ranks[2]["total_bytes"]
     assert 0.9 < doc["coverage"]["sharded_fraction"] <= 1.0
 

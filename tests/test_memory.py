@@ -11,6 +11,7 @@ import pytest
 from conftest import ORACLES, tiny_models, torchrun
 from test_cli import _hub_cache, run_main, use_hub_cache
 
+from tpcli.commands.inspect import expand_runs
 from tpcli.errors import UsageError
 from tpcli.formats.units import parse_dtype, parse_size
 from tpcli.planning.memory import MemoryOptions, fit_table, largest_per_tp, rank_memory
@@ -227,8 +228,8 @@ def test_inspect_json_memory_keys(models, monkeypatch, capsys):
                           "40", "--train", "--gpu-mem", "8MiB", "--reserve", "1MiB", "--json")
     assert rc == 0
     doc = json.loads(out)
-    assert doc["schema"] == "tpcli.inspect/3"
-    for rk in doc["tp"]["ranks"]:
+    assert doc["schema"] == "tpcli.inspect/4"
+    for rk in expand_runs(doc["tp"]["rank_runs"]):
         assert {"weight_bytes", "kv_cache_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes_estimate",
                 "total_bytes", "sharded_bytes", "replicated_bytes"} <= set(rk)
         assert rk["total_bytes"] == sum(rk[k] for k in ("weight_bytes", "kv_cache_bytes", "grad_bytes",
@@ -239,12 +240,12 @@ def test_inspect_json_memory_keys(models, monkeypatch, capsys):
     assert set(fit) >= {"gpu_mem_bytes", "reserve_bytes", "per_tp", "smallest_fitting_tp"}
     assert fit["gpu_mem_bytes"] == 8 * 2**20 and fit["reserve_bytes"] == 2**20
     assert set(fit["per_tp"]) == {"1", "2"} and fit["smallest_fitting_tp"] == 1
-    assert fit["per_tp"]["2"] == max(rk["total_bytes"] for rk in doc["tp"]["ranks"])
+    assert fit["per_tp"]["2"] == max(rk["total_bytes"] for rk in expand_runs(doc["tp"]["rank_runs"]))
 
     rc, out, _ = run_main(monkeypatch, capsys, "inspect", models("llama"), "--tp", "2", "--json")
     doc = json.loads(out)
     assert doc["fit"] is None and doc["memory"] is None
-    assert all(rk["kv_cache_bytes"] == rk["grad_bytes"] == 0 for rk in doc["tp"]["ranks"])
+    assert all(rk["kv_cache_bytes"] == rk["grad_bytes"] == 0 for rk in expand_runs(doc["tp"]["rank_runs"]))
 
 
 def test_rank_table_has_one_row_per_distinct_layout(models, monkeypatch, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import ORACLES, run_main, tiny_models
 
+from tpcli.commands.inspect import expand_runs
 from tpcli.planning.memory import MemoryOptions, fit_table, largest_per_tp, rank_memory
 from tpcli.planning.plan import load_config, resolve_plan
 
@@ -158,8 +159,8 @@ def test_inspect_names_each_cache_layer_kind(models, monkeypatch, capsys):
     assert layers["gated delta net"]["bytes_per_tp"] == {"1": 36_864, "2": 36_864}
     assert layers["gated delta net"]["states"] == [{"name": "conv", "elements": 512, "dtype": "float32"},
                                                    {"name": "recurrent", "elements": 1024, "dtype": "float32"}]
-    assert [rk["kv_cache_bytes"] for rk in doc["tp"]["ranks"]] == [47_104, 47_104]
-    assert [rk["kv_cache_fixed_bytes"] for rk in doc["tp"]["ranks"]] == [36_864, 36_864]
+    assert [rk["kv_cache_bytes"] for rk in expand_runs(doc["tp"]["rank_runs"])] == [47_104, 47_104]
+    assert [rk["kv_cache_fixed_bytes"] for rk in expand_runs(doc["tp"]["rank_runs"])] == [36_864, 36_864]
 
 
 def _default_config(tmp_path: Path, model_type: str) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ORACLES, run_main, tiny_models, torchrun
 
+from tpcli.commands.inspect import expand_runs
 from tpcli.errors import UsageError
 from tpcli.planning.memory import MemoryOptions
 from tpcli.planning.mesh import Mesh, distributed_config, mesh_memory
@@ -136,7 +137,7 @@ def test_ep_drops_findings_about_the_experts_tp_shards(monkeypatch, capsys, mode
 def test_inspect_json_mesh(monkeypatch, capsys, models):
     code, out, _ = run_main(monkeypatch, capsys, "inspect", models("qwen3"), "--tp", "2", "--json")
     doc = json.loads(out)
-    assert code == 0 and doc["schema"] == "tpcli.inspect/3" and doc["mesh"] is None
+    assert code == 0 and doc["schema"] == "tpcli.inspect/4" and doc["mesh"] is None
     code, out, _ = run_main(monkeypatch, capsys, "inspect", models("qwen3"), "--tp", "2", "--dp-replicate", "2",
                             "--train", "--seq-len", "8", "--batch", "3", "--json")
     doc = json.loads(out)
@@ -146,7 +147,7 @@ def test_inspect_json_mesh(monkeypatch, capsys, models):
     assert [r["rank"] for r in mesh["ranks"]] == [0, 1, 2, 3]
     # replicas hold what the plain TP ranks hold; --batch is per data-parallel rank, so the KV cache is tp=2's
     for rk in mesh["ranks"]:
-        tp_rank = doc["tp"]["ranks"][rk["coords"]["tp"]]
+        tp_rank = expand_runs(doc["tp"]["rank_runs"])[rk["coords"]["tp"]]
         for key in ("weight_bytes", "kv_cache_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes_estimate"):
             assert rk[key] == tp_rank[key], key
         assert rk["fsdp_gather_bytes_estimate"] == 0  # fsdp=1: nothing to gather

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tpcli.commands.gather import gather_checkpoint
-from tpcli.commands.inspect import inspect_model
+from tpcli.commands.inspect import expand_runs, inspect_model
 from tpcli.commands.shard import shard_checkpoint
 from tpcli.testing import build_tiny
 
@@ -102,7 +102,7 @@ def test_inspect_counts_stored_bytes(fp8_dirs, kind):
     q = report["summary"]["quantization"]
     assert q["method"] == "fp8" and q["block_size"] == [16, 16] and q["weight_dtype"] == "float8_e4m3fn"
     assert report["summary"]["total_bytes"] == _header_bytes(src)
-    assert sum(r["total_bytes"] for r in report["tp"]["ranks"]) < 2 * report["summary"]["total_bytes"]
+    assert sum(r["total_bytes"] for r in expand_runs(report["tp"]["rank_runs"])) < 2 * report["summary"]["total_bytes"]
     assert 2 in report["valid_tp_sizes"]
 
 

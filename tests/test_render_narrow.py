@@ -42,7 +42,7 @@ def test_identifiers_stay_whole_in_80_columns(model_dirs, narrow):
     assert [n for n in names if n not in out] == []
     assert "…" not in out
     for g in report["tp"]["groups"]:  # every shape whole too
-        assert all(render.shape(s) in out for s in [g["global_shape"], *g["local_shapes"]])
+        assert all(render.shape(s) in out for s in [g["global_shape"], *(s["shape"] for s in g["local_shapes"])])
     assert "matches: modules and parameters the rule applies to" in out  # the plan table's columns explained
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_shards, single_process_logits
 from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
-from tpcli.commands.inspect import inspect_model
+from tpcli.commands.inspect import inspect_model, local_shapes
 from tpcli.commands.shard import shard_checkpoint
 from tpcli.errors import CheckpointError, OutputError, PlanError
 from tpcli.planning.layout import local_shape
@@ -43,7 +43,7 @@ def test_shard_is_bit_identical_to_transformers_dcp_save(model_dirs, oracle, tmp
     pf = str(plan_file) if plan_file else None
     plan = resolve_plan(load_config(model_dirs(name)), user_plan=load_plan_file(pf) if pf else None)
     report = inspect_model(str(model_dirs(name)), tp=tp, plan_file=pf)
-    shapes = {g["pattern"]: g["local_shapes"] for g in report["tp"]["groups"]}
+    shapes = {g["pattern"]: local_shapes(g) for g in report["tp"]["groups"]}
     for r in range(tp):
         real = json.loads((theirs / f"layout-rank{r}.json").read_text())
         assert set(real) == set(plan.tensors)

@@ -39,15 +39,8 @@ def shape(s) -> str:
     return "(" + ", ".join(map(str, s)) + ")"
 
 
-def rank_runs(values: list) -> list[tuple[str, object]]:
-    """Consecutive ranks with equal values as one entry: [a, a, b] -> [("0-1", a), ("2", b)]."""
-    runs: list[list] = []
-    for r, v in enumerate(values):
-        if runs and runs[-1][2] == v:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r, v])
-    return [(f"{a}" if a == b else f"{a}-{b}", v) for a, b, v in runs]
+def _run_label(first: int, last: int) -> str:
+    return f"{first}" if first == last else f"{first}-{last}"
 
 
 def identifier_column(table: Table, header: str, values, **kwargs) -> None:
@@ -129,16 +122,16 @@ def render_inspect(r: dict) -> None:
         identifier_column(table, "n", [g["count"] for g in tp["groups"]], justify="right")
         identifier_column(table, "placement", [g["placement"] for g in tp["groups"]])
         identifier_column(table, "global", [shape(g["global_shape"]) for g in tp["groups"]])
-        widest = max(len(shape(s)) for g in tp["groups"] for s in g["local_shapes"])  # wraps between shapes only
+        widest = max(len(shape(s["shape"])) for g in tp["groups"] for s in g["local_shapes"])  # wraps between shapes
         table.add_column("local per rank", min_width=max(widest, len("local per rank")), overflow="fold")
         for g in tp["groups"]:
-            locals_ = [shape(s) for s in g["local_shapes"]]
-            if len(set(locals_)) == 1:
-                local = locals_[0]
-            elif len(locals_) <= 8:
-                local = " / ".join(locals_)
+            runs = g["local_shapes"]  # [{first, last, shape}]: consecutive ranks with one shape
+            if len(runs) == 1:
+                local = shape(runs[0]["shape"])
+            elif tp["size"] <= 8:
+                local = " / ".join(shape(s["shape"]) for s in runs for _ in range(s["first"], s["last"] + 1))
             else:  # large tp: one entry per run of equal shapes
-                local = " / ".join(f"{s} ranks {runs}" for runs, s in rank_runs(locals_))
+                local = " / ".join(f"{shape(s['shape'])} ranks {_run_label(s['first'], s['last'])}" for s in runs)
             table.add_row(g["pattern"], str(g["count"]), g["placement"], shape(g["global_shape"]), local)
         print_table(table)
         render_rank_memory(tp, r.get("memory"))
@@ -196,24 +189,24 @@ def _rank_label(first: int, last: int) -> str:
 
 def render_rank_memory(tp: dict, memory: dict | None) -> None:
     """Per-rank memory at one TP size: one row per run of ranks with the same numbers ("ranks 0-6", "rank 7")."""
-    unit, size = _unit(max(rk["total_bytes"] for rk in tp["ranks"]))
+    unit, size = _unit(max(rk["total_bytes"] for rk in tp["rank_runs"]))
     table, columns = _memory_table(f"Memory per rank at tp={tp['size']}, {unit} ({_memory_what(memory)})", "ranks",
                                    memory)
     keys = [k for k, _ in columns] + ["total_bytes"]
-    runs: list[list] = []  # [first, last, values]
-    for rk in tp["ranks"]:
+    runs: list[list] = []  # [first, last, values]: runs of the report merged where the shown columns agree
+    for rk in tp["rank_runs"]:
         values = tuple(rk[k] for k in keys)
         if runs and runs[-1][2] == values:
-            runs[-1][1] = rk["rank"]
+            runs[-1][1] = rk["last"]
         else:
-            runs.append([rk["rank"], rk["rank"], values])
+            runs.append([rk["first"], rk["last"], values])
     for first, last, values in runs:
         mark = " *" if first <= tp["largest_rank"] <= last and len(runs) > 1 else ""
         table.add_row(_rank_label(first, last) + mark, *(_in(v, size) for v in values))
     console.print(table)
     if len(runs) > 1:
         console.print(f"  * largest: rank {tp['largest_rank']}")
-    _note_sliding(tp["ranks"][tp["largest_rank"]], memory)
+    _note_sliding(next(rk for rk in tp["rank_runs"] if rk["first"] <= tp["largest_rank"] <= rk["last"]), memory)
 
 
 def _memory_what(memory: dict | None) -> str:

@@ -27,7 +27,7 @@ from tpcli.planning.mesh_fit import fit_meshes
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan, rule_matches
 from tpcli.planning.quant import scale_pairs
 
-SCHEMA = "tpcli.inspect/3"  # 3: `mesh`
+SCHEMA = "tpcli.inspect/4"  # 3: `mesh`; 4: per-rank figures as runs of ranks (`local_shapes` items, `tp.rank_runs`)
 
 
 def load_resolved(model: str, *, plan_file: str | None = None, revision: str | None = None,
@@ -83,17 +83,19 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
 
 
 def add_memory(report: dict, plan: ResolvedPlan, opts: MemoryOptions, *, gpu_mem: int | None, reserve: int) -> None:
-    """Per-rank memory (tpcli.planning.memory) into `report`: `tp.ranks[i]` terms, `memory` per TP size, and `fit`.
+    """Per-rank memory (tpcli.planning.memory) into `report`: `tp.rank_runs` terms, `memory` per TP size, and `fit`.
 
-    `tp.ranks[i].total_bytes` becomes weights + KV cache + gradients + optimizer + activation estimate (the terms
+    `total_bytes` of a rank becomes weights + KV cache + gradients + optimizer + activation estimate (the terms
     not asked for are 0); `sharded_bytes + replicated_bytes` stays the weights.
     """
     asked = bool(opts.seq_len or opts.train or gpu_mem)
     tp = report["tp"]
     if tp:
-        for row, mem in zip(tp["ranks"], rank_memory(plan, tp["size"], opts), strict=True):
+        ranks = expand_runs(tp["rank_runs"])
+        for row, mem in zip(ranks, rank_memory(plan, tp["size"], opts), strict=True):
             row.update(mem.to_dict())
-        tp["largest_rank"] = max(tp["ranks"], key=lambda r: r["total_bytes"])["rank"]
+        tp["largest_rank"] = max(ranks, key=lambda r: r["total_bytes"])["rank"]
+        tp["rank_runs"] = rank_runs_of(ranks)
     per_tp = largest_per_tp(plan, report["valid_tp_sizes"], opts) if asked else {}
     report["memory"] = {
         "batch": opts.batch,
@@ -158,7 +160,8 @@ def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max
             shapes = [list(local_shape(t.shape, t.placement, tp, r)) for r in range(tp)]
             key = replace_layer_number_by_wildcard(t.name)
             g = groups.setdefault(key, {"pattern": key, "count": 0, "style": t.style, "placement": t.placement.describe(),
-                                        "dtype": t.dtype, "global_shape": list(t.shape), "local_shapes": shapes})
+                                        "dtype": t.dtype, "global_shape": list(t.shape),
+                                        "local_shapes": [{"first": a, "last": b, "shape": v} for a, b, v in runs(shapes)]})
             g["count"] += 1
             for r in range(tp):
                 b = tensor_bytes(t.dtype, shapes[r])
@@ -171,11 +174,43 @@ def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max
             "size": tp,
             "valid": tp in valid,
             "groups": list(groups.values()),
-            "ranks": per_rank,
+            "rank_runs": rank_runs_of(per_rank),
             "largest_rank": largest["rank"],
             "findings": [f.to_dict() for f in findings],
         }
     return report
+
+
+def runs(values: list) -> list[tuple[int, int, object]]:
+    """Consecutive ranks with equal values as (first, last, value): [a, a, b] -> [(0, 1, a), (2, 2, b)].
+
+    A TP split gives each rank one contiguous slice, so a tensor has at most a few distinct local shapes (ceil,
+    floor, empty) in runs: the report is O(distinct layouts), not O(tp x tensors)."""
+    out: list[list] = []
+    for r, v in enumerate(values):
+        if out and out[-1][2] == v:
+            out[-1][1] = r
+        else:
+            out.append([r, r, v])
+    return [(a, b, v) for a, b, v in out]
+
+
+def rank_runs_of(ranks: list[dict]) -> list[dict]:
+    """Per-rank rows [{rank, ...figures}] as runs [{first, last, ...figures}] of consecutive ranks with equal figures."""
+    figures = [{k: v for k, v in row.items() if k != "rank"} for row in ranks]
+    return [{"first": a, "last": b, **v} for a, b, v in runs(figures)]
+
+
+def expand_runs(rank_runs: list[dict]) -> list[dict]:
+    """The per-rank rows back from `tp.rank_runs` (or a group's `local_shapes`): one dict per rank, with "rank"
+    in place of "first"/"last", exactly the figures of each rank."""
+    return [{"rank": r, **{k: v for k, v in run.items() if k not in ("first", "last")}}
+            for run in rank_runs for r in range(run["first"], run["last"] + 1)]
+
+
+def local_shapes(group: dict) -> list[list[int]]:
+    """A group's local shape on each rank, expanded from its runs."""
+    return [row["shape"] for row in expand_runs(group["local_shapes"])]
 
 
 def quantization_summary(plan: ResolvedPlan) -> dict | None:

@@ -238,6 +238,30 @@ def _head_findings(plan: ResolvedPlan, text, tp: int) -> list[Finding]:
     return out
 
 
+def _rank_list(ranks: list[int]) -> str:
+    """Ascending ranks with consecutive ones as ranges: [1, 2, 3, 7] -> "1-3, 7" (a message stays short at tp=1024)."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and runs[-1][1] == r - 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _widths(widths: list[int]) -> str:
+    """Rows per rank, "501/500"; above 8 ranks per run of equal widths: "251 (ranks 0-2)/248 (rank 3)"."""
+    if len(widths) <= 8:
+        return "/".join(map(str, widths))
+    runs: list[list[int]] = []  # [width, first, last]
+    for r, w in enumerate(widths):
+        if runs and runs[-1][0] == w:
+            runs[-1][2] = r
+        else:
+            runs.append([w, r, r])
+    return "/".join(f"{w} (rank {a})" if a == b else f"{w} (ranks {a}-{b})" for w, a, b in runs)
+
+
 def _shape_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
     out: list[Finding] = []
     uneven: list[str] = []
@@ -261,15 +285,15 @@ def _shape_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
             if p.kind == "strided":  # a rank without its gate/up halves: transformers' forward hangs or crashes
                 out.append(Finding(ERROR, "empty-shard",
                                    f"{t.name}: packed dim {p.dim} of size {size} leaves rank{'s' * (len(empty) > 1)} "
-                                   f"{', '.join(map(str, empty))} without rows at tp={tp}", t.name))
+                                   f"{_rank_list(empty)} without rows at tp={tp}", t.name))
                 continue
             # plain Shard: DTensor and the forward cope with empty local tensors (tests/test_verify_sweep.py)
             out.append(Finding(WARNING, "empty-shard",
                                f"{t.name}: dim {p.dim} of size {size} leaves rank{'s' * (len(empty) > 1)} "
-                               f"{', '.join(map(str, empty))} empty at tp={tp} (it runs; those ranks idle there)",
+                               f"{_rank_list(empty)} empty at tp={tp} (it runs; those ranks idle there)",
                                t.name))
         elif len(set(widths)) > 1:
-            uneven.append(f"{t.name} ({size} -> {'/'.join(map(str, widths))})")
+            uneven.append(f"{t.name} ({size} -> {_widths(widths)})")
         if len(t.shape) == 3 and experts_impl == "grouped_mm":
             out.extend(_grouped_mm_findings(t, runs))
     if uneven:
