@@ -274,10 +274,6 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self.header)
 
-    def fileno(self) -> int:
-        """The descriptor the header was read from (`os.preadv` of several tensors in one call reads through it)."""
-        return self._file.fileno()
-
     def offset(self, name: str) -> int:
         """Absolute byte offset of tensor `name`'s data in the file."""
         return self.data_start + self.header[name]["data_offsets"][0]

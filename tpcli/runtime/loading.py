@@ -31,8 +31,6 @@ from tpcli.formats import manifest
 from tpcli.runtime.adaptations import with_library_plans
 
 MIN_STAGING = 16 * 2**20  # bytes per staging buffer at least: one allocation covers most layers
-READ_BATCH = 64 * 2**20  # bytes per `preadv` call at most: a batch is one thread's unit of work
-READ_THREADS = 2  # threads reading batches at once (pread releases the GIL): they overlap cold reads from storage
 
 
 def local_device():
@@ -276,11 +274,7 @@ class _SliceReader:
 
     Where the bytes land depends on the target, never on the path that read them:
     * host-direct: a CPU target of the stored dtype is read straight into its own storage (no copy); never a view
-      of a mapping of the file (the file may change under a running job). These reads are deferred to `finish()`
-      (or `flush()`): then each file's pending ranges are sorted by offset, adjacent ones joined into one `preadv`
-      (one system call filling several tensors, up to READ_BATCH bytes), and the batches run on READ_THREADS
-      threads, in file order, after `posix_fadvise(SEQUENTIAL, WILLNEED)`. A target read this way holds its bytes
-      only after `finish()`;
+      of a mapping of the file (the file may change under a running job);
     * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled by reading the bytes into
       a host staging buffer and copying that to the target with `_to_target` (`copy_` casts when the dtypes
       differ). Device memory is never touched from the host: no `.numpy()`, no `readinto` into a device tensor.
@@ -294,7 +288,6 @@ class _SliceReader:
         self.bytes_read = 0  # bytes of the files this rank's tensors come from
         self.force_stage = stage
         self.staging = _Staging()
-        self.pending: dict[str, list[tuple[int, int, object, str]]] = {}  # file -> [(offset, bytes, target, name)]
 
     def _file(self, file: str):
         from tpcli.formats.tensor_file import TensorFile
@@ -332,11 +325,7 @@ class _SliceReader:
         stored = getattr(torch, entry["dtype"])
         direct = out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage
         if direct:
-            whole = self._whole_chunk(entry, dim, runs)
-            if whole is not None and list(out.shape) == whole["sizes"]:
-                self._defer(whole["file"], name, out)  # read in `flush()`, batched with its neighbours on disk
-            else:
-                self._read_host(out, name, entry, dim, runs)
+            self._read_host(out, name, entry, dim, runs)
             return
         host, event = self.staging.buffer(self._local_shape(entry, dim, runs), stored, out.device)
         self._read_host(host, name, entry, dim, runs)
@@ -358,36 +347,8 @@ class _SliceReader:
         """The one step that touches the target: a device-side copy (a no-op on meta; async from pinned memory)."""
         out.copy_(host, non_blocking=host.is_pinned())
 
-    def _defer(self, file: str, name: str, out) -> None:
-        """Queue the read of tensor `name` of `file` (all of it) into the contiguous CPU tensor `out`."""
-        f = self._file(file)
-        start, stop = f.header[name]["data_offsets"]
-        nbytes = out.numel() * out.element_size()
-        if stop - start != nbytes:
-            raise CheckpointError(f"{f.path}: {name} holds {stop - start} bytes, its local shard {nbytes}; "
-                                  "re-shard the folder.")
-        if nbytes:
-            self.pending.setdefault(file, []).append((f.offset(name), nbytes, out, name))
-        self.bytes_read += nbytes
-
-    def flush(self) -> None:
-        """Do the deferred reads: per file in offset order, adjacent ranges in one `preadv`, on a few threads."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        pending, self.pending = self.pending, {}
-        batches = [batch for file, items in pending.items() for batch in _read_batches(self.files[file], items)]
-        if len(batches) <= 1:
-            for batch in batches:
-                _read_batch(*batch)
-            return
-        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(batches))) as pool:
-            for done in [pool.submit(_read_batch, *batch) for batch in batches]:
-                done.result()  # the first error (a truncated file) is raised here
-
     def finish(self) -> None:
-        """Do the deferred reads, wait for the last copies to the device, then drop the staging buffers and close
-        the files."""
-        self.flush()
+        """Wait for the last copies to the device, then drop the staging buffers and close the files."""
         self.staging.wait_all()
         for f in self.files.values():
             f.close()
@@ -420,51 +381,6 @@ class _SliceReader:
             out.copy_(parts[0])
         else:
             torch.cat(parts, dim=dim or 0, out=out)
-
-
-def _read_batches(f, items: list[tuple[int, int, object, str]]):
-    """(file, offset, [(bytes, target, name)]) batches of one file's pending reads: sorted by offset, each batch
-    a run of adjacent ranges (one `preadv`) of at most READ_BATCH bytes (a larger single tensor is its own batch)
-    and IOV_MAX buffers. Advises the kernel first: read-ahead for the whole span, sequential access."""
-    items = sorted(items, key=lambda item: item[0])
-    fd = f.fileno()
-    span_start, span_stop = items[0][0], max(o + n for o, n, _, _ in items)
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, span_start, span_stop - span_start, os.POSIX_FADV_SEQUENTIAL)
-        os.posix_fadvise(fd, span_start, span_stop - span_start, os.POSIX_FADV_WILLNEED)
-    limit = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
-    batch: list = []
-    start = end = 0
-    for offset, nbytes, out, name in items:
-        if batch and (offset != end or end - start + nbytes > READ_BATCH or len(batch) >= limit):
-            yield f, start, batch
-            batch = []
-        if not batch:
-            start = end = offset
-        batch.append((nbytes, out, name))
-        end += nbytes
-    if batch:
-        yield f, start, batch
-
-
-def _read_batch(f, offset: int, batch: list) -> None:
-    """Fill the targets of one batch from consecutive bytes of `f` at `offset`: `preadv` straight into their
-    storage (no intermediate buffer), continued after a short read; a file that ends early is an error."""
-    import torch
-
-    views = [memoryview(out.view(-1).view(torch.uint8).numpy()) for _, out, _ in batch]
-    names = [name for _, _, name in batch]
-    while views:
-        n = os.preadv(f.fileno(), views, offset)
-        if n == 0:
-            raise CheckpointError(f"{f.path}: truncated while reading {names[0]}; re-shard the folder.")
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-            names.pop(0)
-        if n:
-            views[0] = views[0][n:]
 
 
 class _Staging:
