@@ -195,19 +195,6 @@ def timed(fn, folder=None):
 ours = lambda: tpcli.load_model(tpcli_dir)
 theirs = lambda: AutoModelForCausalLM.from_pretrained(tf_dir, distributed_config=DistributedConfig(tp_plan="auto"))
 contestants = [("tpcli", ours), ("transformers", theirs)]
-if os.environ.get("BENCH_LEGACY_READER"):  # --legacy-reader: the previous reader too, paired in the same run
-    sys.path.insert(0, os.environ["BENCH_LEGACY_READER"])
-    from legacy_slice_reader import LegacySliceReader
-    import tpcli.runtime.loading as loading
-
-    def legacy():
-        new, loading._SliceReader = loading._SliceReader, LegacySliceReader
-        try:
-            return tpcli.load_model(tpcli_dir)
-        finally:
-            loading._SliceReader = new
-    contestants.append(("tpcli_legacy", legacy))
-    timed(legacy)
 timed(ours); timed(theirs)  # first touch: lazy imports and the page cache
 res = {"rank": rank}
 for _ in range(3):  # alternately: drift in the machine's load hits both alike; best of three
@@ -217,8 +204,6 @@ for _ in range(3):  # alternately: drift in the machine's load hits both alike; 
         res[name + "_warm_fwd"] = min(res.get(name + "_warm_fwd", fwd), fwd)
 res["tpcli_cold"], res["tpcli_cold_fwd"], res["tpcli_read"] = timed(ours, tpcli_dir)
 res["transformers_cold"], res["transformers_cold_fwd"], res["transformers_read"] = timed(theirs, tf_dir)
-if len(contestants) > 2:
-    res["tpcli_legacy_cold"], res["tpcli_legacy_cold_fwd"], res["tpcli_legacy_read"] = timed(contestants[2][1], tpcli_dir)
 json.dump(res, open(os.path.join(out, f"load-{rank}.json"), "w"))
 dist.barrier(); dist.destroy_process_group()
 """
@@ -247,8 +232,6 @@ def main(argv: list[str] | None = None) -> None:
            "PYTHONWARNINGS": "ignore", "TPCLI_CACHE_DIR": "off",
            # the tpcli being measured, also in torchrun workers (whose sys.path starts at the script's folder)
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    if args.legacy_reader:
-        env["BENCH_LEGACY_READER"] = str(Path(__file__).resolve().parent.parent / "tests")
     tpcli_cmd = [py, "-m", "tpcli"]
     rows: list[tuple[str, str, str, str]] = []
     load_before = os.getloadavg()
@@ -391,10 +374,6 @@ def load_rows(label: str, src: Path, work: Path, tpcli_cmd: list[str], env: dict
         row(f"{label} load tp=2 ({what}): transformers reload of its DCP save", f"{theirs:.2f} s (slowest rank)")
         row(f"{label} load tp=2 ({what}): tpcli.load_model of tpcli shards", f"{ours:.2f} s (slowest rank)",
             f"{ours / theirs:.2f}x transformers", "<= 0.5x" if mode == "warm" else "")
-        if f"tpcli_legacy_{mode}" in res[0]:
-            legacy = max(r[f"tpcli_legacy_{mode}"] for r in res)
-            row(f"{label} load tp=2 ({what}): tpcli.load_model, previous reader", f"{legacy:.2f} s (slowest rank)",
-                f"{legacy / theirs:.2f}x transformers")
     whole = folder_bytes(src)
     for r in res:
         row(f"{label} cold load + first forward, rank {r['rank']}: bytes read from storage",
