@@ -85,7 +85,8 @@ def test_parser_names_the_signalled_rank_over_the_consequence(name, dead, sig, o
     """torchrun lists both ranks; the one killed by the signal failed first even when the other's exception was
     stamped a few ms before the kernel reported the death (what the old report got wrong: it took error files over
     torchrun's list and named the rank that died of "Connection closed by peer")."""
-    from tpcli.commands.run import LaunchSpec, collect_failures, failure_report, parse_agent_failures, root_cause
+    from tpcli.commands.failure_report import collect_failures, failure_report, parse_agent_failures, root_cause
+    from tpcli.commands.run import LaunchSpec
 
     lines = _recorded(name)
     parsed = {f["rank"]: f for f in parse_agent_failures(lines)}
@@ -111,7 +112,7 @@ def test_parser_names_the_signalled_rank_over_the_consequence(name, dead, sig, o
 def test_a_native_exit_counts_before_the_exception_it_caused():
     """os._exit(3) on rank 0 (no Python exception, no stamp) seen dead 7 ms after rank 1 raised "Connection closed
     by peer": rank 0 is the root cause; had rank 0 raised (stamped) after rank 1, rank 1 would be."""
-    from tpcli.commands.run import root_cause
+    from tpcli.commands.failure_report import root_cause
 
     failures = [{"rank": 0, "pid": 10, "exitcode": 3}, {"rank": 1, "pid": 11, "exitcode": 1}]
     times = {10: 1_000_007_000_000, 11: 1_000_000_000_000}
@@ -120,7 +121,7 @@ def test_a_native_exit_counts_before_the_exception_it_caused():
 
 
 def test_parser_ignores_a_report_without_failures():
-    from tpcli.commands.run import parse_agent_failures
+    from tpcli.commands.failure_report import parse_agent_failures
 
     assert parse_agent_failures(["W1205 something", "Traceback (most recent call last):", "  x"]) == []
 

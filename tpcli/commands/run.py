@@ -9,17 +9,15 @@ grace period is killed by pid. torchrun runs under tpcli/runtime/supervise.py, a
 however deep, stays its descendant and is killed with it, and if tpcli itself dies (even by SIGKILL) the kernel
 tells the supervisor (PR_SET_PDEATHSIG), which kills the whole job and removes tpcli's temporary folder.
 
-The failure report names the rank that failed first: tpcli times each worker's death (pidfd, to the millisecond)
+The failure report (tpcli.commands.failure_report) names the rank that failed first: tpcli times each worker's death (pidfd, to the millisecond)
 and the moment its Python code raised (tpcli.runtime.bootstrap); torchrun orders failures by whole seconds and prefers error
 files, which a rank killed by a signal never writes, so it can blame a rank that died because of another.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -32,19 +30,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpcli.commands.failure_report import (
+    agent_root_cause,
+    collect_failures,
+    failure_report,
+    rank_codes,
+    root_cause,
+    root_json,
+    shell_code,
+)
+from tpcli.commands.job_watch import (
+    GRACE_S,
+    DeathWatch,
+    kill_leftovers,
+    pump_output,
+    running_ranks,
+    timeout_report,
+    wait_job,
+)
 from tpcli.errors import LaunchError, UsageError
-from tpcli.formats.processes import alive
 
-GRACE_S = 10.0  # after Ctrl-C: how long torchrun gets to stop its workers before everything is killed
 TIMEOUT_EXIT = 124  # `--timeout` expired, as timeout(1)
-WORKER_LINE = re.compile(r"^\[(?:n\d+\.)?rank(\d+)\]:")
 _RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 BOOTSTRAP = str(_RUNTIME / "bootstrap.py")  # by path: a ./tpcli folder cannot shadow it
 SUPERVISOR = str(_RUNTIME / "supervise.py")
-# frames of the launch machinery, hidden from the root-cause traceback
-PLUMBING = ("torch/distributed/elastic/", "tpcli/runtime/bootstrap.py", "<frozen runpy>")
-
-
 @dataclass
 class LaunchSpec:
     script: str | None = None
@@ -399,14 +408,14 @@ def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResul
     out, err = (None, None) if spec.quiet else (sys.stdout, sys.stderr)
     if spec.worker_stdout_to_stderr:
         out = err
-    pumps = [threading.Thread(target=_pump, args=(proc.stdout, out, None, last), daemon=True),
-             threading.Thread(target=_pump, args=(proc.stderr, err, agent_lines, last), daemon=True)]
+    pumps = [threading.Thread(target=pump_output, args=(proc.stdout, out, None, last), daemon=True),
+             threading.Thread(target=pump_output, args=(proc.stderr, err, agent_lines, last), daemon=True)]
     for t in pumps:
         t.start()
-    stopped = _wait(proc, report, spec.timeout_s, lambda: running.extend(_running_ranks(run_dir)))
+    stopped = wait_job(proc, report, spec.timeout_s, lambda: running.extend(running_ranks(run_dir)))
     for t in pumps:
         t.join(timeout=5)
-    _kill_leftovers(run_dir)
+    kill_leftovers(run_dir)
     deaths.finish()
     code = proc.returncode
     keep_logs = False
@@ -427,10 +436,10 @@ def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResul
     elif code != 0:
         failures = collect_failures(agent_lines, log_dir, spec)
         times, raised = deaths.times(run_dir)
-        root = root_cause(failures, times, _agent_root_cause(agent_lines), raised)
+        root = root_cause(failures, times, agent_root_cause(agent_lines), raised)
         for line in failure_report(failures, root, agent_lines):
             report(line)
-        code = _shell_code(root["exitcode"]) if root and root["exitcode"] else code
+        code = shell_code(root["exitcode"]) if root and root["exitcode"] else code
         keep_logs = True
     kept = None
     if spec.log_dir is not None:
@@ -446,342 +455,6 @@ def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResul
         report(f"tpcli run: per-rank logs kept in {log_dir} (only you can read them; delete the folder when done)")
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return RunResult(exit_code=code, duration_s=time.monotonic() - started, ranks=_rank_codes(spec, code, stopped,
-                     failures), root_cause=_root_json(root), log_dir=kept,
+    return RunResult(exit_code=code, duration_s=time.monotonic() - started, ranks=rank_codes(spec, code, stopped,
+                     failures), root_cause=root_json(root), log_dir=kept,
                      stopped_by=stopped if stopped == "timeout" else (signal.Signals(stopped).name if stopped else None))
-
-
-def _shell_code(exitcode: int) -> int:
-    """A process's exit status as a shell reports it: a signal N as 128 + N."""
-    return 128 - exitcode if exitcode < 0 else exitcode
-
-
-def _signal_name(exitcode: int | None) -> str | None:
-    if exitcode is None or exitcode >= 0:
-        return None
-    try:
-        return signal.Signals(-exitcode).name
-    except ValueError:
-        return f"signal {-exitcode}"
-
-
-def _rank_codes(spec: LaunchSpec, code: int, stopped, failures: list[dict]) -> list[dict]:
-    """This node's ranks with their exit codes: torchrun lists every rank that did not exit 0; the others exited 0
-    (unknown, None, when the job was stopped or torchrun failed before reporting)."""
-    by_rank = {f["rank"]: f["exitcode"] for f in failures}
-    known = not stopped and (code == 0 or bool(failures))
-    out = []
-    for local in range(spec.nproc):
-        rank = spec.node_rank * spec.nproc + local
-        raw = by_rank.get(rank, 0 if known else None)
-        out.append({"rank": rank, "exit_code": None if raw is None else _shell_code(raw), "signal": _signal_name(raw)})
-    return out
-
-
-def _root_json(root: dict | None) -> dict | None:
-    if root is None:
-        return None
-    return {"rank": root["rank"], "exit_code": None if root["exitcode"] is None else _shell_code(root["exitcode"]),
-            "signal": _signal_name(root["exitcode"]), "message": root["message"]}
-
-
-class DeathWatch(threading.Thread):
-    """When each worker of this run died, to the millisecond (pid -> time.time_ns()): a pidfd per worker pid (the
-    workers write them to RUN_DIR/pid-RANK as they start), polled until `finish`."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(daemon=True)
-        self.run_dir = run_dir
-        self.deaths: dict[int, int] = {}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        poller, fds, seen = select.poll(), {}, set()
-        while not self.done.is_set():
-            for f in self.run_dir.glob("pid-*"):
-                try:
-                    pid = int(f.read_text())
-                except (ValueError, OSError):
-                    continue  # being written: next round
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                try:
-                    fd = os.pidfd_open(pid)
-                except (OSError, AttributeError):  # gone already (or no pidfd): died about now
-                    self.deaths.setdefault(pid, time.time_ns())
-                    continue
-                fds[fd] = pid
-                poller.register(fd, select.POLLIN)
-            for fd, _ in poller.poll(20):
-                self.deaths.setdefault(fds[fd], time.time_ns())
-                poller.unregister(fd)
-                del fds[fd]
-                os.close(fd)
-        for fd in fds:
-            os.close(fd)
-
-    def finish(self) -> None:
-        self.done.set()
-        self.join(timeout=5)
-
-    def times(self, run_dir: Path) -> tuple[dict[int, int], set[int]]:
-        """pid -> when it failed: the moment its Python code raised (bootstrap's RUN_DIR/failed-PID) or else its
-        death; and the set of pids that raised."""
-        out, raised = dict(self.deaths), set()
-        for f in run_dir.glob("failed-*"):
-            try:
-                pid, when = int(f.name.removeprefix("failed-")), int(f.read_text())
-            except (ValueError, OSError):
-                continue
-            out[pid] = min(out.get(pid, when), when)
-            raised.add(pid)
-        return out, raised
-
-
-def _running_ranks(run_dir: Path) -> list[int]:
-    """Global ranks whose worker process is still alive (their pids are in run_dir/pid-RANK)."""
-    running = []
-    for f in run_dir.glob("pid-*"):
-        pid = _read_pid(f)
-        if pid is not None and alive(pid, None):
-            running.append(int(f.name.removeprefix("pid-")))
-    return sorted(running)
-
-
-def _read_pid(f: Path) -> int | None:
-    try:
-        return int(f.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def timeout_report(spec: LaunchSpec, running: list[int], last: dict[str, deque]) -> list[str]:
-    lines = [f"tpcli run: --timeout {spec.timeout_s:g}s expired; stopped all {spec.nproc} local workers; "
-             f"still running then: {', '.join(f'rank {r}' for r in running) or 'none'}"]
-    for r in running:
-        local = str(r - spec.node_rank * spec.nproc)
-        tail = list(last.get(local, []))
-        lines.append(f"  rank {r} last output: " + ("(none)" if not tail else ""))
-        lines += ["    " + ln for ln in tail]
-    return lines
-
-
-def _pump(stream, sink, agent_lines: list[str] | None, last: dict[str, deque]) -> None:
-    """Forward worker lines ("[rank0]:...") as they come; keep torchrun's own failure dump out of the way.
-
-    It always reads to the end: if the reader of our output goes away (`| head`), the rest is dropped, so torchrun
-    never blocks on a full pipe."""
-    in_dump = False
-    for line in stream:
-        prefix = WORKER_LINE.match(line)
-        is_worker = prefix is not None
-        if is_worker and line[prefix.end():].startswith(prefix.group(0)):
-            line = line[prefix.end():]  # torch prefixes its own "[rankN]:" once a process group exists
-        if is_worker:
-            last.setdefault(prefix.group(1), deque(maxlen=3)).append(line.rstrip("\n"))
-        if agent_lines is not None and not is_worker:
-            agent_lines.append(line.rstrip("\n"))
-            if line.startswith("Traceback (most recent call last)") or in_dump:
-                in_dump = True  # torchrun's ChildFailedError trace; tpcli prints its own summary instead
-                continue
-        if sink is not None:
-            try:
-                sink.write(line)
-                sink.flush()
-            except (BrokenPipeError, ValueError):
-                sink = None
-
-
-def _wait(proc: subprocess.Popen, report: Callable[[str], None], timeout_s: float | None = None,
-          on_timeout: Callable[[], object] = lambda: None):
-    """Wait for torchrun; on SIGINT/SIGTERM/SIGHUP or when `timeout_s` expires stop it (and its workers).
-
-    Returns None when torchrun ended by itself, the signal number when interrupted, "timeout" on timeout."""
-    stopped: list = []
-
-    def stop(why) -> None:
-        if not stopped:
-            stopped.append(why)
-            report("tpcli run: stopping workers…")
-            try:
-                proc.send_signal(signal.SIGTERM)  # torchrun's agent then terminates every worker
-            except ProcessLookupError:
-                pass
-
-    previous = {s: signal.signal(s, lambda signum, frame: stop(signum))
-                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        expires = time.monotonic() + timeout_s if timeout_s else None
-        deadline = None
-        while proc.poll() is None:
-            if expires is not None and time.monotonic() > expires and not stopped:
-                on_timeout()
-                stop("timeout")
-            if stopped and deadline is None:  # the supervisor kills the job after GRACE_S; this is the backstop
-                deadline = time.monotonic() + GRACE_S + 5
-            if deadline is not None and time.monotonic() > deadline:
-                _killpg(proc.pid)
-            time.sleep(0.05)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    return stopped[0] if stopped else None
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _kill_leftovers(run_dir: Path) -> None:
-    """Workers run in their own sessions; make sure none outlives `tpcli run`."""
-    for f in run_dir.glob("pid-*"):
-        pid = _read_pid(f)
-        if pid is None or not alive(pid, None):
-            continue
-        time.sleep(0.5)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-AGENT_FIELD = re.compile(r"^\s+(rank|exitcode|error_file)\s*:\s?(.*)$")
-FATAL_SIGNALS = {"SIGKILL", "SIGBUS", "SIGSEGV", "SIGILL", "SIGFPE"}
-SIGNAL_LAG_S = 2.0  # see root_cause; torchrun escalates SIGTERM to SIGKILL only after 30 s, far beyond it
-SIGNAL_HINTS = {"SIGKILL": "killed: out of memory (the kernel's OOM killer) or `kill -9`",
-                "SIGBUS": "bus error: a memory-mapped file truncated or changed, or /dev/shm full",
-                "SIGSEGV": "segmentation fault in native code", "SIGABRT": "aborted by native code"}
-
-
-def parse_agent_failures(agent_lines: list[str]) -> list[dict]:
-    """Every failure in torchrun's ChildFailedError report: {"rank", "local_rank", "exitcode", "pid", "error_file",
-    "root"} (root: torchrun's own pick, its "Root Cause" entry), in the report's order.
-
-    The report lists each failed rank as a block `[i]:` with `rank : R (local_rank: L)`, `exitcode : C (pid: P)`,
-    `error_file: PATH` (or <N/A>) and a traceback; "Root Cause (first observed failure):" precedes torchrun's pick."""
-    failures: list[dict] = []
-    start = next((i for i in range(len(agent_lines) - 1, -1, -1) if agent_lines[i].startswith("Failures:")), None)
-    if start is None:
-        return failures
-    in_root = False
-    current: dict | None = None
-    for line in agent_lines[start + 1:]:
-        if line.startswith("Root Cause"):
-            in_root = True
-        elif re.match(r"^\[\d+\]:$", line):
-            current = {"root": in_root}
-            failures.append(current)
-        elif line.startswith("=" * 10):
-            break
-        elif current is not None and (m := AGENT_FIELD.match(line)) and m.group(1) not in current:
-            key, value = m.groups()
-            if key == "rank":
-                r = re.match(r"(\d+)(?: \(local_rank: (\d+)\))?", value)
-                if r:
-                    current["rank"], current["local_rank"] = int(r.group(1)), int(r.group(2) or r.group(1))
-            elif key == "exitcode":
-                r = re.match(r"(-?\d+)(?: \(pid: (\d+)\))?", value)
-                if r:
-                    current["exitcode"], current["pid"] = int(r.group(1)), int(r.group(2)) if r.group(2) else None
-            else:
-                current["error_file"] = None if value.strip() == "<N/A>" else value.strip()
-    return [f for f in failures if "rank" in f and "exitcode" in f]
-
-
-def collect_failures(agent_lines: list[str], log_dir: Path, spec: LaunchSpec) -> list[dict]:
-    """torchrun's failures with the message and traceback from each one's error file (only files of this run's log
-    folder); without torchrun's report, the error files of this run's folder alone."""
-    failures = parse_agent_failures(agent_lines)
-    files = {str(p.resolve()): p for p in log_dir.rglob("error.json")}
-    if not failures:  # torchrun could not report (killed itself?): what the workers wrote
-        for path in files.values():
-            local = int(path.parent.name) if path.parent.name.isdigit() else 0
-            failures.append({"rank": spec.node_rank * spec.nproc + local, "local_rank": local, "exitcode": None,
-                             "pid": None, "error_file": str(path), "root": False})
-    for f in failures:
-        f.update(message=None, traceback="")
-        path = files.get(str(Path(f.get("error_file") or "/nonexistent").resolve()))
-        if path is not None:
-            try:
-                data = json.loads(path.read_text())["message"]
-            except (ValueError, KeyError, TypeError, OSError):
-                data = None
-            if isinstance(data, dict):
-                f["message"] = str(data.get("message", ""))
-                f["traceback"] = str((data.get("extraInfo") or {}).get("py_callstack", ""))
-            elif data:
-                f["message"] = str(data)
-        if not f["message"]:
-            name = _signal_name(f["exitcode"])
-            f["message"] = (f"signal {name} ({SIGNAL_HINTS[name]})" if name in SIGNAL_HINTS else f"signal {name}"
-                            if name else f"exit code {f['exitcode']}")
-    return failures
-
-
-def root_cause(failures: list[dict], times: dict[int, int], agent_root: int | None = None,
-               raised: set[int] = frozenset()) -> dict | None:
-    """The failure that came first: the earliest of the ranks whose time of failure tpcli measured (`times`: pid ->
-    ns, `DeathWatch.times`; `raised`: the pids whose time is when their Python code raised); without any, torchrun's
-    own pick; else the first listed.
-
-    A rank that ended without Python raising, killed by a fatal signal (`FATAL_SIGNALS`: what the kernel or
-    `kill -9` does, never torchrun's SIGTERM) or exiting non-zero from native code (`os._exit`), counts as failed
-    SIGNAL_LAG_S before its death was seen: its sockets close as soon as it stops running, so a peer waiting in a
-    collective raises at once, while the kernel reports the death only once the process's memory is torn down
-    (7 ms for a 300 MB worker here; longer for a big one)."""
-    timed = [f for f in failures if f.get("pid") in times]
-    if timed:
-        def failed_at(f: dict) -> int:
-            abrupt = f["pid"] not in raised and (
-                _signal_name(f["exitcode"]) in FATAL_SIGNALS or (f["exitcode"] or 0) > 0)
-            return times[f["pid"]] - int(SIGNAL_LAG_S * 1e9 if abrupt else 0)
-
-        return min(timed, key=lambda f: (failed_at(f), f["rank"]))
-    picked = [f for f in failures if f.get("root")] or [f for f in failures if f["rank"] == agent_root]
-    return (picked or failures or [None])[0]
-
-
-def failure_report(failures: list[dict], root: dict | None, agent_lines: list[str]) -> list[str]:
-    """Which rank failed first, with what exit code or signal, its traceback; then the ranks that failed after it."""
-    if root is None:
-        return ["tpcli run: torchrun failed before any worker reported an error:"] + [
-            "  " + ln for ln in agent_lines[-15:]]
-    name = _signal_name(root["exitcode"])
-    if root["traceback"] or not (name or root["exitcode"]):
-        code = f", exit code {root['exitcode']}" if root["exitcode"] and not name else (f", {name}" if name else "")
-        lines = [f"tpcli run: rank {root['rank']} failed{code}: {root['message']}"]
-        lines += ["  " + ln for ln in user_frames(root["traceback"])[-16:]]
-    elif name:
-        hint = SIGNAL_HINTS.get(name, "no Python traceback")
-        lines = [f"tpcli run: rank {root['rank']} failed with signal {name} ({hint})"]
-    else:
-        lines = [f"tpcli run: rank {root['rank']} failed with exit code {root['exitcode']} (no Python traceback: "
-                 "exited via sys.exit/os._exit)"]
-    for f in failures:
-        if f is not root:
-            first = f["message"].strip().splitlines()[-1] if f["message"].strip() else ""
-            lines.append(f"tpcli run: then rank {f['rank']} failed too: {first[:160]}")
-    return lines
-
-
-def user_frames(traceback: str) -> list[str]:
-    """The traceback without the frames of torchrun, runpy and tpcli's bootstrap."""
-    out, skipping = [], False
-    for line in traceback.rstrip().splitlines():
-        if line.lstrip().startswith("File "):
-            skipping = any(p in line for p in PLUMBING)
-        elif not line.startswith(" "):
-            skipping = False
-        if not skipping:
-            out.append(line)
-    return out
-
-
-def _agent_root_cause(agent_lines: list[str]) -> int | None:
-    """The rank torchrun names as the root cause (its "Root Cause" block)."""
-    picked = [f["rank"] for f in parse_agent_failures(agent_lines) if f["root"]]
-    return picked[0] if picked else None
