@@ -4,7 +4,8 @@ and matches the single-process model (fp32, 1e-5).
 
 One torchrun launch per TP size runs every case (tests/oracles/sweep_worker.py); the static verdicts are computed
 here, in-process. CI runs SWEEP_CI cases at tp=2; `TPCLI_SWEEP=200 pytest tests/test_verify_sweep.py` runs a larger
-sweep at tp=2, 3 and 4.
+sweep at tp=2, 3 and 4. The mesh sweep draws the same configs on 4-worker meshes (MESH_CI cases; TPCLI_SWEEP or
+TPCLI_SWEEP_MESH=N for N).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ DENSE_MESHES = (Mesh(tp=2, fsdp=2), Mesh(tp=2, dp_replicate=2), Mesh(fsdp=4), Me
 MOE_MESHES = (Mesh(fsdp=4, ep=2), Mesh(tp=2, fsdp=2, ep=2), Mesh(fsdp=2, dp_replicate=2, ep=2), Mesh(fsdp=4, ep=4),
               Mesh(tp=2, fsdp=2, ep=4), Mesh(tp=2, dp_replicate=2, ep=2), Mesh(tp=2, fsdp=2),
               Mesh(fsdp=4, ep=3), Mesh(tp=2, fsdp=2, ep=3))
-MESH_CI = 6
+MESH_CI = 10
 MESH_ORDER = ("moe", "dense", "moe", "mla", "moe", "dense")
 
 
@@ -196,7 +197,7 @@ def test_static_mesh_verdict_matches_the_mesh_forward(tmp_path):
     DistributedConfig's own rules (transformers raises the same), the per-TP checks of the plain sweep above, experts
     that do not split over --ep, and shards FSDP would leave empty (`mesh.empty_shard_findings`: transformers'
     loader crashed on those ranks, IndexError in sharding_utils, when measured)."""
-    n = int(os.environ.get("TPCLI_SWEEP_MESH", MESH_CI))
+    n = int(os.environ.get("TPCLI_SWEEP_MESH") or os.environ.get("TPCLI_SWEEP") or MESH_CI)
     rows = run_mesh_sweep(tmp_path, n, SEED)
     for cid, ok, outcomes, errs, err in rows:  # the record: shown with -s
         print(f"{cid}: static {'pass' if ok else 'refused: ' + '; '.join(errs)}; max abs {err}; {set(outcomes.values())}")
@@ -205,3 +206,17 @@ def test_static_mesh_verdict_matches_the_mesh_forward(tmp_path):
     assert not bad, "\n".join(bad)
     assert all(err is not None and err <= 1e-5 for _, ok, _, _, err in rows if ok)
     assert any(ok for _, ok, _, _, _ in rows) and not all(ok for _, ok, _, _, _ in rows)
+
+
+def test_a_shard_fsdp_would_leave_empty_is_refused(monkeypatch, capsys, tmp_path):
+    """vocab 3 at tp=2 x fsdp=2: TP rows 2 and 1, then FSDP leaves rank 3 none and transformers' loader crashes
+    there (the mesh sweep's seed-12 case 003, IndexError in sharding_utils); FSDP alone loads empty chunks fine."""
+    from conftest import run_main
+
+    path = build_tiny("qwen3", tmp_path / "m", vocab=3, heads=2, kv_heads=2, hidden=16, intermediate=24, layers=1)
+    code, out, _ = run_main(monkeypatch, capsys, "verify", path, "--tp", "2", "--fsdp", "2", "--json")
+    doc = json.loads(out)
+    assert code != 0 and not doc["ok"]
+    assert [f["target"] for f in doc["findings"] if f["code"] == "mesh-empty-shard"] == ["model.embed_tokens.weight"]
+    code, out, _ = run_main(monkeypatch, capsys, "verify", path, "--tp", "1", "--fsdp", "4", "--json")
+    assert code == 0 and json.loads(out)["ok"]
