@@ -86,6 +86,8 @@ for i in range(start, len(cases)):
         outcome = run_case(case["path"], plan, case.get("mesh"))
     except Exception as exc:  # noqa: BLE001 - every failure of the TP forward is an outcome to record
         outcome = f"crash: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+    if outcome != "ok":  # in the launch's stderr: names the case if its peers then hang and the launch fails
+        print(f"sweep case {case['id']}: rank {rank}: {outcome}", file=sys.stderr, flush=True)
     store.set(f"sweep/{i}/{rank}", outcome)
     store.wait([f"sweep/{i}/{r}" for r in range(world)], CASE_TIMEOUT)
     results[case["id"]] = {r: store.get(f"sweep/{i}/{r}").decode() for r in range(world)}
