@@ -73,8 +73,8 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
     report = build_report(src, plan, tp=tp, max_tp=max_tp)
     add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
     report["mesh"] = mesh_memory(plan, mesh, memory or MemoryOptions()) if mesh is not None else None
-    if mesh is not None and mesh.ep > 1:  # the experts follow the EP plan, not their TP rules
-        report["tp"]["findings"] = mesh_findings(plan, mesh, report["tp"]["findings"])
+    if mesh is not None:  # the experts follow the EP plan, not their TP rules; shards FSDP would leave empty
+        report["tp"]["findings"] = mesh_findings(plan, mesh, report["tp"]["findings"], as_dicts=True)
         report["tp"]["valid"] = not any(f["severity"] == "error" for f in report["tp"]["findings"])
     if gpus is not None:
         report["fit"].update(fit_meshes(plan, memory or MemoryOptions(), world=gpus, per_node=gpus_per_node,

@@ -230,19 +230,54 @@ class MeshPlan:
         return weights, grads, params, unit
 
 
-def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list) -> list:
-    """tpcli's per-TP findings (`checks.check_plan` at T, as objects or dicts) that still apply on `mesh`: with
-    E > 1 transformers drops the experts' TP rules for the EP plan (whole experts per rank), so findings about the
-    experts' TP shards (e.g. grouped_mm strides of a split intermediate size) do not apply and are dropped."""
+def empty_shard_findings(plan: ResolvedPlan, mesh: Mesh) -> list:
+    """Parameters that a TP or EP shard leaves too short for FSDP: some rank's local tensor after both stages is
+    empty along dim 0 (e.g. vocab 3 at --tp 2 --fsdp 2: chunks 2 and 1, then 1 and 0). transformers' loader then
+    crashes on that rank (IndexError in `sharding_utils._slice_and_cat`, or a failed weight conversion for experts)
+    while its peers wait in FSDP's all-gather. FSDP alone (no stage-1 shard) loads empty chunks fine (measured by
+    tests/test_verify_sweep.py)."""
+    from tpcli.planning.checks import Finding
+
+    if mesh.dp_size < 2 or (mesh.tp < 2 and mesh.ep < 2):
+        return []
+    mp = MeshPlan(plan, mesh)
+    out = []
+    for g in mp.groups:
+        if not (g.stage and g.fsdp):
+            continue
+        for rank in range(mesh.world):
+            c = mesh.coords(rank)
+            coords = (c["tp"], c["fsdp"], c["efsdp"], c["ep"])
+            first, whole = g.local(coords, mesh), g.stage1(coords[0], coords[3], mesh)
+            if first and first[0] == 0 and whole[0] > 0:
+                name = next(t.name for t in plan.unique_tensors if t.shape == g.shape and t.dtype == g.dtype)
+                dim = "--fsdp" if g.fsdp == "fsdp" else "the efsdp size (--fsdp x --tp / --ep)"
+                out.append(Finding("error", "mesh-empty-shard", (
+                    f"{name} {tuple(g.shape)}: its {g.stage.upper()} shard on rank {rank} has "
+                    f"{whole[0]} rows, fewer than {dim} = "
+                    f"{mesh.fsdp if g.fsdp == 'fsdp' else mesh.efsdp}; transformers' loader crashes on the ranks "
+                    "left empty; use a smaller --fsdp or --tp/--ep"), name))
+                break
+    return out
+
+
+def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool = False) -> list:
+    """tpcli's per-TP findings (`checks.check_plan` at T, as objects, or dicts with `as_dicts`) that still apply on
+    `mesh`: with E > 1 transformers drops the experts' TP rules for the EP plan (whole experts per rank), so
+    findings about the experts' TP shards (e.g. grouped_mm strides of a split intermediate size) do not apply and
+    are dropped. The mesh's own findings (`empty_shard_findings`) are added."""
+    extra = empty_shard_findings(plan, mesh)
+    if as_dicts:
+        extra = [f.to_dict() for f in extra]
     if mesh.ep < 2:
-        return findings
+        return findings + extra
     experts = set(MeshPlan(plan, mesh).ep_plan)  # the EP plan's parameters and modules
 
     def target(f):
         return f.get("target") if isinstance(f, dict) else f.target
 
     return [f for f in findings
-            if not (target(f) and (target(f) in experts or any(o in experts for o in _owners(target(f)))))]
+            if not (target(f) and (target(f) in experts or any(o in experts for o in _owners(target(f)))))] + extra
 
 
 def mesh_memory(plan: ResolvedPlan, mesh: Mesh, opts: MemoryOptions) -> dict:
