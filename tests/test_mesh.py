@@ -233,3 +233,15 @@ def test_fit_over_meshes_renders_in_80_columns(monkeypatch, capsys, models):
     assert any("DistributedConfig(tp_size=" in line for line in section)
     code, _, err = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--gpus", "4")
     assert code == 2 and "add --gpu-mem SIZE" in err
+
+
+def test_fit_over_meshes_never_recommends_a_mesh_static_verify_refuses(monkeypatch, capsys, tmp_path):
+    """vocab 3 at tp 2 x fsdp 2 leaves a rank an empty shard (transformers' load crashes there): fit must skip it."""
+    from tpcli.testing import build_tiny
+
+    model = build_tiny("qwen3", tmp_path / "v3", vocab=3)
+    code, out, err = run_main(monkeypatch, capsys, "inspect", model, "--gpus", "4", "--gpu-mem", "4GiB", "--json")
+    assert code == 0, err
+    meshes = json.loads(out)["fit"]["meshes"]
+    assert meshes and not any(m["tp"] == 2 and m["fsdp"] == 2 for m in meshes)
+    assert json.loads(out)["fit"]["refused_by_model"] >= 1

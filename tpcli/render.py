@@ -389,7 +389,7 @@ def render_mesh_fit(r: dict) -> None:
     console.print(table)
     if fit["refused_by_model"]:
         console.print(f"  {fit['refused_by_model']} more size combinations refused by the model's own rules "
-                      "(no EP/FSDP plan, experts not divisible by ep).")
+                      "(no EP/FSDP plan, experts not divisible by ep, a shard FSDP would leave empty).")
     best = fit["best"]
     if best is None:
         console.print(f"[red]No mesh of {fit['gpus']} GPUs fits.[/red]")

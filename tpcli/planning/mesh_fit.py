@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from tpcli.errors import UsageError
 from tpcli.planning.memory import MemoryOptions
-from tpcli.planning.mesh import Mesh, mesh_memory
+from tpcli.planning.mesh import Mesh, empty_shard_findings, mesh_memory
 from tpcli.planning.plan import ResolvedPlan
 
 RULE = {
@@ -86,6 +86,9 @@ def fit_meshes(plan: ResolvedPlan, opts: MemoryOptions, *, world: int, per_node:
         try:
             doc = mesh_memory(plan, mesh, opts)
         except UsageError:  # the model's own rules: no EP or FSDP plan, experts not divisible by ep
+            skipped += 1
+            continue
+        if empty_shard_findings(plan, mesh):  # a TP/EP shard FSDP would leave empty: transformers' load crashes
             skipped += 1
             continue
         total = doc["ranks"][doc["largest_rank"]]["total_bytes"]
