@@ -28,6 +28,7 @@ CASES = {
     + [("mixtral_i100", "tp=2,ep=2,kernel=default")],
 }
 LOGITS_TOLERANCE = 1e-5  # fp32
+BATCH, SEQ_LEN = 3, 8  # per data-parallel rank, as `inspect --batch --seq-len` means it
 
 
 def _mesh(spec: str) -> Mesh:
@@ -49,7 +50,7 @@ def measured(models, tmp_path_factory):
         if world not in cache:
             out = root / f"w{world}"
             cases = [f"{models(m)}@{s}" for m, s in CASES[world]]
-            torchrun(world, ORACLES / "mesh_oracle.py", out, *cases)
+            torchrun(world, ORACLES / "mesh_oracle.py", out, *cases, "--batch", BATCH, "--seq-len", SEQ_LEN)
             ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
             cache[world] = {key: [rank[case] for rank in ranks] for key, case in zip(CASES[world], cases, strict=True)}
         return cache[world]
@@ -60,16 +61,18 @@ def measured(models, tmp_path_factory):
 @pytest.mark.dist
 @pytest.mark.parametrize("world,name,spec", [(w, m, s) for w, cases in CASES.items() for m, s in cases])
 def test_every_rank_holds_what_tpcli_says(models, measured, world, name, spec):
-    """Weights, gradients after one backward and AdamW state after one step, per rank, byte for byte, and each
-    rank's coordinates on transformers' dense and expert meshes; and the mesh computes the single-process logits
+    """Weights, the KV cache of a B x L forward (every storage the cache object reaches), gradients after one
+    backward and AdamW state after one step, per rank, byte for byte, and each rank's coordinates on transformers' dense and expert meshes; and the mesh computes the single-process logits
     (a mesh `verify` passes runs and is exact)."""
     oracle = measured(world)[(name, spec)]
     mesh = _mesh(spec)
     assert mesh.world == world
-    doc = mesh_memory(resolve_plan(load_config(models(name))), mesh, MemoryOptions(train=True))
-    ours = [{k: rk[k] for k in ("weight_bytes", "grad_bytes", "optimizer_bytes")} | {"coords": rk["coords"]}
+    doc = mesh_memory(resolve_plan(load_config(models(name))), mesh, MemoryOptions(
+        train=True, batch=BATCH, seq_len=SEQ_LEN))
+    ours = [{k: rk[k] for k in ("weight_bytes", "kv_cache_bytes", "grad_bytes", "optimizer_bytes")} | {"coords": rk["coords"]}
             for rk in doc["ranks"]]
-    theirs = [{"weight_bytes": o["weight_bytes"], "grad_bytes": o["grad_bytes"], "optimizer_bytes": o["optimizer_bytes"],
+    theirs = [{"weight_bytes": o["weight_bytes"], "kv_cache_bytes": o["kv_cache_storage_bytes"],
+               "grad_bytes": o["grad_bytes"], "optimizer_bytes": o["optimizer_bytes"],
                "coords": {k: o["coords"][k] for k in ("dp_replicate", "fsdp", "tp", "efsdp", "ep")}} for o in oracle]
     assert ours == theirs
     assert all(o["logits_max_abs"] <= LOGITS_TOLERANCE for o in oracle), [o["logits_max_abs"] for o in oracle]

@@ -10,7 +10,9 @@ dp_replicate_size=R, ep_size=E))`, then
   * weights: local bytes (`to_local()`) of every state-dict tensor (tied parameters once), and of parameters alone;
   * gradients: `model(ids, labels=ids).loss.backward()` over this rank's B x L seeded random tokens (a different
     batch per data-parallel rank), local bytes of every `param.grad`;
-  * optimizer: one `torch.optim.AdamW` step, local bytes of its state tensors (0-d `step` tensors counted apart).
+  * optimizer: one `torch.optim.AdamW` step, local bytes of its state tensors (0-d `step` tensors counted apart);
+  * KV cache: on the fresh numerics load, a no_grad forward with `use_cache=True` over this rank's B x L tokens,
+    then every storage reachable from the returned cache object, each once (tests/oracles/cache_walk.py).
 Rank r writes OUT.rank{r}.json: {CASE: {...}}. MoE experts run `experts_implementation="eager"` (memory does not
 depend on the kernel) unless the case says `kernel=default` (transformers' own pick, grouped_mm).
 """
@@ -33,7 +35,7 @@ args = parser.parse_args()
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
 rank = dist.get_rank()
-from cache_walk import adamw_step_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
+from cache_walk import adamw_step_bytes, cache_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.distributed import DistributedConfig  # noqa: E402
 
@@ -88,8 +90,11 @@ def measure(case: str) -> dict:
         logits = model(FIXED_IDS).logits
         logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
         reference = AutoModelForCausalLM.from_pretrained(folder, **kernel)(FIXED_IDS).logits
+        cache = model(ids, use_cache=True).past_key_values
     out["logits_max_abs"] = (logits - reference).abs().max().item()
-    del model
+    held = cache_bytes(cache)
+    out["kv_cache_storage_bytes"], out["kv_cache_tensor_bytes"] = held["storage_bytes"], held["tensor_bytes"]
+    del model, cache
     gc.collect()
     dist.barrier()
     return out
