@@ -1,8 +1,9 @@
 """Meshes (`inspect`/`verify --tp T --fsdp F --dp-replicate R --ep E`, `tpcli.planning.mesh`) against real runs.
 
 The oracle is tests/oracles/mesh_oracle.py: transformers' own `from_pretrained(distributed_config=
-DistributedConfig(...))` on CPU/gloo workers, then a backward and one AdamW step, with every rank's local bytes
-and mesh coordinates measured. One torchrun launch per world size loads every (model, mesh) case of that size.
+DistributedConfig(...))` on CPU/gloo workers, then a backward and one AdamW step (and, on a fresh load, a B x L
+forward with `use_cache=True`), with every rank's local bytes, KV cache storages and mesh coordinates measured.
+One torchrun launch per world size loads every (model, mesh) case of that size.
 """
 
 import json
