@@ -5,7 +5,7 @@ Importing `tpcli` is cheap (no torch, no transformers); `tpcli.load_model` is re
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "mesh_info"]
+__all__ = ["__version__", "load_model", "load_state", "mesh_info", "save_state"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from tpcli.runtime.meshinfo import mesh_info
 
         return mesh_info
+    if name in ("save_state", "load_state"):  # training state across meshes (tpcli.runtime.state)
+        from tpcli.runtime import state
+
+        return getattr(state, name)
     raise AttributeError(f"module 'tpcli' has no attribute {name!r}")

@@ -524,13 +524,36 @@ def quantization_line(q: dict) -> str:
 
 def render_gather(r: dict) -> None:
     _render_removed(r)
-    console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from a tp={r['tp_size']} "
-                  f"{r['source_kind']} folder, {len(r['files'])} file(s), {human_bytes(r['bytes_written'])} "
-                  f"in {r['seconds']:.1f} s")
+    state = r.get("state")
+    source = (f"a training state (step {state['step']}, saved on {state['mesh_text']})" if state else
+              f"a tp={r['tp_size']} {r['source_kind']} folder")
+    console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from {source}, {len(r['files'])} "
+                  f"file(s), {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
+    if state:
+        left = state["optimizer_left_out"]
+        console.print(f"  optimizer state left out ({left['files']} files, {human_bytes(left['bytes'])} in "
+                      "optimizer/): tpcli.load_state reads it from the state folder")
+
+
+def _render_state(r: dict, verdict: str) -> None:
+    """`tpcli verify STATE`: one line, the optimizer's coverage, the findings."""
+    if "step" not in r:  # the check stopped at its first error
+        console.print(f"{r['target']}: training state: {verdict}")
+    else:
+        o = r["optimizer"]
+        console.print(f"{r['target']}: training state, step {r['step']}, saved on {r['mesh_text']}, {r['tensors']} "
+                      f"tensors, {r['files']} files, hashes {'checked' if r['hashes_checked'] else 'not checked'}: "
+                      f"{verdict}")
+        console.print(f"  optimizer {o['class']}: {o['tensors']} tensors ({', '.join(o['state_keys']) or 'none'}) "
+                      f"for {o['parameters_with_state']} of {o['parameters']} parameters")
+    render_findings(r["findings"], title="Training state")
 
 
 def render_verify(r: dict) -> None:
     verdict = "[green]OK[/green]" if r["ok"] else "[bold red]FAILED[/bold red]"
+    if r["mode"] == "state":
+        _render_state(r, verdict)
+        return
     if r["mode"] == "integrity":
         if r["tp"] is None:  # the check stopped at the first error: only that is known
             console.print(f"{r['target']}: sharded folder: {verdict}")

@@ -64,6 +64,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
                               "`tpcli shard` or save_pretrained(distributed_checkpoint=True).")
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     out_path = prepare_output(out, force=force, inputs=[folder])
+    state = _state_summary(folder)
     removed = remove_stale_temps(out_path.parent)
     # sizes, headers, coverage (and config agreement when planning with transformers) now; the hashes run alongside
     # the gather and are checked before the output is published (it is written into a temporary folder), so a
@@ -88,7 +89,8 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     return {
         "out": str(out_path),
         "source": str(folder),
-        "source_kind": "tpcli" if integrity["manifest"] else "transformers-dcp",
+        "source_kind": "tpcli-state" if state else "tpcli" if integrity["manifest"] else "transformers-dcp",
+        "state": state,  # a training state: its step and mesh; its optimizer state is not part of the output
         # how the output was laid out: "manifest" (tpcli.json + headers, no torch/transformers), "transformers"
         # (planned through its conversions now), "cache" (a layout transformers planned for this folder before)
         "path": path,
@@ -100,6 +102,21 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         "removed_temp_folders": removed,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _state_summary(folder: Path) -> dict | None:
+    """For a training-state folder (`tpcli.save_state`): its model files checked (sizes, sha256, signature) and
+    {"step", "mesh", "optimizer_left_out"}; None for any other folder."""
+    from tpcli.formats import state_manifest as sm
+
+    if not sm.is_state_dir(folder):
+        return None
+    from tpcli.commands.state_check import check_state
+
+    doc = check_state(folder, optimizer=False)["doc"]
+    left = sorted(n for n in doc["files"] if n.startswith(sm.OPTIMIZER_DIR + "/"))
+    return {"step": doc["step"], "mesh": doc["mesh"], "mesh_text": sm.mesh_text(doc["mesh"]),
+            "optimizer_left_out": {"files": len(left), "bytes": sum(doc["files"][n]["bytes"] for n in left)}}
 
 
 def _manifest_job(folder: Path, *, max_shard_size, cast: str | None) -> tuple[GatherJob, dict] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from tpcli.commands import no_status
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import dcp
+from tpcli.formats.state_manifest import is_state_dir
 from tpcli.planning.checks import Finding, check_plan
 
 DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 5e-2, "float16": 5e-2}
@@ -22,6 +23,13 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
     """`status(text)` is told each slow step (the CLI shows it on a terminal)."""
     say = status or no_status
     local = Path(target).expanduser()
+    if is_state_dir(local):  # a training state (tpcli.save_state): model, optimizer, manifest
+        if mesh is not None or numerics:
+            raise UsageError("--numerics/--fsdp/--dp-replicate/--ep check a model's plan; a training-state folder is "
+                             "checked as files: run `tpcli verify STATE` alone.")
+        from tpcli.commands.state_check import verify_state
+
+        return verify_state(local, quick=quick)
     if dcp.is_sharded_dir(local):
         if mesh is not None:
             raise UsageError("--fsdp/--dp-replicate/--ep check a model's plan on a mesh; pass the original model folder.")
