@@ -30,6 +30,7 @@ MODELS = {
     "llama3": ("llama", {"heads": 6, "kv_heads": 6, "hidden": 96}),
     "opt": ("opt", {}),
     "llama4kv": ("llama", {"kv_heads": 4}),  # untied, 4 heads and 4 KV heads: valid at tp=1, 2 and 4
+    "mixtral4kv": ("mixtral", {"kv_heads": 4}),
 }
 
 

@@ -24,7 +24,8 @@ from conftest import base_env, load_safetensors_dir, run_main
 from tpcli.errors import CheckpointError, OutputError, UsageError
 
 TPCLI = [sys.executable, "-m", "tpcli"]
-MESHES = {"tp2": ["--cpu", 2], "tp2xfsdp2": ["--cpu", 4, "--tp", 2, "--fsdp", 2], "tp4": ["--cpu", 4]}
+MESHES = {"tp2": ["--cpu", 2], "tp2xfsdp2": ["--cpu", 4, "--tp", 2, "--fsdp", 2], "tp4": ["--cpu", 4],
+          "fsdp2xep2": ["--cpu", 4, "--fsdp", 2, "--ep", 2]}
 
 
 def train(flags: list | None, *args) -> tuple[list[float], str]:
@@ -47,25 +48,27 @@ def gathered(state: Path, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(model_dirs, tmp_path_factory):
-    """Mesh A -> (losses of steps 1-4, the states saved after steps 2 and 4), run once per mesh."""
+    """(model, mesh A) -> (losses of steps 1-4, the states saved after steps 2 and 4), run once each."""
     runs = {}
 
-    def get(mesh: str):
-        if mesh not in runs:
-            state = tmp_path_factory.mktemp(f"state-{mesh}")
-            losses, _ = train(MESHES[mesh], "--model", model_dirs("llama4kv"), "--steps", 4, "--save-after", 2,
+    def get(model: str, mesh: str):
+        if (model, mesh) not in runs:
+            state = tmp_path_factory.mktemp(f"state-{model}-{mesh}")
+            losses, _ = train(MESHES[mesh], "--model", model_dirs(model), "--steps", 4, "--save-after", 2,
                               "--state", state)
-            runs[mesh] = (losses, state)
-        return runs[mesh]
+            runs[model, mesh] = (losses, state)
+        return runs[model, mesh]
 
     return get
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("a, b", [("tp2", "tp2xfsdp2"), ("tp2", None), ("tp2xfsdp2", "tp4")],
-                         ids=["tp2-to-tp2xfsdp2", "tp2-to-one-process", "tp2xfsdp2-to-tp4"])
-def test_resume_at_another_mesh_continues_the_uninterrupted_run(uninterrupted, tmp_path, a, b):
-    losses_a, state_a = uninterrupted(a)
+@pytest.mark.parametrize("model, a, b", [("llama4kv", "tp2", "tp2xfsdp2"), ("llama4kv", "tp2", None),
+                                         ("llama4kv", "tp2xfsdp2", "tp4"), ("mixtral4kv", "fsdp2xep2", "tp2")],
+                         ids=["tp2-to-tp2xfsdp2", "tp2-to-one-process", "tp2xfsdp2-to-tp4", "moe-fsdp2xep2-to-tp2"])
+def test_resume_at_another_mesh_continues_the_uninterrupted_run(uninterrupted, tmp_path, model, a, b):
+    """MoE: `--fsdp 2 --ep 2` on 4 workers is tp=2 x fsdp=2 with the experts over ep=2 (tp fills the world)."""
+    losses_a, state_a = uninterrupted(model, a)
     assert len(losses_a) == 4 and len(set(losses_a)) == 4
     losses_b, _ = train(MESHES[b] if b else None, "--resume", state_a / "step-2", "--steps", 4,
                         "--state", tmp_path / "b")
@@ -73,7 +76,7 @@ def test_resume_at_another_mesh_continues_the_uninterrupted_run(uninterrupted, t
     for got, want in zip(losses_b, losses_a[2:], strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), (losses_b, losses_a)
     doc_b = json.loads((tmp_path / "b" / "step-4" / "tpcli-state.json").read_text())
-    assert doc_b["step"] == 4 and doc_b["mesh"]["tp"] == {"tp2xfsdp2": 2, "tp4": 4, None: 1}[b]
+    assert doc_b["step"] == 4 and doc_b["mesh"]["tp"] == {"tp2xfsdp2": 2, "tp4": 4, "tp2": 2, None: 1}[b]
     final_a = gathered(state_a / "step-4", tmp_path / "ga")
     final_b = gathered(tmp_path / "b" / "step-4", tmp_path / "gb")
     assert sorted(final_a) == sorted(final_b)
