@@ -48,14 +48,19 @@ def gathered(state: Path, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(model_dirs, tmp_path_factory):
-    """(model, mesh A) -> (losses of steps 1-4, the states saved after steps 2 and 4), run once each."""
+    """(model, mesh A) -> (losses of steps 1-4, the states saved after steps 2 and 4), run once each. At plain
+    tp=2 the model is loaded from a tpcli tp=2 folder (load_model's fast path), elsewhere through transformers."""
+    from tpcli.commands.shard import shard_checkpoint
+
     runs = {}
 
     def get(model: str, mesh: str):
         if (model, mesh) not in runs:
             state = tmp_path_factory.mktemp(f"state-{model}-{mesh}")
-            losses, _ = train(MESHES[mesh], "--model", model_dirs(model), "--steps", 4, "--save-after", 2,
-                              "--state", state)
+            src = model_dirs(model)
+            if mesh == "tp2":
+                src = Path(shard_checkpoint(str(src), tp=2, out=str(state / "tp2-shards"))["out"])
+            losses, _ = train(MESHES[mesh], "--model", src, "--steps", 4, "--save-after", 2, "--state", state)
             runs[model, mesh] = (losses, state)
         return runs[model, mesh]
 
