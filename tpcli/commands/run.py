@@ -202,6 +202,7 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
     from tpcli.commands.inspect import load_resolved
     from tpcli.commands.integrity import check_folder
     from tpcli.formats import dcp
+    from tpcli.formats import state_manifest as sm
 
     tp = spec.world_size
     local = Path(spec.model).expanduser()
@@ -212,6 +213,12 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
                              "with --plan.")
         info = check_folder(local, quick=True, with_plan=True)
         _preflight_at_world_size(info["plan"], tp)
+        if sm.is_state_dir(local):  # a training state (tpcli.save_state): any mesh loads it, resharded by DCP
+            doc = sm.read(local)
+            sm.check_sizes(local, doc)
+            return [f"preflight: {local} is a training state (step {doc['step']}, saved on "
+                    f"{sm.mesh_text(doc['mesh'])}); file sizes OK; sha256 NOT checked here (tpcli.load_state checks "
+                    f"them; so does `tpcli verify {local}`)"]
         checked = "file sizes and manifest OK" if info["manifest"] else "files OK (no tpcli.json: sizes not recorded)"
         notes = [f"preflight: {local} is a tp={info['tp_size']} sharded folder; {checked}; sha256 NOT checked "
                  f"(run `tpcli verify {local}` to check them)"]
