@@ -26,11 +26,37 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from tpcli.errors import CheckpointError
+from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import manifest
 from tpcli.runtime.adaptations import with_library_plans
 
 MIN_STAGING = 16 * 2**20  # bytes per staging buffer at least: one allocation covers most layers
+PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # transformers' own (`_ensure_torch_distributed`); see `process_group_timeout`
+
+
+def process_group_timeout() -> float:
+    """Seconds a collective of the job's process group may wait: TPCLI_TIMEOUT, else 2 hours.
+
+    2 hours is what transformers 5.23 gives the group it creates when none exists (`distributed/utils.py`,
+    `_ensure_torch_distributed`: "Sharded loading takes tens of minutes with high rank skew; the default 10-minute
+    watchdog is too short"). tpcli creates the group before transformers would (`_init_process_group`), so without
+    the same value its own `from_pretrained` loads (ordinary checkpoints, DCP folders, meshes, resharding) would
+    get a shorter limit than transformers gives them, and a load that works under transformers could time out under
+    tpcli. The timeout stays with the group for the whole job, so a rank stuck in a collective is detected only after
+    2 hours; a rank that dies is not a hang (torchrun stops the others at once), `tpcli run --timeout` bounds the
+    whole job, and TPCLI_TIMEOUT (seconds) sets a shorter group timeout for jobs whose loads are known to be short.
+    """
+    text = os.environ.get("TPCLI_TIMEOUT")
+    if text is None:
+        return float(PROCESS_GROUP_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"TPCLI_TIMEOUT={text!r}: expected the process-group timeout in seconds (a number > 0), "
+                         f"or unset it for the default {PROCESS_GROUP_TIMEOUT_S} s.")
+    return seconds
 
 
 def local_device():
@@ -43,7 +69,9 @@ def local_device():
     return torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _init_process_group(timeout_s: float) -> None:
+def _init_process_group(timeout_s: float | None = None) -> None:
+    """Create the job's process group as transformers would (backend, device binding, `device_id`, timeout: see
+    `process_group_timeout`, used when `timeout_s` is None), unless one exists or this is not a distributed job."""
     import torch
     import torch.distributed as dist
 
@@ -58,8 +86,8 @@ def _init_process_group(timeout_s: float) -> None:
         torch.accelerator.set_device_index(device.index)
         if backend == "nccl":
             kwargs["device_id"] = device
-    # transformers would use a 2-hour timeout; a hung collective should fail a lot sooner than that.
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    timeout = timedelta(seconds=process_group_timeout() if timeout_s is None else timeout_s)
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
     atexit.register(_destroy_process_group)  # the group tpcli made: torn down before the interpreter's own teardown
 
 
@@ -78,14 +106,15 @@ def _destroy_process_group() -> None:
 
 @with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
 def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "auto", dtype=None,
-               timeout_s: float = float(os.environ.get("TPCLI_TIMEOUT", 1800)), auto_class=None, mesh=None,
+               timeout_s: float | None = None, auto_class=None, mesh=None,
                **kwargs):
     """Return the model sharded for this process's rank on the job's mesh.
 
     The mesh is `mesh` (a `tpcli.planning.mesh.Mesh` or 'tp=2,fsdp=2' text), else TPCLI_MESH (`tpcli run --tp
     --fsdp --dp-replicate --ep`), else plain TP over the world (tp = WORLD_SIZE). Loaded with
     `from_pretrained(path, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F, dp_replicate_size=R,
-    ep_size=E, tp_plan=tp_plan))`; the model's `_device_mesh` is transformers' own."""
+    ep_size=E, tp_plan=tp_plan))`; the model's `_device_mesh` is transformers' own. The process group, if this
+    call creates it, waits `timeout_s` seconds in a collective (default: `process_group_timeout`, 2 hours)."""
     import torch
 
     from tpcli.formats.dcp import is_sharded_dir

@@ -12,8 +12,8 @@ stays on rank 0's CPU (the oracle), and every comparison is made on the CPU.
 
 While rank 0 loads and runs the reference (minutes to an hour on the CPU for a model of tens of GB), ranks
 1..N-1 have nothing to do. They must not wait for it in a collective of the job's process group: that one fails
-after the group's timeout (`_init_process_group`; an NCCL barrier with the 10-minute default would have killed
-the job). They wait instead in a barrier of a second, gloo (host) group made for that wait alone, whose timeout is
+after the group's timeout (`tpcli.runtime.loading.process_group_timeout`: 2 hours, or TPCLI_TIMEOUT), sized for
+the TP load, not for the reference. They wait instead in a barrier of a second, gloo (host) group made for that wait alone, whose timeout is
 REFERENCE_WAIT_S (`wait_group`). If rank 0 crashes meanwhile, torchrun's agent stops the other ranks at once: the
 long timeout only bounds a hang. The reference runs with every core this process may use (`all_cores`): torchrun
 sets OMP_NUM_THREADS=1 for each worker, and the other ranks are idle then.
@@ -153,7 +153,7 @@ def main() -> None:
 
     # the same set-up as tpcli.load_model: on GPUs, nccl with each rank bound to cuda:LOCAL_RANK before init (a bare
     # init_process_group("nccl") leaves every rank on GPU 0 until transformers binds it, and barrier() unbound)
-    _init_process_group(float(os.environ.get("TPCLI_TIMEOUT", 600)))
+    _init_process_group()  # the timeout of every other job's group (`process_group_timeout`): the TP load is the same
     waiting = wait_group()
     result = compare(args.model, args.plan)
     if result is not None:
