@@ -59,33 +59,44 @@ def process_group_timeout() -> float:
     return seconds
 
 
-def local_device():
-    """This process's device: the accelerator at LOCAL_RANK, where transformers' TP load binds a rank, or the CPU."""
+def local_device(accelerator: str | None = None):
+    """This process's device: the accelerator at LOCAL_RANK, where transformers' TP load binds a rank, or the CPU.
+
+    `accelerator` is the device type torch finds on this machine (`torch._C._get_accelerator()`, what transformers
+    asks; "cpu" when no GPU is visible, as under `tpcli run --cpu`, which hides them): passed in only by tests."""
     import torch
 
-    device_type = torch._C._get_accelerator().type
+    device_type = accelerator or torch._C._get_accelerator().type
     if device_type in ("cpu", "mps"):  # transformers' TP mesh falls back to the CPU on MPS
         return torch.device("cpu")
     return torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def bind_local_device():
+    """Make `local_device()` this process's current device, as transformers does before its TP load, and return it;
+    on the CPU, bind nothing. Called by the worker bootstrap before the user's script runs, so that CUDA work done
+    before `load_model` (a tensor made with device="cuda", a CUDA graph, NCCL) lands on cuda:LOCAL_RANK, not on
+    cuda:0 in every rank; and again by `_init_process_group`."""
+    device = local_device()
+    if device.type != "cpu":
+        import torch
+
+        torch.accelerator.set_device_index(device.index)  # GPU jobs only: never runs on a CPU worker
+    return device
+
+
 def _init_process_group(timeout_s: float | None = None) -> None:
     """Create the job's process group as transformers would (backend, device binding, `device_id`, timeout: see
     `process_group_timeout`, used when `timeout_s` is None), unless one exists or this is not a distributed job."""
-    import torch
     import torch.distributed as dist
 
     if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
         return
-    device = local_device()
+    # bind before init, as transformers does: each rank's NCCL communicator (and every tensor allocated without an
+    # explicit device) then lives on its own GPU, not all on GPU 0
+    device = bind_local_device()
     backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")  # cuda: nccl, cpu: gloo
-    kwargs = {}
-    if device.type != "cpu":
-        # bind before init, as transformers does: each rank's NCCL communicator (and every tensor allocated without
-        # an explicit device) then lives on its own GPU, not all on GPU 0
-        torch.accelerator.set_device_index(device.index)
-        if backend == "nccl":
-            kwargs["device_id"] = device
+    kwargs = {"device_id": device} if backend == "nccl" else {}
     timeout = timedelta(seconds=process_group_timeout() if timeout_s is None else timeout_s)
     dist.init_process_group(backend, timeout=timeout, **kwargs)
     atexit.register(_destroy_process_group)  # the group tpcli made: torn down before the interpreter's own teardown
