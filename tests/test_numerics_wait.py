@@ -53,6 +53,7 @@ def test_waiting_ranks_outlive_the_process_group_timeout(model_dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["tokens_equal"], result
+    assert result["backend"] == "gloo" and result["devices"] == ["cpu", "cpu"], result
     assert result["logits"]["max_abs"] <= 1e-5, result["logits"]
 
 

@@ -101,7 +101,8 @@ def _run_reference(model: str, ids):
 
 def compare(model: str, plan: str | None = None, *, load_from: str | None = None) -> dict | None:
     """Collective: every rank loads the TP model (from `load_from`, e.g. a sharded folder, else `model`) and runs
-    the batch; rank 0 returns the errors against the single-process `model`, the other ranks None."""
+    the batch; rank 0 returns the errors against the single-process `model` (with the process group's backend and each
+rank's device), the other ranks None."""
     import torch
     import torch.distributed as dist
 
@@ -121,6 +122,8 @@ def compare(model: str, plan: str | None = None, *, load_from: str | None = None
                                                           pad_token_id=0), None
         except RuntimeError as exc:
             tp_tokens, generate_error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    devices = [None] * dist.get_world_size()  # where each rank's TP model ran: the evidence that GPUs were used
+    dist.all_gather_object(devices, str(device))
     if rank != 0:
         return None
     dtype, ref_out, ref_tokens = _reference(model, ids)
@@ -131,6 +134,8 @@ def compare(model: str, plan: str | None = None, *, load_from: str | None = None
     return {
         "dtype": dtype,
         "world_size": dist.get_world_size(),
+        "backend": str(dist.get_backend()),
+        "devices": devices,
         "layers": layers,
         "logits": _errors(tp_out.logits.cpu(), ref_out.logits),
         "tokens_equal": tp_tokens is not None and bool(torch.equal(tp_tokens.cpu(), ref_tokens)),
