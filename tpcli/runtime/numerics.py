@@ -13,9 +13,9 @@ stays on rank 0's CPU (the oracle), and every comparison is made on the CPU.
 While rank 0 loads and runs the reference (minutes to an hour on the CPU for a model of tens of GB), ranks
 1..N-1 have nothing to do. They must not wait for it in a collective of the job's process group: that one fails
 after the group's timeout (`tpcli.runtime.loading.process_group_timeout`: 2 hours, or TPCLI_TIMEOUT), sized for
-the TP load, not for the reference. They wait instead in a barrier of a second, gloo (host) group made for that wait alone, whose timeout is
-REFERENCE_WAIT_S (`wait_group`). If rank 0 crashes meanwhile, torchrun's agent stops the other ranks at once: the
-long timeout only bounds a hang. The reference runs with every core this process may use (`all_cores`): torchrun
+the TP load, not for the reference. They wait instead in a barrier of a second group, gloo (host-side), made for
+that wait alone, whose timeout is REFERENCE_WAIT_S (`wait_group`). If rank 0 crashes meanwhile, torchrun's agent
+stops the other ranks at once: the long timeout only bounds a hang. The reference runs with every core this process may use (`all_cores`): torchrun
 sets OMP_NUM_THREADS=1 for each worker, and the other ranks are idle then.
 
 The model class is the one the checkpoint declares (`architectures` in config.json, as `tpcli.planning.plan` builds it), so a
@@ -101,8 +101,8 @@ def _run_reference(model: str, ids):
 
 def compare(model: str, plan: str | None = None, *, load_from: str | None = None) -> dict | None:
     """Collective: every rank loads the TP model (from `load_from`, e.g. a sharded folder, else `model`) and runs
-    the batch; rank 0 returns the errors against the single-process `model` (with the process group's backend and each
-rank's device), the other ranks None."""
+    the batch; rank 0 returns the errors against the single-process `model`, with the process group's backend and
+    each rank's device; the other ranks None."""
     import torch
     import torch.distributed as dist
 
