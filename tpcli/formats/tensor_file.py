@@ -296,6 +296,20 @@ class TensorFile:
         if self._file.readinto(out.view(-1).view(torch.uint8).numpy()) != stop - start:
             raise CheckpointError(f"{self.path}: truncated while reading {name}.")
 
+    def read_range_into(self, name: str, start: int, out) -> None:
+        """Read bytes [start, start + len(out)) of tensor `name`'s data into `out`, a contiguous CPU uint8 tensor
+        (a piece of a tensor staged for a device, `loading._SliceReader`)."""
+        import torch
+
+        begin, stop = self.header[name]["data_offsets"]
+        n = out.numel()
+        if out.device.type != "cpu" or out.dtype != torch.uint8 or not out.is_contiguous() or not 0 <= start <= \
+                start + n <= stop - begin:
+            raise ValueError(f"TensorFile.read_range_into({name!r}, {start}): needs a contiguous CPU uint8 tensor "
+                             f"inside the tensor's {stop - begin} bytes, got {n} bytes on {out.device}.")
+        if n and os.preadv(self._file.fileno(), [out.numpy()], self.data_start + begin + start) != n:
+            raise CheckpointError(f"{self.path}: truncated while reading {name}.")
+
     def get_tensor(self, name: str):
         import torch
 

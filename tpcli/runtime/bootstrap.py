@@ -11,6 +11,10 @@ It is started by file path, not `-m tpcli.runtime.bootstrap`: `-m` puts the curr
 `tpcli/` folder there (a clone) would shadow the installed package. The installed `tpcli` is imported before the
 user's directory is added; then sys.path is what `python SCRIPT` (script's folder first) or `python -m MODULE`
 (current directory first) would give.
+
+Under `tpcli run --gpus`, the worker's GPU (cuda:LOCAL_RANK) is made the current device before the user's code
+runs (`tpcli.runtime.loading.bind_local_device`, as transformers binds it for its TP load); under `--cpu` no GPU
+is visible and nothing is bound.
 """
 
 import os
@@ -55,6 +59,9 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     import tpcli  # noqa: F401  the installed package, cached before the user's folder goes first on sys.path
+    from tpcli.runtime.loading import bind_local_device
+
+    bind_local_device()  # `--gpus`: cuda:LOCAL_RANK is current before the user's code runs (CPU workers: nothing)
 
     kind, target, *args = sys.argv[1:]
 

@@ -16,7 +16,8 @@
   copy-on-write for the pages the process writes: the others follow the file, and a truncated file is SIGBUS).
 * Devices: each rank's model lives on `local_device()` (cuda:LOCAL_RANK on GPUs, as transformers binds it; the CPU
   otherwise). The fast path never reads into device memory from the host: `_SliceReader` stages device-bound
-  bytes in a pinned host buffer and copies them over (see `_Staging`).
+  bytes in two pinned host buffers of STAGING_CHUNK bytes and copies them over piece by piece (see `_Staging`);
+  the pinned memory is given back when the load is done.
 """
 
 from __future__ import annotations
@@ -26,40 +27,79 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from tpcli.errors import CheckpointError
+from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import manifest
 from tpcli.runtime.adaptations import with_library_plans
 
-MIN_STAGING = 16 * 2**20  # bytes per staging buffer at least: one allocation covers most layers
+STAGING_CHUNK = 16 * 2**20  # bytes per staging buffer: a larger tensor goes to the device in pieces of this size
+PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # transformers' own (`_ensure_torch_distributed`); see `process_group_timeout`
 
 
-def local_device():
-    """This process's device: the accelerator at LOCAL_RANK, where transformers' TP load binds a rank, or the CPU."""
+def process_group_timeout() -> float:
+    """Seconds a collective of the job's process group may wait: TPCLI_TIMEOUT, else 2 hours.
+
+    2 hours is what transformers 5.23 gives the group it creates when none exists (`distributed/utils.py`,
+    `_ensure_torch_distributed`: "Sharded loading takes tens of minutes with high rank skew; the default 10-minute
+    watchdog is too short"). tpcli creates the group before transformers would (`_init_process_group`), so without
+    the same value its own `from_pretrained` loads (ordinary checkpoints, DCP folders, meshes, resharding) would
+    get a shorter limit than transformers gives them, and a load that works under transformers could time out under
+    tpcli. The timeout stays with the group for the whole job, so a rank stuck in a collective is detected only after
+    2 hours; a rank that dies is not a hang (torchrun stops the others at once), `tpcli run --timeout` bounds the
+    whole job, and TPCLI_TIMEOUT (seconds) sets a shorter group timeout for jobs whose loads are known to be short.
+    """
+    text = os.environ.get("TPCLI_TIMEOUT")
+    if text is None:
+        return float(PROCESS_GROUP_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"TPCLI_TIMEOUT={text!r}: expected the process-group timeout in seconds (a number > 0), "
+                         f"or unset it for the default {PROCESS_GROUP_TIMEOUT_S} s.")
+    return seconds
+
+
+def local_device(accelerator: str | None = None):
+    """This process's device: the accelerator at LOCAL_RANK, where transformers' TP load binds a rank, or the CPU.
+
+    `accelerator` is the device type torch finds on this machine (`torch._C._get_accelerator()`, what transformers
+    asks; "cpu" when no GPU is visible, as under `tpcli run --cpu`, which hides them): passed in only by tests."""
     import torch
 
-    device_type = torch._C._get_accelerator().type
+    device_type = accelerator or torch._C._get_accelerator().type
     if device_type in ("cpu", "mps"):  # transformers' TP mesh falls back to the CPU on MPS
         return torch.device("cpu")
     return torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _init_process_group(timeout_s: float) -> None:
-    import torch
+def bind_local_device():
+    """Make `local_device()` this process's current device, as transformers does before its TP load, and return it;
+    on the CPU, bind nothing. Called by the worker bootstrap before the user's script runs, so that CUDA work done
+    before `load_model` (a tensor made with device="cuda", a CUDA graph, NCCL) lands on cuda:LOCAL_RANK, not on
+    cuda:0 in every rank; and again by `_init_process_group`."""
+    device = local_device()
+    if device.type != "cpu":
+        import torch
+
+        torch.accelerator.set_device_index(device.index)  # GPU jobs only: never runs on a CPU worker
+    return device
+
+
+def _init_process_group(timeout_s: float | None = None) -> None:
+    """Create the job's process group as transformers would (backend, device binding, `device_id`, timeout: see
+    `process_group_timeout`, used when `timeout_s` is None), unless one exists or this is not a distributed job."""
     import torch.distributed as dist
 
     if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
         return
-    device = local_device()
+    # bind before init, as transformers does: each rank's NCCL communicator (and every tensor allocated without an
+    # explicit device) then lives on its own GPU, not all on GPU 0
+    device = bind_local_device()
     backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")  # cuda: nccl, cpu: gloo
-    kwargs = {}
-    if device.type != "cpu":
-        # bind before init, as transformers does: each rank's NCCL communicator (and every tensor allocated without
-        # an explicit device) then lives on its own GPU, not all on GPU 0
-        torch.accelerator.set_device_index(device.index)
-        if backend == "nccl":
-            kwargs["device_id"] = device
-    # transformers would use a 2-hour timeout; a hung collective should fail a lot sooner than that.
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    timeout = timedelta(seconds=process_group_timeout() if timeout_s is None else timeout_s)
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
     atexit.register(_destroy_process_group)  # the group tpcli made: torn down before the interpreter's own teardown
 
 
@@ -78,14 +118,15 @@ def _destroy_process_group() -> None:
 
 @with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
 def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "auto", dtype=None,
-               timeout_s: float = float(os.environ.get("TPCLI_TIMEOUT", 1800)), auto_class=None, mesh=None,
+               timeout_s: float | None = None, auto_class=None, mesh=None,
                **kwargs):
     """Return the model sharded for this process's rank on the job's mesh.
 
     The mesh is `mesh` (a `tpcli.planning.mesh.Mesh` or 'tp=2,fsdp=2' text), else TPCLI_MESH (`tpcli run --tp
     --fsdp --dp-replicate --ep`), else plain TP over the world (tp = WORLD_SIZE). Loaded with
     `from_pretrained(path, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F, dp_replicate_size=R,
-    ep_size=E, tp_plan=tp_plan))`; the model's `_device_mesh` is transformers' own."""
+    ep_size=E, tp_plan=tp_plan))`; the model's `_device_mesh` is transformers' own. The process group, if this
+    call creates it, waits `timeout_s` seconds in a collective (default: `process_group_timeout`, 2 hours)."""
     import torch
 
     from tpcli.formats.dcp import is_sharded_dir
@@ -275,19 +316,23 @@ class _SliceReader:
     Where the bytes land depends on the target, never on the path that read them:
     * host-direct: a CPU target of the stored dtype is read straight into its own storage (no copy); never a view
       of a mapping of the file (the file may change under a running job);
-    * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled by reading the bytes into
-      a host staging buffer and copying that to the target with `_to_target` (`copy_` casts when the dtypes
-      differ). Device memory is never touched from the host: no `.numpy()`, no `readinto` into a device tensor.
+    * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled piece by piece: the bytes
+      of elements [a, b) (`staging_spans`: at most `chunk_bytes` each) are read into a host staging buffer and
+      copied to the same elements of the target with `_to_target` (`copy_` casts when the dtypes differ), so the
+      buffers never grow with the tensors. A slice stored as one chunk of one file (every Shard and replicated
+      tensor) is read from the file a piece at a time; a `_StridedShard` slice is assembled in ordinary host
+      memory first (`read_tensor`), then staged. Device memory is never touched from the host: no `.numpy()`, no
+      `readinto` into a device tensor.
     `stage=True` forces staging for CPU targets too (tests compare it with the direct path byte for byte).
     """
 
-    def __init__(self, folder: Path, *, stage: bool = False):
+    def __init__(self, folder: Path, *, stage: bool = False, chunk_bytes: int = STAGING_CHUNK):
         self.folder = folder
         self.files: dict[str, object] = {}
         self.slicers: dict[str, object] = {}
         self.bytes_read = 0  # bytes of the files this rank's tensors come from
         self.force_stage = stage
-        self.staging = _Staging()
+        self.staging = _Staging(chunk_bytes)
 
     def _file(self, file: str):
         from tpcli.formats.tensor_file import TensorFile
@@ -327,10 +372,33 @@ class _SliceReader:
         if direct:
             self._read_host(out, name, entry, dim, runs)
             return
-        host, event = self.staging.buffer(self._local_shape(entry, dim, runs), stored, out.device)
-        self._read_host(host, name, entry, dim, runs)
-        self._to_target(out, host)
-        self.staging.copied(event, out.device)
+        shape = self._local_shape(entry, dim, runs)
+        if not out.is_contiguous():  # not a parameter's local tensor: one synchronous copy from ordinary memory
+            out.copy_(self.read_tensor(name, entry, dim, runs))
+            return
+        whole = self._whole_chunk(entry, dim, runs)
+        if whole is not None and list(shape) == whole["sizes"]:  # the slice is one run of bytes in one file
+            file = self._file(whole["file"])
+
+            def fill(buf, a: int) -> None:
+                file.read_range_into(name, a * stored.itemsize, buf)
+
+            self.bytes_read += out.numel() * stored.itemsize
+        else:  # a _StridedShard slice: several pieces of several chunks, put together on the host first
+            host = self.read_tensor(name, entry, dim, runs).view(-1)
+
+            def fill(buf, a: int) -> None:
+                buf.copy_(host[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
+
+        spans = staging_spans(out.numel(), stored.itemsize, self.staging.chunk_bytes)
+        flat = out.view(-1)
+        for a, b in spans:
+            buf, slot = self.staging.buffer((b - a) * stored.itemsize, out.device)
+            fill(buf, a)
+            host_part = buf.view(stored)
+            # one piece: the target itself (what tests observe); else the piece's elements of the flat target
+            self._to_target(*((out, host_part.view(shape)) if len(spans) == 1 else (flat[a:b], host_part)))
+            self.staging.copied(slot, out.device)
 
     @staticmethod
     def _whole_chunk(entry: dict, dim: int | None, runs):
@@ -348,8 +416,8 @@ class _SliceReader:
         out.copy_(host, non_blocking=host.is_pinned())
 
     def finish(self) -> None:
-        """Wait for the last copies to the device, then drop the staging buffers and close the files."""
-        self.staging.wait_all()
+        """Wait for the last copies to the device, give the staging buffers back and close the files."""
+        self.staging.release()
         for f in self.files.values():
             f.close()
         self.files.clear()
@@ -383,37 +451,52 @@ class _SliceReader:
             torch.cat(parts, dim=dim or 0, out=out)
 
 
+def staging_spans(numel: int, itemsize: int, chunk_bytes: int = STAGING_CHUNK) -> list[tuple[int, int]]:
+    """The element ranges [a, b) a tensor of `numel` elements of `itemsize` bytes is staged in: consecutive,
+    covering [0, numel) once, each at most `chunk_bytes` bytes (at least one element), all equal but the last.
+
+        step = max(1, chunk_bytes // itemsize)
+        spans = [(a, min(a + step, numel)) for a in range(0, numel, step)]    # ceil(numel / step) pieces
+    """
+    step = max(1, chunk_bytes // itemsize)
+    return [(a, min(a + step, numel)) for a in range(0, numel, step)]
+
+
 class _Staging:
-    """Two alternating host buffers between the files and a device: read tensor i+1 while tensor i is copied.
+    """Two alternating host buffers of `chunk_bytes` between the files and a device: read piece i+1 while piece i is
+    copied.
 
     For an accelerator target the buffers are pinned, so `copy_(non_blocking=True)` runs as a DMA on the current
-    stream while the host reads the next tensor into the other buffer. An event recorded after each copy is
-    waited on before its buffer is refilled (or grown), so a buffer is never overwritten while the device still
-    reads from it. CPU and `meta` targets copy synchronously: no pinning, no events.
+    stream while the host reads the next piece into the other buffer. An event recorded after each copy is
+    waited on before its buffer is refilled, so a buffer is never overwritten while the device still reads from it.
+    CPU and `meta` targets copy synchronously: no pinning, no events. Pinned memory held: 2 x chunk_bytes per
+    process whatever the model (the host caching allocator rounds a block up to a power of two: 16 MiB is one),
+    given back to the system by `release` (`torch.accelerator.empty_host_cache`), not kept for the process.
     """
 
-    def __init__(self):
+    def __init__(self, chunk_bytes: int = STAGING_CHUNK):
+        self.chunk_bytes = chunk_bytes
         self.buffers: list = [None, None]
         self.events: list = [None, None]
         self.turn = 0
+        self.pinned = False  # some buffer was pinned: the host cache has memory to give back
 
-    def buffer(self, shape: list[int], dtype, device):
-        """A host tensor of `shape`/`dtype` in the next staging buffer, safe to overwrite; and its slot."""
-        import math
-
+    def buffer(self, nbytes: int, device):
+        """The first `nbytes` (<= chunk_bytes) of the next staging buffer, as uint8, safe to overwrite; its slot."""
         import torch
 
+        if nbytes > self.chunk_bytes:
+            raise AssertionError(f"staging {nbytes} bytes in buffers of {self.chunk_bytes}")
         slot, self.turn = self.turn, 1 - self.turn
         if self.events[slot] is not None:
             self.events[slot].synchronize()  # the device has finished reading this buffer
             self.events[slot] = None
-        nbytes = math.prod(shape) * dtype.itemsize
         pin = device.type not in ("cpu", "meta")
         buf = self.buffers[slot]
-        if buf is None or buf.numel() < nbytes or buf.is_pinned() != pin:
-            # grown only to the largest tensor seen (the embedding comes first, so this is rare); pinning is costly
-            buf = self.buffers[slot] = torch.empty(max(nbytes, MIN_STAGING), dtype=torch.uint8, pin_memory=pin)
-        return buf[:nbytes].view(dtype).view(shape), slot
+        if buf is None or buf.is_pinned() != pin:
+            buf = self.buffers[slot] = torch.empty(self.chunk_bytes, dtype=torch.uint8, pin_memory=pin)
+            self.pinned |= pin
+        return buf[:nbytes], slot
 
     def copied(self, slot: int, device) -> None:
         """Mark the end of the copy out of `slot` (on the device's current stream)."""
@@ -424,9 +507,15 @@ class _Staging:
             event.record(torch.accelerator.current_stream(device))  # the stream `copy_` was queued on
             self.events[slot] = event
 
-    def wait_all(self) -> None:
+    def release(self) -> None:
+        """Wait for the copies still in flight, drop the buffers and give the pinned memory back to the system."""
         for slot, event in enumerate(self.events):
             if event is not None:
                 event.synchronize()
                 self.events[slot] = None
         self.buffers = [None, None]
+        if self.pinned:  # the caching host allocator would otherwise keep the blocks for the life of the process
+            import torch
+
+            torch.accelerator.empty_host_cache()
+            self.pinned = False
