@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TPCLI_TIMEOUT", "120")  # process-group collectives give up long before pytest's 300 s
 os.environ["TPCLI_CACHE_DIR"] = "off"  # no result cache across tests (tests/test_cache.py turns it on)
 
 ORACLES = Path(__file__).parent / "oracles"
