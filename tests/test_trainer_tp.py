@@ -117,15 +117,20 @@ def test_resume_at_the_same_tp_mesh_crashes_on_dtensor_parameters(tp2):
 
 
 @pytest.mark.dist
-def test_resume_from_tp2_at_tp2_x_fsdp2_crashes_the_same_way(llama, tp2, one, tmp_path):
+def test_tp2_x_fsdp2_trains_right_but_resume_crashes_from_tp2_and_from_itself(llama, tp2, one, tmp_path):
     tpcli_run("--cpu", 4, "--tp", 2, "--fsdp", 2, "--model", llama, WORKER, "--out", tmp_path,
-              "--resume-from", tp2[0] / "checkpoint-2")
+              "--resume-from", tp2[0] / "checkpoint-2", "--resume-from", "own")
     rep = _report(tmp_path)
     assert rep["dp_size"] == 2
-    assert_losses_equal(rep["losses"], one[1]["losses"])  # training itself is right on this mesh
-    err = rep["resumed"]["0"]["error"]
-    assert err.startswith("RuntimeError: Error(s) in loading state_dict for FSDPLlamaForCausalLM:"), err[:300]
-    assert DTENSOR_COPY in err
+    assert_losses_equal(rep["losses"], one[1]["losses"])  # training and saving are right on this mesh
+    assert rep["checkpoints"]["checkpoint-2"] == MODEL_ONLY
+    got, want = (load_file(d / "checkpoint-2" / "model.safetensors") for d in (tmp_path, one[0]))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=TOL, msg=name)
+    for resumed in rep["resumed"].values():
+        err = resumed["error"]
+        assert err.startswith("RuntimeError: Error(s) in loading state_dict for FSDPLlamaForCausalLM:"), err[:300]
+        assert DTENSOR_COPY in err
 
 
 @pytest.mark.dist
