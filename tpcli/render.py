@@ -525,8 +525,13 @@ def quantization_line(q: dict) -> str:
 def render_gather(r: dict) -> None:
     _render_removed(r)
     state = r.get("state")
-    source = (f"a training state (step {state['step']}, saved on {state['mesh_text']})" if state else
-              f"a tp={r['tp_size']} {r['source_kind']} folder")
+    saved = r["saved_by"]
+    if state:
+        source = f"a training state (step {state['step']}, saved on {state['mesh_text']})"
+    elif saved["mesh"]:
+        source = f"a {saved['description']} {r['source_kind']} folder"
+    else:
+        source = f"a {r['source_kind']} folder {saved['description']}"
     console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from {source}, {len(r['files'])} "
                   f"file(s), {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     if state:
@@ -555,10 +560,12 @@ def render_verify(r: dict) -> None:
         _render_state(r, verdict)
         return
     if r["mode"] == "integrity":
-        if r["tp"] is None:  # the check stopped at the first error: only that is known
+        saved = r["saved_by"]
+        if saved is None:  # the check stopped at the first error: only that is known
             console.print(f"{r['target']}: sharded folder: {verdict}")
         else:
-            console.print(f"{r['target']}: sharded folder, tp={r['tp']}, {r['tensors']} tensors, "
+            what = f", {saved['description']}," if saved["mesh"] else f" {saved['description']},"
+            console.print(f"{r['target']}: sharded folder{what} {r['tensors']} tensors, "
                           f"hashes {'checked' if r['hashes_checked'] else 'not checked'}: {verdict}")
         render_findings(r["findings"], title="Integrity")
         return

@@ -24,6 +24,7 @@ from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare
 from tpcli.formats.source import aux_files
 from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
+from tpcli.planning import saved_mesh
 from tpcli.planning.readers import ShardedReader
 
 SINGLE_FILE = "model.safetensors"
@@ -84,6 +85,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
             job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
             if job.boxes is not None:
                 cache.put(key, job.to_json())
+    saved = saved_mesh.saved_by(folder, integrity)  # the mesh it was saved on: recorded, or inferred from its layout
     files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress,
                                force=force)
     return {
@@ -94,7 +96,8 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         # how the output was laid out: "manifest" (tpcli.json + headers, no torch/transformers), "transformers"
         # (planned through its conversions now), "cache" (a layout transformers planned for this folder before)
         "path": path,
-        "tp_size": integrity["tp_size"],
+        "tp_size": saved_mesh.tp_size(saved),  # None: the layout does not determine it (see saved_by)
+        "saved_by": saved,
         "tensors": len(job.weight_map),
         "files": files,
         "copied": copied,

@@ -109,9 +109,10 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
     nor transformers is imported ("path": "manifest")."""
     from tpcli.commands.integrity import check_folder
     from tpcli.formats import manifest, manifest_gather
+    from tpcli.planning import saved_mesh
 
     findings: list[Finding] = []
-    info = None
+    info = saved = None
     path = "transformers"
     try:
         meta = manifest.read(folder)
@@ -121,20 +122,22 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
         if vouched and info["manifest"] != meta:
             raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing "
                                   "writes it.")
+        saved = saved_mesh.saved_by(folder, info)  # recorded, or inferred from the chunk layout
     except CheckpointError as exc:
-        info = None
+        info = saved = None
         findings.append(Finding("error", "integrity", str(exc)))
     if info is not None:
         if info["manifest"] is None:
             findings.append(Finding("info", "no-manifest", "no tpcli.json (a transformers DCP save): hashes not "
                                     "checked, coverage and config checked"))
-        if tp is not None and info["tp_size"] != tp:
-            findings.append(Finding("warning", "tp-mismatch", f"folder is tp={info['tp_size']}, --tp is {tp}: "
+        if tp is not None and saved_mesh.tp_size(saved) != tp:
+            findings.append(Finding("warning", "tp-mismatch", f"folder is {saved['description']}, --tp is {tp}: "
                                     "transformers would reshard it on load"))
     return {
         "mode": "integrity",
         "target": str(folder),
-        "tp": info["tp_size"] if info else None,
+        "tp": saved_mesh.tp_size(saved) if saved else None,  # None also when the layout does not determine it
+        "saved_by": saved,
         "tensors": len(info["tensors"]) if info else None,
         # None: the check stopped at its first error, before it could say whether every hash was checked
         "hashes_checked": bool(info["manifest"] and not quick) if info else None,

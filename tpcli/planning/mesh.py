@@ -174,6 +174,7 @@ class MeshPlan:
         units = set(fsdp_plan) | set(expert_modules) if mesh.dp_size > 1 else set()
         experts = set(expert_modules)
         self.groups: Counter = Counter()
+        self.group_of: dict[str, _Group] = {}  # each unique state-dict tensor's group
         self.units: dict[str, Counter] = {}
         for t in plan.unique_tensors:
             is_param = t.name in params
@@ -194,6 +195,7 @@ class MeshPlan:
                 tp_plan.get(t.name), t.name in tied_targets)
             group = _Group(t.shape, t.dtype, stage, placement, fsdp, is_param, full)
             self.groups[group] += 1
+            self.group_of[t.name] = group
             if fsdp:
                 unit = next((u for u in owners if u in units), "")
                 self.units.setdefault(unit, Counter())[group] += 1
