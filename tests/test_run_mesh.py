@@ -329,3 +329,28 @@ def test_verify_numerics_on_a_mesh(model_dirs, name, sizes):
     assert r["ok"] and n["mesh"] == mesh.to_dict() and n["world_size"] == mesh.world, n
     assert n["first_bad"] is None and n["tokens_equal"] and n["logits"]["max_abs"] <= 1e-5
     assert len(n["layers"]) == 3  # embeddings + 2 decoder layers, each compared
+
+
+@pytest.mark.dist
+def test_verify_numerics_fails_a_wrong_ep_plan_at_its_layer(model_dirs, tmp_path, monkeypatch, capsys):
+    """On --tp 2 --fsdp 2 --ep 2, an all-reduce of the MoE block's output (the old `ep_router` + `moe_tp_experts`
+    combine, carried over to EP, where `ep_dispatch_experts` already combines the experts): it loads and runs, and
+    each decoder layer adds its MoE output twice. verify --numerics must fail, at layer 0."""
+    plan = tmp_path / "moe-allreduce.json"
+    plan.write_text(json.dumps({"model.layers.*.mlp": "all_reduce"}))
+    flags = ["--tp", "2", "--fsdp", "2", "--ep", "2", "--numerics", "--plan", plan]
+    code, out, err = run_main(monkeypatch, capsys, "verify", model_dirs("mixtral"), *flags, "--json")
+    r = json.loads(out)
+    assert code == 1 and not r["ok"], err
+    n = r["numerics"]
+    assert r["findings"] and not any(f["severity"] == "error" for f in r["findings"])  # static checks let it through
+    assert n["mesh"] == Mesh(tp=2, fsdp=2, ep=2).to_dict() and n["world_size"] == 4
+    assert n["layers"][0]["max_abs"] == 0 and n["first_bad"] == "layer 0"  # embeddings exact, the MoE layer not
+    assert n["logits"]["max_abs"] > 1e-3 and not n["tokens_equal"]
+    # a router split by TP under EP (colwise gate) is refused before any worker starts, naming the block
+    plan.write_text(json.dumps({"model.layers.*.mlp.gate": "colwise"}))
+    code, out, _ = run_main(monkeypatch, capsys, "verify", model_dirs("mixtral"), *flags, "--json")
+    r = json.loads(out)
+    assert code == 1 and r["numerics"] == {"skipped": "static errors: the workers would crash or compute garbage"}
+    (bad,) = [f for f in r["findings"] if f["severity"] == "error"]
+    assert bad["message"].startswith("model.layers.*.mlp: gate: colwise"), bad

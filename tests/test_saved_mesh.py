@@ -86,6 +86,7 @@ def test_gather_and_verify_name_the_mesh_of_a_transformers_save(model_dirs, tmp_
     assert warning.startswith(f"folder is {words}, --tp is 4"), warning
 
 
+
 @pytest.mark.dist
 def test_plain_tp2_transformers_save_is_reported_as_before(oracle, tmp_path, monkeypatch, capsys):
     dcp = oracle("qwen3", 2) / "dcp"  # transformers' own tp_plan="auto" load at tp=2 and its DCP save
@@ -127,6 +128,17 @@ def test_tpcli_folder_reports_its_recorded_tp(model_dirs, tmp_path, monkeypatch,
     code, out, _ = run_main(monkeypatch, capsys, "verify", tmp_path / "s", "--json")
     v = json.loads(out)
     assert code == 0 and v["tp"] == 3 and v["saved_by"]["recorded"] and v["saved_by"]["mesh"] == m(tp=3)
+
+
+def test_run_preflight_names_what_the_folder_was_saved_on(model_dirs, tmp_path):
+    """`tpcli run --model DIR` without mesh flags: the folder's mesh as gather/verify name it, not its file count."""
+    from tpcli.commands.run import LaunchSpec, preflight_model
+
+    folder = _without_manifest(model_dirs, tmp_path, "llama3", tp=2)  # 6 heads: valid at tp=2, 3 and 6
+    notes = preflight_model(LaunchSpec(script="x.py", cpu=2, model=str(folder)))
+    assert len(notes) == 1 and notes[0].startswith(f"preflight: {folder} is a tp=2 sharded folder; files OK"), notes
+    notes = preflight_model(LaunchSpec(script="x.py", cpu=3, model=str(folder)))
+    assert notes[1].startswith("preflight: it was not saved at tp=3 (the world size): tpcli.load_model falls back"), notes
 
 
 GATHER = """

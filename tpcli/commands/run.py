@@ -203,6 +203,8 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
     from tpcli.commands.integrity import check_folder
     from tpcli.formats import dcp
     from tpcli.formats import state_manifest as sm
+    from tpcli.planning import saved_mesh
+    from tpcli.planning.mesh import Mesh
 
     tp = spec.world_size
     local = Path(spec.model).expanduser()
@@ -220,10 +222,12 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
                     f"{sm.mesh_text(doc['mesh'])}); file sizes OK; sha256 NOT checked here (tpcli.load_state checks "
                     f"them; so does `tpcli verify {local}`)"]
         checked = "file sizes and manifest OK" if info["manifest"] else "files OK (no tpcli.json: sizes not recorded)"
-        notes = [f"preflight: {local} is a tp={info['tp_size']} sharded folder; {checked}; sha256 NOT checked "
+        saved = saved_mesh.saved_by(local, info)  # a transformers save on a mesh: its mesh, never "tp=<files>"
+        what = f"a {saved['description']} sharded folder" if saved["mesh"] else f"a sharded folder {saved['description']}"
+        notes = [f"preflight: {local} is {what}; {checked}; sha256 NOT checked "
                  f"(run `tpcli verify {local}` to check them)"]
-        if info["tp_size"] != tp:
-            notes.append(f"preflight: its tp={info['tp_size']} differs from the world size {tp}: tpcli.load_model "
+        if saved["mesh"] != Mesh(tp=tp).to_dict():
+            notes.append(f"preflight: it was not saved at tp={tp} (the world size): tpcli.load_model "
                          "falls back to transformers, which reshards it on load through DCP (a collective load plan, "
                          f"every rank opening every file); `tpcli shard {local} --tp {tp} --out DIR` makes a matching "
                          "copy once")
