@@ -84,6 +84,8 @@ def test_gather_and_verify_name_the_mesh_of_a_transformers_save(model_dirs, tmp_
     assert v["ok"] and v["tp"] == mesh.tp and v["saved_by"] == doc["saved_by"]
     (warning,) = [f["message"] for f in v["findings"] if f["code"] == "tp-mismatch"]
     assert warning.startswith(f"folder is {words}, --tp is 4"), warning
+    code, out, _ = run_main(monkeypatch, capsys, "verify", save, "--json", "--tp", mesh.tp)
+    assert not [f for f in json.loads(out)["findings"] if f["code"] == "tp-mismatch"]  # saved at that tp
 
 
 

@@ -130,7 +130,7 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
         if info["manifest"] is None:
             findings.append(Finding("info", "no-manifest", "no tpcli.json (a transformers DCP save): hashes not "
                                     "checked, coverage and config checked"))
-        if tp is not None and saved_mesh.tp_size(saved) != tp:
+        if tp is not None and saved_mesh.other_tp(saved, tp):
             findings.append(Finding("warning", "tp-mismatch", f"folder is {saved['description']}, --tp is {tp}: "
                                     "transformers would reshard it on load"))
     return {

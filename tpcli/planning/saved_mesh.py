@@ -88,6 +88,11 @@ def tp_size(doc: dict) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def other_tp(doc: dict, tp: int) -> bool:
+    """Whether the folder was certainly not saved at TP size `tp` (no consistent mesh has it)."""
+    return all(m["tp"] != tp for m in doc["consistent_with"])
+
+
 def _consistent(plan: ResolvedPlan, mesh: Mesh, tensors: dict[str, dcp.ShardedTensor]) -> bool:
     try:
         mp = MeshPlan(plan, mesh)
