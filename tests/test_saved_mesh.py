@@ -1,6 +1,6 @@
 """`gather` / `verify DIR` name the mesh a transformers DCP save was made on (inferred from its chunk layout, as
 config.json does not record it), checked against transformers' own `save_pretrained(distributed_checkpoint=True)`
-on tp x fsdp, tp x dp_replicate and fsdp x ep meshes (4 CPU workers): never the old "tp=4"."""
+on tp x fsdp, tp x dp_replicate, fsdp x dp_replicate and fsdp x ep meshes (4 CPU workers): never the old "tp=4"."""
 
 import json
 import os
@@ -39,6 +39,8 @@ def m(**sizes) -> dict:
 CASES = {
     "tp2-fsdp2": ("llama", Mesh(tp=2, fsdp=2), [m(tp=2, fsdp=2)], "tp=2 x fsdp=2"),
     "tp2-replicas2": ("llama", Mesh(tp=2, dp_replicate=2), [m(tp=2, dp_replicate=2)], "tp=2 x dp_replicate=2"),
+    "fsdp2-replicas2": ("llama", Mesh(tp=1, fsdp=2, dp_replicate=2), [m(fsdp=2, dp_replicate=2)],
+                        "fsdp=2 x dp_replicate=2"),  # HSDP
     # tp=1: EP gives each rank whole experts exactly where FSDP alone would put them: the same bytes, ep not recorded
     "fsdp4-ep2": ("mixtral", Mesh(tp=1, fsdp=4, ep=2), [m(fsdp=4), m(fsdp=4, ep=2), m(fsdp=4, ep=4)],
                   "saved by 4 ranks (mesh not recorded; layout consistent with fsdp=4, fsdp=4 x ep=2 or "
