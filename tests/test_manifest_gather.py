@@ -26,7 +26,7 @@ from tpcli.commands.verify import verify
 from tpcli.errors import CheckpointError
 from tpcli.formats import manifest, manifest_gather
 
-CONVERTED = {"mixtral", "mixtral3", "qwen3_moe"}  # per-expert checkpoint keys, fused experts at run time
+CONVERTED = {"mixtral", "mixtral3", "mixtral4kv", "qwen3_moe"}  # per-expert checkpoint keys, fused experts at run time
 CASES = [(name, 3 if name in ("mixtral3", "llama3") else 2) for name in MODELS]  # "*3": valid at tp=3
 
 
