@@ -16,6 +16,8 @@ For every model folder, on every rank: `from_pretrained(dir, tp_plan="auto")`, t
 
 import argparse
 import json
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -85,3 +87,6 @@ result = {folder: measure(folder) for folder in args.models}
 Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result, indent=1))
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")

@@ -20,6 +20,8 @@ depend on the kernel) unless the case says `kernel=default` (transformers' own p
 import argparse
 import gc
 import json
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -104,3 +106,6 @@ result = {case: measure(case) for case in args.cases}
 Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result, indent=1))
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")

@@ -7,6 +7,7 @@ dp_replicate_size=DP_REPLICATE, ep_size=EP))`, then `save_pretrained(OUT, distri
 rank (transformers drops `distributed_config` from the saved config.json: the mesh is not recorded).
 """
 
+import os
 import sys
 from datetime import timedelta
 
@@ -23,3 +24,6 @@ model = AutoModelForCausalLM.from_pretrained(src, distributed_config=Distributed
 model.save_pretrained(out, distributed_checkpoint=True)
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")

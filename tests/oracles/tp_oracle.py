@@ -8,6 +8,8 @@ OUT/tokens.pt (rank 0) for a fixed batch, and with --dcp-out calls save_pretrain
 
 import argparse
 import json
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -53,3 +55,6 @@ if args.dcp_out:
     model.save_pretrained(args.dcp_out, distributed_checkpoint=True)
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
