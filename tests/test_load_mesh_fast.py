@@ -1,0 +1,108 @@
+"""`tpcli.load_model` of a tpcli tp=T folder on a mesh whose tp is T (tp x fsdp, tp x dp_replicate): the per-rank
+fast path, equal to transformers' own `from_pretrained(ORIGINAL, distributed_config=DistributedConfig(...))`, each
+rank reading about its own share of the bytes; other shapes fall back to transformers and say so."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+from conftest import ORACLES, base_env, run_main
+
+from tpcli.formats import manifest
+from tpcli.formats.units import tensor_bytes
+from tpcli.planning.mesh import Mesh
+from tpcli.runtime.loading import mesh_fast_path_refusal
+
+TPCLI = [sys.executable, "-m", "tpcli"]
+PY_BUFFER = 8192  # Python's buffered `open().read(8)` of a header asks the kernel for a whole buffer
+
+
+@pytest.fixture(scope="module")
+def tp2_folders(model_dirs, tmp_path_factory):
+    from tpcli.commands.shard import shard_checkpoint
+
+    root, made = tmp_path_factory.mktemp("tp2"), {}
+
+    def get(name):
+        if name not in made:
+            made[name] = shard_checkpoint(str(model_dirs(name)), tp=2, out=str(root / name))["out"]
+        return made[name]
+
+    return get
+
+
+def share_bound(folder, doc, fsdp: int) -> int:
+    """What one rank may read on tp=T x fsdp=F: 1.1 x (sharded bytes / (T x F) + replicated bytes / F) (the 10%
+    covers uneven splits: vocab 1001 -> 501/500 -> 251/250) + metadata: tpcli.json and the config files, each read
+    twice (the dispatch and the load), and each safetensors header read twice plus 8 KiB of Python's read buffer
+    twice (the header check and `TensorFile`)."""
+    t = doc["tp_size"]
+    sharded = sum(tensor_bytes(e["dtype"], e["shape"]) for e in doc["tensors"].values() if e["placement"] != "Replicate")
+    replicated = sum(tensor_bytes(e["dtype"], e["shape"]) for e in doc["tensors"].values()
+                     if e["placement"] == "Replicate")
+    meta = sum((folder / n).stat().st_size for n in ("tpcli.json", "config.json", "generation_config.json")
+               if (folder / n).is_file())
+    for name in doc["files"]:
+        with open(folder / name, "rb") as f:
+            meta += 8 + struct.unpack("<Q", f.read(8))[0]
+    return int(1.1 * (sharded / (t * fsdp) + replicated / fsdp)) + 2 * meta + 2 * PY_BUFFER * len(doc["files"])
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name,flags", [
+    ("llama", ["--fsdp", 2]),
+    ("qwen3", ["--fsdp", 2]),  # tied embeddings
+    ("llama", ["--dp-replicate", 2]),
+    ("qwen3", ["--dp-replicate", 2]),
+], ids=["llama-tp2xfsdp2", "qwen3-tp2xfsdp2", "llama-tp2xdp2", "qwen3-tp2xdp2"])
+def test_tpcli_folder_on_a_mesh_is_the_fast_path_and_transformers_own(model_dirs, tp2_folders, tmp_path, name,
+                                                                      flags):
+    from pathlib import Path
+
+    src, folder, out = model_dirs(name), Path(tp2_folders(name)), tmp_path / "out"
+    proc = subprocess.run([*TPCLI, "run", "--cpu", "4", "--tp", "2", *map(str, flags), "--model", str(folder),
+                           str(ORACLES / "mesh_fast_worker.py"), str(folder), str(src), str(out)],
+                          env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "reads it through the per-rank fast path" in proc.stderr
+    doc = manifest.read(folder)
+    fsdp = 2 if "--fsdp" in flags else 1
+    bound = share_bound(folder, doc, fsdp)
+    by_rank = {f["rank"]: folder / n for n, f in doc["files"].items()}
+    everything = sum(f.stat().st_size for f in by_rank.values())
+    for r in range(4):
+        rep = json.loads((out / f"rank{r}.json").read_text())
+        assert rep["fast"] and rep["bytes_read"] > 0, rep  # transformers' load sets no tpcli_bytes_read
+        assert rep["mismatch"] == [] and rep["n_params"] > 0, rep["mismatch"]
+        assert any("Shard" in p for p in rep["placements"]) and (fsdp == 1 or any(
+            "_StridedShard" in p for p in rep["placements"]))  # really on the 2-D mesh
+        assert rep["logits_max_abs"] <= 1e-5, rep["logits_max_abs"]
+        # its own share; and the bound is below what reading its whole TP file (with FSDP) or every file (replicas:
+        # a rank's share is its TP file) would cost, so the check can fail
+        assert rep["rchar"] <= bound, (r, rep["rchar"], bound)
+        assert (by_rank[rep["coordinate"]["tp"]].stat().st_size if fsdp > 1 else everything) > bound, (r, bound)
+
+
+def test_other_shapes_fall_back_and_say_so(model_dirs, tp2_folders, monkeypatch, capsys, tmp_path):
+    folder = tp2_folders("llama")
+    doc = manifest.read(__import__("pathlib").Path(folder))
+    assert mesh_fast_path_refusal(doc, Mesh(tp=2, fsdp=2)) is None
+    assert mesh_fast_path_refusal(doc, Mesh(tp=2, fsdp=2, dp_replicate=2)) is None
+    assert "differs from the mesh's tp=4" in mesh_fast_path_refusal(doc, Mesh(tp=4, fsdp=2))
+    assert "ep=2" in mesh_fast_path_refusal(doc, Mesh(tp=2, fsdp=2, ep=2))
+    assert "quantized" in mesh_fast_path_refusal({**doc, "quantization": {"representation": "stored"}},
+                                                 Mesh(tp=2, fsdp=2))
+    packed = {**doc, "tensors": {**doc["tensors"], "x": {"placement": "_StridedShard(0, sf=2)"}}}
+    assert "packed" in mesh_fast_path_refusal(packed, Mesh(tp=2, fsdp=2))
+    script = tmp_path / "s.py"
+    script.write_text("")
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", "4", "--tp", "2", "--fsdp", "2", "--model", folder,
+                            "--dry-run", script)
+    assert code == 0 and "reads it through the per-rank fast path" in err, err
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", "8", "--tp", "4", "--fsdp", "2", "--model", folder,
+                            "--dry-run", script)
+    assert code == 0, err
+    assert ("loads it through transformers (DCP), not the per-rank fast path (its tp=2 differs from the mesh's "
+            "tp=4)") in err
