@@ -34,14 +34,14 @@ def tp2_folders(model_dirs, tmp_path_factory):
 
 
 def share_bound(folder, doc, fsdp: int) -> int:
-    """What one rank may read on tp=T x fsdp=F: 1.1 x (sharded bytes / (T x F) + replicated bytes / F) (the 10%
-    covers uneven splits: vocab 1001 -> 501/500 -> 251/250) + metadata: tpcli.json and the config files, each read
-    twice (the dispatch and the load), and each safetensors header read twice plus 8 KiB of Python's read buffer
-    twice (the header check and `TensorFile`)."""
+    """What one rank may read on tp=T x fsdp=F: 1.1 x (sharded bytes / (T x F) + replicated bytes / F) of the
+    untied tensors (the 10% covers uneven splits: vocab 1001 -> 501/500 -> 251/250) + metadata: tpcli.json and the
+    config files, each read twice (the dispatch and the load), and each safetensors header read twice plus 8 KiB of
+    Python's read buffer twice (the header check and `TensorFile`)."""
     t = doc["tp_size"]
-    sharded = sum(tensor_bytes(e["dtype"], e["shape"]) for e in doc["tensors"].values() if e["placement"] != "Replicate")
-    replicated = sum(tensor_bytes(e["dtype"], e["shape"]) for e in doc["tensors"].values()
-                     if e["placement"] == "Replicate")
+    stored = [e for e in doc["tensors"].values() if not e["tied_to"]]  # a tied lm_head is stored but never read
+    sharded = sum(tensor_bytes(e["dtype"], e["shape"]) for e in stored if e["placement"] != "Replicate")
+    replicated = sum(tensor_bytes(e["dtype"], e["shape"]) for e in stored if e["placement"] == "Replicate")
     meta = sum((folder / n).stat().st_size for n in ("tpcli.json", "config.json", "generation_config.json")
                if (folder / n).is_file())
     for name in doc["files"]:
@@ -56,23 +56,25 @@ def share_bound(folder, doc, fsdp: int) -> int:
     ("qwen3", ["--fsdp", 2]),  # tied embeddings
     ("llama", ["--dp-replicate", 2]),
     ("qwen3", ["--dp-replicate", 2]),
-], ids=["llama-tp2xfsdp2", "qwen3-tp2xfsdp2", "llama-tp2xdp2", "qwen3-tp2xdp2"])
+    ("qwen3", ["--fsdp", 2, "--dp-replicate", 2]),  # 8 workers: (Replicate(), _StridedShard(0, sf=2), Shard(0))
+], ids=["llama-tp2xfsdp2", "qwen3-tp2xfsdp2", "llama-tp2xdp2", "qwen3-tp2xdp2", "qwen3-tp2xfsdp2xdp2"])
 def test_tpcli_folder_on_a_mesh_is_the_fast_path_and_transformers_own(model_dirs, tp2_folders, tmp_path, name,
                                                                       flags):
     from pathlib import Path
 
     src, folder, out = model_dirs(name), Path(tp2_folders(name)), tmp_path / "out"
-    proc = subprocess.run([*TPCLI, "run", "--cpu", "4", "--tp", "2", *map(str, flags), "--model", str(folder),
+    sizes = dict(zip(flags[::2], flags[1::2], strict=True))
+    fsdp, world = sizes.get("--fsdp", 1), 2 * sizes.get("--fsdp", 1) * sizes.get("--dp-replicate", 1)
+    proc = subprocess.run([*TPCLI, "run", "--cpu", str(world), "--tp", "2", *map(str, flags), "--model", str(folder),
                            str(ORACLES / "mesh_fast_worker.py"), str(folder), str(src), str(out)],
                           env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "reads it through the per-rank fast path" in proc.stderr
     doc = manifest.read(folder)
-    fsdp = 2 if "--fsdp" in flags else 1
     bound = share_bound(folder, doc, fsdp)
     by_rank = {f["rank"]: folder / n for n, f in doc["files"].items()}
     everything = sum(f.stat().st_size for f in by_rank.values())
-    for r in range(4):
+    for r in range(world):
         rep = json.loads((out / f"rank{r}.json").read_text())
         assert rep["fast"] and rep["bytes_read"] > 0, rep  # transformers' load sets no tpcli_bytes_read
         assert rep["mismatch"] == [] and rep["n_params"] > 0, rep["mismatch"]
@@ -106,3 +108,42 @@ def test_other_shapes_fall_back_and_say_so(model_dirs, tp2_folders, monkeypatch,
     assert code == 0, err
     assert ("loads it through transformers (DCP), not the per-rank fast path (its tp=2 differs from the mesh's "
             "tp=4)") in err
+
+
+def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_folders):
+    """`_SliceReader.read_box_into` (what each rank runs per parameter on a mesh) for boxes of every kind: rows of
+    one TP chunk (FSDP), columns (not contiguous on disk: one pread per row), boxes across the two rank files, runs
+    of several pieces, empty ones; each equals torch's slicing of the original tensor, staged or read straight into
+    the target, and counts exactly the bytes of the box."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tpcli.runtime.loading import _SliceReader
+
+    folder = Path(tp2_folders("llama"))
+    doc = manifest.read(folder)
+    original = {}
+    for f in sorted(Path(model_dirs("llama")).glob("*.safetensors")):
+        original.update(load_file(f))
+    cases = {  # name -> runs per dim
+        "model.embed_tokens.weight": [((250, 501),), ((0, 64),)],  # the second FSDP half of TP chunk 0 (uneven)
+        "model.layers.0.self_attn.q_proj.weight": [((20, 44),), ((3, 9),)],  # across both files, some columns
+        "model.layers.0.self_attn.o_proj.weight": [((0, 32),), ((16, 48),)],  # rowwise: columns of both chunks
+        "model.layers.1.mlp.down_proj.weight": [((1, 3), (40, 64)), ((0, 10), (90, 96))],  # several runs
+        "model.norm.weight": [((32, 64),)],  # replicated, FSDP's half
+        "lm_head.weight": [((7, 7),), ((0, 64),)],  # empty
+    }
+    for stage in (False, True):
+        for name, runs in cases.items():
+            entry = doc["tensors"][name]
+            want = original[name]
+            for d, r in enumerate(runs):
+                want = torch.cat([want.narrow(d, a, b - a) for a, b in r], dim=d)
+            reader = _SliceReader(folder, stage=stage)
+            got = torch.full(want.shape, float("nan"))
+            reader.read_box_into(got, name, entry, runs)
+            reader.finish()
+            assert torch.equal(got, want), (name, stage)
+            assert reader.bytes_read == want.numel() * want.element_size(), (name, reader.bytes_read)

@@ -5,12 +5,15 @@
 
 * An ordinary checkpoint, a transformers DCP folder, or a tpcli folder at another TP size:
   `from_pretrained(path, distributed_config=DistributedConfig(tp_size=..., tp_plan=...))`, nothing re-implemented;
-  on a mesh (`tpcli run --tp T --fsdp F --dp-replicate R --ep E`, TPCLI_MESH) always this way, with its sizes.
+  on a mesh (`tpcli run --tp T --fsdp F --dp-replicate R --ep E`, TPCLI_MESH) this way with its sizes, except a
+  tpcli tp=T folder on a mesh whose tp is T (no ep, not quantized, no packed placements: `mesh_fast_path_refusal`).
 * A tpcli sharded folder whose tp equals the world size (the fast path): transformers builds the model exactly as
   `from_pretrained` does (`prepare_distribute_model`, `maybe_distribute_model`: the same DTensor placeholders and
   forward hooks, then `_move_missing_keys_from_meta_to_device` and `tie_weights`, as its own DCP load does), and each
   rank takes only the bytes of its local shards from its own rank files: about 1/N of the model plus the replicated
-  tensors. No collective, no DCP planning, no redistribution of strided shards. Every parameter owns its memory:
+  tensors. On a tp=T x fsdp=F (x dp_replicate=R) mesh the model is built with the mesh's whole config (FSDP2
+  included) and each rank reads only the box its placements give it: 1/(T x F) of the sharded bytes plus 1/F of
+  the replicated ones. No collective, no DCP planning, no redistribution of strided shards. Every parameter owns its memory:
   the bytes are read (`readinto`) into it, never left as a view of a mapping of the rank file, so a file replaced,
   rewritten or truncated under a running job changes nothing the model computes (a private mapping is only
   copy-on-write for the pages the process writes: the others follow the file, and a truncated file is SIGBUS).
