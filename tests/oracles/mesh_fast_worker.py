@@ -1,8 +1,8 @@
 """Worker for `tpcli run --cpu 4 --tp 2 (--fsdp 2 | --dp-replicate 2) mesh_fast_worker.py FOLDER ORIGINAL OUT`.
 
 FOLDER is `tpcli shard ORIGINAL --tp 2`. On every rank: first transformers' own
-`from_pretrained(ORIGINAL, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F, dp_replicate_size=R))` (the
-oracle), then `tpcli.load_model(FOLDER)` twice: the second call with this process's `rchar` (/proc/self/io: the
+`from_pretrained(ORIGINAL, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F, dp_replicate_size=R,
+tp_plan=FOLDER's --plan or "auto"))` (the oracle), then `tpcli.load_model(FOLDER)` twice: the second call with this process's `rchar` (/proc/self/io: the
 bytes passed to read/pread syscalls, from the page cache or not) read before and after. The first call imports the
 modules a load needs (~130 KB of .pyc per rank, read once per process): the second counts what a load reads from
 the folder. Rank r writes OUT/rank{r}.json:
@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 import tpcli
+from tpcli.formats import manifest
 
 folder, original, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 IDS = torch.tensor([[1, 17, 256, 3, 999, 42, 7, 512], [1, 5, 6, 7, 8, 900, 13, 21]])
@@ -32,8 +33,9 @@ def rchar() -> int:
 
 
 m = tpcli.mesh_info().mesh
+plan = manifest.user_plan(manifest.read(Path(folder))) or "auto"  # the folder's --plan, if it was sharded with one
 theirs = AutoModelForCausalLM.from_pretrained(original, distributed_config=DistributedConfig(
-    tp_size=m.tp, fsdp_size=m.fsdp, dp_replicate_size=m.dp_replicate))
+    tp_size=m.tp, fsdp_size=m.fsdp, dp_replicate_size=m.dp_replicate, tp_plan=plan))
 first = rchar()
 tpcli.load_model(folder)  # imports: see the docstring
 before = rchar()
