@@ -154,3 +154,36 @@ def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_fo
             reader.finish()
             assert torch.equal(got, want), (name, stage)
             assert reader.bytes_read == want.numel() * want.element_size(), (name, reader.bytes_read)
+
+
+@pytest.mark.dist
+def test_training_steps_from_a_tpcli_folder_match_one_process(model_dirs, tp2_folders):
+    """FSDP2 over the fast path's parameters trains: 3 SGD steps of tpcli/examples/train_mesh.py on tp=2 x fsdp=2
+    loaded from the tpcli tp=2 folder equal one process on the original (as tests/test_run_mesh.py checks the
+    transformers load)."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tpcli.examples.train_mesh import batch_for, make_optimizer
+
+    proc = subprocess.run([*TPCLI, "run", "--cpu", "4", "--tp", "2", "--fsdp", "2", "--model", tp2_folders("llama"),
+                           "-m", "tpcli.examples.train_mesh", "--steps", "3", "--optimizer", "sgd", "--lr", "0.5"],
+                          env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "reads it through the per-rank fast path" in proc.stderr
+    losses = [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", proc.stdout)]
+    model = AutoModelForCausalLM.from_pretrained(model_dirs("llama"))
+    model.train()
+    opt = make_optimizer("sgd", model.parameters(), 0.5)
+    ref = []
+    for step in range(3):
+        ids = torch.cat([batch_for(step, d, vocab=model.config.vocab_size) for d in range(2)])
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref.append(loss.item())
+    assert len(losses) == 3 and len(set(ref)) == 3
+    assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) <= 1e-5, (losses, ref)
