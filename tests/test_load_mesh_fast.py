@@ -187,3 +187,19 @@ def test_training_steps_from_a_tpcli_folder_match_one_process(model_dirs, tp2_fo
         ref.append(loss.item())
     assert len(losses) == 3 and len(set(ref)) == 3
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) <= 1e-5, (losses, ref)
+
+
+@pytest.mark.dist
+def test_a_folder_of_another_tp_on_a_mesh_falls_back_to_transformers(model_dirs, tp2_folders, tmp_path):
+    """A tpcli tp=2 folder on tp=1 x fsdp=4: transformers' load (DCP), said in the preflight line, and still
+    transformers' own result."""
+    folder, out = tp2_folders("llama"), tmp_path / "out"
+    proc = subprocess.run([*TPCLI, "run", "--cpu", "4", "--tp", "1", "--fsdp", "4", "--model", folder,
+                           str(ORACLES / "mesh_fast_worker.py"), folder, str(model_dirs("llama")), str(out)],
+                          env=base_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert ("loads it through transformers (DCP), not the per-rank fast path (its tp=2 differs from the mesh's "
+            "tp=1)") in proc.stderr
+    for r in range(4):
+        rep = json.loads((out / f"rank{r}.json").read_text())
+        assert not rep["fast"] and rep["mismatch"] == [] and rep["logits_max_abs"] <= 1e-5, rep
