@@ -120,8 +120,8 @@ def test_other_shapes_fall_back_and_say_so(model_dirs, tp2_folders, monkeypatch,
 def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_folders):
     """`_SliceReader.read_box_into` (what each rank runs per parameter on a mesh) for boxes of every kind: rows of
     one TP chunk (FSDP), columns (not contiguous on disk: one pread per row), boxes across the two rank files, runs
-    of several pieces, empty ones; each equals torch's slicing of the original tensor, staged or read straight into
-    the target, and counts exactly the bytes of the box."""
+    of several pieces, empty ones; each equals torch's slicing of the original tensor, read straight into the
+    target or staged (whole, or in pieces of a few elements), and counts exactly the bytes of the box."""
     from pathlib import Path
 
     import torch
@@ -142,17 +142,17 @@ def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_fo
         "model.norm.weight": [((32, 64),)],  # replicated, FSDP's half
         "lm_head.weight": [((7, 7),), ((0, 64),)],  # empty
     }
-    for stage in (False, True):
+    for stage, chunk_bytes in ((False, None), (True, None), (True, 52)):  # 52 B: staged in pieces of 13 floats
         for name, runs in cases.items():
             entry = doc["tensors"][name]
             want = original[name]
             for d, r in enumerate(runs):
                 want = torch.cat([want.narrow(d, a, b - a) for a, b in r], dim=d)
-            reader = _SliceReader(folder, stage=stage)
+            reader = _SliceReader(folder, stage=stage, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
             got = torch.full(want.shape, float("nan"))
             reader.read_box_into(got, name, entry, runs)
             reader.finish()
-            assert torch.equal(got, want), (name, stage)
+            assert torch.equal(got, want), (name, stage, chunk_bytes)
             assert reader.bytes_read == want.numel() * want.element_size(), (name, reader.bytes_read)
 
 
