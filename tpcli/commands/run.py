@@ -174,10 +174,19 @@ def preflight_mesh(spec: LaunchSpec, mesh) -> list[str]:
     from tpcli.planning.checks import check_plan, errors
     from tpcli.planning.mesh import MeshPlan, mesh_findings
 
-    if dcp.is_sharded_dir(Path(spec.model).expanduser()):
+    local = Path(spec.model).expanduser()
+    if dcp.is_sharded_dir(local):
+        from tpcli.formats import manifest
+        from tpcli.runtime.loading import mesh_fast_path_refusal
+
+        doc = manifest.read(local)
+        why = "no tpcli.json: not a tpcli folder" if doc is None else mesh_fast_path_refusal(doc, mesh)
+        if why is None:
+            return [f"preflight: {spec.model} is a tpcli tp={doc['tp_size']} sharded folder: on the mesh "
+                    f"{describe_mesh(mesh)} it is not checked here; tpcli.load_model reads it through the per-rank "
+                    "fast path (each rank only its own share of the rank files)"]
         return [f"preflight: {spec.model} is a sharded folder: on the mesh {describe_mesh(mesh)} it is not checked "
-                "here and tpcli.load_model loads it through transformers (DCP), not the per-rank fast path (plain "
-                "TP only)"]
+                f"here and tpcli.load_model loads it through transformers (DCP), not the per-rank fast path ({why})"]
     _, plan = load_resolved(spec.model, plan_file=spec.plan_file)
     MeshPlan(plan, mesh)
     findings = mesh_findings(plan, mesh, check_plan(plan, mesh.tp))

@@ -5,12 +5,15 @@
 
 * An ordinary checkpoint, a transformers DCP folder, or a tpcli folder at another TP size:
   `from_pretrained(path, distributed_config=DistributedConfig(tp_size=..., tp_plan=...))`, nothing re-implemented;
-  on a mesh (`tpcli run --tp T --fsdp F --dp-replicate R --ep E`, TPCLI_MESH) always this way, with its sizes.
+  on a mesh (`tpcli run --tp T --fsdp F --dp-replicate R --ep E`, TPCLI_MESH) this way with its sizes, except a
+  tpcli tp=T folder on a mesh whose tp is T (no ep, not quantized, no packed placements: `mesh_fast_path_refusal`).
 * A tpcli sharded folder whose tp equals the world size (the fast path): transformers builds the model exactly as
   `from_pretrained` does (`prepare_distribute_model`, `maybe_distribute_model`: the same DTensor placeholders and
   forward hooks, then `_move_missing_keys_from_meta_to_device` and `tie_weights`, as its own DCP load does), and each
   rank takes only the bytes of its local shards from its own rank files: about 1/N of the model plus the replicated
-  tensors. No collective, no DCP planning, no redistribution of strided shards. Every parameter owns its memory:
+  tensors. On a tp=T x fsdp=F (x dp_replicate=R) mesh the model is built with the mesh's whole config (FSDP2
+  included) and each rank reads only the box its placements give it: 1/(T x F) of the sharded bytes plus 1/F of
+  the replicated ones. No collective, no DCP planning, no redistribution of strided shards. Every parameter owns its memory:
   the bytes are read (`readinto`) into it, never left as a view of a mapping of the rank file, so a file replaced,
   rewritten or truncated under a running job changes nothing the model computes (a private mapping is only
   copy-on-write for the pages the process writes: the others follow the file, and a truncated file is SIGBUS).
@@ -32,6 +35,7 @@ from tpcli.formats import manifest
 from tpcli.runtime.adaptations import with_library_plans
 
 STAGING_CHUNK = 16 * 2**20  # bytes per staging buffer: a larger tensor goes to the device in pieces of this size
+READ_PIECE = 2**30  # bytes per pread at most (Linux moves at most 2 GiB - 4 KiB per call)
 PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # transformers' own (`_ensure_torch_distributed`); see `process_group_timeout`
 
 
@@ -143,6 +147,8 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     plain = mesh.tp == world  # plain TP: no fsdp, no replicas, no ep
     if doc is not None and doc["tp_size"] == world and world > 1 and plain and tp_plan == "auto" and not kwargs:
         return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class)
+    if doc is not None and not plain and tp_plan == "auto" and not kwargs and mesh_fast_path_refusal(doc, mesh) is None:
+        return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class, mesh=mesh)
     if (doc or {}).get("quantization"):
         raise CheckpointError(f"{path}: quantized tpcli shards load only at their own TP size "
                               f"(tp={doc['tp_size']}, world size {world}) with tp_plan='auto'; reshard with "
@@ -175,6 +181,24 @@ def _job_mesh(mesh, world: int):
     return mesh
 
 
+def mesh_fast_path_refusal(doc: dict, mesh) -> str | None:
+    """Why a tpcli folder (its manifest `doc`) on a mesh other than plain TP does not load through the fast path
+    (None: it does). The fast path on a mesh takes a tpcli tp=T folder under tp=T with any fsdp and dp_replicate:
+    exactly the shapes tested against transformers' own load; anything else goes to `from_pretrained` (DCP)."""
+    if doc["tp_size"] != mesh.tp:
+        return f"its tp={doc['tp_size']} differs from the mesh's tp={mesh.tp}"
+    if mesh.tp < 2:
+        return "the mesh has no TP (tp=1)"
+    if mesh.ep > 1:
+        return f"expert parallelism (ep={mesh.ep}) is not handled by the fast path"
+    if doc.get("quantization"):
+        return "quantized folders load through the fast path only on plain TP"
+    packed = sorted(n for n, t in doc["tensors"].items() if str(t.get("placement", "")).startswith("_Strided"))
+    if packed:
+        return f"packed (strided) TP placements ({packed[0]}) are not handled by the fast path on a mesh"
+    return None
+
+
 def mesh_config(mesh, tp_plan="auto"):
     """transformers' `DistributedConfig` for `mesh` (a `tpcli.planning.mesh.Mesh`) with `tp_plan`: what
     `from_pretrained(distributed_config=...)` takes instead of the deprecated `tp_plan=` argument. Plain TP is
@@ -199,8 +223,14 @@ def _auto_class(path: Path, *, trust_remote_code: bool = False):
     return _model_class(AutoConfig.from_pretrained(str(path)))
 
 
-def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
+def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, mesh=None):
     """The fast path: build the model as `from_pretrained` does, then fill each rank's local tensors from its files.
+
+    On a mesh (`mesh`: tp = the folder's T, with fsdp F and/or dp_replicate R; see `mesh_fast_path_refusal`) the
+    model is built with the mesh's whole `DistributedConfig`, so `maybe_distribute_model` applies TP and then FSDP2
+    (`fully_shard`) exactly as `from_pretrained` does; each parameter's local tensor is then read from the global
+    box its DTensor placements give this rank (`_mesh_runs`): e.g. `(_StridedShard(0, sf=T), Shard(0))` on
+    (fsdp, tp) is the f-th of F row blocks of the t-th TP chunk, one contiguous range of rank t's file.
 
     A folder holding a quantized checkpoint in its stored form (FP8 weights + `*_scale_inv`) goes through
     transformers' quantizer, as `from_pretrained` does: `validate_environment` decides whether this machine keeps
@@ -225,7 +255,10 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
     world = len(doc["files"])
     config = AutoConfig.from_pretrained(str(folder))
     cls = _model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
-    dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
+    if mesh is None:
+        dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
+    else:
+        dc = mesh_config(mesh, manifest.user_plan(doc) or "auto")
     dc, device_map, mesh_manager = cls.prepare_distribute_model(dc)
     config.distributed_config = dc
     quantizer = None
@@ -267,6 +300,9 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None):
             if entry is None:
                 raise CheckpointError(f"{folder / 'tpcli.json'}: no entry for {name}; re-shard with this version.")
             local = target._local_tensor if hasattr(target, "_local_tensor") else target
+            if mesh is not None:  # any box of the global tensor: placements on the whole (dp, fsdp, tp) mesh
+                reader.read_box_into(local, name, entry, _mesh_runs(target))
+                continue
             placements = getattr(target, "placements", ())
             placement = _placement(placements[0]) if placements else ParamPlacement("replicate")
             scale = doc["tensors"].get(scale_name(name)) if quantizer is not None else None
@@ -304,6 +340,39 @@ def _placement(p):
     if isinstance(p, Shard):
         return ParamPlacement("shard", p.dim)
     return ParamPlacement("replicate")
+
+
+def _mesh_runs(target) -> list[tuple[tuple[int, int], ...]]:
+    """Per dim of `target`'s global shape, the runs of indices (start, stop) its local tensor holds, in order.
+
+    DTensor's own split, applied to an index vector per dim, mesh dim by mesh dim from the first (as
+    `distribute_tensor` applies placements): `Shard(d)` takes chunk c of the indices left along d, `_StridedShard(d,
+    sf)` the c-th chunk of each of its sf groups, `Replicate` keeps them; c is this rank's coordinate on that mesh dim.
+    E.g. rows N over (fsdp F, tp T) with `(_StridedShard(0, sf=T), Shard(0))`: rank (f, t) holds rows
+    t*N/T + f*N/(T*F) ... + N/(T*F) (even sizes), the f-th block of the t-th TP chunk. A plain tensor: everything."""
+    import torch
+
+    from tpcli.planning.layout import _to_runs
+    from tpcli.planning.placements import ParamPlacement
+
+    shape = list(target.shape)
+    if not hasattr(target, "placements"):
+        return [((0, n),) if n else () for n in shape]
+    mesh, coord = target.device_mesh, target.device_mesh.get_coordinate()
+    index = [torch.arange(n) for n in shape]
+    for i, p in enumerate(target.placements):
+        pp = _placement(p)
+        if not pp.is_sharded:
+            continue
+        d = pp.dim % len(shape)
+        along_0 = ParamPlacement(pp.kind, 0, pp.split_factor).to_torch()  # the index vector is 1-D
+        pieces, _ = along_0._split_tensor(index[d], mesh.size(i), with_padding=False)
+        index[d] = pieces[coord[i]]
+    runs = [_to_runs(v.tolist()) for v in index]
+    local = list(target._local_tensor.shape)
+    if [sum(b - a for a, b in r) for r in runs] != local:  # DTensor's split and its local tensor must agree
+        raise AssertionError(f"local shape {local} != the split {runs} of {shape} by {target.placements}")
+    return runs
 
 
 class _SliceReader:
@@ -400,6 +469,110 @@ class _SliceReader:
             self._to_target(*((out, host_part.view(shape)) if len(spans) == 1 else (flat[a:b], host_part)))
             self.staging.copied(slot, out.device)
 
+    def read_box_into(self, out, name: str, entry: dict, runs: list) -> None:
+        """Fill `out` (any device, any dtype) with the part of `name` that `runs` (per dim, `_mesh_runs`) name.
+
+        A CPU target of the stored dtype is read straight into (`_read_box_host`); any other is staged piece by
+        piece as `read_into` stages (`staging_spans`): from the file itself when the box is one run of bytes of one
+        chunk (every FSDP row block), else from the box put together in ordinary host memory first."""
+        import torch
+
+        stored = getattr(torch, entry["dtype"])
+        shape = [sum(b - a for a, b in r) for r in runs]
+        if out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage:
+            self._read_box_host(out, name, entry, runs)
+            return
+        if not out.is_contiguous():  # not a parameter's local tensor: one synchronous copy from ordinary memory
+            host = torch.empty(shape, dtype=stored)
+            self._read_box_host(host, name, entry, runs)
+            out.copy_(host)
+            return
+        source = self._one_run(entry, runs, stored.itemsize)
+        if source is not None:  # (file, byte offset in the tensor's data): read each piece from the file
+            file, start = self._file(source[0]), source[1]
+
+            def fill(buf, a: int) -> None:
+                file.read_range_into(name, start + a * stored.itemsize, buf)
+
+            self.bytes_read += out.numel() * stored.itemsize
+        else:
+            host = torch.empty(shape, dtype=stored)
+            self._read_box_host(host, name, entry, runs)
+            host = host.view(-1)
+
+            def fill(buf, a: int) -> None:
+                buf.copy_(host[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
+
+        spans = staging_spans(out.numel(), stored.itemsize, self.staging.chunk_bytes)
+        flat = out.view(-1)
+        for a, b in spans:
+            buf, slot = self.staging.buffer((b - a) * stored.itemsize, out.device)
+            fill(buf, a)
+            host_part = buf.view(stored)
+            self._to_target(*((out, host_part.view(shape)) if len(spans) == 1 else (flat[a:b], host_part)))
+            self.staging.copied(slot, out.device)
+
+    @staticmethod
+    def _one_run(entry: dict, runs: list, itemsize: int):
+        """(file, byte offset) when the box `runs` is one run of bytes inside one stored chunk, else None."""
+        if any(len(r) != 1 for r in runs):
+            return None
+        box = [r[0] for r in runs]
+        for c in entry["chunks"]:
+            if all(o <= a and b <= o + n for (a, b), o, n in zip(box, c["offsets"], c["sizes"], strict=True)):
+                lo = [a - o for (a, _), o in zip(box, c["offsets"], strict=True)]
+                hi = [b - o for (_, b), o in zip(box, c["offsets"], strict=True)]
+                byte_runs = _sub_runs(c["sizes"], lo, hi, itemsize)
+                if len(byte_runs) == 1:
+                    return c["file"], byte_runs[0][0]
+        return None
+
+    def _read_box_host(self, out, name: str, entry: dict, runs: list) -> None:
+        """Read the box(es) `runs` of `name`'s global tensor into the contiguous CPU tensor `out` (stored dtype):
+        each stored chunk that overlaps a box gives its overlap, read from the chunk's file with `_read_sub`; the
+        overlaps must cover `out` exactly once."""
+        import itertools
+
+        import torch
+
+        covered = 0
+        for box in itertools.product(*runs):  # one box per combination of runs (usually exactly one)
+            at = [sum(b - a for a, b in r[:r.index(x)]) for r, x in zip(runs, box, strict=True)]  # its place in out
+            for c in entry["chunks"]:
+                lo = [max(a, o) for (a, _), o in zip(box, c["offsets"], strict=True)]
+                hi = [min(b, o + n) for (_, b), o, n in zip(box, c["offsets"], c["sizes"], strict=True)]
+                if any(a >= b for a, b in zip(lo, hi, strict=True)):
+                    continue
+                region = tuple(slice(p + a - x, p + b - x) for p, a, b, (x, _) in zip(at, lo, hi, box, strict=True))
+                sub_lo = [a - o for a, o in zip(lo, c["offsets"], strict=True)]
+                sub_hi = [b - o for b, o in zip(hi, c["offsets"], strict=True)]
+                if [b - a for a, b in zip(lo, hi, strict=True)] == list(out.shape):
+                    dest = out  # the whole local tensor from one chunk: read straight into it
+                else:
+                    dest = torch.empty([b - a for a, b in zip(lo, hi, strict=True)], dtype=out.dtype)
+                self._read_sub(dest, c["file"], name, c["sizes"], sub_lo, sub_hi)
+                if dest is not out:
+                    out[region].copy_(dest)
+                covered += dest.numel()
+        if covered != out.numel():
+            raise CheckpointError(f"{self.folder / 'tpcli.json'}: the chunks of {name} cover {covered} of the "
+                                  f"{out.numel()} elements this rank needs; re-shard the folder with this version.")
+
+    def _read_sub(self, out, file: str, name: str, sizes: list[int], lo: list[int], hi: list[int]) -> None:
+        """Read the sub-box [lo, hi) of the chunk (shape `sizes`) stored as `name` in `file` into the contiguous
+        CPU tensor `out`: one `pread` per run of bytes (`_sub_runs`), in pieces of at most READ_PIECE bytes."""
+        import torch
+
+        data = out.view(-1).view(torch.uint8)
+        tensor_file = self._file(file)
+        pos = 0
+        for start, n in _sub_runs(sizes, lo, hi, out.element_size()):
+            for a in range(0, n, READ_PIECE):
+                m = min(READ_PIECE, n - a)
+                tensor_file.read_range_into(name, start + a, data[pos + a:pos + a + m])
+            pos += n
+            self.bytes_read += n
+
     @staticmethod
     def _whole_chunk(entry: dict, dim: int | None, runs):
         """The stored chunk that is exactly this rank's slice (a replicated tensor's one copy), or None."""
@@ -449,6 +622,29 @@ class _SliceReader:
             out.copy_(parts[0])
         else:
             torch.cat(parts, dim=dim or 0, out=out)
+
+
+def _sub_runs(sizes: list[int], lo: list[int], hi: list[int], itemsize: int) -> list[tuple[int, int]]:
+    """The runs of bytes (offset in the chunk's data, length), in row-major order, that hold the sub-box [lo, hi)
+    of a contiguous chunk of shape `sizes`: with k the first dim after which the box spans whole dims, each index
+    of the dims before k is one run of (hi[k] - lo[k]) x prod(sizes[k+1:]) elements. A row block of a chunk (every
+    FSDP slice along dim 0) is a single run; an empty box has none.
+
+        sizes [4, 6], lo [1, 2], hi [3, 5], itemsize 1  ->  [(8, 3), (14, 3)]"""
+    import itertools
+    import math
+
+    if any(b <= a for a, b in zip(lo, hi, strict=True)):
+        return []
+    if not sizes:  # a 0-d tensor: its one element
+        return [(0, itemsize)]
+    k = len(sizes) - 1
+    while k > 0 and (lo[k], hi[k]) == (0, sizes[k]):
+        k -= 1
+    strides = [math.prod(sizes[d + 1:]) for d in range(len(sizes))]
+    n = (hi[k] - lo[k]) * strides[k] * itemsize
+    return [((sum(i * s for i, s in zip(outer, strides, strict=False)) + lo[k] * strides[k]) * itemsize, n)
+            for outer in itertools.product(*(range(lo[d], hi[d]) for d in range(k)))]
 
 
 def staging_spans(numel: int, itemsize: int, chunk_bytes: int = STAGING_CHUNK) -> list[tuple[int, int]]:
