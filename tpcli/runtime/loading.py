@@ -459,6 +459,11 @@ class _SliceReader:
             def fill(buf, a: int) -> None:
                 buf.copy_(host[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
 
+        self._stage(out, stored, shape, fill)
+
+    def _stage(self, out, stored, shape, fill) -> None:
+        """Copy into `out` (contiguous, any device/dtype) through the staging buffers, piece by piece
+        (`staging_spans`): `fill(buf, a)` puts the stored bytes of elements a.. into the uint8 buffer `buf`."""
         spans = staging_spans(out.numel(), stored.itemsize, self.staging.chunk_bytes)
         flat = out.view(-1)
         for a, b in spans:
@@ -503,14 +508,7 @@ class _SliceReader:
             def fill(buf, a: int) -> None:
                 buf.copy_(host[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
 
-        spans = staging_spans(out.numel(), stored.itemsize, self.staging.chunk_bytes)
-        flat = out.view(-1)
-        for a, b in spans:
-            buf, slot = self.staging.buffer((b - a) * stored.itemsize, out.device)
-            fill(buf, a)
-            host_part = buf.view(stored)
-            self._to_target(*((out, host_part.view(shape)) if len(spans) == 1 else (flat[a:b], host_part)))
-            self.staging.copied(slot, out.device)
+        self._stage(out, stored, shape, fill)
 
     @staticmethod
     def _one_run(entry: dict, runs: list, itemsize: int):
