@@ -118,6 +118,28 @@ def single_process_logits(path: Path, **kwargs):
         return model(ids).logits, model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
 
 
+def single_process_sgd_losses(src: Path, *, steps: int = 3, lr: float = 0.5, dp: int = 2) -> list[float]:
+    """The oracle of tpcli/examples/train_mesh.py --optimizer sgd: one process trains on the `dp` data-parallel
+    ranks' batches together; returns the loss of each step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tpcli.examples.train_mesh import batch_for, make_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.train()
+    opt = make_optimizer("sgd", model.parameters(), lr)
+    losses = []
+    for step in range(steps):
+        ids = torch.cat([batch_for(step, d, vocab=model.config.vocab_size) for d in range(dp)])
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def load_safetensors_dir(folder: Path) -> dict:
     from safetensors import safe_open
 

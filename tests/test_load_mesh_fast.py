@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ORACLES, base_env, run_main
+from conftest import ORACLES, base_env, run_main, single_process_sgd_losses
 
 from tpcli.formats import manifest
 from tpcli.formats.units import tensor_bytes
@@ -163,28 +163,13 @@ def test_training_steps_from_a_tpcli_folder_match_one_process(model_dirs, tp2_fo
     transformers load)."""
     import re
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tpcli.examples.train_mesh import batch_for, make_optimizer
-
     proc = subprocess.run([*TPCLI, "run", "--cpu", "4", "--tp", "2", "--fsdp", "2", "--model", tp2_folders("llama"),
                            "-m", "tpcli.examples.train_mesh", "--steps", "3", "--optimizer", "sgd", "--lr", "0.5"],
                           env=base_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "reads it through the per-rank fast path" in proc.stderr
     losses = [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", proc.stdout)]
-    model = AutoModelForCausalLM.from_pretrained(model_dirs("llama"))
-    model.train()
-    opt = make_optimizer("sgd", model.parameters(), 0.5)
-    ref = []
-    for step in range(3):
-        ids = torch.cat([batch_for(step, d, vocab=model.config.vocab_size) for d in range(2)])
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        ref.append(loss.item())
+    ref = single_process_sgd_losses(model_dirs("llama"))
     assert len(losses) == 3 and len(set(ref)) == 3
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) <= 1e-5, (losses, ref)
 

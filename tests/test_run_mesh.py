@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ORACLES, base_env, run_main
+from conftest import ORACLES, base_env, run_main, single_process_sgd_losses
 
 from tpcli.commands import slurm
 from tpcli.commands.run import LaunchSpec, resolve_mesh
@@ -240,26 +240,12 @@ def test_replicas_generate_different_prompts_like_one_process(model_dirs):
 @pytest.mark.dist
 def test_tp_fsdp_training_steps_match_one_process(model_dirs):
     """3 SGD steps on tp=2 x fsdp=2, each data-parallel rank on its own batch, vs one process on both batches."""
-    from transformers import AutoModelForCausalLM
-
-    from tpcli.examples.train_mesh import batch_for, make_optimizer
-
     src = model_dirs("llama")  # untied embeddings: see the tied-weights note in README 'Meshes, run'
     proc = tpcli_run("--cpu", 4, "--tp", 2, "--fsdp", 2, "--model", src, "-m", "tpcli.examples.train_mesh",
                      "--steps", 3, "--optimizer", "sgd", "--lr", 0.5)
     losses = [float(x) for x in re.findall(r"step \d+ loss ([0-9.]+)", proc.stdout)]
     assert len(losses) == 3
-    model = AutoModelForCausalLM.from_pretrained(src)
-    model.train()
-    opt = make_optimizer("sgd", model.parameters(), 0.5)
-    ref = []
-    for step in range(3):
-        ids = torch.cat([batch_for(step, d, vocab=model.config.vocab_size) for d in range(2)])
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        ref.append(loss.item())
+    ref = single_process_sgd_losses(src)
     assert max(abs(a - b) for a, b in zip(losses, ref, strict=True)) <= 1e-5, (losses, ref)
     assert len(set(ref)) == 3  # the steps changed the model
 
