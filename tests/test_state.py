@@ -284,3 +284,26 @@ def test_gather_state_gives_the_model_and_says_the_optimizer_is_left_out(monkeyp
     assert sorted(got) == sorted(weights)
     assert all(torch.equal(got[k], weights[k]) for k in weights)
     assert not (tmp_path / "m" / "optimizer").exists()
+
+
+def test_state_reports_fit_an_80_column_log(monkeypatch, one_process_state, tmp_path):
+    """verify STATE and gather STATE on an 80-column non-terminal console: every fact on its line, nothing cut."""
+    import io
+
+    from rich.console import Console
+
+    from tpcli import render
+    from tpcli.commands.gather import gather_checkpoint
+    from tpcli.commands.verify import verify
+
+    buf = io.StringIO()
+    monkeypatch.setattr(render, "console", Console(file=buf, width=80, force_terminal=False, soft_wrap=True))
+    render.render_verify(verify(str(one_process_state[0])))
+    render.render_gather(gather_checkpoint(str(one_process_state[0]), out=str(tmp_path / "m")))
+    out = buf.getvalue()
+    assert "…" not in out
+    for fact in ("training state, step 2, saved on one process", "hashes checked: OK",
+                 "optimizer AdamW: 63 tensors (exp_avg, exp_avg_sq, step) for 21 of 21 parameters",
+                 "from a training state (step 2, saved on one process)",
+                 "optimizer state left out (2 files"):
+        assert fact in out, (fact, out)
