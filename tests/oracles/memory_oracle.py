@@ -16,8 +16,6 @@ For every model folder, on every rank: `from_pretrained(dir, tp_plan="auto")`, t
 
 import argparse
 import json
-import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +35,7 @@ dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fa
 rank = dist.get_rank()
 from cache_walk import adamw_step_bytes, cache_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
 from transformers import AutoModelForCausalLM  # noqa: E402
+from worker_common import end_job  # noqa: E402  (this script's folder is on sys.path)
 
 
 def placements(t) -> list[str]:
@@ -85,8 +84,4 @@ def measure(folder: str) -> dict:
 
 result = {folder: measure(folder) for folder in args.models}
 Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result, indent=1))
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+end_job()

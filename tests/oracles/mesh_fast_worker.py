@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
+from worker_common import param_mismatches  # noqa: E402  (this script's folder is on sys.path)
 
 import tpcli
 from tpcli.formats import manifest
@@ -44,22 +45,8 @@ ours = tpcli.load_model(folder)
 read = rchar() - before
 
 
-def local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-mismatch = []
+mismatch = param_mismatches(ours, theirs)
 theirs_params = dict(theirs.named_parameters())
-for name, p in ours.named_parameters():
-    q = theirs_params.get(name)
-    if q is None:
-        mismatch.append(f"{name}: not in transformers' model")
-    elif repr(getattr(p, "placements", None)) != repr(getattr(q, "placements", None)):
-        mismatch.append(f"{name}: placements {getattr(p, 'placements', None)} != {getattr(q, 'placements', None)}")
-    elif not torch.equal(local(p), local(q)):
-        mismatch.append(f"{name}: local tensor differs")
-if set(theirs_params) != {n for n, _ in ours.named_parameters()}:
-    mismatch.append("parameter names differ")
 
 with torch.no_grad():
     got, want = ours(IDS).logits, theirs(IDS).logits

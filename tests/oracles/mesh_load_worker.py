@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from worker_common import param_mismatches  # noqa: E402  (this script's folder is on sys.path)
 
 import tpcli
 
@@ -38,27 +39,12 @@ theirs = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=Dist
 single = AutoModelForCausalLM.from_pretrained(model_dir)
 
 
-def local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def describe(mesh):
     return {"names": list(mesh.mesh_dim_names), "shape": list(mesh.mesh.shape)}
 
 
-mismatch = []
+mismatch = param_mismatches(ours, theirs)
 theirs_params = dict(theirs.named_parameters())
-for name, p in ours.named_parameters():
-    q = theirs_params.get(name)
-    if q is None:
-        mismatch.append(f"{name}: not in transformers' model")
-        continue
-    if repr(getattr(p, "placements", None)) != repr(getattr(q, "placements", None)):
-        mismatch.append(f"{name}: placements {getattr(p, 'placements', None)} != {getattr(q, 'placements', None)}")
-    elif not torch.equal(local(p), local(q)):
-        mismatch.append(f"{name}: local tensor differs")
-if set(theirs_params) != {n for n, _ in ours.named_parameters()}:
-    mismatch.append("parameter names differ")
 
 with torch.no_grad():
     logits = ours(IDS).logits

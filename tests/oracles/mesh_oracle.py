@@ -20,8 +20,6 @@ depend on the kernel) unless the case says `kernel=default` (transformers' own p
 import argparse
 import gc
 import json
-import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,6 +38,7 @@ rank = dist.get_rank()
 from cache_walk import adamw_step_bytes, cache_bytes, local, nbytes  # noqa: E402  (this script's folder is on sys.path)
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.distributed import DistributedConfig  # noqa: E402
+from worker_common import end_job  # noqa: E402  (this script's folder is on sys.path)
 
 
 def parse(case: str) -> tuple[str, dict]:
@@ -104,8 +103,4 @@ def measure(case: str) -> dict:
 
 result = {case: measure(case) for case in args.cases}
 Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(result, indent=1))
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+end_job()

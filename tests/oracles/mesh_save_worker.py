@@ -7,7 +7,6 @@ dp_replicate_size=DP_REPLICATE, ep_size=EP))`, then `save_pretrained(OUT, distri
 rank (transformers drops `distributed_config` from the saved config.json: the mesh is not recorded).
 """
 
-import os
 import sys
 from datetime import timedelta
 
@@ -18,12 +17,9 @@ tp, fsdp, dp_replicate, ep = map(int, sys.argv[3:7])
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.distributed import DistributedConfig  # noqa: E402
+from worker_common import end_job  # noqa: E402  (this script's folder is on sys.path)
 
 model = AutoModelForCausalLM.from_pretrained(src, distributed_config=DistributedConfig(
     tp_size=tp, fsdp_size=fsdp, dp_replicate_size=dp_replicate, ep_size=ep))
 model.save_pretrained(out, distributed_checkpoint=True)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+end_job()

@@ -9,12 +9,12 @@ raises is recorded with its error, so one broken plan does not hide the others.
 """
 
 import json
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+from worker_common import end_job  # noqa: E402  (this script's folder is on sys.path)
 
 from tpcli.runtime.numerics import compare
 
@@ -31,7 +31,4 @@ for case in cases:
     dist.barrier()
 if dist.get_rank() == 0:
     Path(sys.argv[2]).write_text(json.dumps(results, indent=1))
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+end_job()

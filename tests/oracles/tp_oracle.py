@@ -8,8 +8,6 @@ OUT/tokens.pt (rank 0) for a fixed batch, and with --dcp-out calls save_pretrain
 
 import argparse
 import json
-import os
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,6 +27,7 @@ args = parser.parse_args()
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))  # collectives fail well inside the test timeout
 rank = dist.get_rank()
 from transformers import AutoModelForCausalLM  # noqa: E402
+from worker_common import end_job  # noqa: E402  (this script's folder is on sys.path)
 
 plan = json.loads(Path(args.plan).read_text()) if args.plan else "auto"
 kwargs = {"experts_implementation": "eager"} if args.eager_experts else {}
@@ -53,8 +52,4 @@ if rank == 0:
     torch.save(tokens, out / "tokens.pt")
 if args.dcp_out:
     model.save_pretrained(args.dcp_out, distributed_checkpoint=True)
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+end_job()
