@@ -39,35 +39,31 @@ def check_state(folder: Path, *, quick: bool = False, optimizer: bool = True) ->
 
 def _optimizer_coverage(folder: Path, doc: dict, tensors: dict) -> dict:
     """Per parameter, which state tensors the optimizer files hold (each tiled by its chunks, each of the
-    parameter's global shape unless it is a scalar like `step`)."""
+    parameter's global shape unless it is a scalar like `step`), and that they agree with the manifest."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from tpcli.runtime.state import check_tiles, read_optimizer_metadata
+    from tpcli.runtime.state import check_tiles, optimizer_state_entries, optimizer_summary, read_optimizer_metadata
 
     where = folder / sm.OPTIMIZER_DIR
     meta = read_optimizer_metadata(where)
-    per_param: dict[str, set] = {}
-    count = 0
-    for key, m in meta.state_dict_metadata.items():
-        if not key.startswith("optimizer.state."):
-            continue
-        param, _, state_key = key.removeprefix("optimizer.state.").rpartition(".")
+    per_param = optimizer_state_entries(meta)
+    for param, entries in per_param.items():
         t = tensors.get(param)
         if t is None:
-            raise CheckpointError(f"{where}: holds optimizer state {state_key} for {param}, which the saved model "
-                                  "does not have; the folder mixes files of different saves.")
-        if isinstance(m, TensorStorageMetadata):
-            count += 1
+            raise CheckpointError(f"{where}: holds optimizer state {next(iter(entries))} for {param}, which the saved "
+                                  "model does not have; the folder mixes files of different saves.")
+        for state_key, m in entries.items():
+            if not isinstance(m, TensorStorageMetadata):
+                continue
             if len(m.size) and tuple(m.size) != tuple(t.shape):
                 raise CheckpointError(f"{where}: optimizer tensor {param}.{state_key} is {list(m.size)}, the "
                                       f"parameter is {list(t.shape)}.")
             check_tiles(where, f"{param}.{state_key}", m)
-        per_param.setdefault(param, set()).add(state_key)
-    if count != doc["optimizer"]["tensors"]:
-        raise CheckpointError(f"{where}: holds {count} optimizer tensors, {sm.NAME} says "
+    summary = optimizer_summary(meta)
+    if summary["tensors"] != doc["optimizer"]["tensors"]:
+        raise CheckpointError(f"{where}: holds {summary['tensors']} optimizer tensors, {sm.NAME} says "
                               f"{doc['optimizer']['tensors']}.")
-    keys = sorted(set().union(*per_param.values())) if per_param else []
-    return {"class": doc["optimizer"]["class"], "tensors": count, "state_keys": keys,
+    return {"class": doc["optimizer"]["class"], **summary,
             "parameters_with_state": len(per_param), "parameters": len(tensors),
             "without_state": sorted(set(tensors) - set(per_param))}
 

@@ -109,7 +109,7 @@ def _marker_text(info: dict) -> str:
     return json.dumps(info).ljust(MARKER_SIZE - 1) + "\n"
 
 
-def _temp_folder(out: Path, command: str) -> Path:
+def temp_folder(out: Path, command: str) -> Path:
     """A fresh hidden sibling of `out` holding TEMP_MARKER (host, pid, start time): remove_stale_temps removes it
     once this process is gone, whatever killed it."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tpcli-tmp-", dir=out.parent))
@@ -133,18 +133,13 @@ def atomic_dir(out: Path, *, command: str = "tpcli", force: bool = False):
     `out` is checked again just before it is replaced (`check_replaceable`): whatever appeared there meanwhile is
     only replaced if `prepare_output` would have allowed it (empty, or a tpcli output under `force`).
     """
-    tmp = _temp_folder(out, command)
+    tmp = temp_folder(out, command)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
         yield tmp
-        with open(tmp / TEMP_MARKER, "r+") as f:  # same size, overwritten in place: no block is freed
-            f.write(_marker_text({"tool": "tpcli", "command": command}))
-            f.truncate()
-        os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
-        check_replaceable(out, force=force)
-        _publish(tmp, out, command, force)
+        publish(tmp, out, command=command, force=force)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -152,6 +147,17 @@ def atomic_dir(out: Path, *, command: str = "tpcli", force: bool = False):
             raise OutputError(f"--out {out}: no space left on the device{what}; nothing was kept: free some space "
                               "and re-run.") from None
         raise
+
+
+def publish(tmp: Path, out: Path, *, command: str, force: bool) -> None:
+    """Turn the finished temporary folder `tmp` (from `temp_folder`) into `out`: its temp marker becomes the output
+    marker in place (see `atomic_dir`), `out` is re-checked (`check_replaceable`) and replaced (`_publish`)."""
+    with open(tmp / TEMP_MARKER, "r+") as f:  # same size, overwritten in place: no block is freed
+        f.write(_marker_text({"tool": "tpcli", "command": command}))
+        f.truncate()
+    os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
+    check_replaceable(out, force=force)
+    _publish(tmp, out, command, force)
 
 
 def check_replaceable(out: Path, *, force: bool) -> None:
@@ -193,7 +199,7 @@ def _publish(tmp: Path, out: Path, command: str, force: bool = False) -> None:
     holder = None
     try:
         if out.exists() or out.is_symlink():
-            holder = _temp_folder(out, command)
+            holder = temp_folder(out, command)
             os.replace(out, holder / "old")
             why = _not_replaceable(holder / "old", force=force)  # what was moved can no longer change under us
             if why:

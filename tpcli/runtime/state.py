@@ -85,9 +85,10 @@ def _agree(fn, *args):
 def _spread_hashes(folder: Path, names: list[str]) -> list[str]:
     """sha256 of `names`, rank r hashing names[r::world]; every rank gets all of them."""
     rank, world = _world()
+    mine = _agree(lambda: {n: sha256_file(folder / n) for n in names[rank::world]})
     merged: dict[str, str] = {}
-    for part in _all_gather(_try(lambda: {n: sha256_file(folder / n) for n in names[rank::world]})):
-        merged.update(_raised_on_all(part))
+    for part in _all_gather(mine):
+        merged.update(part)
     return [merged[n] for n in names]
 
 
@@ -108,13 +109,25 @@ def _optimizer_state(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 
-def _state_keys(optim_sd: dict) -> list[str]:
-    """The per-parameter state names ('exp_avg', 'step', ...) of a flattened optimizer state dict."""
-    keys = set()
-    for k in optim_sd:
-        if k.startswith("state."):
-            keys.add(k.rsplit(".", 1)[1])
-    return sorted(keys)
+def optimizer_state_entries(metadata) -> dict[str, dict]:
+    """{parameter name: {state name ('exp_avg', 'step', ...): its DCP storage metadata}} from the metadata of an
+    optimizer saved by `save_optimizer_distributed` (keys 'optimizer.state.<parameter>.<state name>')."""
+    per_param: dict[str, dict] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("optimizer.state."):
+            param, _, state_key = key.removeprefix("optimizer.state.").rpartition(".")
+            per_param.setdefault(param, {})[state_key] = meta
+    return per_param
+
+
+def optimizer_summary(metadata) -> dict:
+    """{"tensors": the optimizer's state tensors, "state_keys": their sorted state names}: what the manifest
+    records and `tpcli verify STATE` checks."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = optimizer_state_entries(metadata)
+    return {"tensors": sum(isinstance(m, TensorStorageMetadata) for e in entries.values() for m in e.values()),
+            "state_keys": sorted({k for e in entries.values() for k in e})}
 
 
 def _mesh_of(model) -> dict:
@@ -145,7 +158,6 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
     sibling folder (`.NAME.tpcli-tmp-*`) and renamed to `path` once complete and hashed, so a crash mid-save never
     leaves a folder that looks complete. An existing `path` is an error, unless `overwrite=True` and it is a
     tpcli output (an earlier save). Multi-node jobs need `path` on storage every node sees. Returns `path`."""
-    import torch
     from transformers.distributed import save_optimizer_distributed
 
     from tpcli.formats import output
@@ -159,20 +171,18 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
 
     def prepare():
         out.parent.mkdir(parents=True, exist_ok=True)  # as save_pretrained does
-        try:
-            out_resolved = output.prepare_output(out, force=overwrite)
-        except OutputError as exc:  # the checks of --out/--force, said in this API's words
-            raise OutputError(str(exc).replace("--out ", "save_state: ").replace("--force", "overwrite=True")) \
-                from None
+        out_resolved = output.prepare_output(out, force=overwrite)
         output.remove_stale_temps(out_resolved.parent)
-        return str(output._temp_folder(out_resolved, "save_state")), str(out_resolved)
+        return str(output.temp_folder(out_resolved, "save_state")), str(out_resolved)
+
+    def publish():
+        output.publish(tmp, out_resolved, command="save_state", force=overwrite)
 
     # rank 0 makes the temporary folder; every rank learns its name, or rank 0's error
     tmp, out_resolved = map(Path, _raised_on_all(_broadcast(_try(prepare) if rank == 0 else None)))
     try:
         model_sd_entries = _save_model(model, tmp, world)
         save_optimizer_distributed(model, optimizer, str(tmp / sm.OPTIMIZER_DIR))
-        optim_sd = _optimizer_state(model, optimizer)
         names = sorted(p.relative_to(tmp).as_posix() for p in _written_files(tmp))
         digests = _spread_hashes(tmp, names)
         if rank == 0:
@@ -182,14 +192,13 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
                 "model": {"model_type": model.config.model_type,
                           "architectures": list(getattr(model.config, "architectures", None) or []),
                           "tensors": len(model_sd_entries), "signature": sm.signature(model_sd_entries)},
-                "optimizer": {"class": type(optimizer).__name__, "state_keys": _state_keys(optim_sd),
-                              "tensors": sum(1 for v in optim_sd.values() if isinstance(v, torch.Tensor))},
+                "optimizer": {"class": type(optimizer).__name__,
+                              **optimizer_summary(read_optimizer_metadata(tmp / sm.OPTIMIZER_DIR))},
                 "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": d} for n, d in zip(names, digests, strict=True)},
             }
             sm.write(tmp, doc)
             _fsync_tree(tmp)
-        published = _broadcast(_try(_publish, tmp, out_resolved, overwrite) if rank == 0 else None)
-        _raised_on_all(published)
+        _raised_on_all(_broadcast(_try(publish) if rank == 0 else None))
     except BaseException:
         if rank == 0:
             import shutil
@@ -199,12 +208,13 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
     return out_resolved
 
 
-def _try(fn, *args) -> dict:
-    """{"ok": fn(*args)}, or {"error": message} for a tpcli/OS error: rank 0's outcome, broadcast to all ranks."""
+def _try(fn) -> dict:
+    """{"ok": fn()}, or {"error": message} for a tpcli/OS error: rank 0's outcome, broadcast to all ranks. The
+    output checks speak of the CLI's flags (`--out`, `--force`); here they are said in this API's words."""
     try:
-        return {"ok": fn(*args)}
+        return {"ok": fn()}
     except (TpcliError, OSError) as exc:
-        return {"error": str(exc)}
+        return {"error": str(exc).replace("--out ", "save_state: ").replace("--force", "overwrite=True")}
 
 
 def _raised_on_all(outcome: dict):
@@ -240,23 +250,12 @@ def _written_files(tmp: Path) -> list[Path]:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for p in [*folder.rglob("*"), folder, folder / sm.OPTIMIZER_DIR]:
+    for p in [*folder.rglob("*"), folder]:  # every file and folder below it (optimizer/ included), then itself
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    from tpcli.formats import output
-
-    with open(tmp / output.TEMP_MARKER, "r+") as f:
-        f.write(output._marker_text({"tool": "tpcli", "command": "save_state"}))
-        f.truncate()
-    os.replace(tmp / output.TEMP_MARKER, tmp / output.OUTPUT_MARKER)
-    output.check_replaceable(out, force=overwrite)
-    output._publish(tmp, out, "save_state", overwrite)
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -271,8 +270,6 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     are exactly the model's (names, global shapes, dtypes; chunks tile each tensor); that the saved optimizer
     tensors are exactly the ones `optimizer` holds for this model (same names, shapes and dtypes; an optimizer of
     another kind or with other parameters is refused)."""
-    from tpcli.formats.dcp import scan
-
     folder = Path(path).expanduser()
 
     def check_files():
@@ -289,10 +286,9 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     model_sd = get_model_state_dict(model)
-    _agree(_check_model, folder, doc, scan(folder), _model_entries(model_sd), model.config.model_type)
+    _agree(_check_model, folder, doc, _model_entries(model_sd), model.config.model_type)
     optim_sd = _optimizer_state(model, optimizer)
-    _agree(_check_optimizer, folder, read_optimizer_metadata(folder / sm.OPTIMIZER_DIR), optim_sd,
-           (doc["optimizer"]["class"], type(optimizer).__name__))
+    _agree(_check_optimizer, folder, optim_sd, (doc["optimizer"]["class"], type(optimizer).__name__))
 
     from transformers.distributed.checkpoint import _load_model_checkpoint_distributed
 
@@ -301,9 +297,13 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     return {"step": doc["step"], "extra": doc["extra"], "mesh": doc["mesh"]}
 
 
-def _check_model(folder: Path, doc: dict, saved: dict, entries: list, model_type: str) -> None:
-    """The saved parameters are exactly the model's: same names, global shapes, dtypes."""
+def _check_model(folder: Path, doc: dict, entries: list, model_type: str) -> None:
+    """The saved parameters (the rank files' chunks, `dcp.scan`: tiling each tensor) are exactly the model's: same
+    names, global shapes, dtypes."""
+    from tpcli.formats.dcp import scan
+
     manifest = folder / sm.NAME
+    saved = scan(folder)
     if doc["model"]["model_type"] != model_type:
         raise CheckpointError(f"{manifest}: saved from a {doc['model']['model_type']} model, this model is "
                               f"{model_type}: load the state into the model it was saved from.")
@@ -324,7 +324,7 @@ def _check_model(folder: Path, doc: dict, saved: dict, entries: list, model_type
         raise CheckpointError(f"{manifest}: the model signature differs from this model's; nothing was loaded.")
 
 
-def _check_optimizer(folder: Path, metadata, optim_sd: dict, classes: tuple[str, str]) -> None:
+def _check_optimizer(folder: Path, optim_sd: dict, classes: tuple[str, str]) -> None:
     """The saved optimizer tensors are exactly the ones this optimizer holds (name, global shape, dtype), each
     tiled by its chunks, and every saved non-tensor value (lr, betas, ...) exists here. `classes`: (saved, this)
     optimizer class names, for the message."""
@@ -332,6 +332,7 @@ def _check_optimizer(folder: Path, metadata, optim_sd: dict, classes: tuple[str,
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     where = folder / sm.OPTIMIZER_DIR
+    metadata = read_optimizer_metadata(where)
     saved = {k.removeprefix("optimizer."): v for k, v in metadata.state_dict_metadata.items()}
     hint = (f"saved with {classes[0]}, this optimizer is {classes[1]}" if classes[0] != classes[1] else
             "saved for other parameters?")
