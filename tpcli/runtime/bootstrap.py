@@ -59,8 +59,9 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     import tpcli  # noqa: F401  the installed package, cached before the user's folder goes first on sys.path
-    from tpcli.runtime.loading import bind_local_device
+    from tpcli.runtime.loading import bind_local_device, register_clean_exit
 
+    register_clean_exit()  # first registered, last run: after the user's own atexit handlers (see its docstring)
     bind_local_device()  # `--gpus`: cuda:LOCAL_RANK is current before the user's code runs (CPU workers: nothing)
 
     kind, target, *args = sys.argv[1:]

@@ -104,20 +104,45 @@ def _init_process_group(timeout_s: float | None = None) -> None:
     kwargs = {"device_id": device} if backend == "nccl" else {}
     timeout = timedelta(seconds=process_group_timeout() if timeout_s is None else timeout_s)
     dist.init_process_group(backend, timeout=timeout, **kwargs)
-    atexit.register(_destroy_process_group)  # the group tpcli made: torn down before the interpreter's own teardown
+    register_clean_exit()  # the group tpcli made: torn down before the interpreter's own teardown
 
 
-def _destroy_process_group() -> None:
-    """At exit, destroy the process group `_init_process_group` created, as a script should: left to interpreter
-    teardown, a gloo group's threads can abort the process after the script has finished ("terminate called
-    without an active exception")."""
+_EXIT_DRAIN_S = 0.1
+_clean_exit_registered = False
+
+
+def register_clean_exit() -> None:
+    """At exit (once per process, after every atexit handler registered later, the user's included): destroy the
+    default process group if it is still up, then let the collective backend's worker threads drop what they hold.
+
+    Left to interpreter teardown, a gloo group aborts the process after the script has finished, 1 run in ~25 of
+    a tp=2 forward here: a gloo worker thread finishing a collective drops the last reference to a Python tensor
+    (DTensor's collectives are asynchronous; a result nobody waited for completes in the background), which needs
+    the GIL; once finalization has begun the thread is killed while taking it, and a thread killed inside a C++
+    destructor is `std::terminate` ("terminate called without an active exception", SIGABRT; core dump: frames
+    `~AsyncAllgatherCoalescedWork` -> `THPVariable_dealloc` -> `take_gil` -> `pthread_exit`). Destroying the
+    group does not stop its threads (the model's meshes still hold it), so the handler then sleeps
+    `_EXIT_DRAIN_S` with the GIL released, while a finishing thread can still take it. Registered by the worker
+    bootstrap before the user's code runs and by `_init_process_group`, so it runs also under plain torchrun."""
+    global _clean_exit_registered
+    if not _clean_exit_registered:
+        _clean_exit_registered = True
+        atexit.register(_clean_exit)
+
+
+def _clean_exit() -> None:
     import contextlib
+    import sys
+    import time
 
+    if "torch.distributed" not in sys.modules:  # no collective ever ran in this process
+        return
     import torch.distributed as dist
 
     with contextlib.suppress(Exception):
-        if dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    time.sleep(_EXIT_DRAIN_S)
 
 
 @with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
