@@ -71,17 +71,10 @@ def _positive(flag: str, value: int | None, most: int | None = None) -> None:
 
 def _plan_flag(plan: str | None) -> None:
     """--plan naming a folder, FIFO or device: one line now, before anything reads (or blocks on) it."""
-    import stat
+    if plan is not None:
+        from tpcli.planning.plans_library import require_plan_file
 
-    if plan is None:
-        return
-    try:
-        st = os.stat(plan)
-    except (OSError, ValueError):
-        return  # a shipped plan's name, or a missing file: the plan loader says which
-    if not stat.S_ISREG(st.st_mode):
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
-        raise UsageError(f"--plan {plan}: is {what}; pass a JSON plan file or a shipped plan's name.")
+        require_plan_file(plan, "--plan ")
 
 
 def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | None):

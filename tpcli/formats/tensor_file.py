@@ -154,9 +154,20 @@ def require_regular_file(path: Path, what: str = "weights") -> os.stat_result:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
-        raise CheckpointError(f"{path}: is {kind}, not a regular file; {what} must be regular files.")
+        raise CheckpointError(f"{path}: is {file_kind(st.st_mode)}, not a regular file; {what} must be regular files.")
     return st
+
+
+def file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, for one-line errors: 'a directory', 'a FIFO', 'a socket' or
+    'a device' (opening a FIFO blocks until a writer appears; reading a folder or socket raises)."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:

@@ -125,22 +125,28 @@ def parse(data, path: Path, *, shipped: bool = False) -> LibraryPlan:
     )
 
 
-def _read_json(path: Path, flag: str):
-    """The JSON document in the regular file `path`; a folder, FIFO or device (which would block or raise) is a
-    usage error, unparseable or absurdly nested JSON a PlanError, each one line."""
+def require_plan_file(path: str | os.PathLike, flag: str) -> None:
+    """A plan path naming a folder, FIFO, socket or device (which would block or raise when read): one UsageError
+    line, before anything opens it. A path that does not exist passes: it may be a shipped plan's name, and the
+    loader says "no such file" otherwise."""
     import stat
 
     from tpcli.errors import UsageError
+    from tpcli.formats.tensor_file import file_kind
 
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise PlanError(f"{flag}{path}: no such file.") from None
-    except OSError as exc:
-        raise PlanError(f"{flag}{path}: cannot be read ({exc.strerror}).") from None
+    except (OSError, ValueError):
+        return
     if not stat.S_ISREG(st.st_mode):
-        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
-        raise UsageError(f"{flag}{path}: is {what}; pass a JSON plan file or a shipped plan's name.")
+        raise UsageError(f"{flag}{path}: is {file_kind(st.st_mode)}, not a plan file; pass a JSON plan file or a "
+                         "shipped plan's name.")
+
+
+def _read_json(path: Path, flag: str):
+    """The JSON document in the regular file `path` (see `require_plan_file`); unreadable, unparseable or absurdly
+    nested JSON is a PlanError, each one line."""
+    require_plan_file(path, flag)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
