@@ -13,7 +13,7 @@ from conftest import ORACLES, base_env, run_main, single_process_sgd_losses
 from tpcli.formats import manifest
 from tpcli.formats.units import tensor_bytes
 from tpcli.planning.mesh import Mesh
-from tpcli.runtime.loading import mesh_fast_path_refusal
+from tpcli.runtime.loading import fast_path_refusal, mesh_fast_path_refusal
 
 TPCLI = [sys.executable, "-m", "tpcli"]
 PY_BUFFER = 8192  # Python's buffered `open().read(8)` of a header asks the kernel for a whole buffer
@@ -117,6 +117,32 @@ def test_other_shapes_fall_back_and_say_so(model_dirs, tp2_folders, monkeypatch,
             "tp=4)") in err
 
 
+def test_load_model_says_why_a_tpcli_folder_is_not_the_fast_path(tp2_folders, capsys, monkeypatch):
+    """Plain TP takes a tp=world folder with tp_plan='auto' and no from_pretrained arguments; anything else is
+    transformers' load, and load_model says so in one stderr line on rank 0 (outside `tpcli run --model`, whose
+    preflight says it), here in one process loading the tp=2 folder."""
+    folder = tp2_folders("llama")
+    doc = manifest.read(__import__("pathlib").Path(folder))
+    assert fast_path_refusal(doc, Mesh(tp=2), 2) is None
+    assert fast_path_refusal(doc, Mesh(tp=2, fsdp=2), 4) is None
+    assert "differs from the world size 4" in fast_path_refusal(doc, Mesh(tp=4), 4)
+    assert "a tp_plan was passed" in fast_path_refusal(doc, Mesh(tp=2), 2, tp_plan={"x": "colwise"})
+    assert "(attn_implementation)" in fast_path_refusal(doc, Mesh(tp=2), 2, kwargs={"attn_implementation": "eager"})
+    assert "differs from the mesh's tp=4" in fast_path_refusal(doc, Mesh(tp=4, fsdp=2), 8)
+    for name in ("WORLD_SIZE", "RANK", "TPCLI_MODEL", "TPCLI_MESH"):
+        monkeypatch.delenv(name, raising=False)
+    import tpcli
+
+    model = tpcli.load_model(folder)
+    err = capsys.readouterr().err
+    assert model is not None and (f"tpcli.load_model: {folder} loads through transformers' from_pretrained (DCP: "
+                                  "every rank reads what its placements need), not tpcli's per-rank fast path: one "
+                                  "process (world size 1) loading a tp=2 folder") in err, err
+    monkeypatch.setenv("TPCLI_MODEL", str(folder))  # `tpcli run --model FOLDER`: the preflight said it
+    tpcli.load_model(folder)
+    assert "tpcli.load_model:" not in capsys.readouterr().err
+
+
 def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_folders):
     """`_SliceReader.read_box_into` (what each rank runs per parameter on a mesh) for boxes of every kind: rows of
     one TP chunk (FSDP), columns (not contiguous on disk: one pread per row), boxes across the two rank files, runs
@@ -185,6 +211,7 @@ def test_a_folder_of_another_tp_on_a_mesh_falls_back_to_transformers(model_dirs,
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert ("loads it through transformers (DCP), not the per-rank fast path (its tp=2 differs from the mesh's "
             "tp=1)") in proc.stderr
+    assert "tpcli.load_model:" not in proc.stderr  # said once, by the preflight
     for r in range(4):
         rep = json.loads((out / f"rank{r}.json").read_text())
         assert not rep["fast"] and rep["mismatch"] == [] and rep["logits_max_abs"] <= 1e-5, rep

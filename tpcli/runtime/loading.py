@@ -169,11 +169,18 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     doc = manifest.read(path) if path.is_dir() and is_sharded_dir(path) else None
-    plain = mesh.tp == world  # plain TP: no fsdp, no replicas, no ep
-    if doc is not None and doc["tp_size"] == world and world > 1 and plain and tp_plan == "auto" and not kwargs:
-        return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class)
-    if doc is not None and not plain and tp_plan == "auto" and not kwargs and mesh_fast_path_refusal(doc, mesh) is None:
-        return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class, mesh=mesh)
+    if doc is not None:
+        why = fast_path_refusal(doc, mesh, world, tp_plan=tp_plan, kwargs=kwargs)
+        if why is None:
+            plain = mesh.tp == world  # plain TP: no fsdp, no replicas, no ep
+            return _load_tpcli_shards(path, doc, dtype=dtype, auto_class=auto_class, mesh=None if plain else mesh)
+        preflighted = os.environ.get("TPCLI_MODEL") and Path(os.environ["TPCLI_MODEL"]).resolve() == path.resolve()
+        if (not preflighted or tp_plan != "auto" or kwargs) and not doc.get("quantization") \
+                and int(os.environ.get("RANK", "0")) == 0:  # `tpcli run --model`'s preflight said it already
+            import sys
+
+            print(f"tpcli.load_model: {path} loads through transformers' from_pretrained (DCP: every rank reads "
+                  f"what its placements need), not tpcli's per-rank fast path: {why}", file=sys.stderr, flush=True)
     if (doc or {}).get("quantization"):
         raise CheckpointError(f"{path}: quantized tpcli shards load only at their own TP size "
                               f"(tp={doc['tp_size']}, world size {world}) with tp_plan='auto'; reshard with "
@@ -204,6 +211,23 @@ def _job_mesh(mesh, world: int):
         raise CheckpointError(f"load_model: mesh {mesh} does not cover the {world} ranks of this job "
                               "(tp x fsdp x dp_replicate must equal WORLD_SIZE).")
     return mesh
+
+
+def fast_path_refusal(doc: dict, mesh, world: int, *, tp_plan="auto", kwargs=None) -> str | None:
+    """Why `load_model` does not read the tpcli folder (its manifest `doc`) through the per-rank fast path on
+    `mesh` over `world` processes (None: it does). Plain TP (tp = world) takes a tp=world folder; a mesh, see
+    `mesh_fast_path_refusal`. A plan or `from_pretrained` arguments of the caller's always go to transformers."""
+    if tp_plan != "auto":
+        return "a tp_plan was passed"
+    if kwargs:
+        return f"from_pretrained arguments were passed ({', '.join(sorted(kwargs))})"
+    if mesh.tp != world:
+        return mesh_fast_path_refusal(doc, mesh)
+    if world < 2:
+        return f"one process (world size 1) loading a tp={doc['tp_size']} folder"
+    if doc["tp_size"] != world:
+        return f"its tp={doc['tp_size']} differs from the world size {world}"
+    return None
 
 
 def mesh_fast_path_refusal(doc: dict, mesh) -> str | None:
