@@ -26,7 +26,7 @@ up = model.model.layers[0].mlp.up_proj.weight
 assert isinstance(up, DTensor) and up.to_local().shape[0] * world == up.shape[0], up
 down = model.model.layers[0].mlp.down_proj.weight  # the user rule was applied: replicated
 assert not isinstance(down, DTensor) or down.to_local().shape == down.shape
-print("ok", dist.get_rank())
+print(f"ok {dist.get_rank()}", flush=True)  # one write: both ranks share the stdout of plain torchrun
 """
 
 
