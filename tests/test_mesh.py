@@ -249,3 +249,29 @@ def test_fit_over_meshes_never_recommends_a_mesh_static_verify_refuses(monkeypat
     meshes = json.loads(out)["fit"]["meshes"]
     assert meshes and not any(m["tp"] == 2 and m["fsdp"] == 2 for m in meshes)
     assert json.loads(out)["fit"]["refused_by_model"] >= 1
+
+
+def test_a_split_router_under_ep_is_named_in_eps_words(model_dirs, tmp_path):
+    """A colwise MoE router is a pairing error at any mesh; under --ep the block's experts are the EP plan's
+    (ep_dispatch_experts), so the finding says to keep the router whole instead of naming TP partners the EP plan
+    has replaced (moe_tp_experts, "make the output projection rowwise")."""
+    from tpcli.commands.inspect import load_resolved
+    from tpcli.planning.checks import check_plan
+    from tpcli.planning.mesh import mesh_findings
+
+    plan_file = tmp_path / "gate.json"
+    plan_file.write_text(json.dumps({"model.layers.*.mlp.gate": "colwise"}))
+    _, plan = load_resolved(str(model_dirs("mixtral")), plan_file=str(plan_file))
+
+    def pairing(mesh, as_dicts=False):
+        found = check_plan(plan, mesh.tp)
+        found = mesh_findings(plan, mesh, [f.to_dict() for f in found] if as_dicts else found, as_dicts=as_dicts)
+        return [f["message"] if as_dicts else f.message for f in found
+                if (f["code"] if as_dicts else f.code) == "pairing"]
+
+    (tp_only,) = pairing(Mesh(tp=2, fsdp=2))
+    assert "moe_tp_experts" in tp_only and "make the block's output projection rowwise" in tp_only
+    for as_dicts in (False, True):
+        (ep,) = pairing(Mesh(tp=2, fsdp=2, ep=2), as_dicts)
+        assert ep.startswith("model.layers.*.mlp: gate: colwise splits its output") and "--ep 2" in ep, ep
+        assert "ep_dispatch_experts" in ep and "keep the router whole" in ep and "moe_tp_experts" not in ep, ep

@@ -340,3 +340,6 @@ def test_verify_numerics_fails_a_wrong_ep_plan_at_its_layer(model_dirs, tmp_path
     assert code == 1 and r["numerics"] == {"skipped": "static errors: the workers would crash or compute garbage"}
     (bad,) = [f for f in r["findings"] if f["severity"] == "error"]
     assert bad["message"].startswith("model.layers.*.mlp: gate: colwise"), bad
+    # in EP's words: the experts are dispatched by the EP plan, not moe_tp_experts; the fix is a whole router
+    assert "--ep 2" in bad["message"] and "ep_dispatch_experts" in bad["message"], bad
+    assert "keep the router whole" in bad["message"] and "moe_tp_experts" not in bad["message"], bad

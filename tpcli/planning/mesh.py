@@ -273,13 +273,31 @@ def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool
         extra = [f.to_dict() for f in extra]
     if mesh.ep < 2:
         return findings + extra
-    experts = set(MeshPlan(plan, mesh).ep_plan)  # the EP plan's parameters and modules
+    ep_plan = MeshPlan(plan, mesh).ep_plan
+    experts = set(ep_plan)  # the EP plan's parameters and modules
+    from tpcli.planning.checks import _wild
 
-    def target(f):
-        return f.get("target") if isinstance(f, dict) else f.target
+    ep_blocks = {_wild(m).rsplit(".", 1)[0]: s for m, s in ep_plan.items() if s == "ep_dispatch_experts"}
 
-    return [f for f in findings
-            if not (target(f) and (target(f) in experts or any(o in experts for o in _owners(target(f)))))] + extra
+    def field(f, key):
+        return f.get(key) if isinstance(f, dict) else getattr(f, key)
+
+    def reworded(f):
+        """A pairing error about a block whose experts the EP plan dispatches: the TP advice (rowwise/colwise
+        partners) does not apply there; what does is that the router must stay whole."""
+        t = field(f, "target")
+        block = t.rsplit(".", 1)[0] if t and "." in t else None
+        if field(f, "code") != "pairing" or block not in ep_blocks:
+            return f
+        text = (f"{block}: {t.rsplit('.', 1)[1]}: {plan.rules.get(t, 'split')} splits its output across the TP ranks, "
+                f"but on --ep {mesh.ep} the block's experts are transformers' EP plan ({ep_blocks[block]}), which "
+                "routes each token on every expert's score: keep the router whole (drop the rule for "
+                f"{t})")
+        return {**f, "message": text} if isinstance(f, dict) else type(f)(f.severity, f.code, text, t)
+
+    return [reworded(f) for f in findings
+            if not (field(f, "target") and (field(f, "target") in experts
+                                            or any(o in experts for o in _owners(field(f, "target")))))] + extra
 
 
 def mesh_memory(plan: ResolvedPlan, mesh: Mesh, opts: MemoryOptions) -> dict:
