@@ -483,30 +483,58 @@ class _SliceReader:
 
     def read_into(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
         """Fill `out` (any device, any dtype, this rank's local shape) with this rank's slice of `name`."""
+
+        def one_run():  # the slice is one stored chunk (a replicated tensor's one copy): one run of bytes
+            whole = self._whole_chunk(entry, dim, runs)
+            return (whole["file"], 0) if whole is not None and shape == whole["sizes"] else None
+
+        shape = self._local_shape(entry, dim, runs)
+        self._fill(out, name, entry, shape, lambda host: self._read_host(host, name, entry, dim, runs), one_run)
+
+    def read_box_into(self, out, name: str, entry: dict, runs: list) -> None:
+        """Fill `out` (any device, any dtype) with the part of `name` that `runs` (per dim, `_mesh_runs`) name;
+        staged from the file itself when the box is one run of bytes of one chunk (every FSDP row block)."""
+        import torch
+
+        itemsize = getattr(torch, entry["dtype"]).itemsize
+        self._fill(out, name, entry, [sum(b - a for a, b in r) for r in runs],
+                   lambda host: self._read_box_host(host, name, entry, runs),
+                   lambda: self._one_run(entry, runs, itemsize))
+
+    def _fill(self, out, name: str, entry: dict, shape: list[int], read_host, one_run) -> None:
+        """Fill `out` with the slice of `name` of local shape `shape`. A contiguous CPU target of the stored dtype is
+        read straight into (`read_host(out)`); a non-contiguous one (not a parameter's local tensor) gets one
+        synchronous copy from ordinary memory; any other is staged piece by piece (`_stage`), from the file itself
+        when `one_run()` gives (file, byte offset in the tensor's data) of the slice as one run of bytes, else from
+        the slice put together in ordinary host memory first (`read_host` into a new tensor)."""
         import torch
 
         stored = getattr(torch, entry["dtype"])
-        direct = out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage
-        if direct:
-            self._read_host(out, name, entry, dim, runs)
+        if out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage:
+            read_host(out)
             return
-        shape = self._local_shape(entry, dim, runs)
-        if not out.is_contiguous():  # not a parameter's local tensor: one synchronous copy from ordinary memory
-            out.copy_(self.read_tensor(name, entry, dim, runs))
+
+        def on_host():
+            host = torch.empty(shape, dtype=stored)
+            read_host(host)
+            return host
+
+        if not out.is_contiguous():
+            out.copy_(on_host())
             return
-        whole = self._whole_chunk(entry, dim, runs)
-        if whole is not None and list(shape) == whole["sizes"]:  # the slice is one run of bytes in one file
-            file = self._file(whole["file"])
+        source = one_run()
+        if source is not None:
+            file, start = self._file(source[0]), source[1]
 
             def fill(buf, a: int) -> None:
-                file.read_range_into(name, a * stored.itemsize, buf)
+                file.read_range_into(name, start + a * stored.itemsize, buf)
 
             self.bytes_read += out.numel() * stored.itemsize
-        else:  # a _StridedShard slice: several pieces of several chunks, put together on the host first
-            host = self.read_tensor(name, entry, dim, runs).view(-1)
+        else:
+            flat = on_host().view(-1)
 
             def fill(buf, a: int) -> None:
-                buf.copy_(host[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
+                buf.copy_(flat[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
 
         self._stage(out, stored, shape, fill)
 
@@ -522,42 +550,6 @@ class _SliceReader:
             # one piece: the target itself (what tests observe); else the piece's elements of the flat target
             self._to_target(*((out, host_part.view(shape)) if len(spans) == 1 else (flat[a:b], host_part)))
             self.staging.copied(slot, out.device)
-
-    def read_box_into(self, out, name: str, entry: dict, runs: list) -> None:
-        """Fill `out` (any device, any dtype) with the part of `name` that `runs` (per dim, `_mesh_runs`) name.
-
-        A CPU target of the stored dtype is read straight into (`_read_box_host`); any other is staged piece by
-        piece as `read_into` stages (`staging_spans`): from the file itself when the box is one run of bytes of one
-        chunk (every FSDP row block), else from the box put together in ordinary host memory first."""
-        import torch
-
-        stored = getattr(torch, entry["dtype"])
-        shape = [sum(b - a for a, b in r) for r in runs]
-        if out.device.type == "cpu" and out.dtype == stored and out.is_contiguous() and not self.force_stage:
-            self._read_box_host(out, name, entry, runs)
-            return
-        if not out.is_contiguous():  # not a parameter's local tensor: one synchronous copy from ordinary memory
-            host = torch.empty(shape, dtype=stored)
-            self._read_box_host(host, name, entry, runs)
-            out.copy_(host)
-            return
-        source = self._one_run(entry, runs, stored.itemsize)
-        if source is not None:  # (file, byte offset in the tensor's data): read each piece from the file
-            file, start = self._file(source[0]), source[1]
-
-            def fill(buf, a: int) -> None:
-                file.read_range_into(name, start + a * stored.itemsize, buf)
-
-            self.bytes_read += out.numel() * stored.itemsize
-        else:
-            host = torch.empty(shape, dtype=stored)
-            self._read_box_host(host, name, entry, runs)
-            host = host.view(-1)
-
-            def fill(buf, a: int) -> None:
-                buf.copy_(host[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
-
-        self._stage(out, stored, shape, fill)
 
     @staticmethod
     def _one_run(entry: dict, runs: list, itemsize: int):
