@@ -227,9 +227,18 @@ def test_save_state_refuses_bad_arguments_and_existing_folders(model_dirs, tmp_p
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(OutputError, match="save_state: .*mine: directory is not empty; pass overwrite=True"):
         tpcli.save_state(tmp_path / "mine", model, opt, step=0)
-    with pytest.raises(OutputError, match="not a tpcli output"):
+    with pytest.raises(OutputError, match="not a tpcli output.*; overwrite=True only replaces") as refused:
         tpcli.save_state(tmp_path / "mine", model, opt, step=0, overwrite=True)
+    assert "--out" not in str(refused.value) and "--force" not in str(refused.value)  # the API's words, not the CLI's
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    from tpcli.formats.output import check_replaceable
+    from tpcli.runtime.state import SAVE_STATE_WORDS
+
+    with pytest.raises(OutputError) as changed:  # the check just before publishing, in the same words
+        check_replaceable(tmp_path / "mine", force=False, words=SAVE_STATE_WORDS)
+    assert str(changed.value).startswith(f"save_state: {tmp_path / 'mine'}: changed while tpcli was writing: it now "
+                                         "holds notes.txt (and overwrite=True was not given)"), changed.value
+    assert "(or pick another path)" in str(changed.value) and "--" not in str(changed.value), changed.value
     first = tpcli.save_state(tmp_path / "s", model, opt, step=0)
     _step(model, opt)
     tpcli.save_state(first, model, opt, step=1, overwrite=True)  # an earlier save may be replaced

@@ -15,6 +15,7 @@ import socket
 import stat
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tpcli.errors import OutputError
@@ -26,7 +27,19 @@ OUTPUT_MARKER = ".tpcli-output"  # written into every folder tpcli publishes: wh
 TEMP_MARKER = ".tpcli-tmp.json"  # written into every temporary folder: who made it, so a stale one can be removed
 
 
-def prepare_output(out: str | Path, *, force: bool, inputs: list[Path] = ()) -> Path:
+@dataclass(frozen=True)
+class Words:
+    """How the output checks' errors name the output (`out`, before its path; `another`, in "pick another ...")
+    and the permission to replace it (`force`): the CLI's flags, or a Python API's arguments."""
+    out: str = "--out"
+    another: str = "--out"
+    force: str = "--force"
+
+
+CLI_WORDS = Words()
+
+
+def prepare_output(out: str | Path, *, force: bool, inputs: list[Path] = (), words: Words = CLI_WORDS) -> Path:
     """Check OUT before any work: refuse a path that is, holds or lies inside an input; a file; a mount point; a
     non-empty folder without --force; and, even with --force, a non-empty folder that is not a tpcli output."""
     path = Path(out).expanduser().resolve()
@@ -35,21 +48,21 @@ def prepare_output(out: str | Path, *, force: bool, inputs: list[Path] = ()) -> 
         relation = ("is the input folder" if path == src else "contains the input folder" if path in src.parents
                     else "lies inside the input folder" if src in path.parents else None)
         if relation:
-            raise OutputError(f"--out {out}: {relation} {src}; write somewhere else.")
+            raise OutputError(f"{words.out} {out}: {relation} {src}; write somewhere else.")
     if path.exists():
         if not path.is_dir():
-            raise OutputError(f"--out {out}: exists and is not a directory; pick another path.")
+            raise OutputError(f"{words.out} {out}: exists and is not a directory; pick another path.")
         if os.path.ismount(path):
-            raise OutputError(f"--out {out}: is a mount point; tpcli builds the output beside it and renames it into "
+            raise OutputError(f"{words.out} {out}: is a mount point; tpcli builds the output beside it and renames it into "
                               f"place, which cannot cross filesystems: pass a folder inside it (e.g. {path / 'model'}).")
         if any(path.iterdir()):
             if not force:
-                raise OutputError(f"--out {out}: directory is not empty; pass --force to replace it or pick another path.")
+                raise OutputError(f"{words.out} {out}: directory is not empty; pass {words.force} to replace it or pick another path.")
             if not is_tpcli_output(path):
-                raise OutputError(f"--out {out}: not empty and not a tpcli output (no {OUTPUT_MARKER} or tpcli.json); "
-                                  "--force only replaces tpcli's own outputs: empty it yourself or pick another path.")
+                raise OutputError(f"{words.out} {out}: not empty and not a tpcli output (no {OUTPUT_MARKER} or tpcli.json); "
+                                  f"{words.force} only replaces tpcli's own outputs: empty it yourself or pick another path.")
     if not path.parent.exists():
-        raise OutputError(f"--out {out}: parent directory {path.parent} does not exist.")
+        raise OutputError(f"{words.out} {out}: parent directory {path.parent} does not exist.")
     return path
 
 
@@ -149,30 +162,34 @@ def atomic_dir(out: Path, *, command: str = "tpcli", force: bool = False):
         raise
 
 
-def publish(tmp: Path, out: Path, *, command: str, force: bool) -> None:
+def publish(tmp: Path, out: Path, *, command: str, force: bool, words: Words = CLI_WORDS) -> None:
     """Turn the finished temporary folder `tmp` (from `temp_folder`) into `out`: its temp marker becomes the output
     marker in place (see `atomic_dir`), `out` is re-checked (`check_replaceable`) and replaced (`_publish`)."""
     with open(tmp / TEMP_MARKER, "r+") as f:  # same size, overwritten in place: no block is freed
         f.write(_marker_text({"tool": "tpcli", "command": command}))
         f.truncate()
     os.replace(tmp / TEMP_MARKER, tmp / OUTPUT_MARKER)
-    check_replaceable(out, force=force)
-    _publish(tmp, out, command, force)
+    check_replaceable(out, force=force, words=words)
+    _publish(tmp, out, command, force, words)
 
 
-def check_replaceable(out: Path, *, force: bool) -> None:
+def check_replaceable(out: Path, *, force: bool, words: Words = CLI_WORDS) -> None:
     """Raise OutputError unless `out` may be replaced now: absent, an empty folder, or (with `force`) a tpcli
     output. `prepare_output` checked this before any work; this re-check, just before the rename, catches a folder
     someone created or filled while tpcli was writing (a race `prepare_output` cannot see). A folder that was
     there at the start under --force passes only if it still is a tpcli output. `_publish` checks once more what
     it actually moved aside, where nobody else can change it, and puts it back if it fails."""
-    why = _not_replaceable(out, force=force)
+    why = _not_replaceable(out, force=force, words=words)
     if why:
-        raise OutputError(f"--out {out}: changed while tpcli was writing: it {why}; nothing was replaced and the new "
-                          "output was discarded: move it away (or pick another --out) and re-run.")
+        raise OutputError(f"{words.out} {out}: {_changed(why, words)}")
 
 
-def _not_replaceable(path: Path, *, force: bool) -> str | None:
+def _changed(why: str, words: Words) -> str:
+    return (f"changed while tpcli was writing: it {why}; nothing was replaced and the new output was discarded: move "
+            f"it away (or pick another {words.another}) and re-run.")
+
+
+def _not_replaceable(path: Path, *, force: bool, words: Words = CLI_WORDS) -> str | None:
     """Why `path` may not be replaced (see `check_replaceable`), or None."""
     try:
         st = os.lstat(path)
@@ -186,10 +203,10 @@ def _not_replaceable(path: Path, *, force: bool) -> str | None:
         names = [f"unreadable: {exc.strerror}"]
     if not names or (force and is_tpcli_output(path)):
         return None
-    return f"now holds {', '.join(names)}" + ("" if force else " (and --force was not given)")
+    return f"now holds {', '.join(names)}" + ("" if force else f" (and {words.force} was not given)")
 
 
-def _publish(tmp: Path, out: Path, command: str, force: bool = False) -> None:
+def _publish(tmp: Path, out: Path, command: str, force: bool = False, words: Words = CLI_WORDS) -> None:
     """Move the finished `tmp` to `out`; on failure put the previous output back.
 
     A previous output (--force) is first moved into a marked temporary folder, `out` -> `.OUT.tpcli-tmp-X/old`,
@@ -201,12 +218,11 @@ def _publish(tmp: Path, out: Path, command: str, force: bool = False) -> None:
         if out.exists() or out.is_symlink():
             holder = temp_folder(out, command)
             os.replace(out, holder / "old")
-            why = _not_replaceable(holder / "old", force=force)  # what was moved can no longer change under us
+            why = _not_replaceable(holder / "old", force=force, words=words)  # moved: can no longer change under us
             if why:
                 os.replace(holder / "old", out)  # put it back untouched
                 shutil.rmtree(holder, ignore_errors=True)
-                raise OutputError(f"--out {out}: changed while tpcli was writing: it {why}; nothing was replaced "
-                                  "and the new output was discarded: move it away (or pick another --out) and re-run.")
+                raise OutputError(f"{words.out} {out}: {_changed(why, words)}")
         os.replace(tmp, out)  # onto a missing or empty folder; a folder filled meanwhile fails (ENOTEMPTY)
     except OSError as exc:
         kept = ""
@@ -219,7 +235,7 @@ def _publish(tmp: Path, out: Path, command: str, force: bool = False) -> None:
                 kept = f"; the previous output is in {holder / 'old'}"
             else:
                 shutil.rmtree(holder, ignore_errors=True)
-        raise OutputError(f"--out {out}: could not move the finished output into place ({exc.strerror}); nothing "
+        raise OutputError(f"{words.out} {out}: could not move the finished output into place ({exc.strerror}); nothing "
                           f"was written{kept}.") from None
     if holder is not None:
         shutil.rmtree(holder, ignore_errors=True)

@@ -34,6 +34,9 @@ from pathlib import Path
 from tpcli.errors import CheckpointError, OutputError, TpcliError, UsageError
 from tpcli.formats import state_manifest as sm
 from tpcli.formats.hashing import sha256_file
+from tpcli.formats.output import Words
+
+SAVE_STATE_WORDS = Words(out="save_state:", another="path", force="overwrite=True")  # the output checks' errors
 
 # --------------------------------------------------------------------------------------------------- collectives
 
@@ -171,12 +174,12 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
 
     def prepare():
         out.parent.mkdir(parents=True, exist_ok=True)  # as save_pretrained does
-        out_resolved = output.prepare_output(out, force=overwrite)
+        out_resolved = output.prepare_output(out, force=overwrite, words=SAVE_STATE_WORDS)
         output.remove_stale_temps(out_resolved.parent)
         return str(output.temp_folder(out_resolved, "save_state")), str(out_resolved)
 
     def publish():
-        output.publish(tmp, out_resolved, command="save_state", force=overwrite)
+        output.publish(tmp, out_resolved, command="save_state", force=overwrite, words=SAVE_STATE_WORDS)
 
     # rank 0 makes the temporary folder; every rank learns its name, or rank 0's error
     tmp, out_resolved = map(Path, _raised_on_all(_broadcast(_try(prepare) if rank == 0 else None)))
@@ -209,12 +212,11 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
 
 
 def _try(fn) -> dict:
-    """{"ok": fn()}, or {"error": message} for a tpcli/OS error: rank 0's outcome, broadcast to all ranks. The
-    output checks speak of the CLI's flags (`--out`, `--force`); here they are said in this API's words."""
+    """{"ok": fn()}, or {"error": message} for a tpcli/OS error: rank 0's outcome, broadcast to all ranks."""
     try:
         return {"ok": fn()}
     except (TpcliError, OSError) as exc:
-        return {"error": str(exc).replace("--out ", "save_state: ").replace("--force", "overwrite=True")}
+        return {"error": str(exc)}
 
 
 def _raised_on_all(outcome: dict):
