@@ -57,7 +57,7 @@ demo-gpu: install
 	@echo "demo-gpu OK: run --gpus 1 -> verify --numerics --gpus -> shard -> run --gpus $(DEMO_GPUS) -> gather"
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25    # the 25 slowest in the log, so the suite's growth shows
 
 test-quick: install    # no torchrun, no fresh interpreters: <= 90 s of CPU here
 	$(BIN)/python -m pytest -q -m "not dist and not e2e"
