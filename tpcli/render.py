@@ -245,7 +245,7 @@ def render_memory(r: dict) -> None:
     console.print(table)
     render_cache_layers(memory)
     if memory["train"]:
-        console.print("  activations are an estimate (formula in README, 'Memory'); the other terms are exact.")
+        console.print("  activations are an estimate (formula in docs/memory-and-meshes.md); the other terms are exact.")
     if not fit:
         return
     gpu = f"a {human_bytes(fit['gpu_mem_bytes'])} GPU ({human_bytes(fit['reserve_bytes'])} reserved)"
@@ -364,7 +364,7 @@ def render_mesh(r: dict) -> None:
     if any(rk["fsdp_gather_bytes_estimate"] for rk in estimates):
         console.print("  gather: ESTIMATE of FSDP's all-gathers: 2 x the largest unit (+1 with --train)")
     if estimates:
-        console.print("  (formulas in README, 'Meshes'); the other terms are exact.")
+        console.print("  (formulas in docs/memory-and-meshes.md); the other terms are exact.")
 
 
 def render_mesh_fit(r: dict) -> None:
