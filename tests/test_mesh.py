@@ -121,7 +121,8 @@ def test_an_invalid_mesh_is_one_line_naming_the_rule(monkeypatch, capsys, models
 def test_model_level_mesh_rules(monkeypatch, capsys, models):
     """Rules only the model can decide: a dense model has no EP plan; experts must split evenly over --ep."""
     code, _, err = run_main(monkeypatch, capsys, "inspect", models("llama"), "--tp", "2", "--ep", "2")
-    assert code == 2 and err.startswith("Error: --ep 2: `ep_size=2` was requested, but `LlamaForCausalLM` has no `ep_plan`")
+    assert code == 2 and err.startswith("Error: --ep 2: LlamaForCausalLM has no experts to distribute") \
+        and "drop --ep" in err
     code, _, err = run_main(monkeypatch, capsys, "verify", models("mixtral"), "--tp", "1", "--fsdp", "8", "--ep", "8")
     assert code == 2 and "--ep 8: model.layers.0.mlp.experts.gate_up_proj has 4 experts" in err
 
