@@ -87,7 +87,11 @@ def render_inspect(r: dict) -> None:
     if ck:
         on_disk = f", {human_bytes(ck['bytes'])}" if ck.get("bytes") else ""
         by_dtype = ", ".join(f"{k} {v:,}" for k, v in ck["parameters_by_dtype"].items())
-        console.print(f"  checkpoint: {ck['files']} safetensors file(s){on_disk}; parameters by dtype: {by_dtype}")
+        extra = sum(ck["parameters_by_dtype"].values()) - s["parameters"]  # the files' elements, not the model's
+        why = (f" ({extra:,} more than the model's parameters: tied weights stored under each name, or tensors "
+               "that are not parameters)") if extra > 0 else ""
+        files = f"{ck['files']} safetensors file{'s' * (ck['files'] != 1)}"
+        console.print(f"  checkpoint: {files}{on_disk}; elements stored by dtype: {by_dtype}{why}")
 
     table = Table(title="TP plan", title_justify="left")
     identifier_column(table, "rule", [rule["rule"] for rule in r["plan"]])
@@ -448,6 +452,19 @@ class _Bar:
         self.progress.advance(self.task, n)
 
 
+def _speed_column():
+    """Rich's TransferSpeedColumn in binary units ('12.50 MiB/s')."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
+
+    return SpeedColumn()
+
+
 class progress_bar:  # noqa: N801 - used as a context manager
     """A Rich progress bar in bytes on stderr; does nothing when `enabled` is False."""
 
@@ -460,17 +477,11 @@ class progress_bar:  # noqa: N801 - used as a context manager
             return _NoBar()
         if status_line.active is not None:  # one live display at a time: the bar says what happens now
             status_line.active.stop()
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+        # binary units (MiB), as the summaries print sizes (human_bytes); Rich's defaults are decimal (MB)
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                                  _speed_column(), TimeRemainingColumn(), console=err_console, transient=True)
         self._progress.__enter__()
         return _Bar(self._progress, self._progress.add_task(self.description, total=self.total))
 
@@ -488,7 +499,7 @@ def _render_removed(r: dict) -> None:
 def render_shard(r: dict) -> None:
     _render_removed(r)
     console.print(f"[green]Wrote[/green] {r['out']}: tp={r['tp_size']}, {r['tensors']} tensors, "
-                  f"{len(r['files'])} rank files, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
+                  f"{len(r['files'])} rank file{'s' * (len(r['files']) != 1)}, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     for name, f in r["files"].items():  # a terminal gets the hash's start; a pipe or log the whole hash
         digest = f"{f['sha256'][:12]}…" if console.is_terminal else f["sha256"]
         console.print(f"  {name}  {human_bytes(f['bytes'])}  sha256 {digest}")
