@@ -41,6 +41,14 @@ def test_shard_summary_says_1_rank_file(monkeypatch):
     assert "1 rank file, 2.00 KiB" in buf.getvalue()
 
 
+def test_gather_summary_says_1_file(monkeypatch):
+    buf = io.StringIO()
+    monkeypatch.setattr(render, "console", Console(file=buf, width=render.UNLIMITED, force_terminal=False))
+    render.render_gather({"out": "/m", "tensors": 3, "source_kind": "tpcli", "files": ["model.safetensors"],
+                          "bytes_written": 2048, "seconds": 0.1, "saved_by": {"description": "tp=2", "mesh": "tp=2"}})
+    assert "1 file, 2.00 KiB" in buf.getvalue()
+
+
 def test_the_progress_bar_counts_in_binary_units_as_the_summary(monkeypatch):
     buf = io.StringIO()
     monkeypatch.setattr(render, "err_console", Console(file=buf, force_terminal=True, width=120, color_system=None))

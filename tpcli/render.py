@@ -534,7 +534,7 @@ def render_gather(r: dict) -> None:
     else:
         source = f"a {r['source_kind']} folder {saved['description']}"
     console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from {source}, {len(r['files'])} "
-                  f"file(s), {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
+                  f"file{'s' * (len(r['files']) != 1)}, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     if state:
         left = state["optimizer_left_out"]
         console.print(f"  optimizer state left out ({left['files']} files, {human_bytes(left['bytes'])} in "
