@@ -23,6 +23,7 @@ demo: install
 	$(BIN)/tpcli verify $(DEMO)/model --tp 2 --numerics
 	$(BIN)/tpcli shard $(DEMO)/model --tp 2 --out $(DEMO)/tp2 --force
 	$(BIN)/tpcli verify $(DEMO)/tp2
+	@echo "demo: the tiny model's weights are random, so the text generated next is meaningless; the run shows the steps work"
 	$(BIN)/tpcli run --cpu 2 --model $(DEMO)/tp2 -m tpcli.examples.generate --prompt "Tensor parallel" --max-new-tokens 12
 	$(BIN)/tpcli gather $(DEMO)/tp2 --out $(DEMO)/merged --force
 	$(BIN)/python -m tpcli.examples.compare_logits $(DEMO)/model $(DEMO)/merged

@@ -114,7 +114,7 @@ def test_piped_output_is_never_cut(model_dirs, tmp_path):
     lines = proc.stdout.splitlines()
     assert any("model.layers.*.self_attn.q_proj" in ln and "colwise" in ln for ln in lines), proc.stdout
     assert any("model.layers.*.post_attention_layernorm.weight" in ln and "Replicate" in ln for ln in lines)
-    assert any("parameters by dtype: F32 125,888" in ln for ln in lines)
+    assert any("elements stored by dtype: F32 125,888" in ln for ln in lines)
     assert "…" not in proc.stdout
 
     folder = tmp_path / "a-folder-name-long-enough-to-need-more-than-eighty-columns-in-any-log" / "sharded"

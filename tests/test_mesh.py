@@ -121,7 +121,8 @@ def test_an_invalid_mesh_is_one_line_naming_the_rule(monkeypatch, capsys, models
 def test_model_level_mesh_rules(monkeypatch, capsys, models):
     """Rules only the model can decide: a dense model has no EP plan; experts must split evenly over --ep."""
     code, _, err = run_main(monkeypatch, capsys, "inspect", models("llama"), "--tp", "2", "--ep", "2")
-    assert code == 2 and err.startswith("Error: --ep 2: `ep_size=2` was requested, but `LlamaForCausalLM` has no `ep_plan`")
+    assert code == 2 and err.startswith("Error: --ep 2: LlamaForCausalLM has no experts to distribute") \
+        and "drop --ep" in err
     code, _, err = run_main(monkeypatch, capsys, "verify", models("mixtral"), "--tp", "1", "--fsdp", "8", "--ep", "8")
     assert code == 2 and "--ep 8: model.layers.0.mlp.experts.gate_up_proj has 4 experts" in err
 
@@ -159,12 +160,26 @@ def test_inspect_json_mesh(monkeypatch, capsys, models):
 
 
 def test_mesh_table_fits_80_columns_in_a_pipe(monkeypatch, capsys, models):
+    """The table is narrow by design (80 columns even in a pipe); its notes are prose, never wrapped in a pipe."""
     code, out, _ = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--tp", "2", "--fsdp", "2", "--ep", "2",
                             "--train", "--seq-len", "16")
     section = out[out.index("Memory per rank on the mesh"):].splitlines()
-    assert code == 0 and all(len(line) <= 80 for line in section), [len(x) for x in section]
+    table = [line for line in section[2:] if not line.startswith("  ")]
+    assert code == 0 and table and all(len(line) <= 80 for line in table), [len(x) for x in table]
     assert "tp=2 x fsdp=2 x ep=2 (4 ranks)" in section[0] and "coords: (fsdp, tp, efsdp, ep)" in section[1]
     assert any(line.startswith("0 *") for line in section) and any("gather: ESTIMATE" in line for line in section)
+
+
+def test_dense_mesh_table_has_no_expert_coordinates_and_says_why_fsdp_can_cost_more(monkeypatch, capsys, models):
+    """efsdp (= fsdp x tp / ep) only places experts: at ep=1 it repeated the fsdp coordinate on a dense model. The
+    FSDP gather estimate made tp1 x fsdp2 x dp2 larger than 4 replicas with no word of why."""
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("qwen3"), "--tp", "1", "--fsdp", "2",
+                            "--dp-replicate", "2")
+    section = out[out.index("Memory per rank on the mesh"):].splitlines()
+    assert code == 0 and "coords: (dp_replicate, fsdp)" in section[1], section
+    assert any(line.startswith("0,2 *") and "(*,0)" in line for line in section), section
+    note = next(line for line in section if "gather: ESTIMATE" in line)
+    assert "FSDP can cost a rank more than it saves" in note
 
 
 def test_verify_mesh(monkeypatch, capsys, models):
@@ -232,9 +247,14 @@ def test_fit_over_meshes_renders_in_80_columns(monkeypatch, capsys, models):
     code, out, _ = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--gpus", "4", "--gpu-mem", "4MiB",
                             "--reserve", "1MiB")
     section = out[out.index("Meshes of 4 GPUs"):].splitlines()
-    assert code == 0 and all(len(line) <= 80 for line in section), [len(x) for x in section]
+    table = [line for line in section[2:] if not line.startswith("  ")]
+    assert code == 0 and all(len(line) <= 80 for line in table), [len(x) for x in table]
     assert any(line.startswith("Best: ") for line in section)
-    assert any("DistributedConfig(tp_size=" in line for line in section)
+    # prose is not wrapped in a pipe: the ranking rule and the from_pretrained call are one line each
+    ranked = [line for line in section if line.startswith("  ranked: ")]
+    assert len(ranked) == 1 and ranked[0].endswith("then the smallest total"), section
+    script = [line for line in section if "DistributedConfig(tp_size=" in line]
+    assert len(script) == 1 and "ep_size=" in script[0], section
     code, _, err = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--gpus", "4")
     assert code == 2 and "add --gpu-mem SIZE" in err
 

@@ -1,5 +1,6 @@
-"""Rendering on a narrow (80-column) console and in pipes: identifiers stay whole, nothing is cut with "…",
-columns are labelled and explained, a pipe gets full hashes and no empty line from a progress bar."""
+"""Rendering on a narrow (80-column) console and in pipes: in a pipe identifiers stay whole, at 80 columns the
+tables fit, nothing is cut with "…", columns are labelled and explained, a pipe gets full hashes and no empty line
+from a progress bar (terminals of 80 and 50 columns: tests/test_terminal_width.py)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,18 @@ def _identifiers(report: dict) -> set[str]:
     return names
 
 
-def test_identifiers_stay_whole_in_80_columns(model_dirs, narrow):
+def test_identifiers_stay_whole_in_a_pipe_and_tables_fit_80_columns(model_dirs, narrow, monkeypatch):
     from tpcli.commands.inspect import inspect_model
 
     report = inspect_model(str(model_dirs("qwen3")), tp=3)  # invalid at 3: long findings, uneven shapes
     render.render_inspect(report)
-    out = narrow()
+    tables = [line for line in narrow().splitlines() if not line.startswith(("  ", "Coverage"))]  # prose apart
+    assert tables and max(len(line) for line in tables) <= 80, [len(line) for line in tables]
+    assert "…" not in narrow()
+    buf = io.StringIO()
+    monkeypatch.setattr(render, "console", Console(file=buf, width=render.UNLIMITED, force_terminal=False))
+    render.render_inspect(report)
+    out = buf.getvalue()
     names = _identifiers(report)
     assert "model.layers.*.post_attention_layernorm.weight" in names and "replicated_with_grad_allreduce" in names
     assert [n for n in names if n not in out] == []

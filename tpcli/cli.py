@@ -435,6 +435,19 @@ def _split_run_args(args: list[str]) -> list[str]:
     return args
 
 
+# `tpcli --help` lists each command with one line; without short_help click cuts the docstring at 45 characters
+# with "...". These are whole sentences, wrapped (never cut) by the help formatter.
+SHORT_HELP = {
+    "inspect": "Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes (loads no weights).",
+    "verify": "Catch a broken TP setup before it costs GPU hours (static checks, --numerics, or a sharded folder).",
+    "shard": "Pre-split a checkpoint into per-rank safetensors (transformers' layout + a tpcli.json manifest).",
+    "gather": "Merge per-rank shards into a standard checkpoint that from_pretrained loads without TP.",
+    "run": "Launch torchrun workers with one command, a preflight and a clear failure report.",
+}
+for _info in app.registered_commands:
+    _info.short_help = SHORT_HELP.get(_info.name or _info.callback.__name__, _info.short_help)
+
+
 def _click_exception_types() -> tuple[type, ...]:
     """typer >= 0.29 raises its vendored click's exceptions; older typer raises click's own."""
     types = []

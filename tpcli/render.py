@@ -1,8 +1,9 @@
 """Rich rendering of library results. Nothing here computes; it only draws dicts the library returned.
 
-Names, paths and numbers are never cut: lines are not hard-wrapped (`soft_wrap`: a terminal wraps them visually,
-so they copy and grep whole), table cells fold instead of ending in "…", and when the output is not a terminal
-(a pipe, a log, CI) there is no width limit at all, whatever COLUMNS says.
+Names, paths and numbers are never cut: nothing ends in "…". When the output is not a terminal (a pipe, a log, CI)
+there is no width limit at all, whatever COLUMNS says: tables take their natural width and no line is wrapped. In
+a terminal, tables fit its width (cells fold at the joints of names, `fit_width.fit_table`) and prose lines wrap
+between words (`fit_width.FittingConsole`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tpcli.fit_width import FittingConsole, fit_table
 from tpcli.formats.units import human_bytes
 
 UNLIMITED = 100_000  # columns for non-terminal output: tables take their natural width
@@ -22,7 +24,8 @@ UNLIMITED = 100_000  # columns for non-terminal output: tables take their natura
 def make_console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     tty = hasattr(stream, "isatty") and stream.isatty()
-    return Console(stderr=stderr, soft_wrap=True, width=None if tty else UNLIMITED)
+    cls = Console if stderr else FittingConsole  # stdout: prose wraps between words in a terminal
+    return cls(stderr=stderr, soft_wrap=True, width=None if tty else UNLIMITED)
 
 
 console = make_console()
@@ -44,23 +47,16 @@ def _run_label(first: int, last: int) -> str:
 
 
 def identifier_column(table: Table, header: str, values, **kwargs) -> None:
-    """A column of identifiers (rules, styles, parameter names): never broken inside one. It is as wide as its
-    longest value; the other (free-text) columns wrap between words to make room, and a row wider than the
-    terminal is wrapped by the terminal, whole identifiers included."""
+    """A column of identifiers (rules, styles, parameter names): as wide as its longest value, so that in a pipe
+    each one stays on one line; in a narrow terminal `print_table` folds it at the joints of the names."""
     width = max([len(header), *(len(str(v)) for v in values)])
     table.add_column(header, no_wrap=True, min_width=width, overflow="fold", **kwargs)
 
 
 def print_table(table: Table) -> None:
-    """Print a table no narrower than its columns' minimum widths (`identifier_column`): on a narrow terminal its
-    rows are then wider than the screen and the terminal wraps them, instead of Rich breaking or cutting a name."""
-    need = sum((c.min_width or 1) + 3 for c in table.columns) + 1  # "│ x " per column, the closing border
-    if console.width >= need:
-        console.print(table)
-        return
-    wide = Console(file=console.file, width=need, soft_wrap=True, force_terminal=console.is_terminal,
-                   color_system=console.color_system, no_color=console.no_color)  # print caps width at its own
-    wide.print(table)
+    """Print a table within the console's width (`fit_width.fit_table`: no effect in a pipe, whose width is
+    unlimited), folding cells rather than letting the terminal split rows or Rich cut a name with "…"."""
+    console.print(fit_table(table, console.width))
 
 
 def render_findings(findings: list[dict], title: str = "Findings") -> None:
@@ -91,7 +87,11 @@ def render_inspect(r: dict) -> None:
     if ck:
         on_disk = f", {human_bytes(ck['bytes'])}" if ck.get("bytes") else ""
         by_dtype = ", ".join(f"{k} {v:,}" for k, v in ck["parameters_by_dtype"].items())
-        console.print(f"  checkpoint: {ck['files']} safetensors file(s){on_disk}; parameters by dtype: {by_dtype}")
+        extra = sum(ck["parameters_by_dtype"].values()) - s["parameters"]  # the files' elements, not the model's
+        why = (f" ({extra:,} more than the model's parameters: tied weights stored under each name, or tensors "
+               "that are not parameters)") if extra > 0 else ""
+        files = f"{ck['files']} safetensors file{'s' * (ck['files'] != 1)}"
+        console.print(f"  checkpoint: {files}{on_disk}; elements stored by dtype: {by_dtype}{why}")
 
     table = Table(title="TP plan", title_justify="left")
     identifier_column(table, "rule", [rule["rule"] for rule in r["plan"]])
@@ -203,7 +203,7 @@ def render_rank_memory(tp: dict, memory: dict | None) -> None:
     for first, last, values in runs:
         mark = " *" if first <= tp["largest_rank"] <= last and len(runs) > 1 else ""
         table.add_row(_rank_label(first, last) + mark, *(_in(v, size) for v in values))
-    console.print(table)
+    print_table(table)
     if len(runs) > 1:
         console.print(f"  * largest: rank {tp['largest_rank']}")
     _note_sliding(next(rk for rk in tp["rank_runs"] if rk["first"] <= tp["largest_rank"] <= rk["last"]), memory)
@@ -242,10 +242,10 @@ def render_memory(r: dict) -> None:
         if fit:
             row.append("[green]yes[/green]" if m["total_bytes"] <= budget else "[red]no[/red]")
         table.add_row(*row)
-    console.print(table)
+    print_table(table)
     render_cache_layers(memory)
     if memory["train"]:
-        console.print("  activations are an estimate (formula in README, 'Memory'); the other terms are exact.")
+        console.print("  activations are an estimate (formula in docs/memory-and-meshes.md); the other terms are exact.")
     if not fit:
         return
     gpu = f"a {human_bytes(fit['gpu_mem_bytes'])} GPU ({human_bytes(fit['reserve_bytes'])} reserved)"
@@ -328,7 +328,8 @@ def render_mesh(r: dict) -> None:
     if not m:
         return
     memory = r.get("memory")
-    dims = [(key, name) for key, name in _MESH_DIMS if m[key] > 1]
+    # efsdp = fsdp x tp / ep places experts; at ep=1 it repeats the (fsdp, tp) coordinates, so only EP shows it
+    dims = [(key, name) for key, name in _MESH_DIMS if m[key] > 1 and (key != "efsdp" or m["ep"] > 1)]
     columns = [c for c in _memory_columns(memory) if c[0] != "activation_bytes_estimate"]
     columns += [c for c in _MESH_ESTIMATES if any(rk[c[0]] for rk in m["ranks"])]
     keys = [k for k, _ in columns] + ["total_bytes"]
@@ -355,16 +356,18 @@ def render_mesh(r: dict) -> None:
         if dims:
             cells.append("(" + ",".join(coords) + ")")
         table.add_row(*cells, *(f"{v:,}" if size == 1 else f"{v / size:.2f}" for v in values))
-    console.print(table)
+    print_table(table)
     if len(rows) > 1:
         console.print(f"  * largest: rank {m['largest_rank']}")
     estimates = [rk for rk in m["ranks"] if rk["activation_bytes_estimate"] or rk["fsdp_gather_bytes_estimate"]]
     if any(rk["activation_bytes_estimate"] for rk in estimates):
         console.print(f"  act est: ESTIMATE of activations at tp={m['tp']}, B per data-parallel rank")
     if any(rk["fsdp_gather_bytes_estimate"] for rk in estimates):
-        console.print("  gather: ESTIMATE of FSDP's all-gathers: 2 x the largest unit (+1 with --train)")
+        console.print("  gather: ESTIMATE of FSDP's all-gathers: 2 x the largest unit (+1 with --train), held on "
+                      "top of the shards, so FSDP can cost a rank more than it saves when one unit (a layer, "
+                      "the embedding) is a large share of the model")
     if estimates:
-        console.print("  (formulas in README, 'Meshes'); the other terms are exact.")
+        console.print("  (formulas in docs/memory-and-meshes.md); the other terms are exact.")
 
 
 def render_mesh_fit(r: dict) -> None:
@@ -377,8 +380,7 @@ def render_mesh_fit(r: dict) -> None:
     node = f", {fit['gpus_per_node']} per node" if fit["gpus_per_node"] != fit["gpus"] else ""
     console.print(f"Meshes of {fit['gpus']} GPUs{node}, largest rank in {unit}, budget "
                   f"{human_bytes(fit['gpu_mem_bytes'] - fit['reserve_bytes'])} per GPU")
-    for line in _wrap(f"ranked: {fit['rule']}"):
-        console.print(f"  {line}")
+    console.print(f"  ranked: {fit['rule']}")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
     for col in ("#", "tp", "fsdp", "dp_replicate", "ep", "total", "fits"):
         table.add_column(col, justify="left" if col == "fits" else "right", no_wrap=True)
@@ -386,7 +388,7 @@ def render_mesh_fit(r: dict) -> None:
         table.add_row(str(i), str(m["tp"]), str(m["fsdp"]), str(m["dp_replicate"]), str(m["ep"]),
                       f"{m['total_bytes']:,}" if size == 1 else f"{m['total_bytes'] / size:.2f}",
                       "[green]yes[/green]" if m["fits"] else "[red]no[/red]")
-    console.print(table)
+    print_table(table)
     if fit["refused_by_model"]:
         console.print(f"  {fit['refused_by_model']} more size combinations refused by the model's own rules "
                       "(no EP/FSDP plan, experts not divisible by ep, a shard FSDP would leave empty).")
@@ -398,15 +400,7 @@ def render_mesh_fit(r: dict) -> None:
                   f"x ep={best['ep']}[/green]")
     flags, _, script = best["run_flags"].partition("  # ")
     console.print(f"  tpcli run {flags} SCRIPT")
-    for line in _wrap(script):
-        console.print(f"  {line}")
-
-
-def _wrap(text: str, width: int = 78) -> list[str]:
-    """Prose lines for an 80-column pipe, cut only at spaces (identifiers stay whole)."""
-    import textwrap
-
-    return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+    console.print(f"  {script}")
 
 
 class status_line:  # noqa: N801 - used as a context manager
@@ -458,6 +452,19 @@ class _Bar:
         self.progress.advance(self.task, n)
 
 
+def _speed_column():
+    """Rich's TransferSpeedColumn in binary units ('12.50 MiB/s')."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
+
+    return SpeedColumn()
+
+
 class progress_bar:  # noqa: N801 - used as a context manager
     """A Rich progress bar in bytes on stderr; does nothing when `enabled` is False."""
 
@@ -470,17 +477,11 @@ class progress_bar:  # noqa: N801 - used as a context manager
             return _NoBar()
         if status_line.active is not None:  # one live display at a time: the bar says what happens now
             status_line.active.stop()
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+        # binary units (MiB), as the summaries print sizes (human_bytes); Rich's defaults are decimal (MB)
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                                  _speed_column(), TimeRemainingColumn(), console=err_console, transient=True)
         self._progress.__enter__()
         return _Bar(self._progress, self._progress.add_task(self.description, total=self.total))
 
@@ -498,7 +499,7 @@ def _render_removed(r: dict) -> None:
 def render_shard(r: dict) -> None:
     _render_removed(r)
     console.print(f"[green]Wrote[/green] {r['out']}: tp={r['tp_size']}, {r['tensors']} tensors, "
-                  f"{len(r['files'])} rank files, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
+                  f"{len(r['files'])} rank file{'s' * (len(r['files']) != 1)}, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     for name, f in r["files"].items():  # a terminal gets the hash's start; a pipe or log the whole hash
         digest = f"{f['sha256'][:12]}…" if console.is_terminal else f["sha256"]
         console.print(f"  {name}  {human_bytes(f['bytes'])}  sha256 {digest}")
@@ -533,7 +534,7 @@ def render_gather(r: dict) -> None:
     else:
         source = f"a {r['source_kind']} folder {saved['description']}"
     console.print(f"[green]Wrote[/green] {r['out']}: {r['tensors']} tensors from {source}, {len(r['files'])} "
-                  f"file(s), {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
+                  f"file{'s' * (len(r['files']) != 1)}, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     if state:
         left = state["optimizer_left_out"]
         console.print(f"  optimizer state left out ({left['files']} files, {human_bytes(left['bytes'])} in "
@@ -587,7 +588,7 @@ def render_verify(r: dict) -> None:
         bad = row["max_abs"] > n["tolerance"]
         table.add_row(row["name"], f"{row['max_abs']:.3g}", f"{row['max_rel']:.3g}",
                       "[red]no[/red]" if bad else "yes")
-    console.print(table)
+    print_table(table)
     if n.get("generate_error"):
         console.print(f"[red]greedy decoding with the TP model failed: {n['generate_error']}[/red]")
     console.print(f"greedy tokens {'equal' if n['tokens_equal'] else '[red]differ[/red]'}" +

@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                  if k in ("hidden", "layers", "heads", "kv_heads", "vocab", "intermediate") and v is not None}
     path = build_tiny(args.kind, args.out, tokenizer=args.tokenizer, quantize="fp8" if args.fp8 else None,
                       block=args.block, **overrides)
-    print(f"built {args.kind} in {path}")
+    print(f"built {args.kind} in {path} (random weights: what it generates is meaningless)")
 
 
 if __name__ == "__main__":

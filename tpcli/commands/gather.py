@@ -60,6 +60,9 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
 
     started = time.perf_counter()
     folder = Path(directory).expanduser().resolve()
+    if not folder.is_dir():
+        raise CheckpointError(f"DIR {directory}: " + ("is a file, not a folder" if folder.exists() else "no such folder")
+                              + "; pass a folder written by `tpcli shard` or save_pretrained(distributed_checkpoint=True).")
     if not dcp.is_sharded_dir(folder):
         raise CheckpointError(f"DIR {directory}: no shard-*-model-*.safetensors files; pass a folder written by "
                               "`tpcli shard` or save_pretrained(distributed_checkpoint=True).")

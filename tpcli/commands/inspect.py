@@ -1,6 +1,6 @@
 """`tpcli inspect`: what a TP plan does to a model, per rank, without loading a weight.
 
-The result is one JSON-ready dict (documented in README, "inspect --json keys"); `tpcli.render` draws it.
+The result is one JSON-ready dict (documented in docs/cli.md, "inspect"); `tpcli.render` draws it.
 """
 
 from __future__ import annotations

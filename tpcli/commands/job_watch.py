@@ -106,6 +106,14 @@ def timeout_report(spec: LaunchSpec, running: list[int], last: dict[str, deque])
     return lines
 
 
+# torchrun's own log lines about the workers it stops and the error files it copies ("E1205 12:00:00.1 123
+# torch/distributed/elastic/multiprocessing/errors/error_handler.py:145] no error file defined ...", "W1205 ...
+# Sending process 42 closing signal SIGTERM", "Received 15 death signal, shutting down workers"): tpcli reports
+# the same facts in its own words (failure_report, wait_job), so these are kept for it but not shown.
+ELASTIC_NOISE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/"
+                           r"(?:multiprocessing/|agent/server/api\.py:\d+\] Received \S+ death signal)")
+
+
 def pump_output(stream, sink, agent_lines: list[str] | None, last: dict[str, deque]) -> None:
     """Forward worker lines ("[rank0]:...") as they come; keep torchrun's own failure dump out of the way.
 
@@ -123,6 +131,8 @@ def pump_output(stream, sink, agent_lines: list[str] | None, last: dict[str, deq
             agent_lines.append(line.rstrip("\n"))
             if line.startswith("Traceback (most recent call last)") or in_dump:
                 in_dump = True  # torchrun's ChildFailedError trace; tpcli prints its own summary instead
+                continue
+            if ELASTIC_NOISE.match(line):
                 continue
         if sink is not None:
             try:

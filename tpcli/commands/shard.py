@@ -59,10 +59,11 @@ def open_source(model: str, *, plan_file: str | None, revision: str | None, cast
         src = sources.Source(spec=model, path=local.resolve())
         return src, plan, reader, "sharded", integrity["check_hashes"]
     src = sources.resolve(model, revision=revision, weights=True)
+    weights = sources.weight_files(src)  # before transformers is imported: a folder without weights fails at once
     user_plan = load_plan_file(plan_file) if plan_file else None
     plan = resolve_plan(load_config(src.path), user_plan=user_plan, plan_file=plan_file, dequantize=bool(cast),
                         dtype=cast)
-    reader = CheckpointReader(plan.model, sources.weight_files(src))
+    reader = CheckpointReader(plan.model, weights)
     check_kept_keys(reader, src.path)
     return src, plan, reader, "checkpoint", lambda: None
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from tpcli.commands import no_status
-from tpcli.errors import CheckpointError, UsageError
+from tpcli.errors import CheckpointError, LaunchError, UsageError
 from tpcli.formats import dcp
 from tpcli.formats.state_manifest import is_state_dir
 from tpcli.planning.checks import Finding, check_plan
@@ -74,18 +74,32 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
     return result
 
 
+def check_gpus(world: int) -> None:
+    """`verify --numerics --gpus` starts one worker per GPU; without enough GPUs the fix is to drop --gpus (CPU
+    workers, gloo), not `run`'s --cpu, which verify does not have."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < world:
+        raise LaunchError(f"--gpus: verify --numerics starts {world} workers, one per GPU, but only {visible} CUDA "
+                          f"GPU(s) are visible on this machine; drop --gpus to run the {world} workers on the CPU "
+                          "(gloo).")
+
+
 def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tolerance: float | None,
                  default_dtype: str, mesh=None) -> dict:
     """The numerics workers (`tpcli.runtime.numerics`), started as `tpcli run` starts them: tp workers, or on a
     mesh its world of workers with TPCLI_MESH (each rank runs the same batch; rank 0 compares)."""
     from tpcli.commands.run import LaunchSpec, launch
 
+    world = mesh.world if mesh is not None else tp
+    if gpus:
+        check_gpus(world)
     with tempfile.TemporaryDirectory(prefix="tpcli-verify-") as tmp:
         out = Path(tmp) / "numerics.json"
         if plan_file and Path(plan_file).exists():
             plan_file = str(Path(plan_file).resolve())  # the workers may run elsewhere; a shipped NAME stays a name
         args = [str(path), str(out)] + (["--plan", plan_file] if plan_file else [])
-        world = mesh.world if mesh is not None else tp
         sizes = {"tp": mesh.tp, "fsdp": mesh.fsdp, "dp_replicate": mesh.dp_replicate, "ep": mesh.ep} if mesh else {}
         spec = LaunchSpec(module="tpcli.runtime.numerics", args=args, gpus=world if gpus else None,
                           cpu=None if gpus else world, preflight=False, quiet=True, raise_on_interrupt=True,

@@ -58,6 +58,9 @@ def resolve(spec: str, *, revision: str | None = None, weights: bool = False) ->
     """Resolve MODEL to a local folder. With `weights=True` the safetensors files are made available too."""
     local = Path(spec).expanduser()
     if local.exists() or not _looks_like_hub_id(spec):
+        if local.exists() and not local.is_dir():
+            raise ModelError(f"MODEL {spec!r} is a file, not a folder; pass the model folder (the one holding "
+                             "config.json) or a hub id org/name.")
         if not local.is_dir():
             raise ModelError(f"MODEL {spec!r}: no such directory (pass a local model folder or a hub id org/name).")
         if not (local / "config.json").is_file():

@@ -110,7 +110,8 @@ def parse_size(text: str | None, flag: str, *, zero: bool = False) -> int:
         raise UsageError(f"{flag} {_show(text)}: a size needs a unit; did you mean {m.group(1)}GiB? ({HELP}).")
     n = int(Fraction(m.group(1)) * UNITS[m.group(2).lower()])
     if n < MIN_BYTES:
-        raise UsageError(f"{flag} {_show(text)}: {n} bytes is below 1 MiB; give a unit, e.g. 24GiB ({HELP}).")
+        raise UsageError(f"{flag} {_show(text)}: {n:,} bytes is below the smallest size, 1 MiB = 1,048,576 bytes "
+                         f"({HELP}).")
     if n > MAX_BYTES:
         raise UsageError(f"{flag} {_show(text)}: larger than 1 EiB; expected a size such as 24GiB or 80GB.")
     return n

@@ -117,6 +117,9 @@ def _resolved_plans(plan: ResolvedPlan, dc, mesh: Mesh) -> tuple[dict, dict, dic
         try:
             cache[key] = plan.model._resolve_parallel_plans(dc)
         except ValueError as exc:  # refused before any expansion: cheap to ask again, so not kept
+            if mesh.ep > 1 and not getattr(plan.model, "ep_plan", None):  # a dense model: nothing for EP to place
+                raise UsageError(f"--ep {mesh.ep}: {type(plan.model).__name__} has no experts to distribute (no "
+                                 "expert-parallel plan, `ep_plan`); drop --ep, which applies to MoE models.") from None
             raise UsageError(_with_flag(str(exc).splitlines()[0], mesh, "transformers' plan resolution")) from None
         finally:
             tf_logger.setLevel(level)

@@ -79,7 +79,7 @@ class ResolvedPlan:
 
 def load_plan_file(path: str | Path) -> dict[str, str]:
     """`--plan`: a shipped plan's short name, a library document, a JSON `{pattern: style}`, or
-    `{"tp_plan": {pattern: style}}` (all documented in README and plans/README.md). Returns the rules."""
+    `{"tp_plan": {pattern: style}}` (all documented in docs/formats.md and plans/README.md). Returns the rules."""
 
     return plans_library.load_spec(path)[0]
 
@@ -155,7 +155,7 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
     if not default_rules and not user_plan:
         refused = plans_library.REFUSED.get(config.model_type)
         why = f"; tpcli refuses it: {refused}" if refused else (
-            "; write one and pass it with --plan FILE (see README, 'Plan files')")
+            "; write one and pass it with --plan FILE (see docs/formats.md, 'Plan files')")
         raise PlanError(f"{type(model).__name__} ({config.model_type}) has no TP plan in transformers and plans/ has "
                         f"none for it{why}.")
     register_styles()  # transformers validates style names against its registry, tpcli's own styles included

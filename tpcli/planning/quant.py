@@ -73,11 +73,11 @@ def quantization_of(config) -> Quantization | None:
     if method not in SUPPORTED_METHODS:
         why = f": {REFUSED_BECAUSE[method]}" if method in REFUSED_BECAUSE else ""
         raise ModelError(f"config.json: quantization method {method!r} is not supported by tpcli (supported: "
-                         f"{', '.join(SUPPORTED_METHODS)}){why}; see README, 'Quantized checkpoints'.")
+                         f"{', '.join(SUPPORTED_METHODS)}){why}; see docs/formats.md, 'Quantized checkpoints'.")
     if data.get("scale_fmt", "float") != "float" or data.get("expert_dtype", "fp8") != "fp8":
         raise ModelError(f"config.json: fp8 with scale_fmt={data.get('scale_fmt')!r}, expert_dtype="
                          f"{data.get('expert_dtype')!r} is not supported by tpcli (only float32 block scales and fp8 "
-                         "experts); see README, 'Quantized checkpoints'.")
+                         "experts); see docs/formats.md, 'Quantized checkpoints'.")
     block = data.get("weight_block_size")
     return Quantization(method=method, block_size=tuple(block) if block else None, config=data)
 
