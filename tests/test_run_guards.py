@@ -32,6 +32,53 @@ def _one_usage_line(code, err, source):
     return lines[0]
 
 
+# --- item 9: pid files name workers, not whatever process a pid now is ---------------------------------------------
+
+def test_malformed_pid_files_are_refused(tmp_path):
+    from tpcli.commands.job_watch import is_worker, read_pid_file
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        start = open(f"/proc/{sleeper.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+        for text in (str(sleeper.pid), "x", "", "²", f"{sleeper.pid} {start} 7", "1" * 70, f"-{sleeper.pid} {start}"):
+            (tmp_path / "pid-0").write_text(text)
+            assert read_pid_file(tmp_path / "pid-0") is None, text
+        (tmp_path / "pid-0").write_text(f"{sleeper.pid} {start}")
+        assert read_pid_file(tmp_path / "pid-0") == (sleeper.pid, start)
+        assert not is_worker(sleeper.pid, start, tmp_path)  # right pid and start, but not started by this run
+        assert not is_worker(sleeper.pid, str(int(start) + 1), tmp_path)  # a reused pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+REWRITE_WORKER = """
+import os, sys
+run_dir = os.environ["TPCLI_RUN_DIR"]
+bare, full = (int(x) for x in sys.argv[1:3])
+start = open(f"/proc/{full}/stat").read().rsplit(")", 1)[1].split()[19]
+open(os.path.join(run_dir, "pid-0"), "w").write(str(bare))  # a bare pid, as tpcli once wrote them
+open(os.path.join(run_dir, "pid-5"), "w").write(f"{full} {start}")  # pid and the right start time
+print("rewritten", flush=True)
+"""
+
+
+@pytest.mark.dist
+def test_rewritten_pid_files_kill_nothing_unrelated(tmp_path):
+    """`run` SIGKILLed whatever live pid RUN_DIR/pid-N named once the job ended."""
+    script = tmp_path / "w.py"
+    script.write_text(REWRITE_WORKER)
+    sleepers = [subprocess.Popen(["sleep", "300"]) for _ in range(2)]
+    try:
+        proc = tpcli_run("--cpu", 1, script, sleepers[0].pid, sleepers[1].pid, timeout=120)
+        assert proc.returncode == 0 and "rewritten" in proc.stdout, proc.stderr[-2000:]
+        assert [s.poll() for s in sleepers] == [None, None]  # both still running
+    finally:
+        for s in sleepers:
+            s.kill()
+            s.wait()
+
+
 # --- item 8: a BaseException is the root cause, with its traceback -------------------------------------------------
 
 def test_a_rank_that_raised_is_preferred_over_one_that_was_stopped():
