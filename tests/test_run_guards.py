@@ -4,7 +4,6 @@ killed; `-m` checked before spawning."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -264,4 +263,4 @@ def test_a_base_exception_is_reported_with_its_traceback(tmp_path):
     assert 'raise CheckpointException("load_state"' in proc.stderr  # the user's frame
     assert proc.returncode == 1 and doc["root_cause"]["rank"] == 1 and doc["root_cause"]["exit_code"] == 1
     assert doc["root_cause"]["signal"] is None and "CheckpointException" in doc["root_cause"]["message"]
-    assert signal.SIGTERM and os.path.isdir(doc["log_dir"])
+    assert os.path.isdir(doc["log_dir"])  # kept for the failure
