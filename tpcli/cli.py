@@ -319,21 +319,30 @@ def run(
         raise UsageError("--gpus and --cpu are exclusive; pick one.")
     for flag, value in (("--tp", tp), ("--fsdp", fsdp), ("--dp-replicate", dp_replicate), ("--ep", ep)):
         _positive(flag, value, MAX_TP)
+    from tpcli.commands import run_checks as checks
+
+    # sizes first, before SLURM's values are read or anything is built from them
+    checks.check_count("--gpus", gpus, checks.MAX_NPROC, what="workers per node")
+    checks.check_count("--cpu", cpu, checks.MAX_NPROC, what="workers per node")
+    checks.check_count("--nnodes", nnodes, checks.MAX_NNODES, what="nodes")
+    if node_rank is not None and node_rank < 0:
+        raise UsageError(f"--node-rank {node_rank}: must be 0 or more (the first node is 0).")
+    names = {"nproc": "--gpus" if gpus else "--cpu", "nnodes": "--nnodes", "node_rank": "--node-rank"}
     slurm = _slurm_nodes()
     if slurm is not None:
         from tpcli.commands import slurm as slurm_flags
 
+        taken: dict[str, str] = {}
         filled, line = slurm_flags.apply(slurm, gpus=gpus, cpu=cpu, nnodes=nnodes, node_rank=node_rank,
-                                         rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+                                         rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, sources=taken)
         print(line, file=sys.stderr, flush=True)
         gpus, nnodes, node_rank, rdzv_endpoint, rdzv_id = (filled[k] for k in (
             "gpus", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id"))
+        names.update({"nproc" if k == "gpus" else k: v for k, v in taken.items()})
     nnodes = 1 if nnodes is None else nnodes
     node_rank = 0 if node_rank is None else node_rank
     rdzv_id = rdzv_id or "tpcli"
-    _positive("--gpus", gpus)
-    _positive("--cpu", cpu)
-    _positive("--nnodes", nnodes)
+    checks.check_sizes(nproc=gpus or cpu or 1, nnodes=nnodes, node_rank=node_rank, names=names)
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node).")
     spec = LaunchSpec(

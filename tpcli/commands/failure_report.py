@@ -123,6 +123,9 @@ def collect_failures(agent_lines: list[str], log_dir: Path, spec: LaunchSpec) ->
     return failures
 
 
+STOP_SIGNALS = {"SIGTERM", "SIGINT", "SIGHUP"}  # how torchrun (or a user) stops a worker: a consequence, not a cause
+
+
 def root_cause(failures: list[dict], times: dict[int, int], agent_root: int | None = None,
                raised: set[int] = frozenset()) -> dict | None:
     """The failure that came first: the earliest of the ranks whose time of failure tpcli measured (`times`: pid ->
@@ -133,7 +136,16 @@ def root_cause(failures: list[dict], times: dict[int, int], agent_root: int | No
     `kill -9` does, never torchrun's SIGTERM) or exiting non-zero from native code (`os._exit`), counts as failed
     SIGNAL_LAG_S before its death was seen: its sockets close as soon as it stops running, so a peer waiting in a
     collective raises at once, while the kernel reports the death only once the process's memory is torn down
-    (7 ms for a 300 MB worker here; longer for a big one)."""
+    (7 ms for a 300 MB worker here; longer for a big one).
+
+    A rank stopped by SIGTERM/SIGINT/SIGHUP (`STOP_SIGNALS`) without raising is never the root cause while another
+    failed by itself: torchrun stops the survivors of a failure with SIGTERM. A root that raised and was stopped
+    only afterwards (in its exit handlers, while torchrun ended the job) is reported as its exception: exit code 1,
+    as Python exits on an uncaught exception, with `stopped_by` naming the signal."""
+    def stopped(f: dict) -> bool:
+        return _signal_name(f["exitcode"]) in STOP_SIGNALS and f.get("pid") not in raised and not f.get("traceback")
+
+    failures = [f for f in failures if not stopped(f)] or failures
     timed = [f for f in failures if f.get("pid") in times]
     if timed:
         def failed_at(f: dict) -> int:
@@ -141,9 +153,13 @@ def root_cause(failures: list[dict], times: dict[int, int], agent_root: int | No
                 _signal_name(f["exitcode"]) in FATAL_SIGNALS or (f["exitcode"] or 0) > 0)
             return times[f["pid"]] - int(SIGNAL_LAG_S * 1e9 if abrupt else 0)
 
-        return min(timed, key=lambda f: (failed_at(f), f["rank"]))
-    picked = [f for f in failures if f.get("root")] or [f for f in failures if f["rank"] == agent_root]
-    return (picked or failures or [None])[0]
+        root = min(timed, key=lambda f: (failed_at(f), f["rank"]))
+    else:
+        picked = [f for f in failures if f.get("root")] or [f for f in failures if f["rank"] == agent_root]
+        root = (picked or failures or [None])[0]
+    if root is not None and root.get("traceback") and _signal_name(root["exitcode"]) in STOP_SIGNALS:
+        return {**root, "exitcode": 1, "stopped_by": _signal_name(root["exitcode"])}
+    return root
 
 
 def failure_report(failures: list[dict], root: dict | None, agent_lines: list[str]) -> list[str]:
@@ -154,7 +170,11 @@ def failure_report(failures: list[dict], root: dict | None, agent_lines: list[st
     name = _signal_name(root["exitcode"])
     if root["traceback"] or not (name or root["exitcode"]):
         code = f", exit code {root['exitcode']}" if root["exitcode"] and not name else (f", {name}" if name else "")
-        lines = [f"tpcli run: rank {root['rank']} failed{code}: {root['message']}"]
+        after = f" (then stopped by {root['stopped_by']} as the job ended)" if root.get("stopped_by") else ""
+        first = root["message"]
+        if root["traceback"]:  # a multi-line message: its first line here, the rest ends the traceback below
+            first = (first.strip().splitlines() or [""])[0]
+        lines = [f"tpcli run: rank {root['rank']} failed{code}: {first}{after}"]
         lines += ["  " + ln for ln in user_frames(root["traceback"])[-16:]]
     elif name:
         hint = SIGNAL_HINTS.get(name, "no Python traceback")
@@ -163,7 +183,7 @@ def failure_report(failures: list[dict], root: dict | None, agent_lines: list[st
         lines = [f"tpcli run: rank {root['rank']} failed with exit code {root['exitcode']} (no Python traceback: "
                  "exited via sys.exit/os._exit)"]
     for f in failures:
-        if f is not root:
+        if f["rank"] != root["rank"]:
             first = f["message"].strip().splitlines()[-1] if f["message"].strip() else ""
             lines.append(f"tpcli run: then rank {f['rank']} failed too: {first[:160]}")
     return lines

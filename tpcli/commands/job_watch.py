@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tpcli.formats.processes import alive
+from tpcli.formats.processes import process_start
 
 if TYPE_CHECKING:
     from tpcli.commands.run import LaunchSpec
@@ -26,7 +26,8 @@ WORKER_LINE = re.compile(r"^\[(?:n\d+\.)?rank(\d+)\]:")
 
 class DeathWatch(threading.Thread):
     """When each worker of this run died, to the millisecond (pid -> time.time_ns()): a pidfd per worker pid (the
-    workers write them to RUN_DIR/pid-RANK as they start), polled until `finish`."""
+    workers write them to RUN_DIR/pid-RANK as they start), polled until `finish`. A pid whose process does not have
+    the recorded start time once its pidfd is open (a reused pid, a rewritten file) is not watched."""
 
     def __init__(self, run_dir: Path):
         super().__init__(daemon=True)
@@ -38,17 +39,18 @@ class DeathWatch(threading.Thread):
         poller, fds, seen = select.poll(), {}, set()
         while not self.done.is_set():
             for f in self.run_dir.glob("pid-*"):
-                try:
-                    pid = int(f.read_text())
-                except (ValueError, OSError):
-                    continue  # being written: next round
-                if pid in seen:
-                    continue
-                seen.add(pid)
+                worker = read_pid_file(f)
+                if worker is None or worker in seen:
+                    continue  # being written (next round), malformed, or watched already
+                seen.add(worker)
+                pid, start = worker
                 try:
                     fd = os.pidfd_open(pid)
                 except (OSError, AttributeError):  # gone already (or no pidfd): died about now
                     self.deaths.setdefault(pid, time.time_ns())
+                    continue
+                if process_start(pid) != start:  # the pidfd holds the pid now: this is not the worker
+                    os.close(fd)
                     continue
                 fds[fd] = pid
                 poller.register(fd, select.POLLIN)
@@ -82,17 +84,42 @@ def running_ranks(run_dir: Path) -> list[int]:
     """Global ranks whose worker process is still alive (their pids are in run_dir/pid-RANK)."""
     running = []
     for f in run_dir.glob("pid-*"):
-        pid = _read_pid(f)
-        if pid is not None and alive(pid, None):
-            running.append(int(f.name.removeprefix("pid-")))
+        worker, rank = read_pid_file(f), f.name.removeprefix("pid-")
+        if worker is not None and rank.isascii() and rank.isdigit() and len(rank) < 10 and is_worker(*worker, run_dir):
+            running.append(int(rank))
     return sorted(running)
 
 
-def _read_pid(f: Path) -> int | None:
+PID_FILE = re.compile(r"([0-9]{1,10}) ([0-9]{1,20})")  # "PID START", as tpcli/runtime/bootstrap.py writes it
+
+
+def read_pid_file(f: Path) -> tuple[int, str] | None:
+    """(pid, kernel start time) from a worker's RUN_DIR/pid-RANK; None for anything else (a bare pid as older
+    tpcli wrote, a file being written, garbage, a file too big to be one)."""
     try:
-        return int(f.read_text())
-    except (OSError, ValueError):
+        with open(f, "rb") as fh:
+            text = fh.read(64).decode("ascii")
+    except (OSError, UnicodeDecodeError):
         return None
+    m = PID_FILE.fullmatch(text)
+    return (int(m.group(1)), m.group(2)) if m and 0 < int(m.group(1)) < 2**22 else None
+
+
+ENVIRON_MAX = 1 << 22  # bytes of /proc/PID/environ read: far beyond any real environment
+
+
+def is_worker(pid: int, start: str, run_dir: Path) -> bool:
+    """Is `pid` alive and a worker of this run: the kernel's start time is the one recorded, and its environment
+    (as it was started) carries TPCLI_RUN_DIR=run_dir. A pid file names any process its writer likes (the user's
+    script can rewrite it; a dead worker's pid is reused): only a process passing both checks is ever signalled."""
+    if process_start(pid) != start:
+        return False
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            environ = fh.read(ENVIRON_MAX)
+    except OSError:
+        return False
+    return f"TPCLI_RUN_DIR={run_dir}".encode() in environ.split(b"\0")
 
 
 def timeout_report(spec: LaunchSpec, running: list[int], last: dict[str, deque]) -> list[str]:
@@ -186,13 +213,23 @@ def _killpg(pid: int) -> None:
 
 
 def kill_leftovers(run_dir: Path) -> None:
-    """Workers run in their own sessions; make sure none outlives `tpcli run`."""
+    """Workers run in their own sessions; make sure none outlives `tpcli run`. Only a process that `is_worker` of
+    this run is killed, through a pidfd opened before the check (the pid cannot be reused in between)."""
     for f in run_dir.glob("pid-*"):
-        pid = _read_pid(f)
-        if pid is None or not alive(pid, None):
+        worker = read_pid_file(f)
+        if worker is None:
             continue
-        time.sleep(0.5)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            fd = os.pidfd_open(worker[0])
+        except (OSError, AttributeError):
+            continue  # gone (or no pidfd: the supervisor has killed the job's whole tree already)
+        try:
+            if not is_worker(*worker, run_dir):
+                continue
+            time.sleep(0.5)
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        finally:
+            os.close(fd)

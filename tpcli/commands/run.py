@@ -17,7 +17,6 @@ files, which a rank killed by a signal never writes, so it can blame a rank that
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +47,7 @@ from tpcli.commands.job_watch import (
     timeout_report,
     wait_job,
 )
+from tpcli.commands.run_checks import validate
 from tpcli.errors import LaunchError, UsageError
 
 TIMEOUT_EXIT = 124  # `--timeout` expired, as timeout(1)
@@ -300,40 +300,6 @@ def tpcli_env(spec: LaunchSpec, run_dir: Path) -> dict[str, str]:
     return env
 
 
-TEE = re.compile(r"^[0-3]$|^\d+:[0-3](,\d+:[0-3])*$")
-
-
-def validate(spec: LaunchSpec) -> None:
-    """Usage errors found before anything starts (torchrun would raise them as a traceback, after tpcli made its
-    folders): exit 2, one line naming the flag and the fix."""
-    if spec.max_restarts < 0:
-        raise UsageError(f"--max-restarts {spec.max_restarts}: must be >= 0 (0: no restart).")
-    if spec.tee is not None and not TEE.match(spec.tee):
-        raise UsageError(f"--tee {spec.tee}: expected 0 (none), 1 (stdout), 2 (stderr) or 3 (both), or per local "
-                         "rank as 0:3,1:1.")
-    if spec.ranks_filter is not None:
-        ranks = spec.ranks_filter.split(",")
-        if not all(r.strip().isdigit() for r in ranks) or any(int(r) >= spec.nproc for r in ranks):
-            raise UsageError(f"--ranks-filter {spec.ranks_filter}: expected local ranks below {spec.nproc}, "
-                             "comma-separated (e.g. 0 or 0,1).")
-    if spec.log_dir is not None:
-        _check_log_dir(Path(spec.log_dir).expanduser())
-
-
-def _check_log_dir(path: Path) -> None:
-    """--log-dir must be a folder we can write, or a path whose first existing ancestor is one (it is created)."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        if probe.is_symlink():  # a dangling link
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        what = "is a file" if probe == path else f"is under {probe}, a file"
-        raise UsageError(f"--log-dir {path}: {what}, not a folder; give a folder (it is created if missing).")
-    if not probe.exists() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--log-dir {path}: {probe} is not writable; give a folder you can write.")
-
-
 def _run_log_dir(spec: LaunchSpec, run_dir: Path) -> Path:
     """Where torchrun writes this run's logs and error files: a fresh folder, so that a reused --log-dir never
     reports a previous run's error (`--log-dir D` gives D/run-YYYYmmdd-HHMMSS-XXXX, one per run)."""
@@ -394,9 +360,7 @@ def launch(spec: LaunchSpec, report: Callable[[str], None] = print) -> int:
 def run_job(spec: LaunchSpec, report: Callable[[str], None] = print) -> RunResult:
     """`launch`, returning the whole outcome (`RunResult`)."""
     started = time.monotonic()
-    validate(spec)
-    if spec.script and not Path(spec.script).is_file():
-        raise UsageError(f"SCRIPT {spec.script}: no such file.")
+    validate(spec)  # sizes, flags, SCRIPT or -m MODULE: before anything is allocated or spawned
     mesh = resolve_mesh(spec)
     if spec.mesh_given:
         report(f"tpcli run: mesh {describe_mesh(mesh)} over {_launcher_flags(spec)}")

@@ -1,8 +1,15 @@
 """Entry point of every worker `tpcli run` starts: runs the user's script or module under torch elastic's
 `record`, so an uncaught exception lands in torchrun's error file (tpcli reports it as the root cause), and
-records the worker's pid so that `tpcli run` can make sure no worker outlives it and time its death. When the
-user's code raises (or exits non-zero), the moment is written to RUN_DIR/failed-PID (ns since the epoch): tpcli
-orders failures by it, since a rank that fails because another died fails after it.
+records the worker's pid and start time (RUN_DIR/pid-RANK: "PID START", START the kernel's start time of the
+process, field 22 of /proc/PID/stat) so that `tpcli run` can make sure no worker outlives it, and time its death,
+without ever signalling a process that merely reuses the pid. When the user's code raises (or exits non-zero), the
+moment is written to RUN_DIR/failed-PID (ns since the epoch): tpcli orders failures by it, since a rank that fails
+because another died fails after it.
+
+`record` writes the error file only for an `Exception`; a `BaseException` that is not one (torch DCP's
+CheckpointException, which a failed `dcp.load`/`tpcli.load_state` raises, is one) is written here, with its
+traceback, so that the report names it instead of "no Python traceback". SystemExit and KeyboardInterrupt keep
+torch's handling (an exit code, no error file).
 
     python /path/to/tpcli/runtime/bootstrap.py script PATH [ARGS...]
     python /path/to/tpcli/runtime/bootstrap.py module NAME [ARGS...]
@@ -50,12 +57,44 @@ def _stamp_failure(run_dir: str | None) -> None:
             pass
 
 
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the pid, names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "-"  # no procfs: tpcli then never signals the pid (it cannot tell it from a reused one)
+
+
+def _record_base_exception(exc: BaseException) -> None:
+    """The error file `record` writes for an Exception (torch elastic's format, at TORCHELASTIC_ERROR_FILE), for a
+    BaseException that is not one; called inside `except`. Written here rather than by torch's
+    `ErrorHandler.record_exception`, which fails on an exception whose str() raises."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import traceback
+
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001
+        text = "<exception str() failed>"
+    data = {"message": {"message": f"{type(exc).__name__}: {text}",
+                        "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except (OSError, TypeError, ValueError):
+        pass  # the report then falls back to the exit code; the exception still propagates
+
+
 def main() -> None:
     _die_with_parent()
     run_dir = os.environ.get("TPCLI_RUN_DIR")
     if run_dir:
         with open(os.path.join(run_dir, f"pid-{os.environ.get('RANK', '0')}"), "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}")
     from torch.distributed.elastic.multiprocessing.errors import record
 
     import tpcli  # noqa: F401  the installed package, cached before the user's folder goes first on sys.path
@@ -80,8 +119,10 @@ def main() -> None:
             if exc.code not in (None, 0):
                 _stamp_failure(run_dir)
             raise
-        except BaseException:
+        except BaseException as exc:
             _stamp_failure(run_dir)
+            if not isinstance(exc, (Exception, KeyboardInterrupt)):
+                _record_base_exception(exc)
             raise
 
     run()
