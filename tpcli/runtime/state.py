@@ -184,7 +184,7 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
     # rank 0 makes the temporary folder; every rank learns its name, or rank 0's error
     tmp, out_resolved = map(Path, _raised_on_all(_broadcast(_try(prepare) if rank == 0 else None)))
     try:
-        model_sd_entries = _save_model(model, tmp, world)
+        model_sd_entries = _save_model(model, tmp, rank)
         save_optimizer_distributed(model, optimizer, str(tmp / sm.OPTIMIZER_DIR))
         names = sorted(p.relative_to(tmp).as_posix() for p in _written_files(tmp))
         digests = _spread_hashes(tmp, names)
@@ -226,21 +226,46 @@ def _raised_on_all(outcome: dict):
     return outcome["ok"]
 
 
-def _save_model(model, tmp: Path, world: int) -> list:
-    """The parameters in the DCP HuggingFace layout; returns the (name, global shape, dtype) entries."""
+def _save_model(model, tmp: Path, rank: int) -> list:
+    """The parameters in the DCP HuggingFace layout (what `save_pretrained(distributed_checkpoint=True)` writes,
+    and, in one process, where transformers' writer refuses an unsharded model, the same writer); returns the
+    (name, global shape, dtype) entries.
+
+    Tied parameters (`tie_word_embeddings`: lm_head.weight is model.embed_tokens.weight) are saved under both
+    names, as transformers' own DCP save does, so every reader finds the tensors the model's state dict names.
+    safetensors refuses two names over one storage; transformers' save only gets through when the local shard is
+    a view of a larger buffer (DCP then copies it), which is the case after `from_pretrained` but not after
+    tpcli's loader or in one process: `_unaliased` copies every alias after the first explicitly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from transformers.distributed.checkpoint import _redistribute_state_dict
 
-    entries = _model_entries(get_model_state_dict(model))
-    if world > 1:
-        model.save_pretrained(tmp, distributed_checkpoint=True)
-    else:  # one process: transformers' writer refuses an unsharded model; the same DCP writer, one file
-        from transformers.distributed.checkpoint import _save_model_checkpoint_distributed
-
-        _save_model_checkpoint_distributed(model, tmp)
+    state_dict = get_model_state_dict(model)
+    entries = _model_entries(state_dict)
+    if rank == 0:  # before dcp.save, whose closing collective then orders it before every rank lists the folder
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
+    writer = HuggingFaceStorageWriter(path=str(tmp), save_distributed=True, enable_consolidation=False)
+    dcp.save(_unaliased(_redistribute_state_dict(state_dict)), storage_writer=writer)
     return entries
+
+
+def _unaliased(state_dict: dict) -> dict:
+    """`state_dict` with every tensor whose (local) storage an earlier entry already uses replaced by a copy
+    (a DTensor's copy keeps its mesh and placements: `DTensor.clone` copies the local shard, no communication)."""
+    seen: set[int] = set()
+    out = {}
+    for name, value in state_dict.items():
+        local = getattr(value, "_local_tensor", value)
+        ptr = local.untyped_storage().data_ptr() if hasattr(local, "untyped_storage") else 0
+        if ptr and ptr in seen:
+            value = value.detach().clone()
+        elif ptr:
+            seen.add(ptr)
+        out[name] = value
+    return out
 
 
 def _written_files(tmp: Path) -> list[Path]:
