@@ -223,7 +223,7 @@ def test_stray_and_missing_files_are_refused(model_dirs, one_process_state, tmp_
 
 
 def test_a_metadata_pickle_that_would_run_code_is_refused(one_process_state, tmp_path):
-    from tpcli.runtime.state import read_optimizer_metadata
+    from tpcli.formats.dcp_metadata import read_metadata as read_optimizer_metadata
 
     class Evil:
         def __reduce__(self):
