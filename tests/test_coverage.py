@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tpcli.formats.coverage import MAX_CELLS, find_bad_tiling
+from tpcli.formats.coverage import MAX_CELLS, cell_limit, find_bad_tiling
 
 
 def brute_force(shape, boxes) -> str:
@@ -95,9 +95,20 @@ def test_many_chunks_cost_a_sweep_not_their_pairs():
     assert time.perf_counter() - started < 10
 
 
-@pytest.mark.parametrize("n", [3000])
+@pytest.mark.parametrize("n", [100, 3000])
 def test_a_staggered_grid_is_refused_as_fragmented(n):
-    """Boxes whose edges cut a 2-D tensor into n^2 cells: refused without allocating them."""
+    """Boxes whose edges cut a 2-D tensor into ~n^2 cells: refused without allocating them (n=3000 would take 9M
+    cells; n=100, 10,000 cells for 100 chunks: the limit grows with the chunks, so the work over many such tensors
+    stays proportional to their chunks)."""
     boxes = [((i, i), (1, n - i)) for i in range(n)]
     bad = find_bad_tiling((n, n), boxes)
-    assert bad.kind == "fragmented" and bad.cells > MAX_CELLS
+    assert bad.kind == "fragmented" and bad.cells > cell_limit(n)
+    assert cell_limit(n) <= MAX_CELLS
+
+
+def test_a_mesh_grid_is_within_the_limit():
+    """tp=4 on dim 0 x fsdp=8 on dim 1, uneven: 32 chunks, 32 cells."""
+    rows, cols = [0, 250, 500, 750, 1001], [0, 9, 17, 25, 33, 41, 49, 57, 64]
+    boxes = [((r0, c0), (r1 - r0, c1 - c0)) for r0, r1 in zip(rows, rows[1:], strict=False)
+             for c0, c1 in zip(cols, cols[1:], strict=False)]
+    assert find_bad_tiling((1001, 64), boxes) is None

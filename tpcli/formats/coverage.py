@@ -6,16 +6,18 @@ element lies in exactly one box. Checking each pair of boxes for overlap is O(n^
 cells, and every box is a whole block of cells. A d-dimensional difference array (+1/-1 at the 2^d corners of each
 box, in cell coordinates) summed along each axis gives, per cell, how many boxes cover it: the chunks tile S iff
 every count is 1. Cost: O(n 2^d log n + cells). For chunks saved by a mesh the grid is the mesh's product of cuts
-(cells = n); a crafted set whose edges cut S into more than MAX_CELLS cells is refused as too fragmented.
+(cells = n); a crafted set whose edges cut S into more cells than `cell_limit(n)` (16 per chunk, at least 4,096, at
+most MAX_CELLS) is refused as too fragmented, so the work stays proportional to the chunks over all tensors.
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from dataclasses import dataclass
 
 MAX_CELLS = 1 << 22  # 16 MiB of int32 counts; a mesh of 4M ranks would be needed to reach it honestly
+CELLS_PER_CHUNK = 16  # a mesh's chunks form a product grid: one cell each
+MIN_CELL_LIMIT = 4096
 MAX_DIM = 1 << 62  # sizes beyond int64 range cannot be a tensor's
 
 
@@ -23,7 +25,7 @@ MAX_DIM = 1 << 62  # sizes beyond int64 range cannot be a tensor's
 class Tiling:
     """Why boxes do not tile a shape: kind is "rank" (box i has another number of dims), "negative" (a negative
     offset or size), "outside" (box i reaches past the shape), "overlap" (boxes i and j share an element), "gap"
-    (an element at `at` is in no box) or "fragmented" (`cells` grid cells: more than MAX_CELLS)."""
+    (an element at `at` is in no box) or "fragmented" (`cells` grid cells: more than `cell_limit`)."""
 
     kind: str
     i: int = -1
@@ -37,6 +39,11 @@ def _volume(sizes) -> int:
     for s in sizes:
         v *= s
     return v
+
+
+def cell_limit(chunks: int) -> int:
+    """The most grid cells checked for `chunks` non-empty chunks."""
+    return min(MAX_CELLS, max(CELLS_PER_CHUNK * chunks, MIN_CELL_LIMIT))
 
 
 def find_bad_tiling(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> Tiling | None:
@@ -63,14 +70,14 @@ def find_bad_tiling(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], t
         return None
     if not live:
         return Tiling("gap", at=(0,) * ndim)
-    cuts = [sorted({0, shape[d], *(boxes[i][0][d] for i in live), *(boxes[i][0][d] + boxes[i][1][d] for i in live)})
-            for d in range(ndim)]
+    start = np.array([boxes[i][0] for i in live], dtype=np.int64).reshape(len(live), ndim)  # <= MAX_DIM: checked
+    end = start + np.array([boxes[i][1] for i in live], dtype=np.int64).reshape(len(live), ndim)
+    cuts = [np.unique(np.concatenate(([0, shape[d]], start[:, d], end[:, d]))) for d in range(ndim)]
     cells = _volume(len(c) - 1 for c in cuts)
-    if cells > MAX_CELLS:
+    if cells > cell_limit(len(live)):
         return Tiling("fragmented", cells=cells)
-    lo = np.array([[bisect.bisect_left(cuts[d], boxes[i][0][d]) for d in range(ndim)] for i in live], dtype=np.int64)
-    hi = np.array([[bisect.bisect_left(cuts[d], boxes[i][0][d] + boxes[i][1][d]) for d in range(ndim)] for i in live],
-                  dtype=np.int64)
+    lo = np.stack([np.searchsorted(cuts[d], start[:, d]) for d in range(ndim)], axis=1)  # in cell coordinates
+    hi = np.stack([np.searchsorted(cuts[d], end[:, d]) for d in range(ndim)], axis=1)
     count = np.zeros([len(c) for c in cuts], dtype=np.int32)  # one extra cell per dim for the far corners
     for corner in itertools.product((0, 1), repeat=ndim):
         idx = np.where(np.array(corner, dtype=bool), hi, lo)
@@ -80,10 +87,9 @@ def find_bad_tiling(shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], t
     count = count[tuple(slice(0, -1) for _ in range(ndim))]
     over = np.argwhere(count > 1)
     if len(over):
-        cell = over[0]
-        i, j = [i for k, i in enumerate(live) if np.all(lo[k] <= cell) and np.all(cell < hi[k])][:2]
-        return Tiling("overlap", i, j)
+        holders = np.nonzero(np.all((lo <= over[0]) & (over[0] < hi), axis=1))[0]
+        return Tiling("overlap", live[holders[0]], live[holders[1]])
     gap = np.argwhere(count == 0)
     if len(gap):
-        return Tiling("gap", at=tuple(cuts[d][int(c)] for d, c in enumerate(gap[0])))
+        return Tiling("gap", at=tuple(int(cuts[d][c]) for d, c in enumerate(gap[0])))
     return None

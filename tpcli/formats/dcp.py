@@ -115,7 +115,7 @@ def _global_shape(t: ShardedTensor) -> tuple[int, ...]:
 def check_coverage(t: ShardedTensor, folder: Path) -> None:
     """The chunks of `t` tile its global box exactly: no gap, no overlap, none outside (`coverage.find_bad_tiling`:
     a sweep over the grid the chunks' edges cut, not a test of every pair)."""
-    from tpcli.formats.coverage import MAX_CELLS, find_bad_tiling
+    from tpcli.formats.coverage import cell_limit, find_bad_tiling
 
     bad = find_bad_tiling(tuple(t.shape), [(tuple(c.offsets), tuple(c.sizes)) for c in t.chunks])
     if bad is None:
@@ -129,8 +129,8 @@ def check_coverage(t: ShardedTensor, folder: Path) -> None:
                               "truncated).")
     if bad.kind == "fragmented":
         raise CheckpointError(f"{folder}: {t.name}'s {len(t.chunks)} chunks cut it into {bad.cells:,} pieces, more "
-                              f"than tpcli checks ({MAX_CELLS:,}); no mesh saves that: the metadata is crafted or "
-                              "corrupt.")
+                              f"than tpcli checks for them ({cell_limit(len(t.chunks)):,}); no mesh saves that: the "
+                              "metadata is crafted or corrupt.")
     where = folder / a.file if a is not None else folder
     what = f"chunk at {list(a.offsets)} of size {list(a.sizes)}" if a is not None else "shape"
     raise CheckpointError(f"{where}: {t.name} {what} does not fit its shape {list(t.shape)} (the metadata is "

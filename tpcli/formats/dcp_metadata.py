@@ -83,10 +83,8 @@ def _is_int(v) -> bool:
     return type(v) is int and v >= 0
 
 
-def _is_size(v) -> bool:
-    import torch
-
-    return type(v) is torch.Size and all(_is_int(x) for x in v)
+def _is_size(v, size_type) -> bool:
+    return type(v) is size_type and all(type(x) is int and x >= 0 for x in v)
 
 
 def check_structure(path: Path, meta) -> None:
@@ -110,21 +108,23 @@ def check_structure(path: Path, meta) -> None:
         bad(f"holds a {type(meta).__name__}, not a Metadata")
     if type(meta.state_dict_metadata) is not dict or type(meta.storage_data) is not dict:
         bad("state_dict_metadata or storage_data is not a dict")
+    size = torch.Size
     for fqn, m in meta.state_dict_metadata.items():
         if type(fqn) is not str:
             bad(f"a state_dict_metadata key is a {type(fqn).__name__}")
         if type(m) is BytesStorageMetadata:
             continue
         if type(m) is not TensorStorageMetadata or type(m.properties) is not TensorProperties \
-                or type(m.properties.dtype) is not torch.dtype or not _is_size(m.size) or type(m.chunks) is not list:
+                or type(m.properties.dtype) is not torch.dtype or not _is_size(m.size, size) \
+                or type(m.chunks) is not list:
             bad(f"entry {fqn} is not a tensor's or a value's metadata")
         for c in m.chunks:
-            if type(c) is not ChunkStorageMetadata or not _is_size(c.offsets) or not _is_size(c.sizes) \
+            if type(c) is not ChunkStorageMetadata or not _is_size(c.offsets, size) or not _is_size(c.sizes, size) \
                     or len(c.offsets) != len(m.size) or len(c.sizes) != len(m.size):
                 bad(f"entry {fqn} has a malformed chunk")
     for key, info in meta.storage_data.items():
         if type(key) is not MetadataIndex or type(key.fqn) is not str \
-                or not (key.offset is None or _is_size(key.offset)):
+                or not (key.offset is None or _is_size(key.offset, size)):
             bad("a storage_data key is not a MetadataIndex")
         if type(info) is not _StorageInfo or type(info.relative_path) is not str or not _is_int(info.offset) \
                 or not _is_int(info.length):
