@@ -111,6 +111,39 @@ def test_only_the_exact_allow_list_resolves(tmp_path, module, name):
         read_metadata(tmp_path)
 
 
+def _global(module: str, name: str) -> bytes:
+    return _short_str(module) + _short_str(name) + b"\x93"  # STACK_GLOBAL
+
+
+@pytest.mark.parametrize("target", ["class", "enum-member"])
+def test_a_pickle_cannot_change_the_classes_it_may_build(tmp_path, target):
+    """BUILD on an allowed global (slot state: setattr on a class; dict state: an enum member's __dict__) would
+    change it for the whole process (every later load, the training itself): refused, and put back."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, MetadataIndex
+
+    from tpcli.formats.dcp_metadata import read_metadata
+
+    meta = "torch.distributed.checkpoint.metadata"
+    if target == "class":  # MetadataIndex.planted = True
+        body = _global(meta, "MetadataIndex") + b"N}" + _short_str("planted") + b"\x88s\x86b"
+        where = "MetadataIndex.planted"
+    else:  # _MEM_FORMAT_ENCODING(0)._value_ = 5
+        body = _global(meta, "_MEM_FORMAT_ENCODING") + b"K\x00\x85R}" + _short_str("_value_") + b"K\x05sb"
+        where = "_MEM_FORMAT_ENCODING._value_"
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04" + body + b".")
+    with pytest.raises(CheckpointError, match=f"not DCP metadata \\(it sets {where} of a class or constant"):
+        read_metadata(tmp_path)
+    assert not hasattr(MetadataIndex, "planted") and _MEM_FORMAT_ENCODING(0)._value_ == 0
+
+
+def test_an_oversized_metadata_is_refused_before_unpickling(tmp_path):
+    from tpcli.formats.dcp_metadata import read_metadata
+
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04" + b"N" * 4096 + b".")
+    with pytest.raises(CheckpointError, match=r"4,099 bytes, more than DCP metadata needs .*\(4,096\)"):
+        read_metadata(tmp_path, limit=4096)
+
+
 # --- item 2: nothing read outside the listed files -------------------------------------------------------------
 
 def _repoint(state: Path, fqn_end: str, **change):

@@ -30,7 +30,7 @@ from pathlib import Path
 from tpcli.errors import CheckpointError
 from tpcli.formats import state_manifest as sm
 
-MAX_METADATA_BYTES = 256 << 20  # a real AdamW index is ~100 KB per 25 tensors and rank; 256 MiB is far beyond it
+MAX_METADATA_BYTES = 256 << 20  # a tiny model's AdamW index is ~80 KB; larger only beside larger optimizer files
 _META = "torch.distributed.checkpoint.metadata"
 _TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                  "float8_e5m2fnuz", "float8_e8m0fnu", "complex64", "complex128", "int64", "int32", "int16", "int8",
@@ -57,9 +57,18 @@ class _AllowListUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never does")
 
 
-def read_metadata(folder: Path):
-    """The DCP `Metadata` of `folder/.metadata`, built from ALLOWED classes only and type-checked; a
-    CheckpointError naming the file otherwise."""
+def metadata_limit(doc: dict) -> int:
+    """The most bytes `.metadata` may have beside the optimizer files the manifest `doc` lists: MAX_METADATA_BYTES,
+    or as many as those files hold (every entry names a distinct byte range of them, each far larger than the
+    entry itself), whichever is larger."""
+    data = sum(e["bytes"] for n, e in doc["files"].items() if n.startswith(f"{sm.OPTIMIZER_DIR}/") and
+               not n.endswith("/.metadata"))
+    return max(MAX_METADATA_BYTES, data)
+
+
+def read_metadata(folder: Path, *, limit: int = MAX_METADATA_BYTES):
+    """The DCP `Metadata` of `folder/.metadata` (at most `limit` bytes: `metadata_limit`), built from ALLOWED
+    classes only and type-checked; a CheckpointError naming the file otherwise."""
     path = Path(folder) / ".metadata"
     try:
         st = path.lstat()
@@ -67,16 +76,60 @@ def read_metadata(folder: Path):
         raise CheckpointError(f"{path}: missing; the optimizer state is incomplete.") from None
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointError(f"{path}: not a regular file (a link, FIFO or folder); refusing to read it.")
-    if st.st_size > MAX_METADATA_BYTES:
-        raise CheckpointError(f"{path}: {st.st_size:,} bytes, more than DCP metadata ever needs "
-                              f"({MAX_METADATA_BYTES:,}); refusing to read it.")
+    if st.st_size > limit:
+        raise CheckpointError(f"{path}: {st.st_size:,} bytes, more than DCP metadata needs beside these optimizer "
+                              f"files ({limit:,}); refusing to read it.")
+    shared = _shared_objects()
+    before = [dict(vars(o)) for o in shared]
     try:
         with open(path, "rb") as f:
             meta = _AllowListUnpickler(f).load()
     except Exception as exc:  # noqa: BLE001 - whatever a hostile pickle raises, it is not DCP metadata
-        raise CheckpointError(f"{path}: not DCP metadata ({type(exc).__name__}: {exc}); refusing to read it.") from None
+        meta, error = None, f"{type(exc).__name__}: {exc}"
+    else:
+        error = None
+    changed = _restore(shared, before)
+    if changed:
+        error = f"it sets {changed} of a class or constant this process shares (BUILD on a global)"
+    if error is not None:
+        raise CheckpointError(f"{path}: not DCP metadata ({error}); refusing to read it.")
     check_structure(path, meta)
     return meta
+
+
+def _shared_objects() -> list:
+    """The objects of this process a pickle restricted to ALLOWED can reach and that have attributes to set:
+    the allowed classes and function (pickle's BUILD with slot state calls setattr on whatever is on its stack)
+    and the members of the allowed enum (singletons; BUILD with a dict state writes into their __dict__)."""
+    import enum
+
+    reachable = []
+    for module, name in sorted(ALLOWED):
+        try:
+            reachable.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another Python's module name, a dtype this torch lacks
+            continue
+    members = [m for o in reachable if isinstance(o, type) and issubclass(o, enum.Enum) for m in o]
+    return [o for o in [*reachable, *members] if hasattr(o, "__dict__")]
+
+
+def _restore(shared: list, before: list[dict]) -> str:
+    """Put back any attribute the load set, added or removed on `shared`; the first one's name, or ''."""
+    changed = ""
+    for obj, old in zip(shared, before, strict=True):
+        now = dict(vars(obj))
+        for key in [k for k in now if k not in old or now[k] is not old[k]] + [k for k in old if k not in now]:
+            changed = changed or f"{getattr(obj, '__qualname__', type(obj).__qualname__)}.{key}"
+            if isinstance(obj, type) or callable(obj):  # a class's __dict__ is read-only: through setattr
+                if key in old:
+                    setattr(obj, key, old[key])
+                else:
+                    delattr(obj, key)
+            elif key in old:  # an enum member: its __dict__ itself
+                obj.__dict__[key] = old[key]
+            else:
+                del obj.__dict__[key]
+    return changed
 
 
 def _is_int(v) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError, OutputError, TpcliError, UsageError
 from tpcli.formats import state_manifest as sm
-from tpcli.formats.dcp_metadata import check_storage, read_metadata
+from tpcli.formats.dcp_metadata import check_storage, metadata_limit, read_metadata
 from tpcli.formats.hashing import sha256_file
 from tpcli.formats.output import Words
 
@@ -363,7 +363,7 @@ def _check_optimizer(folder: Path, doc: dict, optim_sd: dict, classes: tuple[str
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     where = folder / sm.OPTIMIZER_DIR
-    metadata = read_metadata(where)
+    metadata = read_metadata(where, limit=metadata_limit(doc))
     check_storage(where, doc, metadata)
     saved = {k.removeprefix("optimizer."): v for k, v in metadata.state_dict_metadata.items()}
     hint = (f"saved with {classes[0]}, this optimizer is {classes[1]}" if classes[0] != classes[1] else
