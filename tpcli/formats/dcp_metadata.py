@@ -12,8 +12,10 @@ folder before torch reads anything it points at.
 Reading (`read_metadata`): an unpickler that resolves exactly the (module, name) pairs in `ALLOWED` (DCP's metadata
 classes, torch.Size, the dtypes, the layout lookup, PosixPath: the set torch's own save of AdamW state pickles) and
 nothing else: a dotted name (`os.system` looked up through a module, which protocol 4 would resolve) or any other
-global is a CheckpointError naming the file, raised before the object is built. Every field then has its expected
-type (`check_structure`).
+global is a CheckpointError naming the file, raised before the object is built. The file is size-capped before it
+is read (`metadata_limit`); a pickle that sets attributes on what it may reach (BUILD on an allowed class, function
+or enum member: process-wide state) is undone and refused. Every field then has its expected type
+(`check_structure`).
 
 Checking (`check_storage`): every `relative_path` is a plain file name listed in the manifest under optimizer/
 (a regular file, not a link or FIFO); every [offset, offset + length) lies inside that file and no two overlap (so
