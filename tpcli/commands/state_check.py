@@ -42,10 +42,12 @@ def _optimizer_coverage(folder: Path, doc: dict, tensors: dict) -> dict:
     parameter's global shape unless it is a scalar like `step`), and that they agree with the manifest."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from tpcli.runtime.state import check_tiles, optimizer_state_entries, optimizer_summary, read_optimizer_metadata
+    from tpcli.formats.dcp_metadata import check_storage, metadata_limit, read_metadata
+    from tpcli.runtime.state import check_tiles, optimizer_state_entries, optimizer_summary
 
     where = folder / sm.OPTIMIZER_DIR
-    meta = read_optimizer_metadata(where)
+    meta = read_metadata(where, limit=metadata_limit(doc))
+    check_storage(where, doc, meta)
     per_param = optimizer_state_entries(meta)
     for param, entries in per_param.items():
         t = tensors.get(param)

@@ -113,19 +113,25 @@ def _global_shape(t: ShardedTensor) -> tuple[int, ...]:
 
 
 def check_coverage(t: ShardedTensor, folder: Path) -> None:
-    """The chunks of `t` tile its global box exactly: no gap, no overlap."""
+    """The chunks of `t` tile its global box exactly: no gap, no overlap, none outside (`coverage.find_bad_tiling`:
+    a sweep over the grid the chunks' edges cut, not a test of every pair)."""
+    from tpcli.formats.coverage import cell_limit, find_bad_tiling
 
-    def volume(sizes):
-        v = 1
-        for s in sizes:
-            v *= s
-        return v
-
-    chunks = [c for c in t.chunks if volume(c.sizes)]
-    for i, a in enumerate(chunks):
-        for b in chunks[i + 1:]:
-            if all(max(ao, bo) < min(ao + asz, bo + bsz)
-                   for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)):
-                raise CheckpointError(f"{folder / b.file}: {t.name} chunk at {list(b.offsets)} overlaps the one in {a.file}.")
-    if sum(volume(c.sizes) for c in chunks) != volume(t.shape):
-        raise CheckpointError(f"{folder}: {t.name} is not fully covered by its chunks (a rank file is missing or truncated).")
+    bad = find_bad_tiling(tuple(t.shape), [(tuple(c.offsets), tuple(c.sizes)) for c in t.chunks])
+    if bad is None:
+        return
+    a = t.chunks[bad.i] if bad.i >= 0 else None
+    if bad.kind == "overlap":
+        b = t.chunks[bad.j]
+        raise CheckpointError(f"{folder / b.file}: {t.name} chunk at {list(b.offsets)} overlaps the one in {a.file}.")
+    if bad.kind == "gap":
+        raise CheckpointError(f"{folder}: {t.name} is not fully covered by its chunks (a rank file is missing or "
+                              "truncated).")
+    if bad.kind == "fragmented":
+        raise CheckpointError(f"{folder}: {t.name}'s {len(t.chunks)} chunks cut it into {bad.cells:,} pieces, more "
+                              f"than tpcli checks for them ({cell_limit(len(t.chunks)):,}); no mesh saves that: the "
+                              "metadata is crafted or corrupt.")
+    where = folder / a.file if a is not None else folder
+    what = f"chunk at {list(a.offsets)} of size {list(a.sizes)}" if a is not None else "shape"
+    raise CheckpointError(f"{where}: {t.name} {what} does not fit its shape {list(t.shape)} (the metadata is "
+                          "corrupt).")

@@ -19,20 +19,22 @@ that the saved tensors are exactly the model's (names, global shapes, dtypes, ch
 the optimizer's tensors are exactly those this optimizer holds: any mismatch is a CheckpointError naming the file
 or tensor, raised on every rank, with no parameter changed.
 
-The optimizer's `.metadata` is a pickle; tpcli reads it with an unpickler that builds only DCP's metadata classes,
-and its non-tensor values (learning rates, betas) with `torch.load(weights_only=True)`: a state folder from
-someone else cannot run code when loaded or verified.
+The optimizer's `.metadata` is a pickle; tpcli reads it once, with `tpcli.formats.dcp_metadata` (an exact
+allow-list of classes; every byte range it names inside a file of optimizer/ the manifest lists), hands that
+checked object to torch, and reads the non-tensor values (learning rates, betas) with
+`torch.load(weights_only=True)`: a state folder from someone else cannot run code or make tpcli read outside it
+when loaded or verified.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 from tpcli.errors import CheckpointError, OutputError, TpcliError, UsageError
 from tpcli.formats import state_manifest as sm
+from tpcli.formats.dcp_metadata import check_storage, metadata_limit, read_metadata
 from tpcli.formats.hashing import sha256_file
 from tpcli.formats.output import Words
 
@@ -184,7 +186,7 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
     # rank 0 makes the temporary folder; every rank learns its name, or rank 0's error
     tmp, out_resolved = map(Path, _raised_on_all(_broadcast(_try(prepare) if rank == 0 else None)))
     try:
-        model_sd_entries = _save_model(model, tmp, world)
+        model_sd_entries = _save_model(model, tmp, rank)
         save_optimizer_distributed(model, optimizer, str(tmp / sm.OPTIMIZER_DIR))
         names = sorted(p.relative_to(tmp).as_posix() for p in _written_files(tmp))
         digests = _spread_hashes(tmp, names)
@@ -196,7 +198,7 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
                           "architectures": list(getattr(model.config, "architectures", None) or []),
                           "tensors": len(model_sd_entries), "signature": sm.signature(model_sd_entries)},
                 "optimizer": {"class": type(optimizer).__name__,
-                              **optimizer_summary(read_optimizer_metadata(tmp / sm.OPTIMIZER_DIR))},
+                              **optimizer_summary(read_metadata(tmp / sm.OPTIMIZER_DIR))},
                 "files": {n: {"bytes": (tmp / n).stat().st_size, "sha256": d} for n, d in zip(names, digests, strict=True)},
             }
             sm.write(tmp, doc)
@@ -226,21 +228,46 @@ def _raised_on_all(outcome: dict):
     return outcome["ok"]
 
 
-def _save_model(model, tmp: Path, world: int) -> list:
-    """The parameters in the DCP HuggingFace layout; returns the (name, global shape, dtype) entries."""
+def _save_model(model, tmp: Path, rank: int) -> list:
+    """The parameters in the DCP HuggingFace layout (what `save_pretrained(distributed_checkpoint=True)` writes,
+    and, in one process, where transformers' writer refuses an unsharded model, the same writer); returns the
+    (name, global shape, dtype) entries.
+
+    Tied parameters (`tie_word_embeddings`: lm_head.weight is model.embed_tokens.weight) are saved under both
+    names, as transformers' own DCP save does, so every reader finds the tensors the model's state dict names.
+    safetensors refuses two names over one storage; transformers' save only gets through when the local shard is
+    a view of a larger buffer (DCP then copies it), which is the case after `from_pretrained` but not after
+    tpcli's loader or in one process: `_unaliased` copies every alias after the first explicitly."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from transformers.distributed.checkpoint import _redistribute_state_dict
 
-    entries = _model_entries(get_model_state_dict(model))
-    if world > 1:
-        model.save_pretrained(tmp, distributed_checkpoint=True)
-    else:  # one process: transformers' writer refuses an unsharded model; the same DCP writer, one file
-        from transformers.distributed.checkpoint import _save_model_checkpoint_distributed
-
-        _save_model_checkpoint_distributed(model, tmp)
+    state_dict = get_model_state_dict(model)
+    entries = _model_entries(state_dict)
+    if rank == 0:  # before dcp.save, whose closing collective then orders it before every rank lists the folder
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
+    writer = HuggingFaceStorageWriter(path=str(tmp), save_distributed=True, enable_consolidation=False)
+    dcp.save(_unaliased(_redistribute_state_dict(state_dict)), storage_writer=writer)
     return entries
+
+
+def _unaliased(state_dict: dict) -> dict:
+    """`state_dict` with every tensor whose (local) storage an earlier entry already uses replaced by a copy
+    (a DTensor's copy keeps its mesh and placements: `DTensor.clone` copies the local shard, no communication)."""
+    seen: set[int] = set()
+    out = {}
+    for name, value in state_dict.items():
+        local = getattr(value, "_local_tensor", value)
+        ptr = local.untyped_storage().data_ptr() if hasattr(local, "untyped_storage") else 0
+        if ptr and ptr in seen:
+            value = value.detach().clone()
+        elif ptr:
+            seen.add(ptr)
+        out[name] = value
+    return out
 
 
 def _written_files(tmp: Path) -> list[Path]:
@@ -290,12 +317,12 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     model_sd = get_model_state_dict(model)
     _agree(_check_model, folder, doc, _model_entries(model_sd), model.config.model_type)
     optim_sd = _optimizer_state(model, optimizer)
-    _agree(_check_optimizer, folder, optim_sd, (doc["optimizer"]["class"], type(optimizer).__name__))
+    metadata = _agree(_check_optimizer, folder, doc, optim_sd, (doc["optimizer"]["class"], type(optimizer).__name__))
 
     from transformers.distributed.checkpoint import _load_model_checkpoint_distributed
 
     _load_model_checkpoint_distributed(model, folder, strict=True)
-    _load_optimizer(model, optimizer, folder / sm.OPTIMIZER_DIR, optim_sd)
+    _load_optimizer(model, optimizer, folder / sm.OPTIMIZER_DIR, optim_sd, metadata)
     return {"step": doc["step"], "extra": doc["extra"], "mesh": doc["mesh"]}
 
 
@@ -326,15 +353,18 @@ def _check_model(folder: Path, doc: dict, entries: list, model_type: str) -> Non
         raise CheckpointError(f"{manifest}: the model signature differs from this model's; nothing was loaded.")
 
 
-def _check_optimizer(folder: Path, optim_sd: dict, classes: tuple[str, str]) -> None:
-    """The saved optimizer tensors are exactly the ones this optimizer holds (name, global shape, dtype), each
-    tiled by its chunks, and every saved non-tensor value (lr, betas, ...) exists here. `classes`: (saved, this)
-    optimizer class names, for the message."""
+def _check_optimizer(folder: Path, doc: dict, optim_sd: dict, classes: tuple[str, str]):
+    """The DCP metadata, read from allowed classes only, points only at byte ranges inside the optimizer files the
+    manifest lists (`dcp_metadata.check_storage`); the saved optimizer tensors are exactly the ones this optimizer
+    holds (name, global shape, dtype), each tiled by its chunks, and every saved non-tensor value (lr, betas, ...)
+    exists here. `classes`: (saved, this) optimizer class names, for the message. Returns the checked metadata:
+    the one torch then loads with (not a second read of the file)."""
     import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     where = folder / sm.OPTIMIZER_DIR
-    metadata = read_optimizer_metadata(where)
+    metadata = read_metadata(where, limit=metadata_limit(doc))
+    check_storage(where, doc, metadata)
     saved = {k.removeprefix("optimizer."): v for k, v in metadata.state_dict_metadata.items()}
     hint = (f"saved with {classes[0]}, this optimizer is {classes[1]}" if classes[0] != classes[1] else
             "saved for other parameters?")
@@ -359,6 +389,7 @@ def _check_optimizer(folder: Path, optim_sd: dict, classes: tuple[str, str]) -> 
     if extra:
         raise CheckpointError(f"{where}: holds optimizer entry {extra[0]} that this optimizer does not have "
                               f"({len(extra)} such; {hint}); nothing was loaded.")
+    return metadata
 
 
 def check_tiles(where: Path, what: str, meta) -> None:
@@ -370,67 +401,36 @@ def check_tiles(where: Path, what: str, meta) -> None:
     check_coverage(t, where.parent)
 
 
-def _load_optimizer(model, optimizer, folder: Path, optim_sd: dict) -> None:
-    """transformers' `load_optimizer_distributed`, with tpcli's safe metadata reader and planner."""
+def _load_optimizer(model, optimizer, folder: Path, optim_sd: dict, metadata) -> None:
+    """transformers' `load_optimizer_distributed`, with the metadata `_check_optimizer` checked and tpcli's
+    planner."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     from transformers.distributed.checkpoint import _redistribute_state_dict
 
     state = _redistribute_state_dict(optim_sd)
-    dcp.load({"optimizer": state}, storage_reader=_safe_reader(folder), planner=_safe_planner())
+    dcp.load({"optimizer": state}, storage_reader=_checked_reader(folder, metadata), planner=_safe_planner())
     state = _redistribute_state_dict(state, reference_state_dict=optim_sd)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 
-# ------------------------------------------------------------------------------ reading DCP metadata safely
-
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-            ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+# ------------------------------------------------------------------------------ reading DCP files safely
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's metadata dataclasses, torch.Size and dtypes, nothing else (no code runs)."""
-
-    def find_class(self, module, name):
-        import torch
-
-        if (module in _DCP_MODULES and not name.startswith("__")) or (module, name) in _ALLOWED or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP metadata")
-
-
-def read_optimizer_metadata(folder: Path):
-    """The DCP `Metadata` of `folder/.metadata`, read without running code; a CheckpointError otherwise."""
-    path = Path(folder) / ".metadata"
-    try:
-        with open(path, "rb") as f:
-            meta = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; the optimizer state is incomplete.") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as exc:
-        raise CheckpointError(f"{path}: not DCP metadata ({exc}); refusing to read it.") from None
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    if not isinstance(meta, Metadata):
-        raise CheckpointError(f"{path}: not DCP metadata (a {type(meta).__name__}).")
-    return meta
-
-
-def _safe_reader(folder: Path):
+def _checked_reader(folder: Path, meta):
+    """torch's FileSystemReader over `folder`, handing torch `meta` (read and checked before: torch never
+    unpickles `.metadata` itself, nor reads it again after the checks)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class SafeReader(FileSystemReader):
+    class CheckedReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            meta = read_optimizer_metadata(Path(self.path))
             if getattr(meta, "storage_meta", None) is None:
                 meta.storage_meta = StorageMeta()
             meta.storage_meta.load_id = self.load_id
             return meta
 
-    return SafeReader(str(folder))
+    return CheckedReader(str(folder))
 
 
 def _safe_planner():

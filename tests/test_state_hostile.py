@@ -1,0 +1,238 @@
+"""A training-state folder from someone else (issue 34, items 1-3): `optimizer/.metadata` is a pickle whose sha256
+in tpcli-state.json anyone can refresh (the manifest is not signed). Each forged folder below has its manifest
+refreshed, so only the checks on the metadata itself stand between it and the reader: `tpcli verify STATE` and
+`tpcli.load_state` must refuse it in one line naming the file, run no code, read nothing outside the listed files,
+change no parameter, and finish in bounded time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_main
+from test_state import _fresh_copy, _model_and_optimizer, _refused, _step
+
+from tpcli.errors import CheckpointError
+
+OPT_FILE = "__0_0.distcp"  # the one process's optimizer file
+
+
+@pytest.fixture(scope="module")
+def saved(model_dirs, tmp_path_factory) -> Path:
+    """A state saved in one process after 2 AdamW steps (llama4kv, as test_state's)."""
+    import tpcli
+
+    model, opt = _model_and_optimizer(model_dirs("llama4kv"))
+    _step(model, opt, 0)
+    _step(model, opt, 1)
+    return tpcli.save_state(tmp_path_factory.mktemp("s") / "step-2", model, opt, step=2)
+
+
+def _refresh(state: Path) -> None:
+    """Rewrite tpcli-state.json's size and sha256 of every listed file, as an attacker would."""
+    doc = json.loads((state / "tpcli-state.json").read_text())
+    for name in doc["files"]:
+        data = (state / name).read_bytes()
+        doc["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (state / "tpcli-state.json").write_text(json.dumps(doc))
+
+
+def _real_metadata(state: Path):
+    with open(state / "optimizer" / ".metadata", "rb") as f:  # the test's own file: a plain unpickle is fine here
+        return pickle.load(f)
+
+
+def _write_metadata(state: Path, meta) -> None:
+    (state / "optimizer" / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+    _refresh(state)
+
+
+def _short_str(s: str) -> bytes:
+    raw = s.encode()
+    return b"\x8c" + struct.pack("<B", len(raw)) + raw  # SHORT_BINUNICODE
+
+
+def forged(real: bytes, command: str) -> bytes:
+    """The real metadata pickle behind a prefix that calls os.system(command) and drops its result: STACK_GLOBAL
+    of ('torch.distributed.checkpoint.filesystem', 'os.system'), which protocol 4 resolves through the module's
+    `os` attribute. No MEMOIZE in the prefix, so the real pickle's memo indices still hold."""
+    assert real[:2] == b"\x80\x04"
+    prefix = (_short_str("torch.distributed.checkpoint.filesystem") + _short_str("os.system") + b"\x93"  # STACK_GLOBAL
+              + _short_str(command) + b"\x85" + b"R" + b"0")  # TUPLE1, REDUCE, POP
+    return b"\x80\x04" + prefix + real[2:]
+
+
+def _one_line_refusal(monkeypatch, capsys, state: Path, match: str) -> str:
+    code, out, _ = run_main(monkeypatch, capsys, "verify", state, "--json")
+    r = json.loads(out)
+    assert code == 1 and not r["ok"], r
+    message = r["findings"][0]["message"]
+    assert match in message and "\n" not in message, message
+    return message
+
+
+# --- item 1: no code from .metadata -----------------------------------------------------------------------------
+
+def test_a_forged_metadata_pickle_runs_no_code_in_verify_or_load_state(monkeypatch, capsys, model_dirs,
+                                                                      saved, tmp_path):
+    state = _fresh_copy(saved, tmp_path)
+    real = (state / "optimizer" / ".metadata").read_bytes()
+    oracle_marker = tmp_path / "oracle-ran"  # the forgery works: a plain unpickle runs it and still gets Metadata
+    meta = pickle.loads(forged(real, f"touch {oracle_marker}"))
+    assert oracle_marker.exists() and type(meta).__name__ == "Metadata"
+
+    marker = tmp_path / "pwned"
+    (state / "optimizer" / ".metadata").write_bytes(forged(real, f"touch {marker}"))
+    _refresh(state)
+    message = _one_line_refusal(monkeypatch, capsys, state, "torch.distributed.checkpoint.filesystem.os.system")
+    assert message.startswith(str(state / "optimizer" / ".metadata")), message
+    assert not marker.exists()
+    _refused(model_dirs, state, r"\.metadata: not DCP metadata .*os\.system")
+    assert not marker.exists()
+    # Shown to fail on b3d4079: its unpickler allowed any name not starting with "__" from that module, verify said
+    # ok and `marker` existed afterwards.
+
+
+@pytest.mark.parametrize("module, name", [("torch.distributed.checkpoint.metadata", "Metadata.__init__"),
+                                          ("torch.distributed.checkpoint.metadata", "torch"),
+                                          ("builtins", "eval"), ("torch", "load"), ("pathlib", "Path")])
+def test_only_the_exact_allow_list_resolves(tmp_path, module, name):
+    from tpcli.formats.dcp_metadata import read_metadata
+
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04" + _short_str(module) + _short_str(name) + b"\x93.")
+    with pytest.raises(CheckpointError, match=f"not DCP metadata .*{module}.{name}, which is not part"):
+        read_metadata(tmp_path)
+
+
+def _global(module: str, name: str) -> bytes:
+    return _short_str(module) + _short_str(name) + b"\x93"  # STACK_GLOBAL
+
+
+@pytest.mark.parametrize("target", ["class", "enum-member"])
+def test_a_pickle_cannot_change_the_classes_it_may_build(tmp_path, target):
+    """BUILD on an allowed global (slot state: setattr on a class; dict state: an enum member's __dict__) would
+    change it for the whole process (every later load, the training itself): refused, and put back."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, MetadataIndex
+
+    from tpcli.formats.dcp_metadata import read_metadata
+
+    meta = "torch.distributed.checkpoint.metadata"
+    if target == "class":  # MetadataIndex.planted = True
+        body = _global(meta, "MetadataIndex") + b"N}" + _short_str("planted") + b"\x88s\x86b"
+        where = "MetadataIndex.planted"
+    else:  # _MEM_FORMAT_ENCODING(0)._value_ = 5
+        body = _global(meta, "_MEM_FORMAT_ENCODING") + b"K\x00\x85R}" + _short_str("_value_") + b"K\x05sb"
+        where = "_MEM_FORMAT_ENCODING._value_"
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04" + body + b".")
+    with pytest.raises(CheckpointError, match=f"not DCP metadata \\(it sets {where} of a class or constant"):
+        read_metadata(tmp_path)
+    assert not hasattr(MetadataIndex, "planted") and _MEM_FORMAT_ENCODING(0)._value_ == 0
+
+
+def test_an_oversized_metadata_is_refused_before_unpickling(tmp_path):
+    from tpcli.formats.dcp_metadata import read_metadata
+
+    (tmp_path / ".metadata").write_bytes(b"\x80\x04" + b"N" * 4096 + b".")
+    with pytest.raises(CheckpointError, match=r"4,099 bytes, more than DCP metadata needs .*\(4,096\)"):
+        read_metadata(tmp_path, limit=4096)
+
+
+# --- item 2: nothing read outside the listed files -------------------------------------------------------------
+
+def _repoint(state: Path, fqn_end: str, **change):
+    """The storage entry of the first chunk whose name ends with `fqn_end`, changed (relative_path, offset, ...)."""
+    from dataclasses import replace
+
+    meta = _real_metadata(state)
+    key = next(k for k in meta.storage_data if k.fqn.endswith(fqn_end))
+    meta.storage_data[key] = replace(meta.storage_data[key], **change)
+    _write_metadata(state, meta)
+    return key.fqn
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "fifo", "truncated"])
+def test_metadata_pointing_outside_the_listed_files_is_refused(monkeypatch, capsys, model_dirs, saved,
+                                                               tmp_path, where):
+    state = _fresh_copy(saved, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(state / "optimizer" / OPT_FILE, outside / OPT_FILE)  # readable as the real one: a silent swap
+    if where == "absolute":
+        _repoint(state, "model.norm.weight.exp_avg", relative_path=str(outside / OPT_FILE))
+        match = "not a file of"
+    elif where == "dotdot":
+        shutil.copy(state / "optimizer" / OPT_FILE, state / "elsewhere.distcp")
+        _repoint(state, "model.norm.weight.exp_avg", relative_path="../elsewhere.distcp")
+        match = "not a file of"
+    elif where == "fifo":  # reading it would wait forever on every rank
+        os.mkfifo(outside / "fifo")
+        _repoint(state, "model.norm.weight.exp_avg", relative_path=str(outside / "fifo"))
+        match = "not a file of"
+    else:  # the last bytes cut off, the manifest refreshed: load_state died in torch with EOFError
+        victim = state / "optimizer" / OPT_FILE
+        victim.write_bytes(victim.read_bytes()[:-100])
+        _refresh(state)
+        match = "the file is truncated or the metadata corrupt"
+    message = _one_line_refusal(monkeypatch, capsys, state, match)
+    assert str(state) in message
+    _refused(model_dirs, state, match)
+    # Shown to fail on b3d4079: verify said ok with hashes checked for all four; load_state read the outside file
+    # (absolute, dotdot), hung (fifo) or raised EOFError from torch (truncated).
+
+
+def test_overlapping_byte_ranges_and_missing_entries_are_refused(monkeypatch, capsys, saved, tmp_path):
+    state = _fresh_copy(saved, tmp_path)
+    meta = _real_metadata(state)
+    first = min(meta.storage_data.values(), key=lambda i: i.offset)
+    _repoint(state, "model.norm.weight.exp_avg", offset=first.offset)
+    _one_line_refusal(monkeypatch, capsys, state, "overlap those of")
+    state = _fresh_copy(saved, tmp_path / "missing")
+    meta = _real_metadata(state)
+    del meta.storage_data[next(k for k in meta.storage_data if k.fqn.endswith("model.norm.weight.exp_avg"))]
+    _write_metadata(state, meta)
+    _one_line_refusal(monkeypatch, capsys, state, "has no stored bytes for its chunk at [0]")
+
+
+# --- item 3: bounded work on many chunks -----------------------------------------------------------------------
+
+def _many_chunks(state: Path, *, duplicate: bool) -> int:
+    """embed_tokens' exp_avg ([1001, 64]) as 16,016 chunks of [1, 4], each one byte of the old entry's range."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    meta = _real_metadata(state)
+    fqn = next(k for k in meta.state_dict_metadata if k.endswith("model.embed_tokens.weight.exp_avg"))
+    old = meta.storage_data.pop(MetadataIndex(fqn, torch.Size([0, 0])))
+    chunks = [ChunkStorageMetadata(offsets=torch.Size([r, c]), sizes=torch.Size([1, 4]))
+              for r in range(1001) for c in range(0, 64, 4)]
+    if duplicate:
+        chunks[-1] = ChunkStorageMetadata(offsets=torch.Size([500, 0]), sizes=torch.Size([1, 4]))
+    meta.state_dict_metadata[fqn].chunks = chunks
+    for k, c in enumerate(chunks):
+        meta.storage_data[MetadataIndex(fqn, c.offsets)] = _StorageInfo(old.relative_path, old.offset + k, 1)
+    assert len(chunks) <= old.length
+    _write_metadata(state, meta)
+    return len(chunks)
+
+
+def test_sixteen_thousand_chunks_verify_in_bounded_time(monkeypatch, capsys, saved, tmp_path):
+    """The pairwise overlap test took ~250 s on 16,000 chunks; the sweep well under a second (10 s allowed)."""
+    state = _fresh_copy(saved, tmp_path)
+    assert _many_chunks(state, duplicate=False) == 16_016
+    started = time.perf_counter()
+    code, out, _ = run_main(monkeypatch, capsys, "verify", state, "--json", "--quick")
+    assert time.perf_counter() - started < 10
+    assert code == 0 and json.loads(out)["ok"], out  # the chunks do tile the tensor
+    state = _fresh_copy(saved, tmp_path / "dup")
+    _many_chunks(state, duplicate=True)
+    started = time.perf_counter()
+    _one_line_refusal(monkeypatch, capsys, state, "model.embed_tokens.weight.exp_avg chunk at [500, 0] overlaps")
+    assert time.perf_counter() - started < 10

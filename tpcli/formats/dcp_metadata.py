@@ -1,0 +1,235 @@
+"""torch DCP's `optimizer/.metadata` in a training-state folder, read without running code and checked against the
+folder before torch reads anything it points at.
+
+`.metadata` is a pickle of `torch.distributed.checkpoint.metadata.Metadata`:
+
+    state_dict_metadata  {fqn: TensorStorageMetadata(properties, size, chunks=[ChunkStorageMetadata(offsets, sizes)])
+                          | BytesStorageMetadata()}
+    storage_data         {MetadataIndex(fqn, offset): _StorageInfo(relative_path, offset, length)}: where each chunk
+                         (or non-tensor value) lies: `length` bytes at `offset` of optimizer/`relative_path`
+    storage_meta, planner_data, version
+
+Reading (`read_metadata`): an unpickler that resolves exactly the (module, name) pairs in `ALLOWED` (DCP's metadata
+classes, torch.Size, the dtypes, the layout lookup, PosixPath: the set torch's own save of AdamW state pickles) and
+nothing else: a dotted name (`os.system` looked up through a module, which protocol 4 would resolve) or any other
+global is a CheckpointError naming the file, raised before the object is built. The file is size-capped before it
+is read (`metadata_limit`); a pickle that sets attributes on what it may reach (BUILD on an allowed class, function
+or enum member: process-wide state) is undone and refused. Every field then has its expected type
+(`check_structure`).
+
+Checking (`check_storage`): every `relative_path` is a plain file name listed in the manifest under optimizer/
+(a regular file, not a link or FIFO); every [offset, offset + length) lies inside that file and no two overlap (so
+there are at most as many entries as bytes); every chunk and value has its entry; no storage transforms.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import stat
+from pathlib import Path
+
+from tpcli.errors import CheckpointError
+from tpcli.formats import state_manifest as sm
+
+MAX_METADATA_BYTES = 256 << 20  # a tiny model's AdamW index is ~80 KB; larger only beside larger optimizer files
+_META = "torch.distributed.checkpoint.metadata"
+_TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                 "float8_e5m2fnuz", "float8_e8m0fnu", "complex64", "complex128", "int64", "int32", "int16", "int8",
+                 "uint8", "uint16", "uint32", "uint64", "bool")
+ALLOWED = frozenset({
+    (_META, "Metadata"), (_META, "MetadataIndex"), (_META, "StorageMeta"), (_META, "TensorStorageMetadata"),
+    (_META, "BytesStorageMetadata"), (_META, "ChunkStorageMetadata"), (_META, "TensorProperties"),
+    (_META, "_MEM_FORMAT_ENCODING"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib._local", "PosixPath"),  # Python 3.13's module for it
+    *(("torch", name) for name in _TORCH_DTYPES),
+})
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Resolves only the exact (module, name) pairs of ALLOWED, by one getattr on the imported module."""
+
+    def find_class(self, module, name):
+        if (module, name) not in ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of DCP metadata")
+        return getattr(importlib.import_module(module), name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never does")
+
+
+def metadata_limit(doc: dict) -> int:
+    """The most bytes `.metadata` may have beside the optimizer files the manifest `doc` lists: MAX_METADATA_BYTES,
+    or as many as those files hold (every entry names a distinct byte range of them, each far larger than the
+    entry itself), whichever is larger."""
+    data = sum(e["bytes"] for n, e in doc["files"].items() if n.startswith(f"{sm.OPTIMIZER_DIR}/") and
+               not n.endswith("/.metadata"))
+    return max(MAX_METADATA_BYTES, data)
+
+
+def read_metadata(folder: Path, *, limit: int = MAX_METADATA_BYTES):
+    """The DCP `Metadata` of `folder/.metadata` (at most `limit` bytes: `metadata_limit`), built from ALLOWED
+    classes only and type-checked; a CheckpointError naming the file otherwise."""
+    path = Path(folder) / ".metadata"
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the optimizer state is incomplete.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file (a link, FIFO or folder); refusing to read it.")
+    if st.st_size > limit:
+        raise CheckpointError(f"{path}: {st.st_size:,} bytes, more than DCP metadata needs beside these optimizer "
+                              f"files ({limit:,}); refusing to read it.")
+    shared = _shared_objects()
+    before = [dict(vars(o)) for o in shared]
+    try:
+        with open(path, "rb") as f:
+            meta = _AllowListUnpickler(f).load()
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile pickle raises, it is not DCP metadata
+        meta, error = None, f"{type(exc).__name__}: {exc}"
+    else:
+        error = None
+    changed = _restore(shared, before)
+    if changed:
+        error = f"it sets {changed} of a class or constant this process shares (BUILD on a global)"
+    if error is not None:
+        raise CheckpointError(f"{path}: not DCP metadata ({error}); refusing to read it.")
+    check_structure(path, meta)
+    return meta
+
+
+def _shared_objects() -> list:
+    """The objects of this process a pickle restricted to ALLOWED can reach and that have attributes to set:
+    the allowed classes and function (pickle's BUILD with slot state calls setattr on whatever is on its stack)
+    and the members of the allowed enum (singletons; BUILD with a dict state writes into their __dict__)."""
+    import enum
+
+    reachable = []
+    for module, name in sorted(ALLOWED):
+        try:
+            reachable.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another Python's module name, a dtype this torch lacks
+            continue
+    members = [m for o in reachable if isinstance(o, type) and issubclass(o, enum.Enum) for m in o]
+    return [o for o in [*reachable, *members] if hasattr(o, "__dict__")]
+
+
+def _restore(shared: list, before: list[dict]) -> str:
+    """Put back any attribute the load set, added or removed on `shared`; the first one's name, or ''."""
+    changed = ""
+    for obj, old in zip(shared, before, strict=True):
+        now = dict(vars(obj))
+        for key in [k for k in now if k not in old or now[k] is not old[k]] + [k for k in old if k not in now]:
+            changed = changed or f"{getattr(obj, '__qualname__', type(obj).__qualname__)}.{key}"
+            if isinstance(obj, type) or callable(obj):  # a class's __dict__ is read-only: through setattr
+                if key in old:
+                    setattr(obj, key, old[key])
+                else:
+                    delattr(obj, key)
+            elif key in old:  # an enum member: its __dict__ itself
+                obj.__dict__[key] = old[key]
+            else:
+                del obj.__dict__[key]
+    return changed
+
+
+def _is_int(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_size(v, size_type) -> bool:
+    return type(v) is size_type and all(type(x) is int and x >= 0 for x in v)
+
+
+def check_structure(path: Path, meta) -> None:
+    """Every field of `meta` has the type torch's writer gives it (so later checks and torch see only plain
+    values): a CheckpointError naming `path` and the entry otherwise."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    def bad(what: str):
+        raise CheckpointError(f"{path}: {what}; the DCP metadata is corrupt or crafted, refusing to read it.")
+
+    if type(meta) is not Metadata:
+        bad(f"holds a {type(meta).__name__}, not a Metadata")
+    if type(meta.state_dict_metadata) is not dict or type(meta.storage_data) is not dict:
+        bad("state_dict_metadata or storage_data is not a dict")
+    size = torch.Size
+    for fqn, m in meta.state_dict_metadata.items():
+        if type(fqn) is not str:
+            bad(f"a state_dict_metadata key is a {type(fqn).__name__}")
+        if type(m) is BytesStorageMetadata:
+            continue
+        if type(m) is not TensorStorageMetadata or type(m.properties) is not TensorProperties \
+                or type(m.properties.dtype) is not torch.dtype or not _is_size(m.size, size) \
+                or type(m.chunks) is not list:
+            bad(f"entry {fqn} is not a tensor's or a value's metadata")
+        for c in m.chunks:
+            if type(c) is not ChunkStorageMetadata or not _is_size(c.offsets, size) or not _is_size(c.sizes, size) \
+                    or len(c.offsets) != len(m.size) or len(c.sizes) != len(m.size):
+                bad(f"entry {fqn} has a malformed chunk")
+    for key, info in meta.storage_data.items():
+        if type(key) is not MetadataIndex or type(key.fqn) is not str \
+                or not (key.offset is None or _is_size(key.offset, size)):
+            bad("a storage_data key is not a MetadataIndex")
+        if type(info) is not _StorageInfo or type(info.relative_path) is not str or not _is_int(info.offset) \
+                or not _is_int(info.length):
+            bad(f"the storage of {key.fqn} is not a (relative_path, offset, length)")
+        if getattr(info, "transform_descriptors", None):
+            bad(f"the storage of {key.fqn} asks for transforms {info.transform_descriptors!r} (tpcli reads plain "
+                "DCP files only)")
+    if meta.planner_data is not None and type(meta.planner_data) is not dict:
+        bad("planner_data is not a dict")
+
+
+def check_storage(folder: Path, doc: dict, meta) -> None:
+    """Every place `meta` points at is a byte range inside a file of `folder` (a training-state folder's
+    optimizer/) that the manifest `doc` lists; no ranges overlap; every chunk and value has one."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    path = Path(folder) / ".metadata"
+    sizes: dict[str, int] = {}
+    ranges: dict[str, list[tuple[int, int, str]]] = {}
+    for key, info in meta.storage_data.items():
+        name = info.relative_path
+        listed = f"{sm.OPTIMIZER_DIR}/{name}"
+        if not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..") or listed not in doc["files"]:
+            raise CheckpointError(f"{path}: {key.fqn} is stored in {name!r}, not a file of {Path(folder)} listed in "
+                                  f"{sm.NAME}; refusing to read outside the listed files.")
+        if name not in sizes:
+            try:
+                st = (Path(folder) / name).lstat()
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{Path(folder) / name}: not a regular file (missing, a link or a FIFO); the "
+                                      "optimizer state cannot be read from it.")
+            sizes[name] = min(st.st_size, doc["files"][listed]["bytes"])
+        if info.length < 1 or info.offset + info.length > sizes[name]:
+            end = info.offset + info.length
+            raise CheckpointError(f"{Path(folder) / name}: {key.fqn} is stored at bytes {info.offset}..{end} of a "
+                                  f"{sizes[name]}-byte file; the file is truncated or the metadata corrupt.")
+        ranges.setdefault(name, []).append((info.offset, info.offset + info.length, key.fqn))
+    for name, spans in ranges.items():
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+            if start < end:
+                raise CheckpointError(f"{Path(folder) / name}: the bytes of {b} overlap those of {a}; the DCP metadata "
+                                      "is corrupt or crafted.")
+    for fqn, m in meta.state_dict_metadata.items():
+        keys = [MetadataIndex(fqn, c.offsets) for c in m.chunks] if isinstance(m, TensorStorageMetadata) else [
+            MetadataIndex(fqn)]
+        for k in keys:
+            if k not in meta.storage_data:
+                chunk = "" if k.offset is None else f" for its chunk at {list(k.offset)}"
+                raise CheckpointError(f"{path}: {fqn} has no stored bytes{chunk}; the optimizer state is incomplete.")
+
