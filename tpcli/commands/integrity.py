@@ -11,7 +11,7 @@ from pathlib import Path
 from tpcli.errors import CheckpointError
 from tpcli.formats import dcp, manifest
 from tpcli.formats.hashing import sha256_files
-from tpcli.formats.tensor_file import require_regular_file
+from tpcli.formats.source import check_inside
 
 
 def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, defer_hashes: bool = False) -> dict:
@@ -23,8 +23,8 @@ def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, 
     folder = Path(folder)
     meta = manifest.read(folder)
     shard_paths = dcp.shard_files(folder)
-    for p in shard_paths:  # a FIFO or device would block the hashing and reading below
-        require_regular_file(p, "rank files")
+    for p in shard_paths:  # a FIFO or device would block the hashing and reading below; a link may point anywhere
+        check_inside(folder, p, "rank files")
     present = {p.name for p in shard_paths}
     if meta:
         listed = set(meta["files"])

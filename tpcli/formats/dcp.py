@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpcli.errors import CheckpointError
+from tpcli.formats.source import check_inside
 from tpcli.formats.tensor_file import read_header
 from tpcli.formats.units import SAFETENSORS_DTYPES, tensor_bytes
 
@@ -76,6 +77,7 @@ def scan(folder: Path, *, expected_files: list[str] | None = None) -> dict[str, 
             raise CheckpointError(f"{folder / missing[0]}: missing (listed in the manifest).")
     tensors: dict[str, ShardedTensor] = {}
     for path in files:
+        check_inside(folder, path, "rank files")  # a link out of the folder is refused, as a checkpoint's weights are
         header, meta = read_header(path)
         try:
             info = json.loads(meta.get(SHARDING_KEY, "{}"))
