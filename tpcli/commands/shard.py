@@ -19,6 +19,7 @@ from tpcli.formats import bytecopy, dcp, manifest, manifest_gather
 from tpcli.formats import source as sources
 from tpcli.formats.bytecopy import CachedJob, header_digest
 from tpcli.formats.heap import reuse_freed_memory
+from tpcli.formats.jsonfile import read_json
 from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
 from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
@@ -328,7 +329,7 @@ def _cast(t, dtype: str):
 
 def _set_config_dtype(path: Path, dtype: str) -> None:
     if path.is_file():
-        cfg = json.loads(path.read_text())
+        cfg = read_json(path, what="the model's config")
         cfg["dtype"] = dtype
         cfg.pop("torch_dtype", None)
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

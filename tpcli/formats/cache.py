@@ -42,6 +42,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tpcli.formats.jsonfile import MAX_DEPTH, nesting_depth
+
 ENV = "TPCLI_CACHE_DIR"
 SCHEMA = 2
 _PACKAGE = Path(__file__).resolve().parents[1]  # the whole tpcli package: any source change is a miss
@@ -115,7 +117,10 @@ def get(k: str | None, required: tuple[str, ...] = ()) -> dict | None:
         if not stat.S_ISREG(st.st_mode) or not _private(st) or st.st_size > MAX_BYTES:
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            entry = json.loads(f.read())
+            text = f.read(MAX_BYTES + 1).decode()
+        if nesting_depth(text) > MAX_DEPTH:  # an entry tpcli wrote nests a few levels: a planted one is a miss
+            return None
+        entry = json.loads(text)
     except (OSError, ValueError, RecursionError):
         return None
     finally:

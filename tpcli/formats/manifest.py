@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 
 from tpcli.errors import CheckpointError
+from tpcli.formats.jsonfile import read_json
 
 NAME = "tpcli.json"
 FORMAT = "tpcli.sharded"
@@ -91,12 +92,7 @@ def read(folder: Path) -> dict | None:
     path = folder / NAME
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); restore it or re-run `tpcli shard`.") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
+    data = read_json(path, what="the sharded folder's manifest", fix="restore it or re-run `tpcli shard`")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tpcli manifest (format {data.get('format') if isinstance(data, dict) else '?'}).")
     if data.get("format_version") != VERSION:
