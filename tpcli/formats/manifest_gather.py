@@ -66,12 +66,15 @@ def why_not_vouched(folder: Path, meta: dict | None) -> str | None:
     return None
 
 
-def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None) -> str | None:
-    """None when `gather` may merge `folder` from its manifest alone, else why not."""
+def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None, record: dict) -> str | None:
+    """None when `gather` may merge `folder` as bytes from its manifest and `record` (`integrity.model_record`:
+    transformers' verdict on config.json, never the manifest's own word), else why not."""
     why = why_not_vouched(folder, meta)
     if why:
         return why
-    if not meta["names"]["checkpoint"]:
+    if record["quantized"]:
+        return "config.json's model is quantized"
+    if not record["checkpoint"] or not meta["names"]["checkpoint"]:
         return "its run-time names are not its checkpoint names (transformers reverts a conversion)"
     if cast and any(t["dtype"] != cast for t in meta["tensors"].values()):
         return "--dtype casts its tensors"
@@ -85,10 +88,13 @@ def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None) -> str 
 
 def dot_natural_key(s: str) -> list:
     """transformers.core_model_loading.dot_natural_key (the order of `reverse_groups`), without importing it:
-    split on '.', digits numerically, a trailing number of a word numerically (tests compare the two)."""
+    split on '.', digits numerically, a trailing number of a word numerically (tests compare the two).
+
+    "Digits" are ASCII digits: transformers' `str.isdigit` is also true for '²' (then `int('²')` raises); a name
+    holding one never reaches here (`dcp.scan` refuses it), and if one did it would sort as text, not crash."""
     parts: list[tuple] = []
     for part in s.split("."):
-        if part.isdigit():
+        if part.isascii() and part.isdigit():
             parts.append((0, int(part)))
         else:
             text = part.rstrip("0123456789")
@@ -97,16 +103,17 @@ def dot_natural_key(s: str) -> list:
     return parts
 
 
-def plan(folder: Path, meta: dict, tensors: dict, *, max_shard_size) -> dict:
+def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_size) -> dict:
     """The gather job's fields (`commands.gather.GatherJob`) for a mergeable folder.
 
     `tensors` is `dcp.scan`'s result (state order of the rank files, chunks from their headers), already checked
-    against the manifest. Returns per_file, weight_map, parameter_count, total, boxes: what the general path's
+    against the manifest and against `record` (`integrity.check_names`: config.json's names, shapes and ties, the
+    ties proven by the bytes). What is left out as tied is what `record` ties, not what the manifest says. Returns per_file, weight_map, parameter_count, total, boxes: what the general path's
     `plan_job` computes for a folder without conversions, for the same inputs.
     """
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
 
-    recorded = meta["tensors"]
+    recorded = record["tensors"]
     names = [n for n in tensors if n in recorded and not recorded[n]["tied_to"]]
     sizes = {n: tensors[n].nbytes for n in names}
     split = split_state_dict_into_shards_factory(
