@@ -118,9 +118,11 @@ def test_a_forged_folder_is_refused_by_verify_and_gather(case, untied, tmp_path,
         gather_checkpoint(str(folder), out=str(tmp_path / "g"))
     assert needle in str(exc.value)
     assert not (tmp_path / "g").exists()
-    rc, out, err = run_main(monkeypatch, capsys, "gather", folder, "--out", tmp_path / "g")
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 1 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err[-2000:]
+    for args in (["gather", folder, "--out", tmp_path / "g"], ["shard", folder, "--tp", "1", "--out", tmp_path / "r"]):
+        rc, out, err = run_main(monkeypatch, capsys, *args)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 1 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (args, err[-2000:])
+    assert not (tmp_path / "g").exists() and not (tmp_path / "r").exists()
 
 
 def test_a_genuine_tie_is_still_left_out_and_proven_by_the_bytes(model_dirs, tmp_path):

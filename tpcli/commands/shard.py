@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
-from tpcli.commands.integrity import check_folder
+from tpcli.commands.integrity import check_folder, check_names, record_of
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import bytecopy, dcp, manifest, manifest_gather
 from tpcli.formats import source as sources
@@ -53,6 +53,7 @@ def open_source(model: str, *, plan_file: str | None, revision: str | None, cast
         if not (local / "config.json").is_file():
             raise CheckpointError(f"{local / 'config.json'} is missing; a sharded folder needs the model's config.")
         plan = resolve_plan(load_config(local), user_plan=user_plan, plan_file=plan_file)
+        check_names(local, meta, integrity["tensors"], record_of(plan))  # config.json's model, ties proven by bytes
         if plan.quantization is not None and cast:
             raise UsageError(f"--dtype with the quantized sharded folder {model}: dequantizing is done from the "
                              "original checkpoint; run `tpcli gather` first, then `tpcli shard --dtype` on its output.")
