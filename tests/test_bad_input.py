@@ -195,6 +195,23 @@ def _rank_link_out(s):
     (s / SHARD2).symlink_to(target)
 
 
+def _linked_out(name):
+    """`name` in the sharded folder replaced by a link to an identical copy outside it."""
+    def apply(s):
+        target = s.parent / f"elsewhere-{name}"
+        shutil.copy(s / name, target)
+        (s / name).unlink()
+        (s / name).symlink_to(target)
+    return apply
+
+
+def _inspect_link_out(name):
+    def setup(ctx):
+        _link_out(name)(ctx)
+        return ["inspect", ctx.root / "model", "--tp", "1"]
+    return setup
+
+
 def _out_is_input(ctx):
     src = ctx.copy_model()
     return ["shard", src, "--tp", "1", "--out", src, "--force"]
@@ -377,6 +394,10 @@ CASES = {
     "reshard-rank-link-out": (_sharded(_rank_link_out), 1, [SHARD2, "outside", "rank files"]),
     "gather-rank-link-out": (_sharded(_rank_link_out, "gather"), 1, [SHARD2, "outside", "rank files"]),
     "verify-rank-link-out": (_sharded(_rank_link_out, "verify"), 1, [SHARD2, "outside", "rank files"]),
+    "verify-manifest-link-out": (_sharded(_linked_out("tpcli.json"), "verify"), 1, ["tpcli.json", "outside"]),
+    "gather-config-link-out": (_sharded(_linked_out("config.json"), "gather"), 1, ["config.json", "outside"]),
+    "verify-config-link-out": (_sharded(_linked_out("config.json"), "verify"), 1, ["config.json", "outside"]),
+    "inspect-config-link-out": (_inspect_link_out("config.json"), 1, ["config.json", "outside"]),
     # --out and --force (issue 16.1)
     "out-is-input": (_out_is_input, 1, ["--out", "is the input"]),
     "out-inside-input": (_out_inside_input, 1, ["--out", "inside the input"]),

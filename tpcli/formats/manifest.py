@@ -89,9 +89,12 @@ def read(folder: Path) -> dict | None:
     field their code uses, and file names that are plain names listed under `files`, so no reader can be sent
     outside the folder. A malformed manifest raises one CheckpointError naming the field.
     """
+    from tpcli.formats.source import check_inside
+
     path = folder / NAME
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
+    check_inside(folder, path, "the manifest")  # a link out of the folder is refused, as rank files are
     data = read_json(path, what="the sharded folder's manifest", fix="restore it or re-run `tpcli shard`")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tpcli manifest (format {data.get('format') if isinstance(data, dict) else '?'}).")

@@ -153,6 +153,7 @@ def weight_files(source: Source) -> list[Path]:
     folder = source.path
     index = folder / "model.safetensors.index.json"
     if index.is_file():
+        check_inside(folder, index, "the safetensors index")
         doc = read_json(index, what="the safetensors index", fix="restore it or re-download the checkpoint")
         try:
             weight_map = doc["weight_map"]

@@ -112,9 +112,12 @@ def load_config(path: Path, *, trust_remote_code: bool = False):
 def check_config_files(folder: Path) -> None:
     """Read `folder`'s config.json and generation_config.json (where present) with the bounded JSON reader, so that
     transformers, which parses them with the unbounded one, only ever sees files that parse."""
+    from tpcli.formats.source import check_inside
+
     folder = Path(folder)
     for name, what in (("config.json", "the model's config"), ("generation_config.json", "the generation config")):
-        if (folder / name).exists():
+        if (folder / name).exists() or (folder / name).is_symlink():
+            check_inside(folder, folder / name, "config files")  # a link out of the folder is refused
             read_json(folder / name, what=what, fix="restore it from the original model")
 
 
