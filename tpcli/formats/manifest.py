@@ -21,7 +21,8 @@ Optional (absent from manifests written before it; readers then take the path th
     names             {"checkpoint": bool, "config_sha256": str}, written for a folder that is not quantized:
                       the sha256 of the config.json `shard` wrote beside the rank files, and whether the run-time
                       names are the checkpoint names (transformers has no conversion to revert). With it, `gather`
-                      and `verify DIR` need neither torch nor transformers (`tpcli.formats.manifest_gather`).
+                      and `verify DIR` plan from the manifest (`tpcli.formats.manifest_gather`); what it says is a
+                      hint, checked against transformers' own record of config.json (cached) and the rank files.
 """
 
 from __future__ import annotations

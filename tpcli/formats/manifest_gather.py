@@ -1,4 +1,4 @@
-"""`gather` and `verify DIR` from `tpcli.json` and the rank files' headers alone: no torch, no transformers.
+"""`gather` and `verify DIR` from `tpcli.json`, the rank files' headers and transformers' record of config.json.
 
 A tpcli folder's manifest lists every tensor with its shape, dtype, tied_to and chunks, and the rank files' headers
 (`DCP_SHARDING_INFO`, data_offsets) say where each chunk's bytes lie. What only transformers knows is
@@ -6,14 +6,18 @@ A tpcli folder's manifest lists every tensor with its shape, dtype, tied_to and 
   1. which tensors config.json's model has (names, shapes, ties): `verify DIR`'s config check, and
   2. which checkpoint names the run-time names revert to (fused MoE experts, ...): `gather`'s names.
 
-`shard` records both in the manifest's `names` field (`tpcli.formats.manifest`): `config_sha256`, the sha256 of
-the config.json it wrote beside the rank files (its tensors are exactly that config's model's, planned by
-transformers at shard time), and `checkpoint`, true when transformers has no conversion to revert for the model
-(the run-time names are the checkpoint names). The record is trusted only while it still describes the folder:
+Whoever can write the folder can rewrite tpcli.json and refresh every hash in it (nothing is signed), so neither
+is taken from the manifest: `integrity.model_record` asks transformers (the meta model of config.json) and keeps
+the answer in tpcli's private cache (`tpcli.formats.cache`, keyed by the folder's files, config.json's bytes
+included), so only the first look at a folder imports torch and transformers. The rank files must then hold exactly
+that model's tensors, and a tensor is left out of the output only where config.json ties it and the bytes agree
+(`integrity.check_names`). The manifest's `names` record (`config_sha256`, `checkpoint`) only decides whether
+this path is tried at all:
 
     vouched  = names present, config.json's sha256 = names.config_sha256,
                installed transformers version = versions.transformers (names and conversions change with it)
-    mergeable = vouched and names.checkpoint and every tensor's dtype is the --dtype cast (or no cast)
+    mergeable = vouched and the record says: not quantized, no conversion to revert (and names.checkpoint),
+                and every tensor's dtype is the --dtype cast (or no cast)
 
 Anything else (an older manifest, a transformers DCP save, an edited config, a quantized folder, a conversion)
 takes the general path through transformers. The chunks, shapes and dtypes the fast path uses are the ones
@@ -23,7 +27,7 @@ The plan is today's general-path plan with transformers' parts replaced by what 
 conversion: `revert_weight_conversion` is the identity, its groups are one name each in `dot_natural_key` order,
 and huggingface_hub's `split_state_dict_into_shards_factory` (pure Python) splits the same sizes in the same order.
 tests/test_manifest_gather.py checks the output byte for byte against the general path on every architecture the
-suite shards.
+suite shards; tests/test_manifest_trust.py, that a forged manifest or config.json is refused.
 """
 
 from __future__ import annotations
