@@ -139,3 +139,26 @@ def test_a_dot_natural_key_of_a_non_ascii_digit_sorts_as_text():
     from tpcli.formats.manifest_gather import dot_natural_key
 
     assert dot_natural_key("model.norm.²") == [(1, "model"), (1, "norm"), (1, "²")]
+
+
+def test_tied_bytes_are_compared_whole_where_the_two_are_cut_differently(tmp_path):
+    """`a` cut by rows, `b` by columns (no chunk-by-chunk comparison possible): assembled and compared whole."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tpcli.commands.integrity import same_values
+    from tpcli.formats.dcp import SHARDING_KEY, same_chunk_bytes, scan, shard_file_name
+
+    full = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    other = full.clone()
+    other[3, 5] = -1
+    for rank in range(2):
+        rows, cols = full[2 * rank:2 * rank + 2], slice(3 * rank, 3 * rank + 3)
+        tensors = {"a": rows.clone(), "b": full[:, cols].clone(), "c": other[:, cols].clone()}
+        info = {"a": {"saved_offsets": [2 * rank, 0]}, "b": {"saved_offsets": [0, 3 * rank]},
+                "c": {"saved_offsets": [0, 3 * rank]}}
+        save_file(tensors, tmp_path / shard_file_name(rank), metadata={SHARDING_KEY: json.dumps(info)})
+    t = scan(tmp_path)
+    assert same_chunk_bytes(tmp_path, t["a"], t["b"]) is None  # cut differently
+    assert same_chunk_bytes(tmp_path, t["b"], t["c"]) is False  # same cuts, one element differs
+    assert same_values(tmp_path, t["a"], t["b"]) and not same_values(tmp_path, t["a"], t["c"])

@@ -166,7 +166,7 @@ def check_names(folder: Path, meta: dict | None, tensors: dict, record: dict) ->
         if twin is None or name not in tensors:
             continue
         a, b = tensors[name], tensors[twin]
-        if (a.dtype, list(a.shape)) != (b.dtype, list(b.shape)) or not _same_values(folder, a, b):
+        if (a.dtype, list(a.shape)) != (b.dtype, list(b.shape)) or not same_values(folder, a, b):
             raise CheckpointError(f"{folder}: config.json ties {name} to {twin}, but the shards hold different "
                                   f"values for them; config.json does not describe these weights (was it edited?).")
     if meta is not None:
@@ -178,7 +178,7 @@ def check_names(folder: Path, meta: dict | None, tensors: dict, record: dict) ->
                                       "the manifest was edited.")
 
 
-def _same_values(folder: Path, a, b) -> bool:
+def same_values(folder: Path, a, b) -> bool:
     """Tensors `a` and `b` (`dcp.ShardedTensor`, same dtype and shape) hold the same bytes: chunk by chunk where
     both are cut the same way (no torch), else assembled whole."""
     same = dcp.same_chunk_bytes(folder, a, b)
