@@ -187,6 +187,31 @@ def _link_out(name):
     return setup
 
 
+def _rank_link_out(s):
+    """Rank 2's file replaced by a link to an identical copy outside the folder (sizes and hashes still match)."""
+    target = s.parent / "elsewhere-rank.safetensors"
+    shutil.copy(s / SHARD2, target)
+    (s / SHARD2).unlink()
+    (s / SHARD2).symlink_to(target)
+
+
+def _linked_out(name):
+    """`name` in the sharded folder replaced by a link to an identical copy outside it."""
+    def apply(s):
+        target = s.parent / f"elsewhere-{name}"
+        shutil.copy(s / name, target)
+        (s / name).unlink()
+        (s / name).symlink_to(target)
+    return apply
+
+
+def _inspect_link_out(name):
+    def setup(ctx):
+        _link_out(name)(ctx)
+        return ["inspect", ctx.root / "model", "--tp", "1"]
+    return setup
+
+
 def _out_is_input(ctx):
     src = ctx.copy_model()
     return ["shard", src, "--tp", "1", "--out", src, "--force"]
@@ -366,6 +391,13 @@ CASES = {
     "index-names-missing": (_index("gone.safetensors"), 1, ["gone.safetensors", "missing"]),
     "weights-link-out": (_link_out("model.safetensors"), 1, ["model.safetensors", "outside"]),
     "tokenizer-link-out": (_link_out("tokenizer.json"), 1, ["tokenizer.json", "outside"]),
+    "reshard-rank-link-out": (_sharded(_rank_link_out), 1, [SHARD2, "outside", "rank files"]),
+    "gather-rank-link-out": (_sharded(_rank_link_out, "gather"), 1, [SHARD2, "outside", "rank files"]),
+    "verify-rank-link-out": (_sharded(_rank_link_out, "verify"), 1, [SHARD2, "outside", "rank files"]),
+    "verify-manifest-link-out": (_sharded(_linked_out("tpcli.json"), "verify"), 1, ["tpcli.json", "outside"]),
+    "gather-config-link-out": (_sharded(_linked_out("config.json"), "gather"), 1, ["config.json", "outside"]),
+    "verify-config-link-out": (_sharded(_linked_out("config.json"), "verify"), 1, ["config.json", "outside"]),
+    "inspect-config-link-out": (_inspect_link_out("config.json"), 1, ["config.json", "outside"]),
     # --out and --force (issue 16.1)
     "out-is-input": (_out_is_input, 1, ["--out", "is the input"]),
     "out-inside-input": (_out_inside_input, 1, ["--out", "inside the input"]),

@@ -222,3 +222,40 @@ def test_a_planted_gather_entry_never_writes_outside_out(env, tmp_path, monkeypa
     assert rc == 0, err
     assert not list(tmp_path.rglob("pwned.safetensors")), "a cache entry wrote outside --out"
     assert (work / "g2" / "model.safetensors").read_bytes() == (tmp_path / "g1" / "model.safetensors").read_bytes()
+
+
+def test_a_put_on_a_full_disk_leaves_no_temporary_file_and_stale_ones_are_swept(tmp_path, monkeypatch):
+    import errno
+
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "c"))
+    cache.put("k0", {"i": 0})
+    stale = tmp_path / "c" / ".tmp-killed"  # what a put killed mid-write left long ago
+    stale.write_text("{")
+    os.utime(stale, (0, 0))
+    fresh = tmp_path / "c" / ".tmp-writing"  # another process writing now: left alone
+    fresh.write_text("{")
+
+    def full(f, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "write_entry", full)
+    assert cache.put("k1", {"i": 1}) == {"i": 1}  # the result still comes back; only the cache is skipped
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".tmp-writing", "k0.json"]
+
+
+def test_an_entry_over_the_byte_bound_is_not_stored_and_evicts_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "c"))
+    monkeypatch.setattr(cache, "MAX_BYTES", 1000)
+    for i in range(3):
+        cache.put(f"k{i}", {"i": i})
+    assert cache.put("big", {"x": "y" * 2000}) == {"x": "y" * 2000}
+    assert sorted(p.stem for p in _entries(tmp_path / "c")) == ["k0", "k1", "k2"]
+    # evict itself: an entry over the bound (written by an older tpcli) goes alone, the others stay
+    (tmp_path / "c" / "huge.json").write_text("z" * 2000)
+    assert cache.evict(tmp_path / "c") == ["huge.json"]
+    assert sorted(p.stem for p in _entries(tmp_path / "c")) == ["k0", "k1", "k2"]
+    for i in range(3, 30):  # the byte bound still holds: oldest first
+        cache.put(f"k{i}", {"i": i})
+        os.utime(tmp_path / "c" / f"k{i}.json", ns=(i * 10**9, i * 10**9))
+    kept = _entries(tmp_path / "c")
+    assert sum(p.stat().st_size for p in kept) <= 1000 and "k29" in {p.stem for p in kept}

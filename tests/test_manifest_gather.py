@@ -21,6 +21,7 @@ import pytest
 from conftest import MODELS
 
 from tpcli.commands.gather import gather_checkpoint
+from tpcli.commands.integrity import model_record
 from tpcli.commands.shard import shard_checkpoint
 from tpcli.commands.verify import verify
 from tpcli.errors import CheckpointError
@@ -71,29 +72,34 @@ print("LOADED", json.dumps(sorted(m for m in ("torch", "transformers") if m in s
 """
 
 
-def _cli(*args) -> tuple[dict, list[str]]:
+def _cli(*args, cache: Path | str = "off") -> tuple[dict, list[str]]:
     """Run `tpcli ARGS --json` in a fresh interpreter: (its JSON, which of torch/transformers it imported)."""
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args), "--json"], capture_output=True, text=True,
-                          env={**os.environ, "TPCLI_CACHE_DIR": "off"})
+                          env={**os.environ, "TPCLI_CACHE_DIR": str(cache)})
     out, loaded = proc.stdout.rsplit("LOADED", 1)
     return json.loads(out), json.loads(loaded)
 
 
 @pytest.mark.e2e
-def test_first_gather_and_verify_of_a_fresh_folder_import_neither_torch_nor_transformers(model_dirs, tmp_path):
+def test_a_second_gather_and_verify_of_a_folder_import_neither_torch_nor_transformers(model_dirs, tmp_path):
+    """The first look at a folder asks transformers what config.json's model is (the manifest's own word is not
+    trusted: issue 34 item 4); its answer is cached, so later ones import neither torch nor transformers."""
     shard_checkpoint(str(model_dirs("qwen3")), tp=2, out=str(tmp_path / "s"))  # tied embeddings, a tokenizer
-    result, loaded = _cli("gather", tmp_path / "s", "--out", tmp_path / "g")
+    cache = tmp_path / "cache"
+    result, loaded = _cli("gather", tmp_path / "s", "--out", tmp_path / "g0", cache=cache)
+    assert result["path"] == "manifest" and loaded == ["torch", "transformers"]
+    result, loaded = _cli("gather", tmp_path / "s", "--out", tmp_path / "g", cache=cache)
     assert result["path"] == "manifest" and loaded == []
     gather_checkpoint(str(tmp_path / "s"), out=str(tmp_path / "ref"), byte_copy=False)
-    assert _digests(tmp_path / "g") == _digests(tmp_path / "ref")
+    assert _digests(tmp_path / "g") == _digests(tmp_path / "ref") == _digests(tmp_path / "g0")
     for flags in (["--quick"], []):
-        result, loaded = _cli("verify", tmp_path / "s", *flags)
+        result, loaded = _cli("verify", tmp_path / "s", *flags, cache=cache)
         assert result["ok"] and result["path"] == "manifest" and result["hashes_checked"] == (not flags)
         assert loaded == []
     # the same folder whose manifest no longer vouches for config.json: the path through transformers
     cfg = tmp_path / "s" / "config.json"
     cfg.write_text(cfg.read_text() + " ")
-    result, loaded = _cli("verify", tmp_path / "s", "--quick")
+    result, loaded = _cli("verify", tmp_path / "s", "--quick", cache=cache)
     assert result["ok"] and result["path"] == "transformers" and loaded == ["torch", "transformers"]
 
 
@@ -139,10 +145,11 @@ def test_a_manifest_tie_without_its_twin_is_not_trusted(model_dirs, tmp_path):
     shard_checkpoint(str(model_dirs("qwen3")), tp=2, out=str(tmp_path / "s"))
     folder = tmp_path / "s"
     meta = manifest.read(folder)
-    assert manifest_gather.why_not_mergeable(folder, meta, None) is None
+    record = model_record(folder, meta)
+    assert manifest_gather.why_not_mergeable(folder, meta, None, record) is None
     tied = next(n for n, t in meta["tensors"].items() if t["tied_to"])
     meta["tensors"][tied]["tied_to"] = "model.norm.weight"  # another shape: not a twin
-    assert "tied" in manifest_gather.why_not_mergeable(folder, meta, None)
+    assert "tied" in manifest_gather.why_not_mergeable(folder, meta, None, record)
 
 
 def _sharding_info_swapped(folder: Path) -> None:
@@ -175,7 +182,8 @@ def test_headers_that_disagree_with_the_manifest_are_refused(model_dirs, tmp_pat
     shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(tmp_path / "s"))
     folder = tmp_path / "s"
     break_it(folder)
-    assert manifest_gather.why_not_mergeable(folder, manifest.read(folder), None) is None  # the record still vouches
+    meta = manifest.read(folder)
+    assert manifest_gather.why_not_mergeable(folder, meta, None, model_record(folder, meta)) is None  # still vouches
     with pytest.raises(CheckpointError, match="overlaps|differ from the shard files"):
         gather_checkpoint(str(folder), out=str(tmp_path / "g"))
     assert not (tmp_path / "g").exists()

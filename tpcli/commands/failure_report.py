@@ -3,11 +3,13 @@ with its signal), and the traceback without torchrun's and tpcli's own frames.""
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tpcli.errors import CheckpointError
+from tpcli.formats.jsonfile import read_json
 
 if TYPE_CHECKING:
     from tpcli.commands.run import LaunchSpec
@@ -108,8 +110,8 @@ def collect_failures(agent_lines: list[str], log_dir: Path, spec: LaunchSpec) ->
         path = files.get(str(Path(f.get("error_file") or "/nonexistent").resolve()))
         if path is not None:
             try:
-                data = json.loads(path.read_text())["message"]
-            except (ValueError, KeyError, TypeError, OSError):
+                data = read_json(path)["message"]
+            except (CheckpointError, KeyError, TypeError):  # unreadable, not JSON, absurdly nested: no message
                 data = None
             if isinstance(data, dict):
                 f["message"] = str(data.get("message", ""))

@@ -126,17 +126,23 @@ def _state_summary(folder: Path) -> dict | None:
 
 
 def _manifest_job(folder: Path, *, max_shard_size, cast: str | None) -> tuple[GatherJob, dict] | None:
-    """(job, integrity) planned from tpcli.json and the rank files' headers alone, when the manifest vouches for
-    it (`tpcli.formats.manifest_gather`); None: plan through transformers."""
+    """(job, integrity) planned from tpcli.json and the rank files' headers, when the manifest vouches for it
+    (`tpcli.formats.manifest_gather`) and transformers' record of config.json (`integrity.model_record`, cached)
+    agrees with the rank files; None: plan through transformers."""
+    from tpcli.commands.integrity import model_record
     from tpcli.formats import manifest_gather
 
     meta = manifest.read(folder)
-    if manifest_gather.why_not_mergeable(folder, meta, cast) is not None:
+    if manifest_gather.why_not_vouched(folder, meta) is not None:
         return None
-    integrity = check_folder(folder, quick=False, with_plan=False, defer_hashes=True)
+    record = model_record(folder, meta)  # transformers' verdict on config.json (cached), not the manifest's word
+    if manifest_gather.why_not_mergeable(folder, meta, cast, record) is not None:
+        return None
+    integrity = check_folder(folder, quick=False, with_plan=False, defer_hashes=True, record=record)
     if integrity["manifest"] != meta:
         raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing writes it.")
-    fields = manifest_gather.plan(folder, integrity["manifest"], integrity["tensors"], max_shard_size=max_shard_size)
+    fields = manifest_gather.plan(folder, integrity["manifest"], integrity["tensors"], record,
+                                  max_shard_size=max_shard_size)
     return GatherJob(**fields, cast=cast), integrity
 
 

@@ -6,16 +6,21 @@ preflight and `verify SHARDED_DIR` all go through it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats import dcp, manifest
 from tpcli.formats.hashing import sha256_files
-from tpcli.formats.tensor_file import require_regular_file
+from tpcli.formats.source import check_inside
 
 
-def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, defer_hashes: bool = False) -> dict:
+def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, defer_hashes: bool = False,
+                 record: dict | None = None) -> dict:
     """Check `folder`; returns {"manifest", "tp_size", "tensors", "files", "plan"?, "check_hashes"}.
+
+    The rank files are compared with config.json's model: with `with_plan` through transformers now (the plan is
+    returned), or against `record` (`model_record`: the same comparison, from transformers' earlier verdict).
 
     With `defer_hashes`, the sha256 of the files runs on helper threads and `result["check_hashes"]()` waits for
     it and raises on a mismatch: a caller writing into a temporary folder calls it before publishing its output.
@@ -23,8 +28,8 @@ def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, 
     folder = Path(folder)
     meta = manifest.read(folder)
     shard_paths = dcp.shard_files(folder)
-    for p in shard_paths:  # a FIFO or device would block the hashing and reading below
-        require_regular_file(p, "rank files")
+    for p in shard_paths:  # a FIFO or device would block the hashing and reading below; a link may point anywhere
+        check_inside(folder, p, "rank files")
     present = {p.name for p in shard_paths}
     if meta:
         listed = set(meta["files"])
@@ -52,6 +57,8 @@ def check_folder(folder: Path, *, quick: bool = False, with_plan: bool = False, 
               "check_hashes": check_hashes}
     if with_plan:
         result["plan"] = _check_config(folder, meta, tensors)
+    elif record is not None:
+        check_names(folder, meta, tensors, record)
     return result
 
 
@@ -93,20 +100,97 @@ def _compare_manifest(folder: Path, meta: dict, tensors: dict) -> None:
             raise CheckpointError(f"{where}: chunks of {name} differ from the shard files; the manifest was edited.")
 
 
-def _check_config(folder: Path, meta: dict | None, tensors: dict):
+def _config_plan(folder: Path, meta: dict | None):
     from tpcli.planning.plan import load_config, resolve_plan
 
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder / 'config.json'}: missing; a sharded folder needs the model's config.")
-    plan = resolve_plan(load_config(folder), user_plan=manifest.user_plan(meta))
+    return resolve_plan(load_config(folder), user_plan=manifest.user_plan(meta))
+
+
+def _check_config(folder: Path, meta: dict | None, tensors: dict):
+    plan = _config_plan(folder, meta)
+    check_names(folder, meta, tensors, record_of(plan))
+    return plan
+
+
+def record_of(plan) -> dict:
+    """What config.json's model is, per transformers' plan: {"architecture", "tensors": {name: {"shape",
+    "tied_to"}}, "quantized"} (JSON-ready: `model_record` caches it)."""
+    return {"architecture": plan.architecture,
+            "tensors": {n: {"shape": list(t.shape), "tied_to": t.tied_to} for n, t in plan.tensors.items()},
+            "quantized": plan.quantization is not None or bool(plan.dequantized)}
+
+
+def model_record(folder: Path, meta: dict | None) -> dict:
+    """`record_of` the plan of `folder`'s config.json, plus "checkpoint": transformers has no conversion to revert
+    (the run-time names are the checkpoint names).
+
+    This is what the manifest path (`tpcli.formats.manifest_gather`) checks the rank files against and plans from,
+    instead of the manifest's own `names` record, which whoever edits the folder can rewrite. Computing it builds
+    the meta model (torch, transformers); the result is kept in tpcli's private cache (`tpcli.formats.cache`), keyed
+    by the folder's files (config.json's bytes included), so a later gather or verify of the same folder imports
+    neither."""
+    from tpcli.formats import cache
+    from tpcli.formats.cache_check import model_record_entry
+
+    key = cache.key("model-record", {"target": str(folder), "user_plan": json.dumps(manifest.user_plan(meta),
+                                                                                     sort_keys=True)}, sharded=True)
+    hit = cache.get(key)
+    if hit is not None and model_record_entry(hit):
+        return hit
+    from tpcli.planning.convert import Conversions
+
+    plan = _config_plan(folder, meta)
+    return cache.put(key, {**record_of(plan), "checkpoint": not Conversions(plan.model).reverts})
+
+
+def check_names(folder: Path, meta: dict | None, tensors: dict, record: dict) -> None:
+    """The rank files hold exactly the tensors of config.json's model (`record`): no name it lacks, every name it
+    needs at its shape, and a tensor left out only where config.json ties it AND the bytes agree (its twin present
+    at its shape and dtype; where the files also hold the tied copy, byte for byte the twin's). The manifest's ties
+    must be config.json's: a tie recorded there alone would make `gather` drop a tensor the files hold."""
+    expected, arch = record["tensors"], record["architecture"]
     for name, t in tensors.items():
-        expected = plan.tensors.get(name)
-        if expected is None:
-            raise CheckpointError(f"{folder}: shards hold {name}, which {plan.architecture} (config.json) does not have.")
-        if tuple(t.shape) != expected.shape:
+        want = expected.get(name)
+        if want is None:
+            raise CheckpointError(f"{folder}: shards hold {name}, which {arch} (config.json) does not have.")
+        if list(t.shape) != list(want["shape"]):
             raise CheckpointError(f"{folder}: the shards cover {name} as {list(t.shape)} but config.json needs "
-                                  f"{list(expected.shape)}; a rank file is missing, or config.json is another model's.")
-    absent = [n for n, t in plan.tensors.items() if n not in tensors and not (t.tied_to and t.tied_to in tensors)]
+                                  f"{list(want['shape'])}; a rank file is missing, or config.json is another model's.")
+    absent = [n for n, t in expected.items() if n not in tensors and not (t["tied_to"] and t["tied_to"] in tensors)]
     if absent:
         raise CheckpointError(f"{folder}: no shard holds {absent[0]}, which config.json's model needs.")
-    return plan
+    for name, want in expected.items():
+        twin = want["tied_to"]
+        if twin is None or name not in tensors:
+            continue
+        a, b = tensors[name], tensors[twin]
+        if (a.dtype, list(a.shape)) != (b.dtype, list(b.shape)) or not same_values(folder, a, b):
+            raise CheckpointError(f"{folder}: config.json ties {name} to {twin}, but the shards hold different "
+                                  f"values for them; config.json does not describe these weights (was it edited?).")
+    if meta is not None:
+        for name, rec in meta["tensors"].items():
+            want = expected.get(name, {}).get("tied_to")
+            if rec["tied_to"] != want:
+                raise CheckpointError(f"{folder / manifest.NAME}: records {name} as tied to {rec['tied_to']!r}, but "
+                                      f"config.json's {arch} {f'ties it to {want!r}' if want else 'does not tie it'}; "
+                                      "the manifest was edited.")
+
+
+def same_values(folder: Path, a, b) -> bool:
+    """Tensors `a` and `b` (`dcp.ShardedTensor`, same dtype and shape) hold the same bytes: chunk by chunk where
+    both are cut the same way (no torch), else assembled whole."""
+    same = dcp.same_chunk_bytes(folder, a, b)
+    if same is not None:
+        return same
+    import torch
+
+    from tpcli.planning.readers import ShardedReader
+
+    reader = ShardedReader(folder, tensors={a.name: a, b.name: b})
+    try:
+        full = reader.read([a.name, b.name])
+        return torch.equal(full[a.name].reshape(-1).view(torch.uint8), full[b.name].reshape(-1).view(torch.uint8))
+    finally:
+        reader.close()

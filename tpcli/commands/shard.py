@@ -13,12 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
-from tpcli.commands.integrity import check_folder
+from tpcli.commands.integrity import check_folder, check_names, record_of
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import bytecopy, dcp, manifest, manifest_gather
 from tpcli.formats import source as sources
 from tpcli.formats.bytecopy import CachedJob, header_digest
 from tpcli.formats.heap import reuse_freed_memory
+from tpcli.formats.jsonfile import read_json
 from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
 from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
@@ -52,6 +53,7 @@ def open_source(model: str, *, plan_file: str | None, revision: str | None, cast
         if not (local / "config.json").is_file():
             raise CheckpointError(f"{local / 'config.json'} is missing; a sharded folder needs the model's config.")
         plan = resolve_plan(load_config(local), user_plan=user_plan, plan_file=plan_file)
+        check_names(local, meta, integrity["tensors"], record_of(plan))  # config.json's model, ties proven by bytes
         if plan.quantization is not None and cast:
             raise UsageError(f"--dtype with the quantized sharded folder {model}: dequantizing is done from the "
                              "original checkpoint; run `tpcli gather` first, then `tpcli shard --dtype` on its output.")
@@ -329,7 +331,7 @@ def _cast(t, dtype: str):
 
 def _set_config_dtype(path: Path, dtype: str) -> None:
     if path.is_file():
-        cfg = json.loads(path.read_text())
+        cfg = read_json(path, what="the model's config")
         cfg["dtype"] = dtype
         cfg.pop("torch_dtype", None)
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -4,13 +4,13 @@ sharded folder. Returns one JSON-ready dict with `ok`; the CLI exits 1 when it i
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from tpcli.commands import no_status
 from tpcli.errors import CheckpointError, LaunchError, UsageError
 from tpcli.formats import dcp
+from tpcli.formats.jsonfile import read_json
 from tpcli.formats.state_manifest import is_state_dir
 from tpcli.planning.checks import Finding, check_plan
 
@@ -108,7 +108,7 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
         code = launch(spec, report=lines.append)
         if code != 0 or not out.exists():
             return {"ok": False, "error": "the TP workers failed: " + " | ".join(lines[:3])}
-        data = json.loads(out.read_text())
+        data = read_json(out, what="the numerics workers' result")
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(data["dtype"], 1e-5)
     data["tolerance"] = tol
     data["mesh"] = mesh.to_dict() if mesh is not None else None
@@ -118,10 +118,11 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
 
 
 def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
-    """Integrity of a sharded folder. config.json's agreement with the shards is checked through transformers,
-    unless the manifest vouches for that very config.json (`tpcli.formats.manifest_gather`): then neither torch
-    nor transformers is imported ("path": "manifest")."""
-    from tpcli.commands.integrity import check_folder
+    """Integrity of a sharded folder. config.json's agreement with the shards is always checked against
+    transformers' model for it: planned now ("path": "transformers"), or, where the manifest vouches for that very
+    config.json (`tpcli.formats.manifest_gather`), against `integrity.model_record` ("path": "manifest"), which a
+    later verify or gather of the same folder takes from tpcli's cache, importing neither torch nor transformers."""
+    from tpcli.commands.integrity import check_folder, model_record
     from tpcli.formats import manifest, manifest_gather
     from tpcli.planning import saved_mesh
 
@@ -132,7 +133,8 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
         meta = manifest.read(folder)
         vouched = manifest_gather.why_not_vouched(folder, meta) is None
         path = "manifest" if vouched else "transformers"
-        info = check_folder(folder, quick=quick, with_plan=not vouched)
+        record = model_record(folder, meta) if vouched else None  # config.json per transformers (cached)
+        info = check_folder(folder, quick=quick, with_plan=not vouched, record=record)
         if vouched and info["manifest"] != meta:
             raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing "
                                   "writes it.")
@@ -155,7 +157,7 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
         "tensors": len(info["tensors"]) if info else None,
         # None: the check stopped at its first error, before it could say whether every hash was checked
         "hashes_checked": bool(info["manifest"] and not quick) if info else None,
-        "path": path,  # "manifest": config.json vouched for by tpcli.json; "transformers": checked by its model
+        "path": path,  # "manifest": checked against transformers' cached record; "transformers": by its model now
         "findings": [f.to_dict() for f in findings],
         "ok": not any(f.severity == "error" for f in findings),
     }

@@ -33,6 +33,7 @@ disables it. Entries are small JSON files written atomically; `rm -rf ~/.cache/t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -41,6 +42,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tpcli.formats.jsonfile import MAX_DEPTH, nesting_depth
+
 ENV = "TPCLI_CACHE_DIR"
 SCHEMA = 2
 _PACKAGE = Path(__file__).resolve().parents[1]  # the whole tpcli package: any source change is a miss
@@ -48,6 +51,8 @@ _PLAN_LIBRARIES = (_PACKAGE / "plans", _PACKAGE.parent / "plans")  # installed p
 _VERSIONED = ("tpcli", "torch", "transformers", "safetensors", "huggingface_hub")
 MAX_ENTRIES = 256  # entries kept; the least recently used beyond this (or beyond MAX_BYTES) are removed on write
 MAX_BYTES = 256 * 2**20
+TMP_PREFIX = ".tmp-"  # an entry being written; removed when the write fails, swept by the next put once stale
+STALE_TMP_S = 600  # a put writes a few KB: a temporary file this old belongs to a process that died
 _warned: set[str] = set()
 
 
@@ -112,7 +117,10 @@ def get(k: str | None, required: tuple[str, ...] = ()) -> dict | None:
         if not stat.S_ISREG(st.st_mode) or not _private(st) or st.st_size > MAX_BYTES:
             return None
         with os.fdopen(fd, "rb", closefd=False) as f:
-            entry = json.loads(f.read())
+            text = f.read(MAX_BYTES + 1).decode()
+        if nesting_depth(text) > MAX_DEPTH:  # an entry tpcli wrote nests a few levels: a planted one is a miss
+            return None
+        entry = json.loads(text)
     except (OSError, ValueError, RecursionError):
         return None
     finally:
@@ -133,17 +141,29 @@ def put(k: str | None, result: dict) -> dict:
     cached one print the same; a cache that cannot be written is silently skipped."""
     text = json.dumps({"key": k, "digest": digest(result), "result": result})
     folder = _usable_dir(create=True) if k is not None else None
-    if folder is None:
+    if folder is None or len(text.encode()) > MAX_BYTES:  # an entry over the bound is not stored (nor evicts all)
         return json.loads(text)["result"]
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
         with os.fdopen(fd, "w") as f:
-            f.write(text)
+            write_entry(f, text)
         os.replace(tmp, folder / f"{k}.json")  # readers see the old entry or the whole new one
-        evict(folder)
-    except OSError:
+        tmp = None
+    except OSError:  # a full disk, a read-only folder: no cache, and no half-written file left behind
         pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    with contextlib.suppress(OSError):
+        evict(folder)  # also sweeps what an earlier, killed put left
     return json.loads(text)["result"]
+
+
+def write_entry(f, text: str) -> None:
+    """Write an entry's text to the open temporary file `f` (a test injects a full disk here)."""
+    f.write(text)
 
 
 def digest(result: dict) -> str:
@@ -153,7 +173,10 @@ def digest(result: dict) -> str:
 
 def evict(folder: Path, max_entries: int | None = None, max_bytes: int | None = None) -> list[str]:
     """Remove the least recently used entries beyond `max_entries` / `max_bytes` (default MAX_ENTRIES, MAX_BYTES),
-    and temporary files over an hour old; returns the names removed."""
+    and temporary files older than STALE_TMP_S (a put killed mid-write); returns the names removed.
+
+    Newest first, an entry is kept while the kept ones so far, itself included, stay within both bounds: a removed
+    entry counts toward neither, so one entry over `max_bytes` removes itself, not everything older."""
     import time
 
     max_entries = MAX_ENTRIES if max_entries is None else max_entries
@@ -166,8 +189,8 @@ def evict(folder: Path, max_entries: int | None = None, max_bytes: int | None = 
             continue
         if not stat.S_ISREG(st.st_mode):
             continue
-        if p.name.startswith(".tmp-"):
-            if st.st_mtime < time.time() - 3600:
+        if p.name.startswith(TMP_PREFIX):
+            if st.st_mtime < time.time() - STALE_TMP_S:
                 entries.append((-1.0, st.st_size, p))  # stale: always removed
             continue
         if p.suffix == ".json":
@@ -175,9 +198,9 @@ def evict(folder: Path, max_entries: int | None = None, max_bytes: int | None = 
     entries.sort(key=lambda e: e[0], reverse=True)  # newest first
     count = total = 0
     for mtime, size, p in entries:
-        count += mtime >= 0
-        total += size
-        if mtime < 0 or count > max_entries or total > max_bytes:
+        if mtime >= 0 and count + 1 <= max_entries and total + size <= max_bytes:
+            count, total = count + 1, total + size  # kept
+        else:
             try:
                 p.unlink()
                 removed.append(p.name)

@@ -136,3 +136,21 @@ def gather_entry(entry, folder: Path) -> None:
                 _need(isinstance(c, list) and len(c) == 4 and c[0] in sizes and _int(c[1]) and _ints(c[2])
                       and _ints(c[3]) and _box_fits(t[2], c[2], c[3]), "chunk")
                 _need(c[1] + math.prod(c[3]) * dtype_size(t[1]) <= sizes[c[0]], "chunk bytes")
+
+
+def model_record_entry(entry) -> bool:
+    """A cached `integrity.model_record`: {"architecture": str, "tensors": {name: {"shape": [int], "tied_to": str |
+    None}}, "quantized": bool, "checkpoint": bool}, every tie naming a listed, untied tensor. Anything else: False."""
+    try:
+        _fields(entry, ("architecture", "tensors", "quantized", "checkpoint"))
+        _need(_str(entry["architecture"]) and isinstance(entry["quantized"], bool)
+              and isinstance(entry["checkpoint"], bool) and isinstance(entry["tensors"], dict), "record")
+        for name, t in entry["tensors"].items():
+            _fields(t, ("shape", "tied_to"))
+            _need(_ints(t["shape"]), f"{name}.shape")
+            twin = t["tied_to"]
+            _need(twin is None or (_str(twin) and twin in entry["tensors"]
+                                   and entry["tensors"][twin]["tied_to"] is None), f"{name}.tied_to")
+    except (Invalid, TypeError, KeyError):
+        return False
+    return True

@@ -21,7 +21,8 @@ Optional (absent from manifests written before it; readers then take the path th
     names             {"checkpoint": bool, "config_sha256": str}, written for a folder that is not quantized:
                       the sha256 of the config.json `shard` wrote beside the rank files, and whether the run-time
                       names are the checkpoint names (transformers has no conversion to revert). With it, `gather`
-                      and `verify DIR` need neither torch nor transformers (`tpcli.formats.manifest_gather`).
+                      and `verify DIR` plan from the manifest (`tpcli.formats.manifest_gather`); what it says is a
+                      hint, checked against transformers' own record of config.json (cached) and the rank files.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 from pathlib import Path
 
 from tpcli.errors import CheckpointError
+from tpcli.formats.jsonfile import read_json
 
 NAME = "tpcli.json"
 FORMAT = "tpcli.sharded"
@@ -88,15 +90,13 @@ def read(folder: Path) -> dict | None:
     field their code uses, and file names that are plain names listed under `files`, so no reader can be sent
     outside the folder. A malformed manifest raises one CheckpointError naming the field.
     """
+    from tpcli.formats.source import check_inside
+
     path = folder / NAME
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); restore it or re-run `tpcli shard`.") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
+    check_inside(folder, path, "the manifest")  # a link out of the folder is refused, as rank files are
+    data = read_json(path, what="the sharded folder's manifest", fix="restore it or re-run `tpcli shard`")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a tpcli manifest (format {data.get('format') if isinstance(data, dict) else '?'}).")
     if data.get("format_version") != VERSION:

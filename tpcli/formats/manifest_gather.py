@@ -1,4 +1,4 @@
-"""`gather` and `verify DIR` from `tpcli.json` and the rank files' headers alone: no torch, no transformers.
+"""`gather` and `verify DIR` from `tpcli.json`, the rank files' headers and transformers' record of config.json.
 
 A tpcli folder's manifest lists every tensor with its shape, dtype, tied_to and chunks, and the rank files' headers
 (`DCP_SHARDING_INFO`, data_offsets) say where each chunk's bytes lie. What only transformers knows is
@@ -6,14 +6,18 @@ A tpcli folder's manifest lists every tensor with its shape, dtype, tied_to and 
   1. which tensors config.json's model has (names, shapes, ties): `verify DIR`'s config check, and
   2. which checkpoint names the run-time names revert to (fused MoE experts, ...): `gather`'s names.
 
-`shard` records both in the manifest's `names` field (`tpcli.formats.manifest`): `config_sha256`, the sha256 of
-the config.json it wrote beside the rank files (its tensors are exactly that config's model's, planned by
-transformers at shard time), and `checkpoint`, true when transformers has no conversion to revert for the model
-(the run-time names are the checkpoint names). The record is trusted only while it still describes the folder:
+Whoever can write the folder can rewrite tpcli.json and refresh every hash in it (nothing is signed), so neither
+is taken from the manifest: `integrity.model_record` asks transformers (the meta model of config.json) and keeps
+the answer in tpcli's private cache (`tpcli.formats.cache`, keyed by the folder's files, config.json's bytes
+included), so only the first look at a folder imports torch and transformers. The rank files must then hold exactly
+that model's tensors, and a tensor is left out of the output only where config.json ties it and the bytes agree
+(`integrity.check_names`). The manifest's `names` record (`config_sha256`, `checkpoint`) only decides whether
+this path is tried at all:
 
     vouched  = names present, config.json's sha256 = names.config_sha256,
                installed transformers version = versions.transformers (names and conversions change with it)
-    mergeable = vouched and names.checkpoint and every tensor's dtype is the --dtype cast (or no cast)
+    mergeable = vouched and the record says: not quantized, no conversion to revert (and names.checkpoint),
+                and every tensor's dtype is the --dtype cast (or no cast)
 
 Anything else (an older manifest, a transformers DCP save, an edited config, a quantized folder, a conversion)
 takes the general path through transformers. The chunks, shapes and dtypes the fast path uses are the ones
@@ -23,7 +27,7 @@ The plan is today's general-path plan with transformers' parts replaced by what 
 conversion: `revert_weight_conversion` is the identity, its groups are one name each in `dot_natural_key` order,
 and huggingface_hub's `split_state_dict_into_shards_factory` (pure Python) splits the same sizes in the same order.
 tests/test_manifest_gather.py checks the output byte for byte against the general path on every architecture the
-suite shards.
+suite shards; tests/test_manifest_trust.py, that a forged manifest or config.json is refused.
 """
 
 from __future__ import annotations
@@ -66,12 +70,15 @@ def why_not_vouched(folder: Path, meta: dict | None) -> str | None:
     return None
 
 
-def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None) -> str | None:
-    """None when `gather` may merge `folder` from its manifest alone, else why not."""
+def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None, record: dict) -> str | None:
+    """None when `gather` may merge `folder` as bytes from its manifest and `record` (`integrity.model_record`:
+    transformers' verdict on config.json, never the manifest's own word), else why not."""
     why = why_not_vouched(folder, meta)
     if why:
         return why
-    if not meta["names"]["checkpoint"]:
+    if record["quantized"]:
+        return "config.json's model is quantized"
+    if not record["checkpoint"] or not meta["names"]["checkpoint"]:
         return "its run-time names are not its checkpoint names (transformers reverts a conversion)"
     if cast and any(t["dtype"] != cast for t in meta["tensors"].values()):
         return "--dtype casts its tensors"
@@ -85,10 +92,13 @@ def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None) -> str 
 
 def dot_natural_key(s: str) -> list:
     """transformers.core_model_loading.dot_natural_key (the order of `reverse_groups`), without importing it:
-    split on '.', digits numerically, a trailing number of a word numerically (tests compare the two)."""
+    split on '.', digits numerically, a trailing number of a word numerically (tests compare the two).
+
+    "Digits" are ASCII digits: transformers' `str.isdigit` is also true for '²' (then `int('²')` raises); a name
+    holding one never reaches here (`dcp.scan` refuses it), and if one did it would sort as text, not crash."""
     parts: list[tuple] = []
     for part in s.split("."):
-        if part.isdigit():
+        if part.isascii() and part.isdigit():
             parts.append((0, int(part)))
         else:
             text = part.rstrip("0123456789")
@@ -97,16 +107,17 @@ def dot_natural_key(s: str) -> list:
     return parts
 
 
-def plan(folder: Path, meta: dict, tensors: dict, *, max_shard_size) -> dict:
+def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_size) -> dict:
     """The gather job's fields (`commands.gather.GatherJob`) for a mergeable folder.
 
     `tensors` is `dcp.scan`'s result (state order of the rank files, chunks from their headers), already checked
-    against the manifest. Returns per_file, weight_map, parameter_count, total, boxes: what the general path's
+    against the manifest and against `record` (`integrity.check_names`: config.json's names, shapes and ties, the
+    ties proven by the bytes). What is left out as tied is what `record` ties, not what the manifest says. Returns per_file, weight_map, parameter_count, total, boxes: what the general path's
     `plan_job` computes for a folder without conversions, for the same inputs.
     """
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
 
-    recorded = meta["tensors"]
+    recorded = record["tensors"]
     names = [n for n in tensors if n in recorded and not recorded[n]["tied_to"]]
     sizes = {n: tensors[n].nbytes for n in names}
     split = split_state_dict_into_shards_factory(

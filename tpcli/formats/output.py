@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpcli.errors import OutputError
+from tpcli.errors import CheckpointError, OutputError
+from tpcli.formats.jsonfile import read_json
 from tpcli.formats.processes import alive as _alive
 from tpcli.formats.processes import process_start
 from tpcli.formats.units import decimal_bytes
@@ -70,10 +71,13 @@ def is_tpcli_output(path: Path) -> bool:
     """A folder tpcli wrote: it holds the output marker, or (shard outputs of older versions) a tpcli manifest."""
     if (path / OUTPUT_MARKER).is_file():
         return True
-    try:
-        return json.loads((path / "tpcli.json").read_text()).get("format") == "tpcli.sharded"
-    except (OSError, ValueError, AttributeError):
+    if not (path / "tpcli.json").is_file():
         return False
+    try:
+        doc = read_json(path / "tpcli.json")
+    except CheckpointError:  # unreadable, not JSON, absurdly nested: not something tpcli wrote
+        return False
+    return isinstance(doc, dict) and doc.get("format") == "tpcli.sharded"
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -101,8 +105,8 @@ def remove_stale_temps(parent: Path) -> list[str]:
         if p.is_symlink() or not p.is_dir() or marker.is_symlink() or not marker.is_file():
             continue
         try:
-            info = json.loads(marker.read_text())
-        except (OSError, ValueError):
+            info = read_json(marker, max_bytes=MARKER_SIZE)
+        except CheckpointError:  # not a marker tpcli wrote: the folder is left alone
             continue
         if not isinstance(info, dict) or info.get("tool") != "tpcli" or info.get("host") != host:
             continue

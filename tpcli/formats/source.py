@@ -6,7 +6,6 @@ Only `config.json` is fetched for planning; weights are fetched (safetensors onl
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpcli.errors import CheckpointError, ModelError
+from tpcli.formats.jsonfile import read_json
 
 # Files worth carrying next to weights: config, generation config, tokenizer and chat template.
 AUX_PATTERNS = (
@@ -156,10 +156,12 @@ def weight_files(source: Source) -> list[Path]:
     folder = source.path
     index = folder / "model.safetensors.index.json"
     if index.is_file():
+        check_inside(folder, index, "the safetensors index")
+        doc = read_json(index, what="the safetensors index", fix="restore it or re-download the checkpoint")
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = doc["weight_map"]
             names = set(weight_map.values())
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r}).") from None
         bad = sorted(str(n) for n in names if not is_plain_name(n))
         if bad:

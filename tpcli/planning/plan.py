@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpcli.errors import ModelError, PlanError
+from tpcli.formats.jsonfile import read_json
 from tpcli.formats.units import tensor_bytes
 from tpcli.planning import plans_library
 from tpcli.planning.placements import ParamPlacement, param_placement
@@ -93,8 +94,12 @@ def _capped(message: str, limit: int = 400) -> str:
 
 
 def load_config(path: Path, *, trust_remote_code: bool = False):
+    """transformers' config of the local model folder `path`. Its config.json (and generation_config.json) are read
+    by the bounded reader first (`formats.jsonfile`): a file nested 100,000 deep is one error naming it, not
+    transformers' RecursionError."""
     from transformers import AutoConfig
 
+    check_config_files(path)
     try:
         return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -102,6 +107,18 @@ def load_config(path: Path, *, trust_remote_code: bool = False):
         raise ModelError(f"{path / 'config.json'}: {msg}") from None
     except OSError as exc:
         raise ModelError(f"{path / 'config.json'}: cannot be read ({str(exc).splitlines()[0]}).") from None
+
+
+def check_config_files(folder: Path) -> None:
+    """Read `folder`'s config.json and generation_config.json (where present) with the bounded JSON reader, so that
+    transformers, which parses them with the unbounded one, only ever sees files that parse."""
+    from tpcli.formats.source import check_inside
+
+    folder = Path(folder)
+    for name, what in (("config.json", "the model's config"), ("generation_config.json", "the generation config")):
+        if (folder / name).exists() or (folder / name).is_symlink():
+            check_inside(folder, folder / name, "config files")  # a link out of the folder is refused
+            read_json(folder / name, what=what, fix="restore it from the original model")
 
 
 def _model_class(config):

@@ -168,9 +168,11 @@ def strip_quantization_config(path) -> None:
     import json
     from pathlib import Path
 
+    from tpcli.formats.jsonfile import read_json
+
     p = Path(path)
     if p.is_file():
-        cfg = json.loads(p.read_text())
+        cfg = read_json(p, what="the model's config")
         cfg.pop("quantization_config", None)
         p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 

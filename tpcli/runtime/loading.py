@@ -265,10 +265,11 @@ def _auto_class(path: Path, *, trust_remote_code: bool = False):
     checkpoint is a Qwen2_5_VLForConditionalGeneration, which AutoModelForCausalLM does not map."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tpcli.planning.plan import _model_class
+    from tpcli.planning.plan import _model_class, check_config_files
 
     if trust_remote_code:  # remote code: only the Auto class knows how to fetch it
         return AutoModelForCausalLM
+    check_config_files(path)
     return _model_class(AutoConfig.from_pretrained(str(path)))
 
 
@@ -297,11 +298,12 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, 
 
     from tpcli.planning.layout import rank_runs
     from tpcli.planning.placements import ParamPlacement
-    from tpcli.planning.plan import _model_class
+    from tpcli.planning.plan import _model_class, check_config_files
     from tpcli.planning.quant import dequantize, make_quantizer, scale_name
 
     rank = torch.distributed.get_rank()
     world = len(doc["files"])
+    check_config_files(folder)
     config = AutoConfig.from_pretrained(str(folder))
     cls = _model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
     if mesh is None:

@@ -89,9 +89,10 @@ def _run_reference(model: str, ids):
     import torch
     from transformers import AutoConfig
 
-    from tpcli.planning.plan import _model_class
+    from tpcli.planning.plan import _model_class, check_config_files
 
     # the class the checkpoint declares, as load_model builds it (e.g. Qwen2.5-VL)
+    check_config_files(model)
     ref_model = _model_class(AutoConfig.from_pretrained(model)).from_pretrained(model)
     with torch.no_grad():
         ref_out = ref_model(input_ids=ids, output_hidden_states=True)

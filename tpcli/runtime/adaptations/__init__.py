@@ -108,7 +108,9 @@ def _library_plan(folder: Path, tp_plan):
 
     from tpcli.formats import manifest
     from tpcli.formats.dcp import is_sharded_dir
+    from tpcli.planning.plan import check_config_files
 
+    check_config_files(folder)
     config = AutoConfig.from_pretrained(str(folder))
     spec = tp_plan
     if tp_plan == "auto":  # a tpcli folder's manifest holds the rules it was sharded with (load_model takes them)
