@@ -4,7 +4,8 @@
 chunks (offsets, sizes), and each chunk (`MetadataIndex(fqn, offset)`) to `_StorageInfo(relative_path, offset,
 length)`: a `torch.save` record of the chunk's tensor inside that file. Before any chunk is read: every path is a
 plain file name inside the folder, every byte range lies inside its file, chunk counts are bounded, and the chunks
-of every tensor tile it exactly once. A chunk is read as its byte range through `torch.load(weights_only=True)`.
+of every tensor tile it exactly once. A chunk is read as its byte range, its zip records' CRC-32 checked (DCP
+keeps no hashes of its own), and loaded through `torch.load(weights_only=True)`.
 
 Top-level keys: `dcp.save({"model": sd, "optimizer": ...})` (accelerate, Trainer, torchtitan) records each key's
 path in `planner_data` (`("model", "lm_head.weight")`); the model's entries are those under "model" and every other
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats.source import check_inside, is_plain_name
-from tpcli.formats.train_folder import MAX_TOTAL_PIECES, Piece, SavedTensor, TrainFolder, check_tiling
+from tpcli.formats.train_folder import MAX_TOTAL_PIECES, Piece, SavedTensor, TrainFolder, check_tiling, check_zip_crc
 
 MODEL_KEYS = ("model", "module", "model_state_dict", "state_dict")  # the top-level key a trainer saves weights under
 
@@ -139,6 +140,7 @@ class _ChunkReader:
         f.seek(p.start)
         data = f.read(p.length)
         where = f"{path}: {t.key}'s chunk at {list(p.offsets)}"
+        check_zip_crc(io.BytesIO(data), where)
         try:
             x = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001  (any refusal of the safe loader is a corrupt chunk)

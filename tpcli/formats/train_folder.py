@@ -103,6 +103,25 @@ def is_train_folder(folder: Path) -> bool:
     return folder.is_dir() and ((folder / ".metadata").exists() or bool(train_pt.rank_files(folder)))
 
 
+def check_zip_crc(source, where: str) -> None:
+    """`source` (a path or file object) is a torch.save zip whose records all match their CRC-32: a flipped bit in a
+    tensor's bytes is caught before anything is written (torch.load does not check it). Only stored (uncompressed)
+    records, as torch.save writes them, are accepted, so the check reads each byte once and inflates nothing."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(source) as z:
+            packed = [i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise CheckpointError(f"{where}: record {packed[0][:100]} is compressed; torch.save writes stored "
+                                      "records only, so this is not a torch.save file.")
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{where}: not a torch.save record ({str(exc)[:200]}); the file is corrupt.") from None
+    if bad is not None:
+        raise CheckpointError(f"{where}: record {bad[:100]} fails its CRC-32 check; the file is corrupt.")
+
+
 def check_tiling(where: Path, t: SavedTensor) -> None:
     """The pieces of `t` cover its box exactly once: no gap, no overlap, nothing outside.
 

@@ -1,7 +1,7 @@
 """Per-rank `torch.save` files of DTensor state dicts (`model_world_size_W_rank_R.pt`, as verl writes them) opened
 as a `TrainFolder`.
 
-Each file is read with `torch.load(weights_only=True, mmap=True)` and `torch.serialization.safe_globals(ALLOWED)`:
+Each file's zip records are first checked against their CRC-32 (`check_zip_crc`), then it is read with `torch.load(weights_only=True, mmap=True)` and `torch.serialization.safe_globals(ALLOWED)`:
 tensors, DTensor and its spec, the device mesh and Shard/Replicate placements, nothing else; a pickle naming any
 other global is refused before anything is built. mmap keeps the tensors' bytes on disk until a piece is copied;
 the pages copied are then handed back to the kernel (`_drop_pages`), so memory holds one output tensor at a time.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats.source import check_inside
-from tpcli.formats.train_folder import MAX_TOTAL_PIECES, Piece, SavedTensor, TrainFolder, check_tiling
+from tpcli.formats.train_folder import MAX_TOTAL_PIECES, Piece, SavedTensor, TrainFolder, check_tiling, check_zip_crc
 
 RANK_FILE = re.compile(r"^model_world_size_([0-9]{1,6})_rank_([0-9]{1,6})\.pt$")
 
@@ -65,6 +65,7 @@ def open_pt(folder: Path) -> TrainFolder:
         path = check_inside(folder, ranks[rank], "rank files")
         st = path.stat()
         files[path.name] = (st.st_size, st.st_mtime_ns)
+        check_zip_crc(path, str(path))
         sd = reader.load(path)
         for key, value in sd.items():
             box = _box(value, rank, world, path, key)
