@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("out", type=Path)
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--model-only", action="store_true", help="write pytorch_model_fsdp_0/ and verl/ only, no "
+                    "optimizer (benchmarks/bench.py: large models)")
     args = ap.parse_args()
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
@@ -45,13 +47,14 @@ def main() -> None:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-    model(torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
-    opt.step()
     msd = get_model_state_dict(model)
     dcp.save({"model": msd}, checkpoint_id=str(args.out / "pytorch_model_fsdp_0"))
-    dcp.save({"model": msd, "optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(args.out / "app"))
-    dcp.save(msd, checkpoint_id=str(args.out / "bare"))
+    if not args.model_only:
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+        model(torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+        opt.step()
+        dcp.save({"model": msd, "optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(args.out / "app"))
+        dcp.save(msd, checkpoint_id=str(args.out / "bare"))
     (args.out / "verl").mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out / "verl" / f"model_world_size_{world}_rank_{rank}.pt")
     end_job()
