@@ -150,6 +150,8 @@ def test_flipped_byte_in_a_chunk_is_refused(saved, model_dirs, tmp_path, monkeyp
                             "--out", tmp_path / "g")
     assert code == 1 and "CRC-32" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "g").exists()
+    assert not verify(str(folder), config=str(model_dirs("llama")))["ok"]
+    assert verify(str(folder), config=str(model_dirs("llama")), quick=True)["ok"]  # --quick: coverage only
 
 
 @pytest.mark.dist
@@ -201,6 +203,25 @@ def test_hostile_rank_pickle_is_refused_and_not_run(saved, model_dirs, tmp_path)
     with pytest.raises(CheckpointError, match="weights_only"):
         gather_checkpoint(str(folder), config=str(model_dirs("llama")), out=str(tmp_path / "g"))
     assert not marker.exists()
+
+
+def test_wrapper_prefixes_are_removed_and_verify_is_never_cached(model_dirs, tmp_path, monkeypatch):
+    """torch.compile (`_orig_mod.`), DDP (`module.`) and FSDP1/activation checkpointing wrappers leave their names in
+    the keys; a training checkpoint's verify result is not cached (its files can change under the same path)."""
+    from tpcli.commands.gather_train import saved_names
+    from tpcli.formats import cache
+    from tpcli.formats.train_folder import TrainFolder
+    from tpcli.planning.plan import load_config, resolve_plan
+
+    plan = resolve_plan(load_config(model_dirs("llama")))
+    wrapped = {n: ("module._orig_mod." + n).replace("layers.0.", "layers.0._checkpoint_wrapped_module.")
+               for n in plan.tensors}
+    tf = TrainFolder(path=tmp_path, kind="dcp", files={}, left_out={},
+                     tensors={k: SavedTensor(k, "float32", plan.tensors[n].shape) for n, k in wrapped.items()})
+    assert saved_names(tf, plan) == wrapped
+    (tmp_path / ".metadata").write_bytes(b"")
+    monkeypatch.setenv("TPCLI_CACHE_DIR", str(tmp_path / "cache"))
+    assert cache.key("verify", {"target": str(tmp_path)}) is None
 
 
 def _tensor(shape, boxes):

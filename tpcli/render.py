@@ -568,7 +568,8 @@ def render_verify(r: dict) -> None:
     if r["mode"] == "train":
         if r["ok"]:
             console.print(f"{r['target']}: training checkpoint ({r['kind']}, {r['ranks']} ranks) of {r['architecture']}: "
-                          f"{r['tensors']} tensors in {r['chunks']} chunks, each element covered once: {verdict}")
+                          f"{r['tensors']} tensors in {r['chunks']} chunks, each element covered once, CRC-32 of the records "
+                          f"{'checked' if r['records_checked'] else 'not checked'}: {verdict}")
             if r["left_out"]:
                 console.print(f"  left out (not model weights): {_left_out(r['left_out'])}")
         else:

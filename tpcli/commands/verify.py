@@ -33,7 +33,7 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
         from tpcli.commands.gather_train import verify_train
 
         say("checking the checkpoint's chunks against the config")
-        return verify_train(target, config=config)
+        return verify_train(target, config=config, quick=quick)
     if config is not None:
         raise UsageError("--config goes with a training checkpoint (DCP or model_world_size_W_rank_R.pt); "
                          f"{target} is not one.")

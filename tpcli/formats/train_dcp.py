@@ -132,15 +132,20 @@ class _ChunkReader:
     def __init__(self):
         self._open: dict[Path, object] = {}
 
-    def __call__(self, folder: TrainFolder, t: SavedTensor, p: Piece):
-        import torch
-
+    def check(self, folder: TrainFolder, t: SavedTensor, p: Piece) -> bytes:
+        """The chunk's record, its CRC-32s checked."""
         path = folder.path / p.file
         f = self._open.get(path) or self._open.setdefault(path, open(path, "rb"))  # noqa: SIM115
         f.seek(p.start)
         data = f.read(p.length)
-        where = f"{path}: {t.key}'s chunk at {list(p.offsets)}"
-        check_zip_crc(io.BytesIO(data), where)
+        check_zip_crc(io.BytesIO(data), f"{path}: {t.key}'s chunk at {list(p.offsets)}")
+        return data
+
+    def __call__(self, folder: TrainFolder, t: SavedTensor, p: Piece):
+        import torch
+
+        data = self.check(folder, t, p)
+        where = f"{folder.path / p.file}: {t.key}'s chunk at {list(p.offsets)}"
         try:
             x = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001  (any refusal of the safe loader is a corrupt chunk)

@@ -73,6 +73,15 @@ class TrainFolder:
                     self.reader(self, t, p))
         return full
 
+    def check_records(self) -> None:
+        """Every saved record's CRC-32 (`check_zip_crc`), reading each chunk once; for `verify` (gather checks each
+        chunk as it reads it)."""
+        check = getattr(self.reader, "check", None)
+        if check is not None:
+            for t in self.tensors.values():
+                for p in t.pieces:
+                    check(self, t, p)
+
     def check_unchanged(self) -> None:
         """Every file read has the size and mtime it had when the folder was opened (called before publishing)."""
         for name, (size, mtime) in self.files.items():
