@@ -63,11 +63,24 @@ def test_gather_returns_the_original_split_like_save_pretrained(saved, model_dir
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout", ["app", "verl"])
-def test_gather_reverts_transformers_conversions(saved, model_dirs, tmp_path, layout):
-    """Mixtral's run-time experts are fused; the output has the per-expert names of the original checkpoint."""
-    gather_checkpoint(str(saved("mixtral") / layout), config=str(model_dirs("mixtral")), out=str(tmp_path / "g"))
-    assert_same_checkpoint(tmp_path / "g", model_dirs("mixtral"))
+@pytest.mark.parametrize("name,layout", [("mixtral", "app"), ("mixtral", "verl"), ("qwen3", "bare")])
+def test_gather_reverts_conversions_and_drops_tied_copies(saved, model_dirs, tmp_path, name, layout):
+    """Mixtral's run-time experts are fused; the output has the per-expert names of the original checkpoint. qwen3
+    ties lm_head to the embeddings: the state dict holds both, the output (like save_pretrained's) one."""
+    gather_checkpoint(str(saved(name) / layout), config=str(model_dirs(name)), out=str(tmp_path / "g"))
+    assert_same_checkpoint(tmp_path / "g", model_dirs(name))
+    assert name != "qwen3" or (tmp_path / "g" / "tokenizer.json").is_file()
+
+
+@pytest.mark.dist
+def test_gather_of_tp_x_fsdp_dcp(model_dirs, tmp_path):
+    """TP 2 x FSDP 2 through transformers' DistributedConfig: the weights are _StridedShard x Shard DTensors, which
+    DCP saves as one box per rank in an order unlike the ranks'."""
+    torchrun(4, ORACLES / "fsdp_save_worker.py", model_dirs("llama4kv"), tmp_path / "ckpt", "--tp", "2")
+    r = verify(str(tmp_path / "ckpt" / "app"), config=str(model_dirs("llama4kv")))
+    assert r["ok"] and r["ranks"] == 4, r
+    gather_checkpoint(str(tmp_path / "ckpt" / "app"), config=str(model_dirs("llama4kv")), out=str(tmp_path / "g"))
+    assert_same_checkpoint(tmp_path / "g", model_dirs("llama4kv"))
 
 
 @pytest.mark.dist
