@@ -27,15 +27,26 @@ from tpcli.formats.train_folder import MAX_TOTAL_PIECES, Piece, SavedTensor, Tra
 RANK_FILE = re.compile(r"^model_world_size_([0-9]{1,6})_rank_([0-9]{1,6})\.pt$")
 
 
-def allowed_classes() -> list:
-    """The classes a rank file may build besides plain tensors: exactly these."""
-    from torch.distributed._mesh_layout import _FlatLayout, _MeshLayout
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._dtensor_spec import DTensorSpec, ShardOrderEntry, TensorMeta
-    from torch.distributed.tensor.placement_types import Replicate, Shard
+# (module, name) of every class a rank file may build besides plain tensors (torch's own weights_only set): a
+# DTensor, its spec, its mesh and Shard/Replicate placements. Names a torch release lacks are skipped.
+ALLOWED = (("torch.distributed.tensor", "DTensor"), ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
+           ("torch.distributed.tensor._dtensor_spec", "TensorMeta"),
+           ("torch.distributed.tensor._dtensor_spec", "ShardOrderEntry"),
+           ("torch.distributed.device_mesh", "DeviceMesh"), ("torch.distributed._mesh_layout", "_MeshLayout"),
+           ("torch.distributed._mesh_layout", "_FlatLayout"), ("torch.distributed.tensor.placement_types", "Shard"),
+           ("torch.distributed.tensor.placement_types", "Replicate"))
 
-    return [DTensor, DTensorSpec, TensorMeta, ShardOrderEntry, DeviceMesh, _MeshLayout, _FlatLayout, Shard, Replicate]
+
+def allowed_classes() -> list:
+    import importlib
+
+    out = []
+    for module, name in ALLOWED:
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return out
 
 
 def rank_files(folder: Path) -> list[Path]:
