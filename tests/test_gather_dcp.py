@@ -84,12 +84,14 @@ def test_gather_of_tp_x_fsdp_dcp(model_dirs, tmp_path):
 
 
 @pytest.mark.dist
-def test_trainer_checkpoint_folder_needs_no_config_and_casts(saved, model_dirs, tmp_path):
+def test_trainer_checkpoint_folder_needs_no_config_and_casts(saved, model_dirs, tmp_path, monkeypatch, capsys):
     """Trainer writes config.json into checkpoint-N/, next to pytorch_model_fsdp_0/."""
     ckpt = tmp_path / "checkpoint-1"
     shutil.copytree(saved("llama") / "pytorch_model_fsdp_0", ckpt / "pytorch_model_fsdp_0")
     shutil.copy(model_dirs("llama") / "config.json", ckpt / "config.json")
-    gather_checkpoint(str(ckpt / "pytorch_model_fsdp_0"), out=str(tmp_path / "g"), dtype="bf16")
+    code, out, _ = run_main(monkeypatch, capsys, "gather", ckpt / "pytorch_model_fsdp_0", "--out", tmp_path / "g",
+                            "--dtype", "bf16", "--json")
+    assert code == 0 and json.loads(out)["config"] == str(ckpt)
     ours, original = load_safetensors_dir(tmp_path / "g"), load_safetensors_dir(model_dirs("llama"))
     assert set(ours) == set(original)
     assert all(torch.equal(ours[k], original[k].to(torch.bfloat16)) for k in ours)
