@@ -6,6 +6,7 @@ Under OUT:
 - pytorch_model_fsdp_0/: accelerate's FSDP2 SHARDED_STATE_DICT save, `dcp.save({"model": get_model_state_dict(m)})`;
 - app/: the model and its AdamW state in one DCP checkpoint, `dcp.save({"model": ..., "optimizer": ...})`;
 - bare/: `dcp.save(get_model_state_dict(m))`, no top-level key;
+- titan/: torchtitan's mix, the model's keys at the top and the optimizer under "optimizer";
 - verl/ (FSDP only): verl's per-rank `torch.save(model.state_dict(), "model_world_size_W_rank_R.pt")` of DTensors.
 The optimizer takes one step with lr=0 so that its state exists while the weights stay bit-equal to MODEL_DIR's.
 """
@@ -55,6 +56,7 @@ def main() -> None:
         opt.step()
         dcp.save({"model": msd, "optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(args.out / "app"))
         dcp.save(msd, checkpoint_id=str(args.out / "bare"))
+        dcp.save({**msd, "optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(args.out / "titan"))
     if args.tp == 1:  # verl saves FSDP-only models; torch.save of this TP x FSDP state dict fails in torch 2.13
         (args.out / "verl").mkdir(parents=True, exist_ok=True)  # ("access the data pointer on an invalid storage")
         torch.save(model.state_dict(), args.out / "verl" / f"model_world_size_{world}_rank_{rank}.pt")

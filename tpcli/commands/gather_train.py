@@ -22,7 +22,8 @@ from tpcli.formats.units import CAST_DTYPES, parse_dtype
 # module wrappers whose names training code leaves in state-dict keys: torch.compile, DDP, FSDP1, activation
 # checkpointing (torch.distributed.algorithms._checkpoint), anywhere in the name
 WRAPPERS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-LEADING = ("module.",)  # DDP / DeepSpeed's top module
+# DDP / DeepSpeed's top module; "model." of {"model": sd} when .metadata has no planner_data to say so
+LEADING = ("module.", "model.")
 SHOWN = 3  # names listed in a refusal
 
 
@@ -51,7 +52,8 @@ def saved_names(tf: TrainFolder, plan) -> dict[str, str]:
         for w in WRAPPERS:
             name = name.replace(w, "")
         for lead in LEADING:
-            name = name.removeprefix(lead) if name.removeprefix(lead) in plan.tensors else name
+            if name not in plan.tensors and name.removeprefix(lead) in plan.tensors:
+                name = name.removeprefix(lead)
         if name in plan.tensors:
             keys[name] = key
         else:

@@ -9,7 +9,8 @@ keeps no hashes of its own), and loaded through `torch.load(weights_only=True)`.
 
 Top-level keys: `dcp.save({"model": sd, "optimizer": ...})` (accelerate, Trainer, torchtitan) records each key's
 path in `planner_data` (`("model", "lm_head.weight")`); the model's entries are those under "model" and every other
-top-level key is left out and counted. A bare `dcp.save(sd)` has one-element paths: every tensor is the model's.
+top-level key is left out and counted. A bare `dcp.save(sd)` has one-element paths: every tensor is the model's;
+torchtitan's `dcp.save({**model_sd, "optimizer": ...})` mixes both: the one-element paths are the model's.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def open_dcp(folder: Path) -> TrainFolder:
     total = 0
     for fqn, entry in entries.items():
         path = paths.get(fqn, (fqn,))
-        if model_top is not None and path[0] != model_top:
+        if (path[0] != model_top) if model_top is not None else len(path) > 1:  # another top-level key's entry
             left_out[str(path[0])] = left_out.get(str(path[0]), 0) + 1
             continue
         if isinstance(entry, BytesStorageMetadata):
