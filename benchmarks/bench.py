@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--only-gather", action="store_true",
                         help="gather and verify DIR only (the tp=2 folder is sharded once, untimed; no load rows)")
+    parser.add_argument("--skip-train", action="store_true", help="no training-checkpoint rows (DCP, verl)")
+    parser.add_argument("--only-train", action="store_true",
+                        help="only the training-checkpoint rows: FSDP2 DCP / verl files gathered by tpcli and by "
+                             "`accelerate merge-weights`, at the first size in --sizes")
     parser.add_argument("--only-load", action="store_true",
                         help="only the load comparison (shard to tp=2 once, untimed), at every size in --sizes")
     args = parser.parse_args(argv)
@@ -264,6 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         largest = _largest_tensor_bytes(src) / GB
         rss_target = f"<= {0.6 + largest:.2f} GB"
 
+        if args.only_train or (size == sizes[0] and not args.skip_train and not args.only_gather and not args.only_load):
+            train_rows(label, src, root, work, tpcli_cmd, env, args.runs, row, rss_target)
+            if args.only_train:
+                break
         if args.only_load:
             measure([*tpcli_cmd, "shard", src, "--tp", "2", "--out", work / "tp2", "--json"], env)
             load_rows(label, src, work, tpcli_cmd, env, row)
@@ -310,6 +318,51 @@ def main(argv: list[str] | None = None) -> None:
     print("-" * 165)
     for metric, value, ratio, target in rows:
         print(f"{metric:62} | {value:36} | {ratio:46} | {target}")
+
+
+def train_rows(label: str, src: Path, root: Path, work: Path, tpcli_cmd: list[str], env: dict, runs: int, row,
+               rss_target: str) -> None:
+    """A training checkpoint of `src` written by 2 FSDP2 ranks (accelerate's DCP `pytorch_model_fsdp_0/` and verl's
+    per-rank files; built once with tests/oracles/fsdp_save_worker.py, cached in ROOT), gathered by `tpcli gather`
+    and, for the DCP folder, by `accelerate merge-weights` (which loads the whole state dict), run alternately."""
+    ckpt = root / f"fsdp2-{src.name}"
+    if not (ckpt / "verl").is_dir():
+        worker = Path(__file__).resolve().parent.parent / "tests" / "oracles" / "fsdp_save_worker.py"
+        tmp = root / f".tmp-{ckpt.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(worker), str(src), str(tmp), "--model-only"], env=env, check=True, capture_output=True)
+        tmp.rename(ckpt)
+    for f in ckpt.rglob("*"):
+        if f.is_file():
+            warm_file(f)
+    merge = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    cmds = {"tpcli gather (DCP)": [*tpcli_cmd, "gather", ckpt / "pytorch_model_fsdp_0", "--config", src, "--out",
+                                   work / "t-dcp", "--json"],
+            "tpcli gather (verl .pt)": [*tpcli_cmd, "gather", ckpt / "verl", "--config", src, "--out",
+                                        work / "t-pt", "--json"]}
+    if merge:
+        cmds["accelerate merge-weights (DCP)"] = [merge, "merge-weights", ckpt / "pytorch_model_fsdp_0", work / "acc"]
+    figures: dict[str, list[dict]] = {k: [] for k in cmds}
+    for i in range(runs):
+        for name in (list(cmds) if i % 2 == 0 else list(cmds)[::-1]):
+            for d in ("t-dcp", "t-pt", "acc"):
+                shutil.rmtree(work / d, ignore_errors=True)
+            os.sync()
+            figures[name].append(measure(cmds[name], env))
+    for name, runs_ in figures.items():
+        wall = statistics.median(r["wall"] for r in runs_)
+        row(f"{label} FSDP2 x2 checkpoint: {name}", f"{wall:.2f} s (user "
+            f"{statistics.median(r['user'] for r in runs_):.1f}, sys {statistics.median(r['sys'] for r in runs_):.1f})",
+            f"peak RSS {max(r['rss'] for r in runs_):.2f} GB", rss_target if name.startswith("tpcli") else "")
+    if not merge:
+        row(f"{label} accelerate merge-weights", "not installed")
+
+
+def warm_file(f: Path) -> None:
+    with open(f, "rb") as fh:
+        while fh.read(64 << 20):
+            pass
 
 
 def gather_rows(label: str, work: Path, tpcli_cmd: list[str], env: dict, cached: dict, runs: int, row,

@@ -33,6 +33,8 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revisio
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Cast while streaming: bf16, fp16 or fp32.")]
+ConfigOpt = Annotated[str | None, typer.Option("--config", help="Training checkpoint (DCP, verl .pt): the model folder or hub "
+                                               "id it was trained from (default: config.json in DIR or its parent).")]
 FsdpOpt = Annotated[int | None, typer.Option("--fsdp", help="Mesh: FSDP2 ranks per replica (world = dp-replicate x fsdp x tp).")]
 DpReplicateOpt = Annotated[int | None, typer.Option("--dp-replicate", help="Mesh: replicas of the fsdp x tp group (HSDP).")]
 EpOpt = Annotated[int | None, typer.Option("--ep", help="Mesh: expert-parallel ranks (a multiple of --tp dividing fsdp x tp).")]
@@ -194,6 +196,7 @@ def verify(
     fsdp: FsdpOpt = None,
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
+    config: ConfigOpt = None,
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
@@ -212,7 +215,8 @@ def verify(
             from tpcli.commands import verify as verification
 
             result = verification.verify(target, tp=tp, plan_file=plan, revision=revision, numerics=numerics,
-                                         tolerance=tolerance, gpus=gpus, quick=quick, mesh=mesh, status=say)
+                                         tolerance=tolerance, gpus=gpus, quick=quick, mesh=mesh, status=say,
+                                         config=config)
             if result["ok"]:
                 result = cache.put(key, result)
     print_json(result) if json_out else render_verify(result)
@@ -248,11 +252,13 @@ def shard(
 
 @app.command()
 def gather(
-    directory: Annotated[str, typer.Argument(help="A tpcli or transformers DCP sharded folder.")],
+    directory: Annotated[str, typer.Argument(help="A tpcli or transformers DCP sharded folder, or a training "
+                                             "checkpoint (torch DCP, model_world_size_W_rank_R.pt).")],
     out: Annotated[str, typer.Option("--out", help="Output folder for the merged checkpoint.")],
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output file, e.g. 5GB (GB = 10^9 "
                                                 "bytes, G/GiB = 2^30; at least 1 MiB).")] = "5GB",
     dtype: DtypeOpt = None,
+    config: ConfigOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ):
@@ -266,7 +272,7 @@ def gather(
 
         say(f"checking {directory} and planning the merge")
         result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
-                                   progress=_progress(json_out))
+                                   progress=_progress(json_out), config=config)
     print_json(result) if json_out else render_gather(result)
 
 

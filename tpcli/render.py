@@ -539,6 +539,12 @@ def render_gather(r: dict) -> None:
         left = state["optimizer_left_out"]
         console.print(f"  optimizer state left out ({left['files']} files, {human_bytes(left['bytes'])} in "
                       "optimizer/): tpcli.load_state reads it from the state folder")
+    if r.get("left_out"):
+        console.print(f"  left out (not model weights): {_left_out(r['left_out'])}")
+
+
+def _left_out(counts: dict) -> str:
+    return ", ".join(f"{n} {'non-tensor values' if k == 'values' else k + ' entries'}" for k, n in counts.items())
 
 
 def _render_state(r: dict, verdict: str) -> None:
@@ -559,6 +565,17 @@ def render_verify(r: dict) -> None:
     verdict = "[green]OK[/green]" if r["ok"] else "[bold red]FAILED[/bold red]"
     if r["mode"] == "state":
         _render_state(r, verdict)
+        return
+    if r["mode"] == "train":
+        if r["ok"]:
+            console.print(f"{r['target']}: training checkpoint ({r['kind']}, {r['ranks']} ranks) of {r['architecture']}: "
+                          f"{r['tensors']} tensors in {r['chunks']} chunks, each element covered once, CRC-32 of the records "
+                          f"{'checked' if r['records_checked'] else 'not checked'}: {verdict}")
+            if r["left_out"]:
+                console.print(f"  left out (not model weights): {_left_out(r['left_out'])}")
+        else:
+            console.print(f"{r['target']}: training checkpoint: {verdict}")
+        render_findings(r["findings"], title="Integrity")
         return
     if r["mode"] == "integrity":
         saved = r["saved_by"]

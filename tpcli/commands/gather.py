@@ -51,21 +51,34 @@ class GatherJob(CachedJob):
 
 
 def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "5GB", dtype: str | None = None,
-                      force: bool = False, progress: Progress = no_progress, byte_copy: bool = True) -> dict:
+                      force: bool = False, progress: Progress = no_progress, byte_copy: bool = True,
+                      config: str | None = None) -> dict:
     """Write `out`: a standard checkpoint (one file or index-sharded) merged from the rank files; returns a summary.
 
     Where transformers has no conversion to revert and nothing is cast, every output tensor is its chunks' bytes
-    put in place (`tpcli.formats.bytecopy`); byte_copy=False forces the general path (tests compare the two)."""
+    put in place (`tpcli.formats.bytecopy`); byte_copy=False forces the general path (tests compare the two).
+    A training checkpoint (torch DCP, verl's per-rank files) goes through `tpcli.commands.gather_train`, with
+    `config` naming the model it was trained from."""
     from tpcli.formats import cache, cache_check
+    from tpcli.formats.train_folder import is_train_folder
 
     started = time.perf_counter()
     folder = Path(directory).expanduser().resolve()
     if not folder.is_dir():
         raise CheckpointError(f"DIR {directory}: " + ("is a file, not a folder" if folder.exists() else "no such folder")
                               + "; pass a folder written by `tpcli shard` or save_pretrained(distributed_checkpoint=True).")
+    if not dcp.is_sharded_dir(folder) and is_train_folder(folder):
+        from tpcli.commands.gather_train import gather_train
+
+        return gather_train(directory, config=config, out=out, max_shard_size=max_shard_size, dtype=dtype,
+                            force=force, progress=progress)
+    if config is not None:
+        raise UsageError("--config names the model of a training checkpoint (DCP or model_world_size_W_rank_R.pt); "
+                         f"{directory} is a sharded folder with its own config.json: drop --config.")
     if not dcp.is_sharded_dir(folder):
-        raise CheckpointError(f"DIR {directory}: no shard-*-model-*.safetensors files; pass a folder written by "
-                              "`tpcli shard` or save_pretrained(distributed_checkpoint=True).")
+        raise CheckpointError(f"DIR {directory}: no shard-*-model-*.safetensors files, DCP .metadata or "
+                              "model_world_size_W_rank_R.pt files; pass a folder written by `tpcli shard`, "
+                              "save_pretrained(distributed_checkpoint=True), dcp.save or verl.")
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     out_path = prepare_output(out, force=force, inputs=[folder])
     state = _state_summary(folder)
@@ -89,7 +102,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
             if job.boxes is not None:
                 cache.put(key, job.to_json())
     saved = saved_mesh.saved_by(folder, integrity)  # the mesh it was saved on: recorded, or inferred from its layout
-    files, copied = _write_job(job, folder, out_path, integrity["check_hashes"], progress=progress,
+    files, copied = write_job(job, folder, out_path, integrity["check_hashes"], progress=progress,
                                force=force)
     return {
         "out": str(out_path),
@@ -148,9 +161,6 @@ def _manifest_job(folder: Path, *, max_shard_size, cast: str | None) -> tuple[Ga
 
 def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None, byte_copy: bool = True) -> GatherJob:
     """Names, files and layout of the output, through transformers' reverse conversions (nothing written yet)."""
-    import torch
-    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
-
     from tpcli.planning.convert import Conversions
 
     reader = ShardedReader(folder, tensors=integrity["tensors"])
@@ -170,9 +180,30 @@ def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None,
                                   f"{list(plan.tensors[n].shape)} in config.json.")
 
     conv = Conversions(plan.model)
-    groups = conv.reverse_groups(names)
-    meta = {n: torch.empty(reader.tensors[n].shape, dtype=getattr(torch, cast or reader.tensors[n].dtype),
-                           device="meta") for n in names}
+    job, groups = lay_out_job({n: (reader.tensors[n].shape, reader.tensors[n].dtype) for n in names}, conv,
+                              max_shard_size=max_shard_size, cast=cast, parameter_count=plan.parameter_count)
+    if not (byte_copy and not conv.reverts and all(cast in (None, reader.tensors[n].dtype) for n in names)):
+        job.live = (reader, groups, conv)
+        return job
+    # every output tensor is a run-time tensor as stored: its chunks' bytes only need to be put in place
+    job.boxes = {f: [[[c.file, *_chunk_start(reader, folder, c.file, name), list(c.offsets), list(c.sizes)]
+                      for c in reader.tensors[name].chunks] for name, _, _ in entries]
+                 for f, entries in job.per_file.items()}
+    job.headers = {f: header_digest(folder / f) for f in integrity["files"]}
+    reader.close()
+    return job
+
+
+def lay_out_job(tensors: dict[str, tuple[tuple[int, ...], str]], conv, *, max_shard_size, cast: str | None,
+                parameter_count: int) -> tuple[GatherJob, list[list[str]]]:
+    """(job, groups): the output files of the run-time tensors {name: (shape, dtype)}, as `save_pretrained` splits
+    them, each reverse-conversion group reverted on the meta device to get checkpoint names and shapes."""
+    import torch
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    groups = conv.reverse_groups(list(tensors))
+    meta = {n: torch.empty(shape, dtype=getattr(torch, cast or dtype), device="meta")
+            for n, (shape, dtype) in tensors.items()}
     outputs: list[list[tuple[str, tuple[int, ...], str]]] = []
     for group in groups:
         reverted = conv.revert({n: meta[n] for n in group})
@@ -189,28 +220,22 @@ def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None,
         for key, shape, dt in outs:
             per_file[file].append((key, dt, shape))
             weight_map[key] = file
-    job = GatherJob(per_file={f: e for f, e in per_file.items() if e}, weight_map=weight_map,
-                    parameter_count=plan.parameter_count, total=sum(reader.step_bytes(n) for n in names), cast=cast)
-    if not (byte_copy and not conv.reverts and all(cast in (None, reader.tensors[n].dtype) for n in names)):
-        job.live = (reader, groups, conv)
-        return job
-    # every output tensor is a run-time tensor as stored: its chunks' bytes only need to be put in place
-    job.boxes = {f: [[[c.file, *_chunk_start(reader, folder, c.file, name), list(c.offsets), list(c.sizes)]
-                      for c in reader.tensors[name].chunks] for name, _, _ in entries]
-                 for f, entries in job.per_file.items()}
-    job.headers = {f: header_digest(folder / f) for f in integrity["files"]}
-    reader.close()
-    return job
+    total = sum(tensor_bytes(dtype, shape) for shape, dtype in tensors.values())
+    return GatherJob(per_file={f: e for f, e in per_file.items() if e}, weight_map=weight_map,
+                     parameter_count=parameter_count, total=total, cast=cast), groups
 
 
 def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> list[int]:
     return [reader._handle(folder / file).offset(name)]
 
 
-def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: Progress,
-               force: bool = False) -> tuple[dict, list]:
-    """Write the output files, index, config and tokenizer into a temporary folder and publish it as `out_path`."""
-    aux = [p for p in aux_files(folder) if p.name != manifest.NAME]
+def write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: Progress,
+              force: bool = False, aux_folder: Path | None = None) -> tuple[dict, list]:
+    """Write the output files, index, config and tokenizer into a temporary folder and publish it as `out_path`.
+
+    `check_hashes()` runs after the last byte is written and before publishing: it raises when an input was corrupt
+    or changed. Config and tokenizer files come from `aux_folder` (default: `folder`)."""
+    aux = [p for p in aux_files(aux_folder or folder) if p.name != manifest.NAME]
     check_free_space(out_path, sum(file_size(e, {"format": "pt"}) for e in job.per_file.values()) +
                      sum(f.stat().st_size for f in aux) + metadata_allowance(len(job.weight_map)))
     with atomic_dir(out_path, command="gather", force=force) as tmp:
@@ -247,7 +272,7 @@ def _write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, pr
             index = {"metadata": {"total_parameters": job.parameter_count, "total_size": total_size},
                      "weight_map": dict(sorted(job.weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copied = copy_aux(folder, tmp, aux)
+        copied = copy_aux(aux_folder or folder, tmp, aux)
         if job.cast:
             _set_config_dtype(tmp / "config.json", job.cast)
         files = {f: (tmp / f).stat().st_size for f in job.per_file}

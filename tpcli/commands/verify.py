@@ -19,10 +19,24 @@ DEFAULT_TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 5e-2, "float1
 
 def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, revision: str | None = None,
            numerics: bool = False, tolerance: float | None = None, gpus: bool = False, quick: bool = False,
-           mesh=None, status=None) -> dict:
-    """`status(text)` is told each slow step (the CLI shows it on a terminal)."""
+           mesh=None, status=None, config: str | None = None) -> dict:
+    """`status(text)` is told each slow step (the CLI shows it on a terminal). `config`: the model of a training
+    checkpoint (torch DCP, verl's rank files), checked by `tpcli.commands.gather_train.verify_train`."""
+    from tpcli.formats.train_folder import is_train_folder
+
     say = status or no_status
     local = Path(target).expanduser()
+    if local.is_dir() and not dcp.is_sharded_dir(local) and is_train_folder(local):
+        if mesh is not None or numerics or tp is not None:
+            raise UsageError("--tp/--numerics/--fsdp/--dp-replicate/--ep check a model's plan; a training checkpoint "
+                             "is checked as files against --config: run `tpcli verify DIR [--config MODEL]` alone.")
+        from tpcli.commands.gather_train import verify_train
+
+        say("checking the checkpoint's chunks against the config")
+        return verify_train(target, config=config, quick=quick)
+    if config is not None:
+        raise UsageError("--config goes with a training checkpoint (DCP or model_world_size_W_rank_R.pt); "
+                         f"{target} is not one.")
     if is_state_dir(local):  # a training state (tpcli.save_state): model, optimizer, manifest
         if mesh is not None or numerics:
             raise UsageError("--numerics/--fsdp/--dp-replicate/--ep check a model's plan; a training-state folder is "

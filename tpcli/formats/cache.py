@@ -67,9 +67,10 @@ def cache_dir() -> Path | None:
 
 def key(command: str, params: dict, *, sharded: bool = False) -> str | None:
     """The key of one invocation, or None when it must not be cached: cache disabled, a hub id or --revision,
-    --numerics (real workers), or a sharded folder unless `sharded` (verify hashes its files, so its result is
-    never cached; gather caches only its layout and still hashes the files)."""
+    --numerics (real workers), or a sharded folder or training checkpoint unless `sharded` (verify hashes its
+    files, so its result is never cached; gather caches only its layout and still hashes the files)."""
     from tpcli.formats.dcp import is_sharded_dir
+    from tpcli.formats.train_folder import is_train_folder
 
     if cache_dir() is None or params.get("revision") or params.get("numerics"):
         return None
@@ -79,7 +80,7 @@ def key(command: str, params: dict, *, sharded: bool = False) -> str | None:
         return None
     model = params.get("model", params.get("target"))
     if not isinstance(model, str) or not Path(model).expanduser().is_dir() or (
-            is_sharded_dir(Path(model).expanduser()) and not sharded):
+            (is_sharded_dir(Path(model).expanduser()) or is_train_folder(Path(model).expanduser())) and not sharded):
         return None
     h = hashlib.sha256()
 

@@ -233,3 +233,16 @@ def check_storage(folder: Path, doc: dict, meta) -> None:
                 chunk = "" if k.offset is None else f" for its chunk at {list(k.offset)}"
                 raise CheckpointError(f"{path}: {fqn} has no stored bytes{chunk}; the optimizer state is incomplete.")
 
+
+
+TRAINING_METADATA_BYTES = 1 << 30  # a training checkpoint has no manifest to size it by: 1 GiB (1T parameters, 1024 ranks)
+
+
+def read_dcp_metadata(path: Path):
+    """The checked `Metadata` of a training checkpoint's `.metadata` at `path` (torch DCP as accelerate, Trainer,
+    torchtitan write it): the same allow-list and type checks as a state folder's, bounded by
+    TRAINING_METADATA_BYTES; `formats.train_dcp` checks the storage it points at against its own folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (or not a regular file); a torch DCP checkpoint holds one.")
+    return read_metadata(path.parent, limit=TRAINING_METADATA_BYTES)
