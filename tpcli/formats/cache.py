@@ -1,5 +1,5 @@
 """A small result cache for the static commands (`inspect`, `verify --tp N` of a model folder), and for the layout
-of `shard` / `gather` when they only move bytes (`sharding.ShardJob`, `gathering.GatherJob`: which bytes of which
+of `shard` / `gather` when they only move bytes (`commands.shard.ShardJob`, `commands.gather.GatherJob`: which bytes of which
 source file go where; the bytes themselves are always read, written and hashed anew).
 
 Building the meta model costs seconds of imports (torch, transformers, the model's modules) for a result that is a

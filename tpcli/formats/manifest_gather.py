@@ -115,7 +115,7 @@ def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_siz
     ties proven by the bytes). What is left out as tied is what `record` ties, not what the manifest says. Returns per_file, weight_map, parameter_count, total, boxes: what the general path's
     `plan_job` computes for a folder without conversions, for the same inputs.
     """
-    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+    from huggingface_hub import split_state_dict_into_shards_factory  # public, lazy: no torch
 
     recorded = record["tensors"]
     names = [n for n in tensors if n in recorded and not recorded[n]["tied_to"]]

@@ -21,7 +21,7 @@ Styles tpcli adds (registered in transformers by `tpcli.planning.style_classes`,
 | qkv_colwise          | _StridedShard(k-2, sf=3)   | _StridedShard(0, sf=3)     | nn.Linear packing [q; k; v]       |
 | moe_tp_experts_biased| (module hook) Replicate    | Replicate                  | experts with `down_proj_bias`     |
 
-`tests/test_distributed_oracle.py` checks this table against the DTensors of a real `tp_plan="auto"` load.
+tests/test_shard.py (its oracle, tests/oracles/tp_oracle.py, under torchrun) checks this table against the DTensors of transformers' own TP load.
 Placements are returned as torch objects so that all slicing maths is DTensor's own (see `tpcli.planning.layout`).
 """
 
