@@ -45,3 +45,8 @@ def test_a_failed_run_shows_no_torchrun_log_lines(tmp_path):
     assert proc.returncode == 1 and "tpcli run: rank 1 failed, exit code 1: ValueError: boom" in proc.stderr
     logged = [ln for ln in (proc.stderr + proc.stdout).splitlines() if re.match(r"[IWE]\d{4} .*torch/distributed", ln)]
     assert logged == [], proc.stderr
+    # the root cause's traceback once (the report's, user frames only); the rank's own stream has one line
+    everything = proc.stderr + proc.stdout
+    assert everything.count("Traceback (most recent call last)") == 1, everything
+    assert "[rank1]:ValueError: boom  (traceback: tpcli's failure report" in everything
+    assert "bootstrap.py" not in everything and "runpy" not in everything

@@ -125,7 +125,30 @@ def main() -> None:
                 _record_base_exception(exc)
             raise
 
-    run()
+    try:
+        run()
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - recorded by `record` / _record_base_exception just above
+        if not _error_file_written():
+            raise  # no error file: Python prints the whole traceback, the report falls back to the exit code
+        # The traceback is in the error file; tpcli's failure report prints the root cause's (user frames only), so
+        # the rank's own stream says it in one line instead of printing the same traceback a second time.
+        try:
+            text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        except Exception:  # noqa: BLE001 - an exception whose str() raises
+            text = type(exc).__name__
+        sys.stderr.write(f"{text}  (traceback: tpcli's failure report, or error.json in this rank's log folder)\n")
+        sys.stderr.flush()
+        sys.exit(1)
+
+
+def _error_file_written() -> bool:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    try:
+        return bool(path) and os.path.getsize(path) > 0
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":
