@@ -120,6 +120,7 @@ def inspect(
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence: adds the KV cache per rank.")] = None,
     kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV cache dtype if not the model's: bf16, fp16, fp32, fp8.")] = None,
     train: Annotated[bool, typer.Option("--train", help="Add gradients, AdamW state and an activation estimate.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="With --train: the step figures with transformers' gradient checkpointing.")] = False,
     gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Memory of one GPU, e.g. 24GiB or 80GB (G/GiB = 2^30 "
                                                 "bytes, GB = 10^9; a unit is required): which TP sizes fit.")] = None,
     reserve: Annotated[str | None, typer.Option("--reserve", help="Kept free per GPU for CUDA context and allocator slack "
@@ -150,7 +151,9 @@ def inspect(
 
     if reserve is not None and gpu_mem is None:
         raise UsageError("--reserve only applies with --gpu-mem SIZE.")
-    memory = MemoryOptions(batch=batch, seq_len=seq_len, train=train,
+    if gradient_checkpointing and not train:
+        raise UsageError("--gradient-checkpointing only applies with --train.")
+    memory = MemoryOptions(batch=batch, seq_len=seq_len, train=train, gradient_checkpointing=gradient_checkpointing,
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype is not None else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve", zero=True)

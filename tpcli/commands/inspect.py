@@ -73,6 +73,7 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
     report = build_report(src, plan, tp=tp, max_tp=max_tp)
     add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
     report["mesh"] = mesh_memory(plan, mesh, memory or MemoryOptions()) if mesh is not None else None
+    add_step(report, plan, memory or MemoryOptions(), mesh)
     if mesh is not None:  # the experts follow the EP plan, not their TP rules; shards FSDP would leave empty
         report["tp"]["findings"] = mesh_findings(plan, mesh, report["tp"]["findings"], as_dicts=True)
         report["tp"]["valid"] = not any(f["severity"] == "error" for f in report["tp"]["findings"])
@@ -80,6 +81,37 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
         report["fit"].update(fit_meshes(plan, memory or MemoryOptions(), world=gpus, per_node=gpus_per_node,
                                         valid_tp=report["valid_tp_sizes"], gpu_mem=gpu_mem, reserve=reserve))
     return report
+
+
+def add_step(report: dict, plan: ResolvedPlan, opts: MemoryOptions, mesh) -> None:
+    """With --train and --seq-len: `activation_bytes` and `comm_bytes` of one training step on every rank of
+    `tp.rank_runs` and `mesh.ranks` (tpcli.planning.step). A model whose modules the step model does not cover
+    gets None there and `step_unmodelled` (the reason) in the report."""
+    from tpcli.planning.mesh import Mesh
+    from tpcli.planning.step import StepUnmodelled, step_ranks
+
+    if not (opts.train and opts.seq_len):
+        return
+    report["step_unmodelled"] = None
+    targets = []
+    if report["tp"]:
+        targets.append(("tp", Mesh(tp=report["tp"]["size"])))
+    if report.get("mesh"):
+        targets.append(("mesh", mesh))
+    for where, m in targets:
+        try:
+            costs = step_ranks(plan, m, opts.batch, opts.seq_len, opts.gradient_checkpointing)
+        except StepUnmodelled as exc:
+            report["step_unmodelled"] = str(exc)
+            costs = [{"activation_bytes": None, "comm_bytes": None}] * m.world
+        if where == "tp":
+            ranks = expand_runs(report["tp"]["rank_runs"])
+            for row, c in zip(ranks, costs, strict=True):
+                row.update(c)
+            report["tp"]["rank_runs"] = rank_runs_of(ranks)
+        else:
+            for row, c in zip(report["mesh"]["ranks"], costs, strict=True):
+                row.update(c)
 
 
 def add_memory(report: dict, plan: ResolvedPlan, opts: MemoryOptions, *, gpu_mem: int | None, reserve: int) -> None:
