@@ -61,7 +61,7 @@ def check_case(name, tmp_path, models, monkeypatch, capsys):
     mesh = [f for f in flags if f != "--gradient-checkpointing"]
     report = ours(monkeypatch, capsys, folder, (mesh if "--tp" in mesh else ["--tp", "1", *mesh]) + gc)
     rows = report["mesh"]["ranks"] if report["mesh"] else expand_runs(report["tp"]["rank_runs"])
-    assert report["step_unmodelled"] is None
+    assert report["memory"]["step_unmodelled"] is None
     assert len(rows) == world
     for r, (row, m) in enumerate(zip(rows, theirs, strict=True)):
         # the experts' token counts depend on the routing: exact on average over the ranks (below)
@@ -112,5 +112,31 @@ def test_unmodelled_model_says_why(tmp_path, monkeypatch, capsys):
     from tpcli.testing import build_tiny
 
     report = ours(monkeypatch, capsys, build_tiny("gemma3", tmp_path / "g"), ["--tp", "2"])
-    assert "sliding_attention" in report["step_unmodelled"]
+    assert "sliding_attention" in report["memory"]["step_unmodelled"]
     assert expand_runs(report["tp"]["rank_runs"])[0]["activation_bytes"] is None
+
+
+GENERATE = {"tp2": ("llama", 2, ["--tp", "2"]), "tp2_fsdp2": ("llama", 4, ["--tp", "2", "--fsdp", "2"]),
+            "mixtral_fsdp2_ep2": ("mixtral", 2, ["--fsdp", "2", "--ep", "2"])}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", sorted(GENERATE))
+def test_inference_comm_matches_generate(name, tmp_path, models, monkeypatch, capsys):
+    """`inference_comm_bytes`: the prefill and each new token of a greedy generate(), per collective."""
+    model, world, flags = GENERATE[name]
+    folder = models(model)
+    theirs = measured(tmp_path, folder, world=world, flags=[*flags, "--generate", "3"])  # 3 forwards
+    code, out, err = run_main(monkeypatch, capsys, "inspect", folder, "--batch", BATCH, "--seq-len", SEQ_LEN,
+                              *(flags if "--tp" in flags else ["--tp", "1", *flags]), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    rows = report["mesh"]["ranks"] if report["mesh"] else expand_runs(report["tp"]["rank_runs"])
+    ours = [row["inference_comm_bytes"] for row in rows]
+    if "--ep" not in flags:
+        assert [[o["prefill"], o["decode_token"], o["decode_token"]] for o in ours] == [m["forwards"] for m in theirs]
+        return
+    for i, phase in enumerate(("prefill", "decode_token")):  # routing-dependent all_to_all: exact over the ranks
+        for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+            assert [o[phase][kind] for o in ours] == [m["forwards"][i][kind] for m in theirs]
+        assert sum(o[phase]["all_to_all"] for o in ours) == sum(m["forwards"][i]["all_to_all"] for m in theirs)

@@ -14,7 +14,8 @@ and counts
     DTensor's redistributions, FSDP2's all-gathers and reduce-scatters, EP's all-to-all), whole-buffer bytes:
     all_gather = the gathered output, all_reduce / reduce_scatter / all_to_all = the input.
 With --gradient-checkpointing the model runs `gradient_checkpointing_enable()` (transformers' default,
-non-reentrant). --detail adds every saved storage and every collective (for debugging). Rank r writes OUT.rank{r}.json.
+non-reentrant). --generate T measures greedy `generate()` of T new tokens instead: the collectives of each
+forward (the prefill, then one per new token) under `forwards`. --detail adds every saved storage and every collective (for debugging). Rank r writes OUT.rank{r}.json.
 """
 
 import argparse
@@ -37,6 +38,8 @@ parser.add_argument("--batch", type=int, default=2)
 parser.add_argument("--seq-len", type=int, default=40)
 parser.add_argument("--gradient-checkpointing", action="store_true")
 parser.add_argument("--detail", action="store_true")
+parser.add_argument("--generate", type=int, default=0, metavar="T",
+                    help="instead of a training step: greedy generate() of T new tokens, collectives per forward")
 args = parser.parse_args()
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=90))
@@ -68,13 +71,14 @@ class Collectives(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
+        self.active = True  # generate mode: only the model's forwards (not generate's own 0-d stopping syncs)
         self.bytes = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0, "all_to_all": 0}
         self.calls: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func)
-        if "c10d" in name and "wait" not in name and "barrier" not in name:
+        if self.active and "c10d" in name and "wait" not in name and "barrier" not in name:
             kind = next((k for s, k in KINDS if s in name), None)
             if kind is not None:
                 ins = _tensors(args[0]) if args else []
@@ -138,6 +142,33 @@ model.train()
 vocab = model.config.get_text_config().vocab_size
 gen = torch.Generator().manual_seed(rank // args.tp)
 ids = torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen)
+if args.generate:
+    model.eval()
+    comm = Collectives()
+    per_forward: list = []
+
+    def mark(module, inputs):  # every forward of the model starts a new count
+        per_forward.append(dict.fromkeys(comm.bytes, 0))
+        comm.active = True
+
+    model.register_forward_pre_hook(mark)
+
+    def finish(module, inputs, output):
+        done = per_forward[-1]
+        for key, value in comm.bytes.items():
+            done[key] = value - sum(f[key] for f in per_forward[:-1])
+        comm.active = False
+
+    model.register_forward_hook(finish)
+    comm.active = False
+    with comm, torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.generate, do_sample=False,
+                       min_new_tokens=args.generate)
+    out = {"forwards": per_forward, "comm_bytes": comm.bytes}
+    if args.detail:
+        out["calls"] = comm.calls
+    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(out, indent=1))
+    end_job()
 saved = Saved(model)
 comm = Collectives()
 with comm:

@@ -84,15 +84,16 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
 
 
 def add_step(report: dict, plan: ResolvedPlan, opts: MemoryOptions, mesh) -> None:
-    """With --train and --seq-len: `activation_bytes` and `comm_bytes` of one training step on every rank of
-    `tp.rank_runs` and `mesh.ranks` (tpcli.planning.step). A model whose modules the step model does not cover
-    gets None there and `step_unmodelled` (the reason) in the report."""
+    """With --seq-len, on every rank of `tp.rank_runs` and `mesh.ranks` (tpcli.planning.step):
+    `inference_comm_bytes` {"prefill", "decode_token"} of generate(), and with --train `activation_bytes` and
+    `comm_bytes` of one training step. A model whose modules the step model does not cover gets None there and
+    `memory.step_unmodelled` (the reason; None when modelled)."""
     from tpcli.planning.mesh import Mesh
-    from tpcli.planning.step import StepUnmodelled, step_ranks
+    from tpcli.planning.step import StepUnmodelled, inference_ranks, step_ranks
 
-    if not (opts.train and opts.seq_len):
+    if not opts.seq_len:
         return
-    report["step_unmodelled"] = None
+    report["memory"]["step_unmodelled"] = None
     targets = []
     if report["tp"]:
         targets.append(("tp", Mesh(tp=report["tp"]["size"])))
@@ -100,10 +101,15 @@ def add_step(report: dict, plan: ResolvedPlan, opts: MemoryOptions, mesh) -> Non
         targets.append(("mesh", mesh))
     for where, m in targets:
         try:
-            costs = step_ranks(plan, m, opts.batch, opts.seq_len, opts.gradient_checkpointing)
+            costs = [{"inference_comm_bytes": c} for c in inference_ranks(plan, m, opts.batch, opts.seq_len)]
+            if opts.train:
+                for row, c in zip(costs, step_ranks(plan, m, opts.batch, opts.seq_len, opts.gradient_checkpointing),
+                                  strict=True):
+                    row.update(c)
         except StepUnmodelled as exc:
-            report["step_unmodelled"] = str(exc)
-            costs = [{"activation_bytes": None, "comm_bytes": None}] * m.world
+            report["memory"]["step_unmodelled"] = str(exc)
+            none = {"inference_comm_bytes": None}
+            costs = [{**none, "activation_bytes": None, "comm_bytes": None} if opts.train else none] * m.world
         if where == "tp":
             ranks = expand_runs(report["tp"]["rank_runs"])
             for row, c in zip(ranks, costs, strict=True):

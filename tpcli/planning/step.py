@@ -255,8 +255,63 @@ class StepModel:
             if mesh.dp_replicate > 1:
                 cost.add("all_reduce", padded // ranks)
 
+    def forward_comm(self, coords, n: int, batch: int, first: bool) -> dict:
+        """One no-grad forward over n tokens of `batch` sequences (see `inference_comm`)."""
+        d, text, tp, h = self.d, self.text, self.mesh.tp, self.text.hidden_size
+        cost = StepCost()
+        if self._style(self.embed) == "embedding_rowwise":
+            cost.add("all_reduce", n * h * d)
+        if self._style(self.head) == "colwise_gather_output":
+            cost.add("all_gather", batch * tp * math.ceil(text.vocab_size / tp) * d)
+        for name, layer in self.layers:
+            modules = [f"{name}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            if not hasattr(layer.mlp, "experts"):
+                modules += [f"{name}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+            for module in modules:
+                if self._style(module) not in (None, "colwise", "rowwise"):
+                    raise StepUnmodelled(f"{self.plan.architecture}: {module}: style {self._style(module)!r} is not "
+                                         "modelled by tpcli's step costs (colwise, rowwise are).")
+                if self._style(module) == "rowwise":
+                    cost.add("all_reduce", n * self.plan.tensors[f"{module}.weight"].shape[0] * d)
+            if hasattr(layer.mlp, "experts"):
+                m = f"{name}.mlp"
+                if self.mesh.ep > 1 and self.mp.ep_plan.get(f"{m}.experts") == "ep_dispatch_experts":
+                    experts = self.plan.tensors[f"{m}.experts.gate_up_proj"].shape[0]
+                    cost.add("all_to_all", 8 * experts + 2 * n * text.num_experts_per_tok * h * d)
+                elif self._style(f"{m}.experts") == "moe_tp_experts":
+                    cost.add("all_reduce", n * h * d)
+        if self.mesh.dp_size > 1:
+            t, _, _, e = coords
+            keep = {u for u, s in self.mp.fsdp_plan.items() if s == "keep_full_weight"}
+            for name, g in self.mp.group_of.items():
+                ranks = self.mesh.fsdp if g.fsdp == "fsdp" else self.mesh.efsdp
+                shape = g.stage1(t, e, self.mesh)
+                if not g.fsdp or ranks < 2 or not shape:
+                    continue
+                unit = next((u for u in _owners(name) if u in self.mp.fsdp_plan or u in self._experts()), "")
+                if first or not (unit in keep or unit == ""):
+                    cost.add("all_gather", math.ceil(shape[0] / ranks) * ranks * math.prod(shape[1:])
+                             * dtype_size(g.dtype))
+        return dict(cost.comm_bytes)
+
     def _experts(self) -> set:
         return {m for m, s in self.mp.ep_plan.items() if s == "ep_dispatch_experts"}
+
+
+def inference_comm(model: StepModel, coords, batch: int, seq_len: int) -> dict:
+    """Bytes per collective of one generate() forward on this rank: {"prefill": {...}, "decode_token": {...}}.
+
+    Forward only, no gradients (transformers' inference paths): N = B x L tokens at prefill, N = B per new token;
+      TP   rowwise: all_reduce N x out_features x d; embedding_rowwise: all_reduce N h d; moe_tp_experts:
+           all_reduce N h d; colwise: nothing; colwise_gather_output (lm_head): all_gather B x t ceil(V / t) x d
+           (generate computes the logits of the last position only)
+      FSDP all_gather of every sharded parameter (padded) at prefill; per new token again, except the units that keep
+           their full weight (`keep_full_weight`, the root), which stay gathered after the first forward
+      EP   per ep_dispatch_experts block: all_to_all 8 x experts (counts) + N k h d (dispatch) + received x h d
+           (combine; N k h d on average, exact summed over the ranks)
+    """
+    return {"prefill": model.forward_comm(coords, batch * seq_len, batch, first=True),
+            "decode_token": model.forward_comm(coords, batch, batch, first=False)}
 
 
 def _owners(name: str) -> list[str]:
@@ -274,6 +329,20 @@ def step_ranks(plan, mesh: Mesh, batch: int, seq_len: int, checkpointing: bool =
         key = (c["tp"], c["fsdp"], c["efsdp"], c["ep"])
         if key not in cache:
             cache[key] = model.rank_cost(key, batch, seq_len, checkpointing).to_dict()
+        out.append(cache[key])
+    return out
+
+
+def inference_ranks(plan, mesh: Mesh, batch: int, seq_len: int) -> list[dict]:
+    """Per rank of `mesh`: {"prefill": comm_bytes, "decode_token": comm_bytes} of generate() (`inference_comm`)."""
+    model = step_model(plan, mesh)
+    cache: dict = {}
+    out = []
+    for rank in range(mesh.world):
+        c = mesh.coords(rank)
+        key = (c["tp"], c["fsdp"], c["efsdp"], c["ep"])
+        if key not in cache:
+            cache[key] = inference_comm(model, key, batch, seq_len)
         out.append(cache[key])
     return out
 
