@@ -60,9 +60,16 @@ class StepUnmodelled(ModelError):
 class StepCost:
     activation_bytes: int = 0
     comm_bytes: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    by_group: dict = field(default_factory=dict)  # (mesh dim: tp, fsdp, efsdp, ep, dp_replicate, kind) -> bytes
 
-    def add(self, kind: str, n: int) -> None:
+    def add(self, kind: str, n: int, group: str = "tp") -> None:
         self.comm_bytes[kind] += int(n)
+        self.by_group[(group, kind)] = self.by_group.get((group, kind), 0) + int(n)
+
+    def merge(self, other: StepCost, times: int) -> None:
+        self.activation_bytes += times * other.activation_bytes
+        for (group, kind), n in other.by_group.items():
+            self.add(kind, times * n, group)
 
     def to_dict(self) -> dict:
         return {"activation_bytes": self.activation_bytes, "comm_bytes": dict(self.comm_bytes)}
@@ -94,7 +101,7 @@ class StepModel:
                                  "(full attention is).")
         self.d = dtype_size(plan.dtype)
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.layers = self._layers(model)
+        self.layers = self._layer_kinds(self._layers(model))
         self.embed = self._module_name(model, model.get_input_embeddings())
         self.head = self._module_name(model, model.get_output_embeddings())
         self.rope = any(n.endswith("rotary_emb") for n, _ in model.named_modules())
@@ -121,6 +128,22 @@ class StepModel:
         if not out:
             raise StepUnmodelled(f"{self.plan.architecture}: no decoder layers found for the step costs.")
         return out
+
+    def _layer_kinds(self, layers: list) -> list[tuple[str, object, int]]:
+        """Layers that cost the same (class, parameter shapes, styles): (first name, module, count)."""
+        plans = (self.mp.tp_plan if self.mesh.tp > 1 else {}, self.mp.ep_plan, self.mp.fsdp_plan)
+        kinds: dict = {}
+        for name, layer in layers:
+            prefix = name + "."
+            params = tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
+            styles = tuple(tuple(sorted((k[len(prefix):], v) for k, v in plan.items() if k.startswith(prefix)))
+                           for plan in plans)
+            key = (type(layer).__name__, params, styles, name in self.mp.fsdp_plan)
+            if key in kinds:
+                kinds[key][2] += 1
+            else:
+                kinds[key] = [name, layer, 1]
+        return [tuple(v) for v in kinds.values()]
 
     # local shapes --------------------------------------------------------------------------------------------
     def _local(self, name: str, coords) -> tuple[int, ...]:
@@ -156,9 +179,11 @@ class StepModel:
             cost.add("all_reduce", n * h * d)
         elif head_style not in (None, "colwise"):
             raise StepUnmodelled(f"{self.plan.architecture}: lm_head style {head_style!r} is not modelled.")
-        for name, layer in self.layers:
-            act += self._layer(name, layer, coords, batch, seq_len, cost, checkpointing)
         cost.activation_bytes = act
+        for name, layer, count in self.layers:
+            one = StepCost()
+            one.activation_bytes = self._layer(name, layer, coords, batch, seq_len, one, checkpointing)
+            cost.merge(one, count)
         self._fsdp(coords, cost)
         return cost
 
@@ -222,7 +247,7 @@ class StepModel:
         style = self._style(f"{m}.experts")
         if ep_style == "ep_dispatch_experts":
             saved += n * k * (slot - d * h + 16 + d + h * d)  # the down projection's output is not kept here
-            cost.add("all_to_all", 8 * experts + 4 * n * k * h * d)
+            cost.add("all_to_all", 8 * experts + 4 * n * k * h * d, "ep")
         elif ep_style is not None:
             raise StepUnmodelled(f"{self.plan.architecture}: {m}.experts: EP style {ep_style!r} is not modelled.")
         else:
@@ -233,27 +258,28 @@ class StepModel:
                 raise StepUnmodelled(f"{self.plan.architecture}: {m}.experts: style {style!r} is not modelled.")
         return saved
 
-    def _fsdp(self, coords, cost: StepCost) -> None:
+    def _fsdp(self, coords, cost: StepCost, inference: bool = False, first: bool = True) -> None:
+        """FSDP's collectives (module docstring): per unit of `fully_shard`, each parameter's padded stage-1 bytes."""
         mesh = self.mesh
         if mesh.dp_size < 2:
             return
         t, _, _, e = coords
-        keep = {u for u, s in self.mp.fsdp_plan.items() if s == "keep_full_weight"}
-        for name, g in self.mp.group_of.items():
-            if not g.fsdp:
-                continue
-            ranks = mesh.fsdp if g.fsdp == "fsdp" else mesh.efsdp
-            shape = g.stage1(t, e, mesh)
-            if not shape:
-                continue
-            rows = math.ceil(shape[0] / ranks) * ranks if ranks > 1 else shape[0]
-            padded = rows * math.prod(shape[1:]) * dtype_size(g.dtype)
-            if ranks > 1:
-                unit = next((u for u in _owners(name) if u in self.mp.fsdp_plan or u in self._experts()), "")
-                cost.add("all_gather", padded * (1 if unit in keep or unit == "" else 2))
-                cost.add("reduce_scatter", padded)
-            if mesh.dp_replicate > 1:
-                cost.add("all_reduce", padded // ranks)
+        for unit, groups in self.mp.units.items():
+            keep = unit == "" or self.mp.fsdp_plan.get(unit) == "keep_full_weight"
+            for g, count in groups.items():
+                ranks = mesh.fsdp if g.fsdp == "fsdp" else mesh.efsdp
+                shape = g.stage1(t, e, mesh)
+                if not shape:
+                    continue
+                padded = count * math.ceil(shape[0] / ranks) * ranks * math.prod(shape[1:]) * dtype_size(g.dtype)
+                if ranks > 1 and inference:
+                    if first or not keep:
+                        cost.add("all_gather", padded, g.fsdp)
+                elif ranks > 1:
+                    cost.add("all_gather", padded * (1 if keep else 2), g.fsdp)
+                    cost.add("reduce_scatter", padded, g.fsdp)
+                if mesh.dp_replicate > 1 and not inference:
+                    cost.add("all_reduce", padded // ranks, "dp_replicate")
 
     def forward_comm(self, coords, n: int, batch: int, first: bool) -> dict:
         """One no-grad forward over n tokens of `batch` sequences (see `inference_comm`)."""
@@ -263,7 +289,8 @@ class StepModel:
             cost.add("all_reduce", n * h * d)
         if self._style(self.head) == "colwise_gather_output":
             cost.add("all_gather", batch * tp * math.ceil(text.vocab_size / tp) * d)
-        for name, layer in self.layers:
+        for name, layer, count in self.layers:
+            one = StepCost()
             modules = [f"{name}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
             if not hasattr(layer.mlp, "experts"):
                 modules += [f"{name}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
@@ -272,30 +299,17 @@ class StepModel:
                     raise StepUnmodelled(f"{self.plan.architecture}: {module}: style {self._style(module)!r} is not "
                                          "modelled by tpcli's step costs (colwise, rowwise are).")
                 if self._style(module) == "rowwise":
-                    cost.add("all_reduce", n * self.plan.tensors[f"{module}.weight"].shape[0] * d)
+                    one.add("all_reduce", n * self.plan.tensors[f"{module}.weight"].shape[0] * d)
             if hasattr(layer.mlp, "experts"):
                 m = f"{name}.mlp"
                 if self.mesh.ep > 1 and self.mp.ep_plan.get(f"{m}.experts") == "ep_dispatch_experts":
                     experts = self.plan.tensors[f"{m}.experts.gate_up_proj"].shape[0]
-                    cost.add("all_to_all", 8 * experts + 2 * n * text.num_experts_per_tok * h * d)
+                    one.add("all_to_all", 8 * experts + 2 * n * text.num_experts_per_tok * h * d, "ep")
                 elif self._style(f"{m}.experts") == "moe_tp_experts":
-                    cost.add("all_reduce", n * h * d)
-        if self.mesh.dp_size > 1:
-            t, _, _, e = coords
-            keep = {u for u, s in self.mp.fsdp_plan.items() if s == "keep_full_weight"}
-            for name, g in self.mp.group_of.items():
-                ranks = self.mesh.fsdp if g.fsdp == "fsdp" else self.mesh.efsdp
-                shape = g.stage1(t, e, self.mesh)
-                if not g.fsdp or ranks < 2 or not shape:
-                    continue
-                unit = next((u for u in _owners(name) if u in self.mp.fsdp_plan or u in self._experts()), "")
-                if first or not (unit in keep or unit == ""):
-                    cost.add("all_gather", math.ceil(shape[0] / ranks) * ranks * math.prod(shape[1:])
-                             * dtype_size(g.dtype))
+                    one.add("all_reduce", n * h * d)
+            cost.merge(one, count)
+        self._fsdp(coords, cost, inference=True, first=first)
         return dict(cost.comm_bytes)
-
-    def _experts(self) -> set:
-        return {m for m, s in self.mp.ep_plan.items() if s == "ep_dispatch_experts"}
 
 
 def inference_comm(model: StepModel, coords, batch: int, seq_len: int) -> dict:
@@ -314,11 +328,6 @@ def inference_comm(model: StepModel, coords, batch: int, seq_len: int) -> dict:
             "decode_token": model.forward_comm(coords, batch, batch, first=False)}
 
 
-def _owners(name: str) -> list[str]:
-    parts = name.split(".")[:-1]
-    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
-
-
 def step_ranks(plan, mesh: Mesh, batch: int, seq_len: int, checkpointing: bool = False) -> list[dict]:
     """Per rank of `mesh`: {"activation_bytes", "comm_bytes"} for one training step (module docstring)."""
     model = step_model(plan, mesh)
@@ -326,9 +335,9 @@ def step_ranks(plan, mesh: Mesh, batch: int, seq_len: int, checkpointing: bool =
     out = []
     for rank in range(mesh.world):
         c = mesh.coords(rank)
-        key = (c["tp"], c["fsdp"], c["efsdp"], c["ep"])
+        key = (c["tp"], c["ep"])  # the figures depend on the stage-1 shards only (FSDP pads to the group size)
         if key not in cache:
-            cache[key] = model.rank_cost(key, batch, seq_len, checkpointing).to_dict()
+            cache[key] = model.rank_cost((c["tp"], 0, 0, c["ep"]), batch, seq_len, checkpointing).to_dict()
         out.append(cache[key])
     return out
 
@@ -340,9 +349,9 @@ def inference_ranks(plan, mesh: Mesh, batch: int, seq_len: int) -> list[dict]:
     out = []
     for rank in range(mesh.world):
         c = mesh.coords(rank)
-        key = (c["tp"], c["fsdp"], c["efsdp"], c["ep"])
+        key = (c["tp"], c["ep"])
         if key not in cache:
-            cache[key] = inference_comm(model, key, batch, seq_len)
+            cache[key] = inference_comm(model, (c["tp"], 0, 0, c["ep"]), batch, seq_len)
         out.append(cache[key])
     return out
 
