@@ -43,12 +43,15 @@ attention kinds, eager attention, sliding windows, SSM layers, sequence parallel
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tpcli.errors import ModelError
 from tpcli.formats.units import dtype_size
 from tpcli.planning.mesh import Mesh, MeshPlan
 
+_LAYER = re.compile(r"^(.*\.layers\.\d+)(?:\.(.*))?$")
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
@@ -101,10 +104,14 @@ class StepModel:
                                  "(full attention is).")
         self.d = dtype_size(plan.dtype)
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.layers = self._layer_kinds(self._layers(model))
-        self.embed = self._module_name(model, model.get_input_embeddings())
-        self.head = self._module_name(model, model.get_output_embeddings())
-        self.rope = any(n.endswith("rotary_emb") for n, _ in model.named_modules())
+        modules = plan.__dict__.get("_step_modules")
+        if modules is None:  # the model's structure, the same for every mesh
+            modules = plan.__dict__["_step_modules"] = (
+                self._layers(model), self._module_name(model, model.get_input_embeddings()),
+                self._module_name(model, model.get_output_embeddings()),
+                any(n.endswith("rotary_emb") for n, _ in model.named_modules()))
+        layers, self.embed, self.head, self.rope = modules
+        self.layers = self._layer_kinds(layers)
 
     @staticmethod
     def _module_name(model, module) -> str:
@@ -131,13 +138,16 @@ class StepModel:
 
     def _layer_kinds(self, layers: list) -> list[tuple[str, object, int]]:
         """Layers that cost the same (class, parameter shapes, styles): (first name, module, count)."""
-        plans = (self.mp.tp_plan if self.mesh.tp > 1 else {}, self.mp.ep_plan, self.mp.fsdp_plan)
+        by_layer: dict = {}  # "model.layers.3" -> [(plan index, rest of the name, style)]
+        for i, plan in enumerate((self.mp.tp_plan if self.mesh.tp > 1 else {}, self.mp.ep_plan, self.mp.fsdp_plan)):
+            for key, style in plan.items():
+                m = _LAYER.match(key)
+                if m:
+                    by_layer.setdefault(m.group(1), []).append((i, m.group(2), style))
         kinds: dict = {}
         for name, layer in layers:
-            prefix = name + "."
             params = tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
-            styles = tuple(tuple(sorted((k[len(prefix):], v) for k, v in plan.items() if k.startswith(prefix)))
-                           for plan in plans)
+            styles = tuple(sorted(by_layer.get(name, [])))
             key = (type(layer).__name__, params, styles, name in self.mp.fsdp_plan)
             if key in kinds:
                 kinds[key][2] += 1
@@ -230,8 +240,8 @@ class StepModel:
     def _grad_allreduce(self, module: str, cost: StepCost) -> None:
         style = self._style(module)
         if style == "replicated_with_grad_allreduce":
-            cost.add("all_reduce", sum(self.plan.tensors[p].nbytes for p in self.plan.tensors
-                                       if p.startswith(module + ".")))
+            cost.add("all_reduce", sum(self.plan.tensors[p].nbytes for p in (f"{module}.weight", f"{module}.bias")
+                                       if p in self.plan.tensors))
         elif style is not None:
             raise StepUnmodelled(f"{self.plan.architecture}: {module}: style {style!r} is not modelled.")
 
@@ -264,9 +274,13 @@ class StepModel:
         if mesh.dp_size < 2:
             return
         t, _, _, e = coords
-        for unit, groups in self.mp.units.items():
-            keep = unit == "" or self.mp.fsdp_plan.get(unit) == "keep_full_weight"
-            for g, count in groups.items():
+        if not hasattr(self, "_units"):  # units with the same tensors and reshard policy: one of each, counted
+            self._units = Counter((tuple(sorted(groups.items(), key=repr)),
+                                   unit == "" or self.mp.fsdp_plan.get(unit) == "keep_full_weight")
+                                  for unit, groups in self.mp.units.items())
+        for (groups, keep), units in self._units.items():
+            for g, n in groups:
+                count = n * units
                 ranks = mesh.fsdp if g.fsdp == "fsdp" else mesh.efsdp
                 shape = g.stage1(t, e, mesh)
                 if not shape:
