@@ -130,6 +130,9 @@ def inspect(
     ep: EpOpt = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="With --gpu-mem: every valid mesh of this many GPUs, ranked, and the best.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node for --gpus (default: all on one node); TP stays inside a node.")] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="With --gpus --train --seq-len: the GPU of the step-time estimate (H100, H200, B200, A100, L40S, RTX4090; default H100).")] = None,
+    hardware: Annotated[str | None, typer.Option("--hardware", help="JSON file of GPUs/links merged over tpcli's catalogue (tpcli/planning/hardware.json layout).")] = None,
+    mfu: Annotated[float | None, typer.Option("--mfu", help="Fraction of the GPU's bf16 peak reached, for the step-time estimate (default 0.4).")] = None,
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
@@ -143,6 +146,8 @@ def inspect(
         raise UsageError("--gpus lists every mesh of W GPUs; drop --fsdp/--dp-replicate/--ep (or drop --gpus).")
     if gpus_per_node is not None and gpus is None:
         raise UsageError("--gpus-per-node only applies with --gpus W.")
+    if (gpu or hardware or mfu is not None) and not (gpus is not None and train and seq_len):
+        raise UsageError("--gpu/--hardware/--mfu set the step-time estimate: they need --gpus W --train --seq-len L.")
     _positive("--batch", batch, MAX_BATCH)
     _positive("--seq-len", seq_len, MAX_SEQ_LEN)
     _plan_flag(plan)
@@ -157,7 +162,15 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype is not None else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve", zero=True)
-    from tpcli.render import print_json, render_inspect, render_memory, render_mesh, render_mesh_fit, status_line
+    from tpcli.render import (
+        print_json,
+        render_inspect,
+        render_memory,
+        render_mesh,
+        render_mesh_fit,
+        render_step_time,
+        status_line,
+    )
 
     with status_line(not json_out) as say:
         say("checking the result cache")
@@ -169,7 +182,8 @@ def inspect(
 
             say("building the model (no weights) and resolving its TP plan")
             report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                                   reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node)
+                                   reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node,
+                                   timing={"gpu": gpu, "hardware": hardware, "mfu": mfu})
             if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
                 report = cache.put(key, report)
     if json_out:
@@ -179,6 +193,7 @@ def inspect(
         render_memory(report)
         render_mesh(report)
         render_mesh_fit(report)
+        render_step_time(report)
     if report["tp"] and not report["tp"]["valid"]:
         raise typer.Exit(1)
 

@@ -402,6 +402,31 @@ def render_mesh_fit(r: dict) -> None:
         console.print(f"  {line}")
 
 
+def render_step_time(r: dict) -> None:
+    """`inspect --gpus W --train --seq-len L`: the fitting meshes' estimated step times, why the best wins, and
+    the assumptions (tpcli.planning.steptime)."""
+    fit = r.get("fit")
+    if not fit or "time_assumptions" not in fit:
+        return
+    if fit["step_time_unmodelled"]:
+        for line in _wrap(f"No step-time estimate: {fit['step_time_unmodelled']}"):
+            console.print(line)
+        return
+    timed = [m for m in fit["meshes"] if m.get("step_time")]
+    console.print("Estimated step time per fitting mesh (ESTIMATES, slowest rank):")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    for col in ("#", "tp", "fsdp", "dp_replicate", "ep", "step s", "compute s", "comm s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, m in enumerate(timed, 1):
+        t = m["step_time"]
+        table.add_row(str(i), str(m["tp"]), str(m["fsdp"]), str(m["dp_replicate"]), str(m["ep"]),
+                      f"{t['step_s']:.3g}", f"{t['compute_s']:.3g}", f"{t['comm_s']:.3g}")
+    console.print(table)
+    for text in ([f"why: {fit['why']}"] if fit["why"] else []) + [f"assumed: {a}" for a in fit["time_assumptions"]]:
+        for line in _wrap(text):
+            console.print(f"  {line}")
+
+
 def _wrap(text: str, width: int = 78) -> list[str]:
     """Prose lines for an 80-column pipe, cut only at spaces (identifiers stay whole)."""
     import textwrap

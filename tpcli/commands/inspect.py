@@ -64,7 +64,7 @@ def _raised_by_transformers_model(exc: BaseException) -> bool:
 def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
                   revision: str | None = None, max_tp: int = 64, memory: MemoryOptions | None = None,
                   gpu_mem: int | None = None, reserve: int = 0, mesh=None, gpus: int | None = None,
-                  gpus_per_node: int | None = None) -> dict:
+                  gpus_per_node: int | None = None, timing: dict | None = None) -> dict:
     if gpu_mem is not None:
         check_budget(gpu_mem, reserve)
     src, plan = load_resolved(model, plan_file=plan_file, revision=revision)
@@ -80,6 +80,13 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
     if gpus is not None:
         report["fit"].update(fit_meshes(plan, memory or MemoryOptions(), world=gpus, per_node=gpus_per_node,
                                         valid_tp=report["valid_tp_sizes"], gpu_mem=gpu_mem, reserve=reserve))
+        if memory and memory.train and memory.seq_len:  # fitting meshes by estimated step time
+            from tpcli.planning.steptime import load_hardware, pick_gpu, rank_by_time
+
+            timing = timing or {}
+            chosen = pick_gpu(load_hardware(timing.get("hardware")), timing.get("gpu"), timing.get("mfu"))
+            rank_by_time(plan, report["fit"], batch=memory.batch, seq_len=memory.seq_len,
+                         checkpointing=memory.gradient_checkpointing, gpu=chosen, gpu_named=bool(timing.get("gpu")))
     return report
 
 
