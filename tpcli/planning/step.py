@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 from tpcli.errors import ModelError
 from tpcli.formats.units import dtype_size
-from tpcli.planning.mesh import Mesh, MeshPlan
+from tpcli.planning.mesh import Mesh, mesh_plan
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)(?:\.(.*))?$")
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -90,7 +90,7 @@ class StepModel:
 
     def __init__(self, plan, mesh: Mesh):
         self.plan, self.mesh = plan, mesh
-        self.mp = MeshPlan(plan, mesh)
+        self.mp = mesh_plan(plan, mesh)
         model = plan.model
         if model is None or model.get_output_embeddings() is None:
             raise StepUnmodelled(f"{plan.architecture}: no language-modelling head to take a step with.")
