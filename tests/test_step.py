@@ -18,6 +18,7 @@ MODELS = {
     "llama": ("llama", {"vocab": 512, "intermediate": 128}),  # the tiny llama issue 37 measured
     "qwen3": ("qwen3", {}),  # tied embeddings, q/k norms (replicated_with_grad_allreduce), vocab 1001 uneven
     "mixtral": ("mixtral", {}),  # MoE: eager experts, TP (moe_tp_experts) or EP (ep_dispatch_experts)
+    "llama_bf16": ("llama", {"vocab": 512, "intermediate": 128, "dtype": "bfloat16"}),  # norms' fp32 copies
 }
 # What issue 37 measured for the tiny llama at tp=2, 2 x 40 tokens, fp32.
 ISSUE = {"tp2": {"activation_bytes": 705_604, "all_reduce": 327_680, "all_gather": 163_840},
@@ -49,6 +50,7 @@ CASES = {  # name -> (model, world, oracle flags)
     "tp2_fsdp2": ("llama", 4, ["--tp", "2", "--fsdp", "2"]),
     "mixtral_fsdp2_ep2": ("mixtral", 2, ["--fsdp", "2", "--ep", "2"]),
     "mixtral_tp2": ("mixtral", 2, ["--tp", "2"]),
+    "bf16_tp2": ("llama_bf16", 2, ["--tp", "2"]),
 }
 QUICK = ["tp2", "qwen3_tp2", "tp2_fsdp2", "mixtral_fsdp2_ep2"]
 

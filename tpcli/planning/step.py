@@ -8,7 +8,7 @@ h = hidden, H = q / head_dim local heads, k = experts per token):
     activation_bytes = 8N (ids) + s (embedding output) + 2 L hd d (rope cos, sin) + norm + 4NV + 8N + 4 (loss)
                        + per decoder layer: 2s (two residual streams) + 2 norm + attention + mlp
       s         = N h d in float32 (a bf16 norm saves its float32 copy instead, inside `norm`)
-      norm      = 4N (rsqrt) + 4Nh (x * rsqrt) + N h d (output) [+ 4Nh the float32 copy of a bf16 input]
+      norm      = 4N (rsqrt) + N h d (x * rsqrt, cast back) + N h d (output) [+ 4Nh: a bf16 input's fp32 copy]
       attention = N q d (rotated queries) + 2 N kv d (keys, values after the cache's cat) + 4 B H L (SDPA's
                   logsumexp) + N q d (SDPA output); q_norm / k_norm add, each, N w d (projection output, the
                   norm's input) + a norm over N x heads rows of head_dim without its output (w = q or kv)
@@ -36,7 +36,7 @@ h = hidden, H = q / head_dim local heads, k = experts per token):
       EP   per ep_dispatch_experts block: forward all_to_all of the counts (8 x experts), then dispatch (N k h d)
            and combine (received x h d), the same two in backward; received = N k on average
 Measured exactly (tests/oracles/step_oracle.py, tests/test_step.py) for llama, qwen3 (tied, q/k norms) and
-mixtral in float32 on CPU; the bf16 terms follow the modules' code but are not measured. Anything else (other
+mixtral in float32 on CPU, and llama in bfloat16. Anything else (other
 attention kinds, eager attention, sliding windows, SSM layers, sequence parallel) raises StepUnmodelled.
 """
 
@@ -79,9 +79,10 @@ class StepCost:
 
 
 def _norm(n_rows: int, width: int, d: int, output: bool = True) -> int:
-    """RMSNorm over n_rows x width: rsqrt (fp32), x * rsqrt (fp32), the output when a linear layer reads it next,
-    and a bf16 input's fp32 copy (a float32 input is itself saved; the caller counts it)."""
-    return (4 * n_rows + 4 * n_rows * width + (n_rows * width * d if output else 0)
+    """RMSNorm over n_rows x width, as transformers' RMSNorms compute it (in float32, cast back): rsqrt (fp32),
+    x * rsqrt cast to the model dtype, the output when a linear layer reads it next, and a bf16/fp16 input's fp32
+    copy (a float32 input is itself saved; the caller counts it)."""
+    return (4 * n_rows + n_rows * width * d + (n_rows * width * d if output else 0)
             + (4 * n_rows * width if d != 4 else 0))
 
 
