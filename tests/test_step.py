@@ -27,7 +27,28 @@ ISSUE = {"tp2": {"activation_bytes": 705_604, "all_reduce": 327_680, "all_gather
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("step_models"), MODELS)
+    root = tmp_path_factory.mktemp("step_models")
+    tiny = tiny_models(root, MODELS)
+
+    def get(name: str):
+        return mistral_sliding(root / name) if name == "mistral" else tiny(name)
+
+    return get
+
+
+def mistral_sliding(folder):
+    """A tiny mistral with a 16-token sliding window (every layer), random weights, fp32."""
+    if not (folder / "config.json").exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model("mistral", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=512,
+                                   max_position_embeddings=256, sliding_window=16, bos_token_id=1, eos_token_id=2,
+                                   pad_token_id=0)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return folder
 
 
 def measured(tmp_path, folder, *, world: int, flags: list) -> list[dict]:
@@ -51,6 +72,7 @@ CASES = {  # name -> (model, world, oracle flags)
     "mixtral_fsdp2_ep2": ("mixtral", 2, ["--fsdp", "2", "--ep", "2"]),
     "mixtral_tp2": ("mixtral", 2, ["--tp", "2"]),
     "bf16_tp2": ("llama_bf16", 2, ["--tp", "2"]),
+    "mistral_sliding_tp2": ("mistral", 2, ["--tp", "2"]),  # the window's mask, B L^2 per layer (L 40 > window 16)
 }
 QUICK = ["tp2", "qwen3_tp2", "tp2_fsdp2", "mixtral_fsdp2_ep2"]
 
@@ -110,11 +132,11 @@ def test_gradient_checkpointing_needs_train(models, monkeypatch, capsys):
 
 
 def test_unmodelled_model_says_why(tmp_path, monkeypatch, capsys):
-    """A sliding-window model: the step figures are None and `step_unmodelled` names the layer types."""
+    """gemma3 (scaled embedding, four norms per layer): the step figures are None and `step_unmodelled` says why."""
     from tpcli.testing import build_tiny
 
     report = ours(monkeypatch, capsys, build_tiny("gemma3", tmp_path / "g"), ["--tp", "2"])
-    assert "sliding_attention" in report["memory"]["step_unmodelled"]
+    assert "Gemma3TextScaledWordEmbedding is not modelled" in report["memory"]["step_unmodelled"]
     assert expand_runs(report["tp"]["rank_runs"])[0]["activation_bytes"] is None
 
 

@@ -13,6 +13,8 @@ h = hidden, H = q / head_dim local heads, k = experts per token):
                   logsumexp) + N q d (SDPA output); q_norm / k_norm add, each, N w d (projection output, the
                   norm's input) + a norm over N x heads rows of head_dim without its output (w = q or kv)
       mlp       = 4 N I d (gate, up, act(gate), act(gate) * up)
+      window    = B L^2 d on a sliding-window layer when L >= the window (transformers then materializes the mask
+                  and SDPA keeps it in the model dtype; one per layer)
       MoE       = router: N E d (softmax) + 8 N k (top-k ids) + N d (their sum) + N k d (weights), then per
                   token-slot routed to an expert of this rank: 16 (torch.where's index pairs) + d (3h + 4I + 1);
                   at TP every slot (N k); under EP a slot keeps d (2h + 4I + 1) + 16 and N k d + N k h d + 16 N k
@@ -36,8 +38,9 @@ h = hidden, H = q / head_dim local heads, k = experts per token):
       EP   per ep_dispatch_experts block: forward all_to_all of the counts (8 x experts), then dispatch (N k h d)
            and combine (received x h d), the same two in backward; received = N k on average
 Measured exactly (tests/oracles/step_oracle.py, tests/test_step.py) for llama, qwen3 (tied, q/k norms) and
-mixtral in float32 on CPU, and llama in bfloat16. Anything else (other
-attention kinds, eager attention, sliding windows, SSM layers, sequence parallel) raises StepUnmodelled.
+mixtral in float32 on CPU, llama in bfloat16, and a sliding-window mistral. Anything else (other
+attention kinds, eager attention, scaled embeddings, extra norms (gemma), SSM layers, sequence parallel) raises
+StepUnmodelled.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from tpcli.errors import ModelError
 from tpcli.formats.units import dtype_size
 from tpcli.planning.mesh import Mesh, mesh_plan
 
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "dropout", "act_fn"}
+_ATTENTION_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "rotary_emb"}
 _LAYER = re.compile(r"^(.*\.layers\.\d+)(?:\.(.*))?$")
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
@@ -100,9 +105,11 @@ class StepModel:
         if getattr(text, "_attn_implementation", "sdpa") not in (None, "sdpa"):
             raise StepUnmodelled(f"{plan.architecture}: attention {text._attn_implementation!r} is not modelled "
                                  "(SDPA is).")
-        if any(t not in (None, "full_attention") for t in (getattr(text, "layer_types", None) or [])):
+        if any(t not in (None, "full_attention", "sliding_attention")
+               for t in (getattr(text, "layer_types", None) or [])):
             raise StepUnmodelled(f"{plan.architecture}: layer types {sorted(set(text.layer_types))} are not modelled "
-                                 "(full attention is).")
+                                 "(full and sliding-window attention are).")
+        self.window = getattr(text, "sliding_window", None)
         self.d = dtype_size(plan.dtype)
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         modules = plan.__dict__.get("_step_modules")
@@ -118,27 +125,38 @@ class StepModel:
     def _module_name(model, module) -> str:
         return next(n for n, m in model.named_modules() if m is module)
 
-    def _layers(self, model) -> list[tuple[str, object]]:
+    def _layers(self, model) -> list[tuple[str, object, bool]]:
+        """(name, decoder layer, sliding window) for every decoder layer whose modules the step model covers."""
         out = []
+        if type(model.get_input_embeddings()) is not torch_embedding():
+            raise StepUnmodelled(f"{self.plan.architecture}: input embedding {type(model.get_input_embeddings()).__name__}"
+                                 " is not modelled by tpcli's step costs (nn.Embedding is).")
+        types = getattr(self.text, "layer_types", None)
         for name, module in model.named_modules():
             if name.endswith(".layers") and hasattr(module, "__len__"):
                 for i, layer in enumerate(module):
                     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+                    extra = ({n for n, _ in layer.named_children()} - _LAYER_CHILDREN
+                             | ({n for n, _ in attn.named_children()} - _ATTENTION_CHILDREN if attn else set()))
                     ok = (attn is not None and all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
                           and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
                           and mlp is not None and (all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))
                                                    or (hasattr(mlp, "experts") and hasattr(mlp, "gate"))))
-                    if not ok or "RMSNorm" not in type(layer.input_layernorm).__name__:
+                    if not ok or extra or "RMSNorm" not in type(layer.input_layernorm).__name__:
+                        more = f"; it has {', '.join(sorted(extra))}" if extra else ""
                         raise StepUnmodelled(f"{self.plan.architecture}: decoder layer {name}.{i} "
                                              f"({type(layer).__name__}) is not modelled by tpcli's step costs "
-                                             "(attention q/k/v/o + RMSNorms + gated MLP or MoE are).")
-                    out.append((f"{name}.{i}", layer))
+                                             f"(attention q/k/v/o [+ q/k norms] + two RMSNorms + gated MLP or MoE "
+                                             f"are{more}).")
+                    sliding = types[i] == "sliding_attention" if types else bool(self.window)
+                    out.append((f"{name}.{i}", layer, sliding))
         if not out:
             raise StepUnmodelled(f"{self.plan.architecture}: no decoder layers found for the step costs.")
         return out
 
-    def _layer_kinds(self, layers: list) -> list[tuple[str, object, int]]:
-        """Layers that cost the same (class, parameter shapes, styles): (first name, module, count)."""
+    def _layer_kinds(self, layers: list) -> list[tuple[str, object, int, bool]]:
+        """Layers that cost the same (class, parameter shapes, styles, window): (first name, module, count,
+        sliding)."""
         by_layer: dict = {}  # "model.layers.3" -> [(plan index, rest of the name, style)]
         for i, plan in enumerate((self.mp.tp_plan if self.mesh.tp > 1 else {}, self.mp.ep_plan, self.mp.fsdp_plan)):
             for key, style in plan.items():
@@ -146,14 +164,14 @@ class StepModel:
                 if m:
                     by_layer.setdefault(m.group(1), []).append((i, m.group(2), style))
         kinds: dict = {}
-        for name, layer in layers:
+        for name, layer, sliding in layers:
             params = tuple((n, tuple(p.shape)) for n, p in layer.named_parameters())
             styles = tuple(sorted(by_layer.get(name, [])))
-            key = (type(layer).__name__, params, styles, name in self.mp.fsdp_plan)
+            key = (type(layer).__name__, params, styles, name in self.mp.fsdp_plan, sliding)
             if key in kinds:
                 kinds[key][2] += 1
             else:
-                kinds[key] = [name, layer, 1]
+                kinds[key] = [name, layer, 1, sliding]
         return [tuple(v) for v in kinds.values()]
 
     # local shapes --------------------------------------------------------------------------------------------
@@ -191,9 +209,12 @@ class StepModel:
         elif head_style not in (None, "colwise"):
             raise StepUnmodelled(f"{self.plan.architecture}: lm_head style {head_style!r} is not modelled.")
         cost.activation_bytes = act
-        for name, layer, count in self.layers:
+        for name, layer, count, sliding in self.layers:
             one = StepCost()
             one.activation_bytes = self._layer(name, layer, coords, batch, seq_len, one, checkpointing)
+            if sliding and seq_len >= self.window and not checkpointing:
+                # transformers materializes the window's mask (kv_length >= window) and SDPA keeps it as floats
+                one.activation_bytes += batch * seq_len * seq_len * self.d
             cost.merge(one, count)
         self._fsdp(coords, cost)
         return cost
@@ -304,7 +325,7 @@ class StepModel:
             cost.add("all_reduce", n * h * d)
         if self._style(self.head) == "colwise_gather_output":
             cost.add("all_gather", batch * tp * math.ceil(text.vocab_size / tp) * d)
-        for name, layer, count in self.layers:
+        for name, layer, count, _ in self.layers:
             one = StepCost()
             modules = [f"{name}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
             if not hasattr(layer.mlp, "experts"):
@@ -341,6 +362,12 @@ def inference_comm(model: StepModel, coords, batch: int, seq_len: int) -> dict:
     """
     return {"prefill": model.forward_comm(coords, batch * seq_len, batch, first=True),
             "decode_token": model.forward_comm(coords, batch, batch, first=False)}
+
+
+def torch_embedding():
+    import torch
+
+    return torch.nn.Embedding
 
 
 def step_ranks(plan, mesh: Mesh, batch: int, seq_len: int, checkpointing: bool = False) -> list[dict]:
