@@ -168,6 +168,7 @@ def inspect(
         render_memory,
         render_mesh,
         render_mesh_fit,
+        render_step,
         render_step_time,
         status_line,
     )
@@ -192,6 +193,7 @@ def inspect(
         render_inspect(report)
         render_memory(report)
         render_mesh(report)
+        render_step(report)
         render_mesh_fit(report)
         render_step_time(report)
     if report["tp"] and not report["tp"]["valid"]:

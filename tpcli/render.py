@@ -402,6 +402,53 @@ def render_mesh_fit(r: dict) -> None:
         console.print(f"  {line}")
 
 
+def render_step(r: dict) -> None:
+    """`inspect --seq-len [--train]`: per rank, what a training step saves for backward and moves per collective,
+    and what generate() moves at prefill and per new token (tpcli.planning.step), ranks with equal figures merged."""
+    memory = r.get("memory") or {}
+    if "step_unmodelled" not in memory:
+        return
+    if memory["step_unmodelled"]:
+        for line in _wrap(f"No step figures: {memory['step_unmodelled']}"):
+            console.print(line)
+        return
+
+    def comm(c: dict) -> str:
+        return ", ".join(f"{k} {human_bytes(v)}" for k, v in c.items() if v) or "no collectives"
+
+    sources = []
+    if r.get("tp"):
+        sources.append(("tp=" + str(r["tp"]["size"]), [
+            {k: v for k, v in run.items() if k in ("first", "last", "activation_bytes", "comm_bytes",
+                                                   "inference_comm_bytes")} for run in r["tp"]["rank_runs"]]))
+    if r.get("mesh"):
+        rows = [{"rank": x["rank"], **{k: x[k] for k in ("activation_bytes", "comm_bytes", "inference_comm_bytes")
+                                       if k in x}} for x in r["mesh"]["ranks"]]
+        runs: list = []
+        for x in rows:
+            figures = {k: v for k, v in x.items() if k != "rank"}
+            if runs and {k: v for k, v in runs[-1].items() if k not in ("first", "last")} == figures:
+                runs[-1]["last"] = x["rank"]
+            else:
+                runs.append({"first": x["rank"], "last": x["rank"], **figures})
+        sources.append(("mesh", runs))
+    for line in _wrap(f"One step per rank, {memory['batch']} x {memory['seq_len']} tokens (counted from the "
+                      "model's modules):"):
+        console.print(line)
+    for label, runs in sources:
+        for run in runs:
+            ranks = f"{run['first']}" if run["first"] == run["last"] else f"{run['first']}-{run['last']}"
+            lines = []
+            if "activation_bytes" in run:
+                lines.append(f"training step: saved for backward {human_bytes(run['activation_bytes'])}; "
+                             f"{comm(run['comm_bytes'])}")
+            inf = run["inference_comm_bytes"]
+            lines.append(f"generate: prefill {comm(inf['prefill'])}; per new token {comm(inf['decode_token'])}")
+            for text in lines:
+                for i, line in enumerate(_wrap(f"{label} ranks {ranks}: {text}", 76)):
+                    console.print(("  " if i == 0 else "    ") + line)
+
+
 def render_step_time(r: dict) -> None:
     """`inspect --gpus W --train --seq-len L`: the fitting meshes' estimated step times, why the best wins, and
     the assumptions (tpcli.planning.steptime)."""
