@@ -250,7 +250,9 @@ def test_235b_moe_meshes_ranked_by_step_time_quickly(tmp_path):
     ranked = time.perf_counter()
     fitting = [m for m in fit["meshes"] if m["fits"]]
     assert fitting and all(m["tp"] <= 8 for m in fitting)
-    times = [m["step_time"]["step_s"] for m in fitting]
-    assert times == sorted(times) and fit["best"] is fitting[0] and fit["why"].startswith(f"tp={fitting[0]['tp']}")
+    timed = [m for m in fitting if m["step_time"]]  # TP together with EP is not modelled: ranked after, by memory
+    assert timed and fitting[:len(timed)] == timed and all(m["tp"] == 1 or m["ep"] == 1 for m in timed)
+    times = [m["step_time"]["step_s"] for m in timed]
+    assert times == sorted(times) and fit["best"] is timed[0] and fit["why"].startswith(f"tp={timed[0]['tp']}")
     assert ranked - table < 1.0, ranked - table  # measured 0.13 s on a loaded 2-core machine
     assert ranked - started < 6.0, ranked - started  # the memory table itself: 1.8 s there

@@ -455,11 +455,12 @@ def render_step_time(r: dict) -> None:
     fit = r.get("fit")
     if not fit or "time_assumptions" not in fit:
         return
-    if fit["step_time_unmodelled"]:
-        for line in _wrap(f"No step-time estimate: {fit['step_time_unmodelled']}"):
-            console.print(line)
-        return
     timed = [m for m in fit["meshes"] if m.get("step_time")]
+    if fit["step_time_unmodelled"]:
+        for line in _wrap(f"No step-time estimate for some meshes: {fit['step_time_unmodelled']}"):
+            console.print(line)
+    if not timed:
+        return
     console.print("Estimated step time per fitting mesh (ESTIMATES, slowest rank):")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
     for col in ("#", "tp", "fsdp", "dp_replicate", "ep", "step s", "compute s", "comm s"):

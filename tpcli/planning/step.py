@@ -110,6 +110,10 @@ class StepModel:
             raise StepUnmodelled(f"{plan.architecture}: layer types {sorted(set(text.layer_types))} are not modelled "
                                  "(full and sliding-window attention are).")
         self.window = getattr(text, "sliding_window", None)
+        if mesh.tp > 1 and mesh.ep > 1:  # measured: each TP rank dispatches part of the tokens, then gathers
+            raise StepUnmodelled(f"{plan.architecture}: EP together with TP (--tp {mesh.tp} --ep {mesh.ep}) is not "
+                                 "modelled by tpcli's step costs (its dispatch splits the tokens over the TP ranks); "
+                                 "EP with FSDP and TP alone are.")
         self.d = dtype_size(plan.dtype)
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         modules = plan.__dict__.get("_step_modules")

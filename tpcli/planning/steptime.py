@@ -178,8 +178,9 @@ def _label(m: dict) -> str:
 def rank_by_time(plan, fit: dict, *, batch: int, seq_len: int, checkpointing: bool, gpu: dict,
                  gpu_named: bool) -> None:
     """`fit` (tpcli.planning.mesh_fit.fit_meshes) re-ranked: fitting meshes by estimated step time (the slowest
-    rank's), each with `step_time`; `best`, `why` (what makes the winner faster than the runner-up),
-    `time_assumptions`. A model the step model does not cover keeps the memory ranking (`step_time_unmodelled`)."""
+    rank's), each with `step_time` (None where the step model does not cover the mesh: `step_time_unmodelled`
+    says why, and those follow the timed ones); `best`, `why` (what makes the winner faster than the runner-up),
+    `time_assumptions`. With no mesh timed, the memory ranking stays."""
     from tpcli.planning.step import StepUnmodelled, step_model
 
     per_node = fit["gpus_per_node"]
@@ -187,9 +188,10 @@ def rank_by_time(plan, fit: dict, *, batch: int, seq_len: int, checkpointing: bo
     fit["step_time_unmodelled"] = None
     fit["why"] = None
     fitting = [m for m in fit["meshes"] if m["fits"]]
-    try:
-        for m in fitting:
-            mesh = Mesh(tp=m["tp"], fsdp=m["fsdp"], dp_replicate=m["dp_replicate"], ep=m["ep"])
+    refused = []
+    for m in fitting:
+        mesh = Mesh(tp=m["tp"], fsdp=m["fsdp"], dp_replicate=m["dp_replicate"], ep=m["ep"])
+        try:
             model = step_model(plan, mesh)
             worst = None
             for t, e in {(c["tp"], c["ep"]) for c in map(mesh.coords, range(mesh.world))}:
@@ -198,20 +200,21 @@ def rank_by_time(plan, fit: dict, *, batch: int, seq_len: int, checkpointing: bo
                                 checkpointing=checkpointing, gpu=gpu, per_node=per_node)
                 if worst is None or est["step_s"] > worst["step_s"]:
                     worst = est
-            m["step_time"] = worst
-    except StepUnmodelled as exc:
-        fit["step_time_unmodelled"] = str(exc)
-        for m in fitting:
-            m.pop("step_time", None)
+        except StepUnmodelled as exc:
+            refused.append(str(exc))
+            worst = None
+        m["step_time"] = worst
+    timed = [m for m in fitting if m["step_time"]]
+    if refused:  # e.g. TP together with EP: ranked after the timed meshes, by memory
+        fit["step_time_unmodelled"] = f"{len(refused)} fitting mesh(es) not timed: {refused[0]}"
+    if not timed:
         return
-    fitting.sort(key=lambda m: (m["step_time"]["step_s"], m["total_bytes"]))
-    fit["meshes"] = fitting + [m for m in fit["meshes"] if not m["fits"]]
-    fit["rule"] = "fitting first; the shortest estimated step time (compute + communication), then the smallest total"
-    fit["best"] = fitting[0] if fitting else None
-    if len(fitting) > 1:
-        fit["why"] = why(fitting[0], fitting[1])
-    elif fitting:
-        fit["why"] = f"{_label(fitting[0])} is the only mesh that fits"
+    timed.sort(key=lambda m: (m["step_time"]["step_s"], m["total_bytes"]))
+    fit["meshes"] = timed + [m for m in fit["meshes"] if not m.get("step_time")]
+    fit["rule"] = ("fitting first; the shortest estimated step time (compute + communication), then the smallest "
+                   "total; fitting meshes the step model does not cover after them")
+    fit["best"] = timed[0]
+    fit["why"] = why(timed[0], timed[1]) if len(timed) > 1 else f"{_label(timed[0])} is the only timed mesh that fits"
 
 
 def why(best: dict, second: dict) -> str:
