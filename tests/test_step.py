@@ -73,6 +73,8 @@ CASES = {  # name -> (model, world, oracle flags)
     "mixtral_tp2": ("mixtral", 2, ["--tp", "2"]),
     "bf16_tp2": ("llama_bf16", 2, ["--tp", "2"]),
     "mistral_sliding_tp2": ("mistral", 2, ["--tp", "2"]),  # the window's mask, B L^2 per layer (L 40 > window 16)
+    "dp_replicate2": ("llama", 2, ["--dp-replicate", "2"]),  # FSDP2 over a replicate dim: gradients all-reduced
+    "tp2_fsdp2_gc": ("llama", 4, ["--tp", "2", "--fsdp", "2", "--gradient-checkpointing"]),
 }
 QUICK = ["tp2", "qwen3_tp2", "tp2_fsdp2", "mixtral_fsdp2_ep2"]
 
@@ -129,6 +131,14 @@ def test_gradient_checkpointing_needs_train(models, monkeypatch, capsys):
     code, _, err = run_main(monkeypatch, capsys, "inspect", models("llama"), "--seq-len", "8",
                             "--gradient-checkpointing")
     assert code != 0 and "--gradient-checkpointing only applies with --train" in err
+
+
+def test_tp_with_ep_is_refused_by_name(models, monkeypatch, capsys):
+    """Measured (step_oracle, mixtral --tp 2 --ep 2): the dispatch splits the tokens over the TP ranks; the step
+    model does not cover it and says so instead of printing wrong figures."""
+    report = ours(monkeypatch, capsys, models("mixtral"), ["--tp", "2", "--ep", "2"])
+    assert "EP together with TP (--tp 2 --ep 2) is not modelled" in report["memory"]["step_unmodelled"]
+    assert all(row["activation_bytes"] is None for row in report["mesh"]["ranks"])
 
 
 def test_unmodelled_model_says_why(tmp_path, monkeypatch, capsys):
