@@ -41,7 +41,8 @@ def test_runs_expand_to_every_ranks_figures(model_dirs, monkeypatch, capsys):
         _, doc = _inspect(monkeypatch, capsys, model, tp)
         shapes, rows = _per_rank_oracle(model, tp)
         assert {g["pattern"]: local_shapes(g) for g in doc["tp"]["groups"]} == shapes
-        assert expand_runs(doc["tp"]["rank_runs"]) == rows
+        # the memory terms; the step figures (tpcli.planning.step) ride along and are checked in tests/test_step.py
+        assert [{k: row[k] for k in rows[0]} for row in expand_runs(doc["tp"]["rank_runs"])] == rows
         largest = max(rows, key=lambda r: r["total_bytes"])
         assert doc["tp"]["largest_rank"] == largest["rank"]
         if tp == 4:

@@ -236,8 +236,9 @@ def test_fit_over_meshes_lists_every_valid_mesh_ranked(monkeypatch, capsys, mode
     assert fits == sorted(fits, reverse=True) and any(fits) and not all(fits)
     assert all(m["fits"] == (m["total_bytes"] <= 2 * 2**20) for m in fit["meshes"])
     assert fit["best"] == fit["meshes"][0]
-    tps = [(m["tp"], m["dp_replicate"]) for m in fit["meshes"] if m["fits"]]
-    assert tps == sorted(tps)  # training: fewest TP ranks, then FSDP before replicas
+    # training with --seq-len: fitting meshes by estimated step time (tpcli.planning.steptime, tests/test_step.py)
+    times = [m["step_time"]["step_s"] for m in fit["meshes"] if m["fits"] and m["step_time"]]
+    assert times == sorted(times) and fit["why"]
     assert fit["best"]["run_flags"].startswith("--gpus 4 --nnodes 2 ")
     best = fit["best"]
     assert f" --tp {best['tp']}" in best["run_flags"].partition("  #")[0]

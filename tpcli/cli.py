@@ -122,6 +122,7 @@ def inspect(
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per sequence: adds the KV cache per rank.")] = None,
     kv_dtype: Annotated[str | None, typer.Option("--kv-dtype", help="KV cache dtype if not the model's: bf16, fp16, fp32, fp8.")] = None,
     train: Annotated[bool, typer.Option("--train", help="Add gradients, AdamW state and an activation estimate.")] = False,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="With --train: the step figures with transformers' gradient checkpointing.")] = False,
     gpu_mem: Annotated[str | None, typer.Option("--gpu-mem", help="Memory of one GPU, e.g. 24GiB or 80GB (G/GiB = 2^30 "
                                                 "bytes, GB = 10^9; a unit is required): which TP sizes fit.")] = None,
     reserve: Annotated[str | None, typer.Option("--reserve", help="Kept free per GPU for CUDA context and allocator slack "
@@ -131,6 +132,9 @@ def inspect(
     ep: EpOpt = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="With --gpu-mem: every valid mesh of this many GPUs, ranked, and the best.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node for --gpus (default: all on one node); TP stays inside a node.")] = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="With --gpus --train --seq-len: the GPU of the step-time estimate (H100, H200, B200, A100, L40S, RTX4090; default H100).")] = None,
+    hardware: Annotated[str | None, typer.Option("--hardware", help="JSON file of GPUs/links merged over tpcli's catalogue (tpcli/planning/hardware.json layout).")] = None,
+    mfu: Annotated[float | None, typer.Option("--mfu", help="Fraction of the GPU's bf16 peak reached, for the step-time estimate (default 0.4).")] = None,
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
@@ -144,6 +148,8 @@ def inspect(
         raise UsageError("--gpus lists every mesh of W GPUs; drop --fsdp/--dp-replicate/--ep (or drop --gpus).")
     if gpus_per_node is not None and gpus is None:
         raise UsageError("--gpus-per-node only applies with --gpus W.")
+    if (gpu or hardware or mfu is not None) and not (gpus is not None and train and seq_len):
+        raise UsageError("--gpu/--hardware/--mfu set the step-time estimate: they need --gpus W --train --seq-len L.")
     _positive("--batch", batch, MAX_BATCH)
     _positive("--seq-len", seq_len, MAX_SEQ_LEN)
     _plan_flag(plan)
@@ -152,11 +158,22 @@ def inspect(
 
     if reserve is not None and gpu_mem is None:
         raise UsageError("--reserve only applies with --gpu-mem SIZE.")
-    memory = MemoryOptions(batch=batch, seq_len=seq_len, train=train,
+    if gradient_checkpointing and not train:
+        raise UsageError("--gradient-checkpointing only applies with --train.")
+    memory = MemoryOptions(batch=batch, seq_len=seq_len, train=train, gradient_checkpointing=gradient_checkpointing,
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype is not None else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve", zero=True)
-    from tpcli.render import print_json, render_inspect, render_memory, render_mesh, render_mesh_fit, status_line
+    from tpcli.render import (
+        print_json,
+        render_inspect,
+        render_memory,
+        render_mesh,
+        render_mesh_fit,
+        render_step,
+        render_step_time,
+        status_line,
+    )
 
     with status_line(not json_out) as say:
         say("checking the result cache")
@@ -168,7 +185,8 @@ def inspect(
 
             say("building the model (no weights) and resolving its TP plan")
             report = inspect_model(model, tp=tp, plan_file=plan, revision=revision, memory=memory, gpu_mem=gpu_bytes,
-                                   reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node)
+                                   reserve=reserve_bytes, mesh=mesh, gpus=gpus, gpus_per_node=gpus_per_node,
+                                   timing={"gpu": gpu, "hardware": hardware, "mfu": mfu})
             if not report["tp"] or report["tp"]["valid"]:  # only successful results are kept
                 report = cache.put(key, report)
     if json_out:
@@ -177,7 +195,9 @@ def inspect(
         render_inspect(report)
         render_memory(report)
         render_mesh(report)
+        render_step(report)
         render_mesh_fit(report)
+        render_step_time(report)
     if report["tp"] and not report["tp"]["valid"]:
         raise typer.Exit(1)
 

@@ -403,6 +403,75 @@ def render_mesh_fit(r: dict) -> None:
     console.print(f"  {script}")
 
 
+def render_step(r: dict) -> None:
+    """`inspect --seq-len [--train]`: per rank, what a training step saves for backward and moves per collective,
+    and what generate() moves at prefill and per new token (tpcli.planning.step), ranks with equal figures merged."""
+    memory = r.get("memory") or {}
+    if "step_unmodelled" not in memory:
+        return
+    if memory["step_unmodelled"]:
+        console.print(f"No step figures: {memory['step_unmodelled']}")
+        return
+
+    def comm(c: dict) -> str:
+        return ", ".join(f"{k} {human_bytes(v)}" for k, v in c.items() if v) or "no collectives"
+
+    sources = []
+    if r.get("tp"):
+        sources.append(("tp=" + str(r["tp"]["size"]), [
+            {k: v for k, v in run.items() if k in ("first", "last", "activation_bytes", "comm_bytes",
+                                                   "inference_comm_bytes")} for run in r["tp"]["rank_runs"]]))
+    if r.get("mesh"):
+        rows = [{"rank": x["rank"], **{k: x[k] for k in ("activation_bytes", "comm_bytes", "inference_comm_bytes")
+                                       if k in x}} for x in r["mesh"]["ranks"]]
+        runs: list = []
+        for x in rows:
+            figures = {k: v for k, v in x.items() if k != "rank"}
+            if runs and {k: v for k, v in runs[-1].items() if k not in ("first", "last")} == figures:
+                runs[-1]["last"] = x["rank"]
+            else:
+                runs.append({"first": x["rank"], "last": x["rank"], **figures})
+        sources.append(("mesh", runs))
+    console.print(f"One step per rank, {memory['batch']} x {memory['seq_len']} tokens (counted from the "
+                  "model's modules):")
+    for label, runs in sources:
+        for run in runs:
+            ranks = f"{run['first']}" if run["first"] == run["last"] else f"{run['first']}-{run['last']}"
+            lines = []
+            if "activation_bytes" in run:
+                lines.append(f"training step: saved for backward {human_bytes(run['activation_bytes'])}; "
+                             f"{comm(run['comm_bytes'])}")
+            inf = run["inference_comm_bytes"]
+            lines.append(f"generate: prefill {comm(inf['prefill'])}; per new token {comm(inf['decode_token'])}")
+            for text in lines:
+                console.print(f"  {label} ranks {ranks}: {text}")
+
+
+def render_step_time(r: dict) -> None:
+    """`inspect --gpus W --train --seq-len L`: the fitting meshes' estimated step times, why the best wins, and
+    the assumptions (tpcli.planning.steptime)."""
+    fit = r.get("fit")
+    if not fit or "time_assumptions" not in fit:
+        return
+    timed = [m for m in fit["meshes"] if m.get("step_time")]
+    if fit["step_time_unmodelled"]:
+        console.print(f"No step-time estimate for some meshes: {fit['step_time_unmodelled']}")
+    if not timed:
+        return
+    console.print("Estimated step time per fitting mesh (ESTIMATES, slowest rank):")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
+    for col in ("#", "tp", "fsdp", "dp_replicate", "ep", "step s", "compute s", "comm s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i, m in enumerate(timed, 1):
+        t = m["step_time"]
+        table.add_row(str(i), str(m["tp"]), str(m["fsdp"]), str(m["dp_replicate"]), str(m["ep"]),
+                      f"{t['step_s']:.3g}", f"{t['compute_s']:.3g}", f"{t['comm_s']:.3g}")
+    print_table(table)
+    for text in ([f"why: {fit['why']}"] if fit["why"] else []) + [f"assumed: {a}" for a in fit["time_assumptions"]]:
+        console.print(f"  {text}")
+
+
+
 class status_line:  # noqa: N801 - used as a context manager
     """What a command is doing while nothing else shows: one transient spinner line on stderr, in a terminal only
     (never in a pipe, a log or under --json). `with status_line(enabled) as say: say("loading transformers")`;

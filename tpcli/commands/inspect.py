@@ -64,7 +64,7 @@ def _raised_by_transformers_model(exc: BaseException) -> bool:
 def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = None,
                   revision: str | None = None, max_tp: int = 64, memory: MemoryOptions | None = None,
                   gpu_mem: int | None = None, reserve: int = 0, mesh=None, gpus: int | None = None,
-                  gpus_per_node: int | None = None) -> dict:
+                  gpus_per_node: int | None = None, timing: dict | None = None) -> dict:
     if gpu_mem is not None:
         check_budget(gpu_mem, reserve)
     src, plan = load_resolved(model, plan_file=plan_file, revision=revision)
@@ -73,13 +73,58 @@ def inspect_model(model: str, *, tp: int | None = None, plan_file: str | None = 
     report = build_report(src, plan, tp=tp, max_tp=max_tp)
     add_memory(report, plan, memory or MemoryOptions(), gpu_mem=gpu_mem, reserve=reserve)
     report["mesh"] = mesh_memory(plan, mesh, memory or MemoryOptions()) if mesh is not None else None
+    add_step(report, plan, memory or MemoryOptions(), mesh)
     if mesh is not None:  # the experts follow the EP plan, not their TP rules; shards FSDP would leave empty
         report["tp"]["findings"] = mesh_findings(plan, mesh, report["tp"]["findings"], as_dicts=True)
         report["tp"]["valid"] = not any(f["severity"] == "error" for f in report["tp"]["findings"])
     if gpus is not None:
         report["fit"].update(fit_meshes(plan, memory or MemoryOptions(), world=gpus, per_node=gpus_per_node,
                                         valid_tp=report["valid_tp_sizes"], gpu_mem=gpu_mem, reserve=reserve))
+        if memory and memory.train and memory.seq_len:  # fitting meshes by estimated step time
+            from tpcli.planning.steptime import load_hardware, pick_gpu, rank_by_time
+
+            timing = timing or {}
+            chosen = pick_gpu(load_hardware(timing.get("hardware")), timing.get("gpu"), timing.get("mfu"))
+            rank_by_time(plan, report["fit"], batch=memory.batch, seq_len=memory.seq_len,
+                         checkpointing=memory.gradient_checkpointing, gpu=chosen, gpu_named=bool(timing.get("gpu")))
     return report
+
+
+def add_step(report: dict, plan: ResolvedPlan, opts: MemoryOptions, mesh) -> None:
+    """With --seq-len, on every rank of `tp.rank_runs` and `mesh.ranks` (tpcli.planning.step):
+    `inference_comm_bytes` {"prefill", "decode_token"} of generate(), and with --train `activation_bytes` and
+    `comm_bytes` of one training step. A model whose modules the step model does not cover gets None there and
+    `memory.step_unmodelled` (the reason; None when modelled)."""
+    from tpcli.planning.mesh import Mesh
+    from tpcli.planning.step import StepUnmodelled, inference_ranks, step_ranks
+
+    if not opts.seq_len:
+        return
+    report["memory"]["step_unmodelled"] = None
+    targets = []
+    if report["tp"]:
+        targets.append(("tp", Mesh(tp=report["tp"]["size"])))
+    if report.get("mesh"):
+        targets.append(("mesh", mesh))
+    for where, m in targets:
+        try:
+            costs = [{"inference_comm_bytes": c} for c in inference_ranks(plan, m, opts.batch, opts.seq_len)]
+            if opts.train:
+                for row, c in zip(costs, step_ranks(plan, m, opts.batch, opts.seq_len, opts.gradient_checkpointing),
+                                  strict=True):
+                    row.update(c)
+        except StepUnmodelled as exc:
+            report["memory"]["step_unmodelled"] = str(exc)
+            none = {"inference_comm_bytes": None}
+            costs = [{**none, "activation_bytes": None, "comm_bytes": None} if opts.train else none] * m.world
+        if where == "tp":
+            ranks = expand_runs(report["tp"]["rank_runs"])
+            for row, c in zip(ranks, costs, strict=True):
+                row.update(c)
+            report["tp"]["rank_runs"] = rank_runs_of(ranks)
+        else:
+            for row, c in zip(report["mesh"]["ranks"], costs, strict=True):
+                row.update(c)
 
 
 def add_memory(report: dict, plan: ResolvedPlan, opts: MemoryOptions, *, gpu_mem: int | None, reserve: int) -> None:

@@ -56,6 +56,7 @@ class MemoryOptions:
     seq_len: int | None = None
     kv_dtype: str | None = None  # torch dtype name; None: the model's dtype
     train: bool = False
+    gradient_checkpointing: bool = False  # --gradient-checkpointing: the step figures (tpcli.planning.step)
 
 
 @dataclass

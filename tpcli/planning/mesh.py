@@ -172,7 +172,9 @@ class MeshPlan:
         self.tp_plan, self.ep_plan, self.fsdp_plan = tp_plan, ep_plan, fsdp_plan
         expert_modules = [m for m, s in ep_plan.items() if s == "ep_dispatch_experts"]
         self._check_experts(ep_plan)
-        params = {n for n, _ in plan.model.named_parameters()}
+        params = plan.__dict__.get("_param_names")
+        if params is None:  # the same for every mesh
+            params = plan.__dict__["_param_names"] = {n for n, _ in plan.model.named_parameters()}
         tied_targets = {t.tied_to for t in plan.tensors.values() if t.tied_to}
         units = set(fsdp_plan) | set(expert_modules) if mesh.dp_size > 1 else set()
         experts = set(expert_modules)
@@ -235,6 +237,14 @@ class MeshPlan:
         return weights, grads, params, unit
 
 
+def mesh_plan(plan: ResolvedPlan, mesh: Mesh) -> MeshPlan:
+    """MeshPlan(plan, mesh), built once per mesh and kept on the plan (a mesh table asks for it several times)."""
+    cache = plan.__dict__.setdefault("_mesh_plan_objects", {})
+    if mesh not in cache:
+        cache[mesh] = MeshPlan(plan, mesh)
+    return cache[mesh]
+
+
 def empty_shard_findings(plan: ResolvedPlan, mesh: Mesh) -> list:
     """Parameters that a TP or EP shard leaves too short for FSDP: some rank's local tensor after both stages is
     empty along dim 0 (e.g. vocab 3 at --tp 2 --fsdp 2: chunks 2 and 1, then 1 and 0). transformers' loader then
@@ -245,7 +255,7 @@ def empty_shard_findings(plan: ResolvedPlan, mesh: Mesh) -> list:
 
     if mesh.dp_size < 2 or (mesh.tp < 2 and mesh.ep < 2):
         return []
-    mp = MeshPlan(plan, mesh)
+    mp = mesh_plan(plan, mesh)
     out = []
     for g in mp.groups:
         if not (g.stage and g.fsdp):
@@ -276,7 +286,7 @@ def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool
         extra = [f.to_dict() for f in extra]
     if mesh.ep < 2:
         return findings + extra
-    ep_plan = MeshPlan(plan, mesh).ep_plan
+    ep_plan = mesh_plan(plan, mesh).ep_plan
     experts = set(ep_plan)  # the EP plan's parameters and modules
     from tpcli.planning.checks import _wild
 
@@ -305,7 +315,7 @@ def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool
 
 def mesh_memory(plan: ResolvedPlan, mesh: Mesh, opts: MemoryOptions) -> dict:
     """The `mesh` document of `inspect --json`: sizes, and every rank with its coordinates and bytes."""
-    mp = MeshPlan(plan, mesh)
+    mp = mesh_plan(plan, mesh)
     cache_tp = plan.__dict__.setdefault("_mesh_tp_memory", {})
     if (mesh.tp, opts) not in cache_tp:  # KV cache and the activation estimate per TP rank, once per TP size
         cache_tp[(mesh.tp, opts)] = rank_memory(plan, mesh.tp, opts)
