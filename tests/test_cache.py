@@ -81,11 +81,11 @@ def test_hit_prints_the_same_and_every_input_misses(model, tmp_path, monkeypatch
     _inspect(folder, "--tp", "2")
     assert len(calls) == 9
 
-    real_version = cache._version  # a library version string
-    monkeypatch.setattr(cache, "_version", lambda d: "0.0.0-other" if d == "transformers" else real_version(d))
+    real_version = cache.installed_version  # a library version string
+    monkeypatch.setattr(cache, "installed_version", lambda d: "0.0.0-other" if d == "transformers" else real_version(d))
     _inspect(folder, "--tp", "2")
     assert len(calls) == 10
-    monkeypatch.setattr(cache, "_version", real_version)
+    monkeypatch.setattr(cache, "installed_version", real_version)
     _inspect(folder, "--tp", "2")
     assert len(calls) == 10  # back to the versions of the earlier entry: a hit
 

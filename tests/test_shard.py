@@ -140,7 +140,7 @@ def test_error_midway_leaves_no_output(byte_copy, model_dirs, tmp_path, monkeypa
     import tpcli.formats.bytecopy as bytecopy
 
     calls = {"n": 0}
-    module, name = (bytecopy, "_copy_unit") if byte_copy else (sharding, "_cast")  # one step per tensor
+    module, name = (bytecopy, "_copy_unit") if byte_copy else (sharding, "cast_tensor")  # one step per tensor
     real = getattr(module, name)
 
     def failing(*args):

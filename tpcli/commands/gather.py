@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
 from tpcli.commands.integrity import check_folder
-from tpcli.commands.shard import _cast, _set_config_dtype, metadata_allowance
+from tpcli.commands.shard import cast_tensor, metadata_allowance, set_config_dtype
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import bytecopy, dcp, manifest
 from tpcli.formats.bytecopy import CachedJob, header_digest
@@ -274,7 +274,7 @@ def write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, pro
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         copied = copy_aux(aux_folder or folder, tmp, aux)
         if job.cast:
-            _set_config_dtype(tmp / "config.json", job.cast)
+            set_config_dtype(tmp / "config.json", job.cast)
         files = {f: (tmp / f).stat().st_size for f in job.per_file}
     return files, copied
 
@@ -285,7 +285,7 @@ def _stream(reader, groups, conv, cast, writers, weight_map, total: int, progres
         for group in groups:
             full = reader.read(group)
             if cast:
-                full = {n: _cast(t, cast) for n, t in full.items()}
+                full = {n: cast_tensor(t, cast) for n, t in full.items()}
             tensor = None
             for key, tensor in conv.revert(full).items():
                 writers[weight_map[key]].write(key, tensor)

@@ -288,7 +288,7 @@ def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress,
                 reader.close()
         copied = copy_aux(Path(job.src_path), tmp, aux)
         if job.cast:
-            _set_config_dtype(tmp / "config.json", job.cast)
+            set_config_dtype(tmp / "config.json", job.cast)
         if job.dequantized:
             strip_quantization_config(tmp / "config.json")
         files = {p.name: {"rank": r, "bytes": p.stat().st_size, "sha256": h}
@@ -316,20 +316,20 @@ def _stream(reader, steps, tied_after, chunk_of, writers, tp: int, total: int, p
                         c = chunk_of.get((r, alias))
                         if c is not None:
                             index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
-                            writers[r].write(alias, _cast(full[index], c.dtype))
+                            writers[r].write(alias, cast_tensor(full[index], c.dtype))
             del tensors, full  # the loop variable would keep this step alive while the next is read
             bar.advance(reader.step_bytes(step))
     return [w.close() for w in writers], [w.path for w in writers]
 
 
-def _cast(t, dtype: str):
+def cast_tensor(t, dtype: str):
     import torch
 
     target = getattr(torch, dtype)
     return t if t.dtype == target else t.to(target)
 
 
-def _set_config_dtype(path: Path, dtype: str) -> None:
+def set_config_dtype(path: Path, dtype: str) -> None:
     if path.is_file():
         cfg = read_json(path, what="the model's config")
         cfg["dtype"] = dtype

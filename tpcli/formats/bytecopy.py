@@ -91,9 +91,9 @@ def lay_out(path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
             metadata: dict[str, str] | None) -> tuple[OutputFile, dict[str, int]]:
     """An `OutputFile` with the header `StreamWriter` would write for `entries` (and no units yet), and each
     tensor's absolute byte offset in the file."""
-    from tpcli.formats.tensor_file import _layout
+    from tpcli.formats.tensor_file import header_layout
 
-    raw, sizes, _ = _layout(entries, metadata)
+    raw, sizes, _ = header_layout(entries, metadata)
     head = struct.pack("<Q", len(raw)) + raw
     starts, pos = {}, len(head)
     for name, _, _ in entries:

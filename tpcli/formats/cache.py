@@ -91,7 +91,7 @@ def key(command: str, params: dict, *, sharded: bool = False) -> str | None:
 
     add(SCHEMA, command, sorted((k, repr(v)) for k, v in params.items()), cwd, sys.version)
     for name in _VERSIONED:
-        add(name, _version(name))
+        add(name, installed_version(name))
     for value in params.values():
         if isinstance(value, str) and value:
             add(value, _fingerprint(Path(value).expanduser()))
@@ -246,7 +246,7 @@ def _usable_dir(*, create: bool) -> Path | None:
     return None
 
 
-def _version(name: str) -> str | None:
+def installed_version(name: str) -> str | None:
     """The installed version of `name`, from the Version: line of its metadata (importlib.metadata.version parses
     the whole file with the email parser: a third of a cache hit's time)."""
     from importlib.metadata import PackageNotFoundError, distribution

@@ -41,9 +41,9 @@ from tpcli.formats.tensor_file import read_header
 
 def installed_transformers() -> str | None:
     """The installed transformers version, from its metadata (importing it costs seconds)."""
-    from tpcli.formats.cache import _version
+    from tpcli.formats.cache import installed_version
 
-    return _version("transformers")
+    return installed_version("transformers")
 
 
 def config_sha256(folder: Path) -> str | None:

@@ -24,7 +24,7 @@ from tpcli.formats.units import SAFETENSORS_BITS, SAFETENSORS_CODES, SAFETENSORS
 HASH_LAG = 64 * 2**20  # measured: hashing one buffer behind cost ~17% of shard time; 64 MB behind recovers it
 
 
-def _layout(entries, metadata) -> tuple[bytes, dict[str, int], int]:
+def header_layout(entries, metadata) -> tuple[bytes, dict[str, int], int]:
     """(padded JSON header, bytes per tensor, data bytes) of a safetensors file holding `entries` in order."""
     header: dict = {}
     if metadata:
@@ -42,7 +42,7 @@ def _layout(entries, metadata) -> tuple[bytes, dict[str, int], int]:
 
 def file_size(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> int:
     """Bytes of the safetensors file StreamWriter(entries, metadata) writes: known before any data is read."""
-    raw, _, data = _layout(entries, metadata)
+    raw, _, data = header_layout(entries, metadata)
     return 8 + len(raw) + data
 
 
@@ -82,7 +82,7 @@ class StreamWriter:
                  *, sha256: bool = True):
         self.path = Path(path)
         self.order = [name for name, _, _ in entries]
-        raw, self.sizes, data = _layout(entries, metadata)
+        raw, self.sizes, data = header_layout(entries, metadata)
         self.total = 8 + len(raw) + data
         self._next = 0
         self._hash = hashlib.sha256() if sha256 else None
