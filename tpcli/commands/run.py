@@ -80,11 +80,12 @@ class LaunchSpec:
     fsdp: int | None = None
     dp_replicate: int | None = None
     ep: int | None = None
+    pp: int | None = None  # pipeline stages (transformers' pp_size)
     dry_run: bool = False  # print the mesh, the torchrun command and the environment; start nothing
 
     @property
     def mesh_given(self) -> bool:
-        return any(v is not None for v in (self.tp, self.fsdp, self.dp_replicate, self.ep))
+        return any(v is not None for v in (self.tp, self.fsdp, self.dp_replicate, self.ep, self.pp))
 
     @property
     def nproc(self) -> int:
@@ -113,20 +114,23 @@ def resolve_mesh(spec: LaunchSpec):
     if not spec.mesh_given:
         return Mesh(tp=world)
     for flag, value in (("--tp", spec.tp), ("--fsdp", spec.fsdp), ("--dp-replicate", spec.dp_replicate),
-                        ("--ep", spec.ep)):
+                        ("--ep", spec.ep), ("--pp", spec.pp)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: must be a positive integer.")
-    fsdp, replicate, ep = spec.fsdp or 1, spec.dp_replicate or 1, spec.ep or 1
+    fsdp, replicate, ep, pp = spec.fsdp or 1, spec.dp_replicate or 1, spec.ep or 1, spec.pp or 1
     tp = spec.tp
     if tp is None:
-        if world % (fsdp * replicate):
-            raise UsageError(f"--fsdp {fsdp} x --dp-replicate {replicate} = {fsdp * replicate} does not divide the "
+        if world % (fsdp * replicate * pp):
+            others = " x ".join(f"{f} {v}" for f, v in (("--fsdp", fsdp), ("--dp-replicate", replicate), ("--pp", pp))
+                                if f != "--pp" or pp > 1)
+            raise UsageError(f"{others} = {fsdp * replicate * pp} does not divide the "
                              f"{world} ranks of {launcher}; give sizes whose product is {world}.")
-        tp = world // (fsdp * replicate)
-    mesh = Mesh(tp=tp, fsdp=fsdp, dp_replicate=replicate, ep=ep)
+        tp = world // (fsdp * replicate * pp)
+    mesh = Mesh(tp=tp, fsdp=fsdp, dp_replicate=replicate, ep=ep, pp=pp)
     if mesh.world != world:
         given = " x ".join(f"{flag} {v}" for flag, v in (("--tp", tp), ("--fsdp", spec.fsdp),
-                                                          ("--dp-replicate", spec.dp_replicate)) if v is not None)
+                                                          ("--dp-replicate", spec.dp_replicate), ("--pp", spec.pp))
+                         if v is not None)
         if world % mesh.world:
             raise UsageError(f"{given} = {mesh.world} ranks, but {launcher} starts {world}: tp x fsdp x "
                              f"dp-replicate must equal the world size {world}.")
@@ -149,9 +153,9 @@ def _launcher_flags(spec: LaunchSpec) -> str:
 
 
 def describe_mesh(mesh) -> str:
-    """'tp=2 x fsdp=2 x dp_replicate=1 (4 ranks), ep=1'"""
-    return (f"tp={mesh.tp} x fsdp={mesh.fsdp} x dp_replicate={mesh.dp_replicate} ({mesh.world} ranks), "
-            f"ep={mesh.ep}")
+    """'tp=2 x fsdp=2 x dp_replicate=1 (4 ranks), ep=1'; 'pp=2 x tp=1 x ...' on a pipeline mesh"""
+    return (("" if mesh.pp == 1 else f"pp={mesh.pp} x ") + f"tp={mesh.tp} x fsdp={mesh.fsdp} x "
+            f"dp_replicate={mesh.dp_replicate} ({mesh.world} ranks), ep={mesh.ep}")
 
 
 def check_devices(spec: LaunchSpec) -> None:

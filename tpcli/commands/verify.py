@@ -86,7 +86,8 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
             plan_file = str(Path(plan_file).resolve())  # the workers may run elsewhere; a shipped NAME stays a name
         args = [str(path), str(out)] + (["--plan", plan_file] if plan_file else [])
         world = mesh.world if mesh is not None else tp
-        sizes = {"tp": mesh.tp, "fsdp": mesh.fsdp, "dp_replicate": mesh.dp_replicate, "ep": mesh.ep} if mesh else {}
+        sizes = {"tp": mesh.tp, "fsdp": mesh.fsdp, "dp_replicate": mesh.dp_replicate, "ep": mesh.ep,
+                 "pp": mesh.pp if mesh.pp > 1 else None} if mesh else {}
         spec = LaunchSpec(module="tpcli.runtime.numerics", args=args, gpus=world if gpus else None,
                           cpu=None if gpus else world, preflight=False, quiet=True, raise_on_interrupt=True,
                           **sizes)  # Ctrl-C: "interrupted", exit 130

@@ -257,6 +257,8 @@ def mesh_config(mesh, tp_plan="auto"):
     sizes = {"tp_size": mesh.tp}
     if mesh.tp != mesh.world or mesh.ep > 1:
         sizes.update(fsdp_size=mesh.fsdp, dp_replicate_size=mesh.dp_replicate, ep_size=mesh.ep)
+    if mesh.pp > 1:
+        sizes["pp_size"] = mesh.pp
     return DistributedConfig(**sizes, tp_plan=tp_plan)
 
 
