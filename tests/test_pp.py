@@ -239,3 +239,29 @@ def test_verify_numerics_on_a_pp_mesh(models):
     assert doc["ok"] and doc["mesh"]["pp"] == 2 and doc["numerics"]["world_size"] == 2
     assert doc["numerics"]["logits"]["max_abs"] == 0.0 and doc["numerics"]["tokens_equal"]
     assert doc["numerics"]["layers"] == []
+
+
+def test_a_stage_without_layers_is_a_warning(monkeypatch, capsys, models):
+    """3 layers at --pp 4: transformers gives stages 0-2 no layer and the last all 3 (the figures say so too)."""
+    code, out, _ = run_main(monkeypatch, capsys, "verify", models("llama"), "--tp", "1", "--pp", "4", "--json")
+    doc = json.loads(out)
+    warning = [f for f in doc["findings"] if f["code"] == "pp-empty-stage"]
+    assert code == 0 and doc["ok"] and len(warning) == 1 and "stages 0, 1, 2 without a layer" in warning[0]["message"]
+    code, out, _ = run_main(monkeypatch, capsys, "verify", models("llama"), "--tp", "1", "--pp", "3", "--json")
+    assert code == 0 and not [f for f in json.loads(out)["findings"] if f["code"] == "pp-empty-stage"]
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("llama"), "--tp", "1", "--pp", "4", "--json")
+    assert [s["layers"] for s in json.loads(out)["mesh"]["stages"]] == [[0, 0], [0, 0], [0, 0], [0, 3]]
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_a_tp_sharded_folder_loads_on_a_pp_mesh(models, tmp_path):
+    """`run --pp 2 --model FOLDER` with a tpcli tp=2 folder: not the per-rank fast path (its tp differs), so
+    `tpcli.load_model` hands it to transformers, whose DCP load reshards it into the two stages exactly."""
+    src, folder, out = models("llama"), tmp_path / "tp2", tmp_path / "out"
+    _tpcli("shard", src, "--tp", 2, "--out", folder)
+    proc = _tpcli("run", "--cpu", 2, "--pp", 2, "--model", folder, ORACLES / "mesh_load_worker.py", folder, out)
+    assert "not the per-rank fast path" in proc.stderr
+    for r in range(2):
+        rep = json.loads((out / f"rank{r}.json").read_text())
+        assert rep["mismatch"] == [] and rep["logits_max_abs"] == 0.0 and rep["info_env"]["coords"]["pp"] == r

@@ -25,14 +25,15 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
     local = Path(target).expanduser()
     if is_state_dir(local):  # a training state (tpcli.save_state): model, optimizer, manifest
         if mesh is not None or numerics:
-            raise UsageError("--numerics/--fsdp/--dp-replicate/--ep check a model's plan; a training-state folder is "
+            raise UsageError("--numerics/--fsdp/--dp-replicate/--ep/--pp check a model's plan; a training-state folder is "
                              "checked as files: run `tpcli verify STATE` alone.")
         from tpcli.commands.state_check import verify_state
 
         return verify_state(local, quick=quick)
     if dcp.is_sharded_dir(local):
         if mesh is not None:
-            raise UsageError("--fsdp/--dp-replicate/--ep check a model's plan on a mesh; pass the original model folder.")
+            raise UsageError("--fsdp/--dp-replicate/--ep/--pp check a model's plan on a mesh; pass the original model "
+                             "folder.")
         if numerics:
             raise UsageError("--numerics checks a model against its TP load; pass the original model folder.")
         return verify_sharded(local, tp=tp, quick=quick)

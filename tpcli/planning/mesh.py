@@ -304,8 +304,8 @@ def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool
     """tpcli's per-TP findings (`checks.check_plan` at T, as objects, or dicts with `as_dicts`) that still apply on
     `mesh`: with E > 1 transformers drops the experts' TP rules for the EP plan (whole experts per rank), so
     findings about the experts' TP shards (e.g. grouped_mm strides of a split intermediate size) do not apply and
-    are dropped. The mesh's own findings (`empty_shard_findings`) are added."""
-    extra = empty_shard_findings(plan, mesh)
+    are dropped. The mesh's own findings (`empty_shard_findings`, `pipeline.stage_findings`) are added."""
+    extra = empty_shard_findings(plan, mesh) + (pipeline.stage_findings(plan, mesh.pp) if mesh.pp > 1 else [])
     if as_dicts:
         extra = [f.to_dict() for f in extra]
     if mesh.ep < 2:

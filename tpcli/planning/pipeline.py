@@ -62,6 +62,21 @@ class Stages:
                  "head": p == self.pp - 1} for p in range(self.pp)]
 
 
+def stage_findings(plan, pp: int) -> list:
+    """A warning when some stage owns no decoder layer (pp > N: transformers gives the last stage all N layers
+    and the others none, so they only pass the hidden states on)."""
+    from tpcli.planning.checks import Finding
+
+    layout = stages(plan, pp)
+    empty = [p for p in range(pp) if not layout.layers(p)]
+    if not empty:
+        return []
+    return [Finding("warning", "pp-empty-stage", (
+        f"--pp {pp} with {layout.num_layers} decoder layers: transformers' split (layers // pp per stage, the rest on "
+        f"the last) leaves stage{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} without a layer, and "
+        f"the last stage holds {len(layout.layers(pp - 1))}; use a --pp of at most {layout.num_layers}"))]
+
+
 def stages(plan, pp: int) -> Stages:
     """The stage layout of `plan`'s model for `pp` stages; a model transformers cannot cut is a UsageError."""
     model = plan.model
