@@ -265,3 +265,80 @@ def test_a_tp_sharded_folder_loads_on_a_pp_mesh(models, tmp_path):
     for r in range(2):
         rep = json.loads((out / f"rank{r}.json").read_text())
         assert rep["mismatch"] == [] and rep["logits_max_abs"] == 0.0 and rep["info_env"]["coords"]["pp"] == r
+
+
+# --- shard --pp: one file per stage ------------------------------------------------------------------------------
+
+def _file_names(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return set(f.keys())
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shard_pp_files_hold_only_their_stage(models, measured, tmp_path, monkeypatch, capsys, name):
+    """`shard --tp 1 --pp 2`: rank p's file holds exactly the tensors stage p holds on transformers' own PP load
+    (a tied lm_head is stored as its own copy on the last stage, under its name); `verify DIR` passes and says
+    pp=2; `gather` gives back the original checkpoint bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tpcli.formats import dcp
+
+    out = tmp_path / "pp2"
+    code, _, err = run_main(monkeypatch, capsys, "shard", models(name), "--tp", "1", "--pp", "2", "--out", out)
+    assert code == 0, err
+    tied = {t.name: t.tied_to for t in resolve_plan(load_config(models(name))).tensors.values() if t.tied_to}
+    files = sorted(out.glob("shard-*.safetensors"))
+    assert [f.name for f in files] == [dcp.shard_file_name(r) for r in range(2)]
+    for r, f in enumerate(files):
+        assert {tied.get(n, n) for n in _file_names(f)} == set(measured[name][r]["names"]), r
+    code, report, _ = run_main(monkeypatch, capsys, "verify", out, "--json")
+    doc = json.loads(report)
+    assert code == 0 and doc["ok"] and doc["saved_by"]["mesh"]["pp"] == 2 and doc["saved_by"]["description"] == "pp=2"
+    code, _, err = run_main(monkeypatch, capsys, "gather", out, "--out", tmp_path / "back")
+    assert code == 0, err
+    original, back = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+                      for d in (models(name), tmp_path / "back"))
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_a_pp_folder_loads_on_its_pp_mesh(models, tmp_path):
+    """`run --pp 2 --model FOLDER` with a `shard --pp 2` folder: transformers' DCP load (each stage's plan reads
+    its own tensors) equals its load of the original, and the logits equal one process's."""
+    src, folder, out = models("qwen3"), tmp_path / "pp2", tmp_path / "out"
+    _tpcli("shard", src, "--tp", 1, "--pp", 2, "--out", folder)
+    proc = _tpcli("run", "--cpu", 2, "--pp", 2, "--model", folder, ORACLES / "mesh_load_worker.py", folder, out)
+    assert "a pipeline folder (pp=2)" in proc.stderr
+    for r in range(2):
+        rep = json.loads((out / f"rank{r}.json").read_text())
+        assert rep["mismatch"] == [] and rep["logits_max_abs"] == 0.0 and rep["info_env"]["coords"]["pp"] == r
+
+
+def test_shard_tp_x_pp_is_refused_before_writing(monkeypatch, capsys, models, tmp_path):
+    code, out, err = run_main(monkeypatch, capsys, "shard", models("llama"), "--tp", "2", "--pp", "2", "--out",
+                              tmp_path / "x")
+    assert code == 2 and "--pp 2 with --tp 2: transformers 5.23 cannot load" in err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("edit,field", [
+    ({"pp_size": 0}, "pp_size"),
+    ({"pp_size": 2, "tp_size": 2}, "pp_size"),
+    ({"pp_size": 3}, "files"),  # 2 rank files for 3 stages
+])
+def test_a_pp_manifest_is_checked(models, tmp_path, monkeypatch, capsys, edit, field):
+    from tpcli.errors import CheckpointError
+    from tpcli.formats import manifest
+
+    out = tmp_path / "pp2"
+    code, _, err = run_main(monkeypatch, capsys, "shard", models("llama"), "--tp", "1", "--pp", "2", "--out", out)
+    assert code == 0, err
+    doc = json.loads((out / manifest.NAME).read_text())
+    assert manifest.read(out)["pp_size"] == 2
+    (out / manifest.NAME).write_text(json.dumps({**doc, **edit}))
+    with pytest.raises(CheckpointError, match=f"field {field} must be"):
+        manifest.read(out)

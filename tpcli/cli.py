@@ -232,10 +232,12 @@ def shard(
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
+    pp: Annotated[int | None, typer.Option("--pp", help="One file per pipeline stage (with --tp 1): each holds only its stage's tensors.")] = None,
     json_out: JsonOpt = False,
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
     _positive("--tp", tp, MAX_TP)
+    _positive("--pp", pp, MAX_TP)
     _plan_flag(plan)
     from tpcli.render import print_json, render_shard, status_line
 
@@ -245,7 +247,7 @@ def shard(
 
         say(f"reading {model} and planning the split into {tp} ranks")
         result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision,
-                                  force=force, progress=_progress(json_out))
+                                  force=force, progress=_progress(json_out), pp=pp or 1)
     print_json(result) if json_out else render_shard(result)
 
 

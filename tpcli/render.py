@@ -507,7 +507,8 @@ def _render_removed(r: dict) -> None:
 
 def render_shard(r: dict) -> None:
     _render_removed(r)
-    console.print(f"[green]Wrote[/green] {r['out']}: tp={r['tp_size']}, {r['tensors']} tensors, "
+    sizes = f"pp={r['pp_size']} (one file per stage)" if r.get("pp_size", 1) > 1 else f"tp={r['tp_size']}"
+    console.print(f"[green]Wrote[/green] {r['out']}: {sizes}, {r['tensors']} tensors, "
                   f"{len(r['files'])} rank files, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     for name, f in r["files"].items():  # a terminal gets the hash's start; a pipe or log the whole hash
         digest = f"{f['sha256'][:12]}…" if console.is_terminal else f["sha256"]
