@@ -342,3 +342,19 @@ def test_a_pp_manifest_is_checked(models, tmp_path, monkeypatch, capsys, edit, f
     (out / manifest.NAME).write_text(json.dumps({**doc, **edit}))
     with pytest.raises(CheckpointError, match=f"field {field} must be"):
         manifest.read(out)
+
+
+def test_run_pp_mesh_resolution():
+    """`run --pp`: tp fills what pp leaves; a pp mesh short of the world is completed with more stages (transformers
+    refuses FSDP and replicas with PP); tp x pp is refused as transformers cannot load it."""
+    from tpcli.commands.run import LaunchSpec, resolve_mesh
+
+    def spec(**kw):
+        return LaunchSpec(script="x.py", **kw)
+
+    assert resolve_mesh(spec(cpu=2, pp=2)) == Mesh(pp=2)
+    assert resolve_mesh(spec(gpus=4, nnodes=2, rdzv_endpoint="h:1", pp=8)) == Mesh(pp=8)  # stages across nodes
+    with pytest.raises(UsageError, match=r"= 2 of the 4 ranks of --cpu 4: add --pp 4 \(more stages\)"):
+        resolve_mesh(spec(cpu=4, tp=1, pp=2))
+    with pytest.raises(UsageError, match=r"^--pp 2 with --tp 2: transformers 5.23 cannot load"):
+        resolve_mesh(spec(cpu=4, pp=2))

@@ -133,8 +133,12 @@ def resolve_mesh(spec: LaunchSpec):
                          if v is not None)
         if world % mesh.world:
             raise UsageError(f"{given} = {mesh.world} ranks, but {launcher} starts {world}: tp x fsdp x "
-                             f"dp-replicate must equal the world size {world}.")
+                             f"dp-replicate{' x pp' if pp > 1 else ''} must equal the world size {world}.")
         k = world // mesh.world
+        if pp > 1:  # transformers 5.23 combines PP with neither FSDP nor replicas (and tpcli refuses tp x pp)
+            raise UsageError(f"{given} = {mesh.world} of the {world} ranks of {launcher}: add --pp {pp * k} (more "
+                             "stages); transformers 5.23 combines pipeline parallelism with neither --fsdp nor "
+                             "--dp-replicate.")
         raise UsageError(f"{given} = {mesh.world} of the {world} ranks of {launcher}: add "
                          f"--fsdp {fsdp * k} ({COMPLETIONS['fsdp']}) or --dp-replicate {replicate * k} "
                          f"({COMPLETIONS['dp_replicate']}).")
