@@ -113,13 +113,13 @@ def test_pp_coordinates_follow_transformers_mesh_order():
 
 
 @pytest.mark.parametrize("mesh,message", [
-    (Mesh(pp=2, tp=2), r"^--pp 2 with --tp 2: transformers 5.23 cannot load .* KeyError"),
     (Mesh(pp=2, fsdp=2), r"^--pp 2 with --fsdp 2: Combining FSDP with pipeline parallelism is not supported"),
     (Mesh(pp=2, dp_replicate=2), r"^--pp 2 with --dp-replicate 2: Combining FSDP with pipeline"),
 ])
-def test_meshes_transformers_refuses_or_cannot_load_are_one_line(mesh, message):
+def test_meshes_transformers_refuses_are_one_line(mesh, message):
     with pytest.raises(UsageError, match=message):
         distributed_config(mesh)
+    assert distributed_config(Mesh(pp=2, tp=2)).pp_size == 2  # accepted; tpcli.load_model loads it
 
 
 def test_inspect_pp_json_and_table(monkeypatch, capsys, models):
@@ -137,7 +137,6 @@ def test_inspect_pp_json_and_table(monkeypatch, capsys, models):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tp", "2", "--pp", "2"], "--pp 2 with --tp 2: transformers 5.23 cannot load"),
     (["--tp", "1", "--pp", "2", "--train"], "--train with --pp 2: transformers 5.23's pipeline parallelism is "
                                             "inference only"),
     (["--pp", "2"], "--pp describes a mesh around a TP size: add --tp T"),
@@ -176,26 +175,33 @@ def test_verify_static_on_a_pp_mesh(monkeypatch, capsys, models):
 
 @pytest.mark.dist
 def test_transformers_tp_x_pp_load_still_crashes(models, tmp_path):
-    """Why tpcli refuses --tp with --pp: transformers 5.23's own load of tp=2 x pp=2 fails on every rank with a
-    KeyError in apply_tensor_parallelism. When this test fails, transformers loads it: lift the refusal."""
+    """Why `tpcli.load_model` filters the TP plan on tp x pp (`tpcli.runtime.pipeline_tp`): transformers 5.23's own
+    load of tp=2 x pp=2 fails on every rank with a KeyError in apply_tensor_parallelism. When this test fails,
+    transformers loads it itself: drop the filter."""
     out = tmp_path / "crash"
     torchrun(4, ORACLES / "pp_crash_worker.py", models("llama"), out)
     errors = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(4)]
     assert all(e["type"] == "KeyError" for e in errors), errors
 
 
-def test_run_refuses_tp_x_pp_before_any_worker_starts(tmp_path):
-    """One line, exit 2, and no torchrun: the script would have written a file."""
-    import subprocess
-    import sys
-
-    marker = tmp_path / "started"
-    script = tmp_path / "s.py"
-    script.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    proc = subprocess.run([sys.executable, "-m", "tpcli", "run", "--cpu", "4", "--tp", "2", "--pp", "2", str(script)],
-                          env=base_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--pp 2 with --tp 2: transformers 5.23 cannot load" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not marker.exists()
+@pytest.mark.dist
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["qwen3", "mixtral"])
+def test_tp_x_pp_through_load_model(models, tmp_path, name):
+    """`tpcli run --cpu 4 --tp 2 --pp 2`: `tpcli.load_model` loads the mesh transformers' own load crashes on (its
+    TP plan limited to each stage's layers); measured on the loaded model, every rank holds the weight and KV bytes
+    `inspect --tp 2 --pp 2` says, its parameters are really TP-sharded, and logits and greedy tokens equal one
+    process's (fp32)."""
+    src, out = models(name), tmp_path / "out"
+    proc = _tpcli("run", "--cpu", 4, "--tp", 2, "--pp", 2, "--model", src, ORACLES / "pp_load_worker.py", src, out,
+                  BATCH, SEQ_LEN, timeout=400)
+    assert "transformers 5.23's own from_pretrained crashes on tp x pp" in proc.stderr  # the preflight's note
+    doc = mesh_memory(resolve_plan(load_config(src)), Mesh(tp=2, pp=2), MemoryOptions(batch=BATCH, seq_len=SEQ_LEN))
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [(r["weight_bytes"], r["kv_cache_storage_bytes"], r["mesh"]["coords"]) for r in reports] == [
+        (rk["weight_bytes"], rk["kv_cache_bytes"], rk["coords"]) for rk in doc["ranks"]]
+    assert all(any("Shard" in p for p in r["placements"]) for r in reports)
+    assert all(r["logits_max_abs"] <= 1e-5 and r["tokens_equal"] for r in reports), reports
 
 
 def _tpcli(*args, timeout=300):
@@ -322,7 +328,8 @@ def test_a_pp_folder_loads_on_its_pp_mesh(models, tmp_path):
 def test_shard_tp_x_pp_is_refused_before_writing(monkeypatch, capsys, models, tmp_path):
     code, out, err = run_main(monkeypatch, capsys, "shard", models("llama"), "--tp", "2", "--pp", "2", "--out",
                               tmp_path / "x")
-    assert code == 2 and "--pp 2 with --tp 2: transformers 5.23 cannot load" in err and not (tmp_path / "x").exists()
+    assert code == 2 and "--pp 2 with --tp 2: pipeline folders are written at --tp 1 only" in err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("edit,field", [
@@ -345,8 +352,8 @@ def test_a_pp_manifest_is_checked(models, tmp_path, monkeypatch, capsys, edit, f
 
 
 def test_run_pp_mesh_resolution():
-    """`run --pp`: tp fills what pp leaves; a pp mesh short of the world is completed with more stages (transformers
-    refuses FSDP and replicas with PP); tp x pp is refused as transformers cannot load it."""
+    """`run --pp`: tp fills what pp leaves (TP inside a node, stages across nodes); a pp mesh short of the world is
+    completed with more stages (transformers refuses FSDP and replicas with PP)."""
     from tpcli.commands.run import LaunchSpec, resolve_mesh
 
     def spec(**kw):
@@ -354,7 +361,6 @@ def test_run_pp_mesh_resolution():
 
     assert resolve_mesh(spec(cpu=2, pp=2)) == Mesh(pp=2)
     assert resolve_mesh(spec(gpus=4, nnodes=2, rdzv_endpoint="h:1", pp=8)) == Mesh(pp=8)  # stages across nodes
+    assert resolve_mesh(spec(gpus=4, nnodes=2, rdzv_endpoint="h:1", pp=2)) == Mesh(tp=4, pp=2)  # TP in a node
     with pytest.raises(UsageError, match=r"= 2 of the 4 ranks of --cpu 4: add --pp 4 \(more stages\)"):
         resolve_mesh(spec(cpu=4, tp=1, pp=2))
-    with pytest.raises(UsageError, match=r"^--pp 2 with --tp 2: transformers 5.23 cannot load"):
-        resolve_mesh(spec(cpu=4, pp=2))

@@ -135,7 +135,7 @@ def resolve_mesh(spec: LaunchSpec):
             raise UsageError(f"{given} = {mesh.world} ranks, but {launcher} starts {world}: tp x fsdp x "
                              f"dp-replicate{' x pp' if pp > 1 else ''} must equal the world size {world}.")
         k = world // mesh.world
-        if pp > 1:  # transformers 5.23 combines PP with neither FSDP nor replicas (and tpcli refuses tp x pp)
+        if pp > 1:  # transformers 5.23 combines PP with neither FSDP nor replicas
             raise UsageError(f"{given} = {mesh.world} of the {world} ranks of {launcher}: add --pp {pp * k} (more "
                              "stages); transformers 5.23 combines pipeline parallelism with neither --fsdp nor "
                              "--dp-replicate.")
@@ -206,6 +206,10 @@ def preflight_mesh(spec: LaunchSpec, mesh) -> list[str]:
     notes = [f"preflight: {plan.architecture} plan OK on the mesh {describe_mesh(mesh)}"
              + (f" ({len(warnings)} warnings, see `tpcli verify`)" if warnings else "")]
     tied = sorted(f"{t.name} = {t.tied_to}" for t in plan.tensors.values() if t.tied_to)
+    if mesh.pp > 1 and mesh.tp > 1:
+        from tpcli.planning.mesh import TP_PP_CRASH
+
+        notes.append(f"preflight: note: {TP_PP_CRASH}")
     if tied and mesh.dp_size > 1:
         notes.append(f"preflight: warning: tied weights ({tied[0]}) under FSDP: with transformers 5.23 the forward "
                      "after an optimizer step no longer matches one process (measured: qwen3, tp=2 x fsdp=2 and "

@@ -172,8 +172,8 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     """Write `out` with one file per rank plus tpcli.json; returns a summary dict.
 
     With pp > 1 (and tp 1) one file per pipeline stage, holding whole the tensors that stage holds on a
-    `DistributedConfig(pp_size=pp)` load (`tpcli.planning.pipeline`); tp x pp is refused as transformers cannot load
-    it (`tpcli.planning.mesh.TP_PP_CRASH`).
+    `DistributedConfig(pp_size=pp)` load (`tpcli.planning.pipeline`); a pipeline folder is written at tp 1 only
+    (tp x pp folders are not written: shard at --tp T and load it on the tp x pp mesh, which DCP reshards).
 
     byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
     they are (`tpcli.formats.bytecopy`); the two write identical files (tests compare them)."""
@@ -181,9 +181,8 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
 
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     if pp > 1 and tp > 1:
-        from tpcli.planning.mesh import TP_PP_CRASH
-
-        raise UsageError(f"--pp {pp} with --tp {tp}: {TP_PP_CRASH}; shard with --pp alone (--tp 1), or --tp alone.")
+        raise UsageError(f"--pp {pp} with --tp {tp}: pipeline folders are written at --tp 1 only; shard with --pp "
+                         f"alone (--tp 1), or with --tp {tp} alone (a tp x pp mesh loads it, resharded by DCP).")
     local = Path(model).expanduser()
     out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
     removed = remove_stale_temps(out_path.parent)

@@ -33,9 +33,10 @@ Per rank, in bytes (d = element size; exact, measured by tests/oracles/mesh_orac
 Pipeline parallelism (P = pp > 1; `tpcli.planning.pipeline`): the world is P x R x F x T, rank =
 ((p * R + r) * F + f) * T + t, and stage p holds only its tensors (its layers, the embeddings on the first stage,
 the norm and head on the last, tied embeddings on both ends) and the KV cache of its layers. transformers 5.23
-refuses FSDP or replicas with PP; tp x pp loads crash inside it (`apply_tensor_parallelism` looks up the TP plan's
-parameters in layers the stage replaced: KeyError), so tpcli refuses that mesh too (`distributed_config`); PP is
-inference only (no loss), so --train with --pp is refused. The `pp` size and coordinate appear in `to_dict` and
+refuses FSDP or replicas with PP. On tp x pp each stage TP-shards the layers it owns as at plain TP (stage-1
+placements, then the stage filter); transformers' own tp x pp load crashes (`TP_PP_CRASH`), `tpcli.load_model`
+loads it (`tpcli.runtime.pipeline_tp`), measured equal to these figures. PP is inference only (no loss), so --train
+with --pp is refused. The `pp` size and coordinate appear in `to_dict` and
 `coords` only on a mesh with pp > 1 (the documents of the other meshes, and the manifests that record them, keep
 their keys).
 
@@ -60,9 +61,9 @@ from tpcli.planning.plan import ResolvedPlan
 
 SHARD0 = ParamPlacement("shard", 0)
 FLAGS = {"tp": "--tp", "fsdp": "--fsdp", "dp_replicate": "--dp-replicate", "ep": "--ep", "pp": "--pp"}
-TP_PP_CRASH = ("transformers 5.23 cannot load tensor parallelism with pipeline parallelism: "
-               "apply_tensor_parallelism applies the TP plan to layers the stage replaced and fails with a KeyError "
-               "(e.g. 'model.embed_tokens.weight')")
+TP_PP_CRASH = ("transformers 5.23's own from_pretrained crashes on tp x pp: apply_tensor_parallelism applies the TP "
+               "plan to layers the stage replaced (KeyError, e.g. 'model.embed_tokens.weight'); load it with "
+               "tpcli.load_model, which limits the plan to each stage's layers")
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,9 @@ class Mesh:
 
 def distributed_config(mesh: Mesh):
     """transformers' own `DistributedConfig` for `mesh`: its `_resolve_parallelism` / `_validate_mesh_config` run
-    here (they need no process group). A rule it refuses is a UsageError naming the flag; so is tp x pp, which it
-    accepts but cannot load (`TP_PP_CRASH`)."""
+    here (they need no process group). A rule it refuses is a UsageError naming the flag. tp x pp, which it
+    accepts but its own `from_pretrained` cannot load (`TP_PP_CRASH`), is planned here and loaded by
+    `tpcli.load_model` (`tpcli.runtime.pipeline_tp`)."""
     from transformers.distributed import DistributedConfig
 
     try:
@@ -110,9 +112,6 @@ def distributed_config(mesh: Mesh):
                                ep_size=mesh.ep, pp_size=mesh.pp)
     except ValueError as exc:
         raise UsageError(_with_flag(str(exc).splitlines()[0], mesh)) from None
-    if mesh.pp > 1 and mesh.tp > 1:
-        raise UsageError(f"--pp {mesh.pp} with --tp {mesh.tp}: {TP_PP_CRASH}; use --pp alone (--tp 1), or --tp "
-                         "alone.")
     return dc
 
 

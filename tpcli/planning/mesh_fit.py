@@ -7,8 +7,8 @@
 * ep = 1, or for a model with an EP plan every size transformers accepts (a multiple of tp dividing fsdp x tp)
   that splits the experts evenly;
 * FSDP (dp_replicate x fsdp > 1) only for a model with an FSDP plan;
-* for inference, pipeline stages pp > 1 on every mesh above that transformers accepts with PP (5.23: pp alone,
-  tp = fsdp = dp_replicate = 1, as tpcli refuses tp x pp, which crashes its load; `pipeline_meshes`). Its stages
+* for inference, pipeline stages pp > 1 on every mesh above that transformers accepts with PP (5.23: pp x tp,
+  fsdp = dp_replicate = 1; tp x pp loads through `tpcli.load_model` only: `pipeline_meshes`). Its stages
   run one after another (the naive schedule): a pp mesh holds a model no smaller mesh can, at the speed of one
   device, and sends only the hidden states between stages (one point-to-point per stage boundary and step);
 
@@ -58,14 +58,14 @@ def candidate_meshes(world: int, per_node: int, valid_tp: list[int]) -> list[Mes
 
 
 def pipeline_meshes(world: int, per_node: int, valid_tp: list[int]) -> list[Mesh]:
-    """The meshes of `world` ranks with pp > 1 stages that transformers (and tpcli: no tp x pp) accept."""
+    """The meshes of `world` ranks with pp > 1 stages that transformers' DistributedConfig accepts."""
     out = []
     for pp in _divisors(world)[1:]:
         for m in candidate_meshes(world // pp, per_node, valid_tp):
             mesh = Mesh(tp=m.tp, fsdp=m.fsdp, dp_replicate=m.dp_replicate, ep=m.ep, pp=pp)
             try:
                 distributed_config(mesh)
-            except UsageError:  # FSDP or replicas with PP (transformers), tp x pp (its load crashes)
+            except UsageError:  # FSDP or replicas with PP (transformers)
                 continue
             out.append(mesh)
     return out
@@ -89,6 +89,8 @@ def run_flags(mesh: Mesh, per_node: int) -> str:
     flags += f" --tp {mesh.tp}" + "".join(f" --{name} {size}" for name, size in (
         ("fsdp", mesh.fsdp), ("dp-replicate", mesh.dp_replicate), ("ep", mesh.ep), ("pp", mesh.pp)) if size > 1)
     pp = f", pp_size={mesh.pp}" if mesh.pp > 1 else ""
+    if mesh.pp > 1 and mesh.tp > 1:  # transformers' own from_pretrained crashes there (mesh.TP_PP_CRASH)
+        return f"{flags}  # tpcli.load_model() loads on this mesh (transformers' own tp x pp load crashes in 5.23)"
     return (f"{flags}  # tpcli.load_model() loads on this mesh; or from_pretrained(..., distributed_config="
             f"DistributedConfig(tp_size={mesh.tp}, fsdp_size={mesh.fsdp}, dp_replicate_size={mesh.dp_replicate}, "
             f"ep_size={mesh.ep}{pp}))")

@@ -196,6 +196,11 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
         return cls.from_pretrained(str(path), **extra, **kwargs)
     if "distributed_config" not in kwargs:  # transformers' current API: `tp_plan=` alone is deprecated
         extra["distributed_config"] = mesh_config(mesh, tp_plan)
+    if mesh.pp > 1 and mesh.tp > 1:  # transformers 5.23 applies the TP plan to layers a stage replaced: filter it
+        from tpcli.runtime.pipeline_tp import stage_tp_plan
+
+        with stage_tp_plan():
+            return cls.from_pretrained(str(path), **extra, **kwargs)
     return cls.from_pretrained(str(path), **extra, **kwargs)
 
 
