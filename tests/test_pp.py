@@ -364,3 +364,11 @@ def test_run_pp_mesh_resolution():
     assert resolve_mesh(spec(gpus=4, nnodes=2, rdzv_endpoint="h:1", pp=2)) == Mesh(tp=4, pp=2)  # TP in a node
     with pytest.raises(UsageError, match=r"= 2 of the 4 ranks of --cpu 4: add --pp 4 \(more stages\)"):
         resolve_mesh(spec(cpu=4, tp=1, pp=2))
+
+
+def test_ep_with_pp_is_transformers_refusal_in_one_line(monkeypatch, capsys, models):
+    """mixtral's default EP plan dispatches tokens (`ep_dispatch_experts`), which transformers' plan resolution
+    refuses with PP: its words, naming the flags."""
+    code, out, err = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--tp", "2", "--ep", "2", "--pp", "2")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "--pp 2 with --ep 2: Combining token dispatch with pipeline parallelism is not supported" in err
