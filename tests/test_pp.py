@@ -372,3 +372,15 @@ def test_ep_with_pp_is_transformers_refusal_in_one_line(monkeypatch, capsys, mod
     code, out, err = run_main(monkeypatch, capsys, "inspect", models("mixtral"), "--tp", "2", "--ep", "2", "--pp", "2")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert "--pp 2 with --ep 2: Combining token dispatch with pipeline parallelism is not supported" in err
+
+
+def test_fit_ranks_pp_before_fsdp_at_equal_ranks_per_copy(monkeypatch, capsys, models):
+    """Inference, 4 GPUs: at 4 ranks per model copy tp=2 x pp=2 (hidden states between stages) comes before
+    tp=2 x fsdp=2 (every layer's weights all-gathered at every step), and pp=4 before fsdp=4."""
+    code, out, _ = run_main(monkeypatch, capsys, "inspect", models("llama"), "--gpus", "4", "--gpu-mem", "1GiB",
+                            "--reserve", "0", "--json")
+    meshes = [(m["pp"], m["tp"], m["fsdp"], m["dp_replicate"]) for m in json.loads(out)["fit"]["meshes"]]
+    assert code == 0 and meshes.index((2, 2, 1, 1)) < meshes.index((1, 2, 2, 1))
+    assert meshes.index((4, 1, 1, 1)) < meshes.index((1, 1, 4, 1))
+    keys = [(pp * tp * fsdp, fsdp, pp) for pp, tp, fsdp, _ in meshes]
+    assert keys == sorted(keys)

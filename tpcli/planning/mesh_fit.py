@@ -18,8 +18,9 @@ and the two labelled estimates). Ranking rule, fitting meshes first (total <= gp
     training : fewest TP ranks, then fewest replicas (FSDP before replicas: FSDP shards the optimizer state over
                more ranks), then most EP ranks (whole experts, no expert all-gather), then the smallest total;
     inference: fewest ranks per model copy (pp x tp x fsdp; the rest are replicas serving on their own), then
-               fewest PP stages (they run one after another), then fewest FSDP ranks (FSDP all-gathers every
-               layer's weights at every step), then most EP ranks, then the smallest total;
+               fewest FSDP ranks (FSDP all-gathers every layer's weights at every step; PP sends only the hidden
+               states between stages), then fewest PP stages (they run one after another), then most EP ranks,
+               then the smallest total;
     not fitting: by total.
 """
 
@@ -33,9 +34,9 @@ from tpcli.planning.plan import ResolvedPlan
 RULE = {
     True: "fitting first; fewest TP ranks (inside a node), then FSDP before replicas, then most EP ranks, "
           "then the smallest total",
-    False: "fitting first; fewest ranks per model copy (pp x tp x fsdp; the rest are replicas), then fewest PP "
-           "stages (transformers' PP runs its stages one after another), TP (inside a node) before FSDP, then most "
-           "EP ranks, then the smallest total",
+    False: "fitting first; fewest ranks per model copy (pp x tp x fsdp; the rest are replicas), then fewest FSDP "
+           "ranks (FSDP all-gathers the weights at every step, PP sends only hidden states), then fewest PP stages "
+           "(transformers' PP runs its stages one after another), then most EP ranks, then the smallest total",
 }
 
 
@@ -76,7 +77,7 @@ def _rank_key(entry: dict, train: bool) -> tuple:
     if train:
         order = (m["tp"], m["dp_replicate"], -m["ep"])
     else:
-        order = (m["pp"] * m["tp"] * m["fsdp"], m["pp"], m["fsdp"], -m["ep"])
+        order = (m["pp"] * m["tp"] * m["fsdp"], m["fsdp"], m["pp"], -m["ep"])
     return (not m["fits"], *(order if m["fits"] else ()), m["total_bytes"])
 
 
