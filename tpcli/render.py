@@ -397,8 +397,10 @@ def render_mesh_fit(r: dict) -> None:
                       "[green]yes[/green]" if m["fits"] else "[red]no[/red]")
     console.print(table)
     if fit["refused_by_model"]:
-        console.print(f"  {fit['refused_by_model']} more size combinations refused by the model's own rules "
-                      "(no EP/FSDP plan, experts not divisible by ep, a shard FSDP would leave empty).")
+        for line in _wrap(f"{fit['refused_by_model']} more size combinations refused by the model's own rules (no "
+                          "EP/FSDP plan, experts not divisible by ep, a shard FSDP would leave empty, EP token "
+                          "dispatch with PP)."):
+            console.print(f"  {line}")
     best = fit["best"]
     if best is None:
         console.print(f"[red]No mesh of {fit['gpus']} GPUs fits.[/red]")
