@@ -38,6 +38,7 @@ ConfigOpt = Annotated[str | None, typer.Option("--config", help="Training checkp
 FsdpOpt = Annotated[int | None, typer.Option("--fsdp", help="Mesh: FSDP2 ranks per replica (world = dp-replicate x fsdp x tp).")]
 DpReplicateOpt = Annotated[int | None, typer.Option("--dp-replicate", help="Mesh: replicas of the fsdp x tp group (HSDP).")]
 EpOpt = Annotated[int | None, typer.Option("--ep", help="Mesh: expert-parallel ranks (a multiple of --tp dividing fsdp x tp).")]
+PpOpt = Annotated[int | None, typer.Option("--pp", help="Mesh: pipeline stages (transformers' PP: layers split across ranks, stages run one after another; inference only).")]
 
 
 def _version(value: bool):
@@ -79,9 +80,9 @@ def _plan_flag(plan: str | None) -> None:
         require_plan_file(plan, "--plan ")
 
 
-def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | None):
+def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | None, pp: int | None = None):
     """The mesh flags as a `tpcli.planning.mesh.Mesh`, or None when none is given (plain TP, today's output)."""
-    given = {"--fsdp": fsdp, "--dp-replicate": dp_replicate, "--ep": ep}
+    given = {"--fsdp": fsdp, "--dp-replicate": dp_replicate, "--ep": ep, "--pp": pp}
     for flag, value in given.items():
         _positive(flag, value, MAX_TP)
     named = [flag for flag, value in given.items() if value is not None]
@@ -91,9 +92,9 @@ def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | 
         raise UsageError(f"{named[0]} describes a mesh around a TP size: add --tp T (--tp 1 for no tensor parallelism).")
     from tpcli.planning.mesh import Mesh, distributed_config
 
-    mesh = Mesh(tp=tp, fsdp=fsdp or 1, dp_replicate=dp_replicate or 1, ep=ep or 1)
+    mesh = Mesh(tp=tp, fsdp=fsdp or 1, dp_replicate=dp_replicate or 1, ep=ep or 1, pp=pp or 1)
     if mesh.world > MAX_WORLD:  # the report lists every rank
-        raise UsageError(f"--tp x --fsdp x --dp-replicate is {mesh.world:,} ranks; at "
+        raise UsageError(f"--pp x --tp x --fsdp x --dp-replicate is {mesh.world:,} ranks; at "
                          f"most {MAX_WORLD:,} are planned here.")
     distributed_config(mesh)  # transformers' own size rules, before any model is read
     return mesh
@@ -130,6 +131,7 @@ def inspect(
     fsdp: FsdpOpt = None,
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
+    pp: PpOpt = None,
     gpus: Annotated[int | None, typer.Option("--gpus", help="With --gpu-mem: every valid mesh of this many GPUs, ranked, and the best.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node for --gpus (default: all on one node); TP stays inside a node.")] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="With --gpus --train --seq-len: the GPU of the step-time estimate (H100, H200, B200, A100, L40S, RTX4090; default H100).")] = None,
@@ -141,11 +143,11 @@ def inspect(
     _positive("--tp", tp, MAX_TP)
     _positive("--gpus", gpus, MAX_TP)
     _positive("--gpus-per-node", gpus_per_node, MAX_TP)
-    mesh = _mesh(tp, fsdp, dp_replicate, ep)
+    mesh = _mesh(tp, fsdp, dp_replicate, ep, pp)
     if gpus is not None and gpu_mem is None:
         raise UsageError("--gpus W ranks the meshes of W GPUs by memory: add --gpu-mem SIZE (one GPU's memory).")
     if gpus is not None and mesh is not None:
-        raise UsageError("--gpus lists every mesh of W GPUs; drop --fsdp/--dp-replicate/--ep (or drop --gpus).")
+        raise UsageError("--gpus lists every mesh of W GPUs; drop --fsdp/--dp-replicate/--ep/--pp (or drop --gpus).")
     if gpus_per_node is not None and gpus is None:
         raise UsageError("--gpus-per-node only applies with --gpus W.")
     if (gpu or hardware or mfu is not None) and not (gpus is not None and train and seq_len):
@@ -217,12 +219,13 @@ def verify(
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
     config: ConfigOpt = None,
+    pp: PpOpt = None,
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
     _positive("--tp", tp, MAX_TP)
     _plan_flag(plan)
-    mesh = _mesh(tp, fsdp, dp_replicate, ep)
+    mesh = _mesh(tp, fsdp, dp_replicate, ep, pp)
     from tpcli.formats import cache
     from tpcli.render import print_json, render_verify, status_line
 
@@ -253,10 +256,12 @@ def shard(
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
+    pp: Annotated[int | None, typer.Option("--pp", help="One file per pipeline stage (with --tp 1): each holds only its stage's tensors.")] = None,
     json_out: JsonOpt = False,
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
     _positive("--tp", tp, MAX_TP)
+    _positive("--pp", pp, MAX_TP)
     _plan_flag(plan)
     from tpcli.render import print_json, render_shard, status_line
 
@@ -266,7 +271,7 @@ def shard(
 
         say(f"reading {model} and planning the split into {tp} ranks")
         result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision,
-                                  force=force, progress=_progress(json_out))
+                                  force=force, progress=_progress(json_out), pp=pp or 1)
     print_json(result) if json_out else render_shard(result)
 
 
@@ -312,6 +317,7 @@ def run(
     fsdp: FsdpOpt = None,
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
+    pp: PpOpt = None,
     nnodes: Annotated[int | None, typer.Option("--nnodes", help="Number of nodes (default 1; in SLURM: the job's).")] = None,
     node_rank: Annotated[int | None, typer.Option("--node-rank", help="This node's rank (default 0; in SLURM: SLURM_NODEID).")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,
@@ -343,7 +349,7 @@ def run(
         raise UsageError("give exactly one of SCRIPT.py or -m MODULE.")
     if gpus is not None and cpu is not None:
         raise UsageError("--gpus and --cpu are exclusive; pick one.")
-    for flag, value in (("--tp", tp), ("--fsdp", fsdp), ("--dp-replicate", dp_replicate), ("--ep", ep)):
+    for flag, value in (("--tp", tp), ("--fsdp", fsdp), ("--dp-replicate", dp_replicate), ("--ep", ep), ("--pp", pp)):
         _positive(flag, value, MAX_TP)
     from tpcli.commands import run_checks as checks
 
@@ -376,7 +382,7 @@ def run(
         model=model, plan_file=plan, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id, max_restarts=max_restarts, log_dir=log_dir, tee=tee, ranks_filter=ranks_filter,
         preflight=not skip_preflight, timeout_s=parse_duration(timeout, "--timeout"), worker_stdout_to_stderr=json_out,
-        tp=tp, fsdp=fsdp, dp_replicate=dp_replicate, ep=ep, dry_run=dry_run,
+        tp=tp, fsdp=fsdp, dp_replicate=dp_replicate, ep=ep, pp=pp, dry_run=dry_run,
     )
     result = run_job(spec, report=lambda line: print(line, file=sys.stderr, flush=True))
     if json_out:
@@ -436,7 +442,7 @@ def _on_signal(signum, frame):
 # run's options that take a value (the next argument is not SCRIPT)
 _RUN_TAKES_VALUE = {"--gpus", "--cpu", "--model", "--plan", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id",
                     "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision", "--tp", "--fsdp",
-                    "--dp-replicate", "--ep"}
+                    "--dp-replicate", "--ep", "--pp"}
 
 
 def _own_args(args: list[str]) -> list[str]:

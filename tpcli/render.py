@@ -289,7 +289,7 @@ def render_cache_layers(memory: dict) -> None:
 
 
 # Mesh coordinates shown per row, in the order of transformers' meshes; only dims of size > 1 appear.
-_MESH_DIMS = (("dp_replicate", "dp_replicate"), ("fsdp", "fsdp"), ("tp", "tp"), ("efsdp", "efsdp"), ("ep", "ep"))
+_MESH_DIMS = (("pp", "pp"), ("dp_replicate", "dp_replicate"), ("fsdp", "fsdp"), ("tp", "tp"), ("efsdp", "efsdp"), ("ep", "ep"))
 _MESH_ESTIMATES = (("activation_bytes_estimate", "act est"), ("fsdp_gather_bytes_estimate", "gather"))
 _MESH_HEADERS = {"kv_cache_bytes": "KV"}  # narrow: the whole table fits 80 columns
 
@@ -304,7 +304,7 @@ def _mesh_unit(largest: int) -> tuple[str, int]:
 
 def mesh_label(m: dict) -> str:
     """'tp=2 x fsdp=2 (4 ranks)': the sizes above 1, in the order of the flags."""
-    sizes = [f"{k}={m[k]}" for k in ("tp", "fsdp", "dp_replicate", "ep") if m[k] > 1] or ["tp=1"]
+    sizes = [f"{k}={m[k]}" for k in ("pp", "tp", "fsdp", "dp_replicate", "ep") if m.get(k, 1) > 1] or ["tp=1"]
     return " x ".join(sizes) + f" ({m['world']} rank{'s' * (m['world'] > 1)})"
 
 
@@ -329,7 +329,7 @@ def render_mesh(r: dict) -> None:
         return
     memory = r.get("memory")
     # efsdp = fsdp x tp / ep places experts; at ep=1 it repeats the (fsdp, tp) coordinates, so only EP shows it
-    dims = [(key, name) for key, name in _MESH_DIMS if m[key] > 1 and (key != "efsdp" or m["ep"] > 1)]
+    dims = [(key, name) for key, name in _MESH_DIMS if m.get(key, 1) > 1 and (key != "efsdp" or m["ep"] > 1)]
     columns = [c for c in _memory_columns(memory) if c[0] != "activation_bytes_estimate"]
     columns += [c for c in _MESH_ESTIMATES if any(rk[c[0]] for rk in m["ranks"])]
     keys = [k for k, _ in columns] + ["total_bytes"]
@@ -359,6 +359,12 @@ def render_mesh(r: dict) -> None:
     print_table(table)
     if len(rows) > 1:
         console.print(f"  * largest: rank {m['largest_rank']}")
+    if m.get("stages"):  # transformers' PP: each stage's layers; the stages run one after another
+        parts = [f"{s['stage']}: layers {s['layers'][0]}-{s['layers'][1] - 1}" if s["layers"][1] > s["layers"][0]
+                 else f"{s['stage']}: no layers" for s in m["stages"]]
+        ends = [" + embeddings" * s["embeddings"] + " + head" * s["head"] for s in m["stages"]]
+        console.print("  stages (run one after another; inference only): "
+                      + "; ".join(p + e for p, e in zip(parts, ends, strict=True)))
     estimates = [rk for rk in m["ranks"] if rk["activation_bytes_estimate"] or rk["fsdp_gather_bytes_estimate"]]
     if any(rk["activation_bytes_estimate"] for rk in estimates):
         console.print(f"  act est: ESTIMATE of activations at tp={m['tp']}, B per data-parallel rank")
@@ -382,21 +388,25 @@ def render_mesh_fit(r: dict) -> None:
                   f"{human_bytes(fit['gpu_mem_bytes'] - fit['reserve_bytes'])} per GPU")
     console.print(f"  ranked: {fit['rule']}")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
-    for col in ("#", "tp", "fsdp", "dp_replicate", "ep", "total", "fits"):
+    pp = any(m.get("pp", 1) > 1 for m in meshes)  # a pp column only when some mesh has pipeline stages
+    for col in ("#", *(("pp",) if pp else ()), "tp", "fsdp", "dp_replicate", "ep", "total", "fits"):
         table.add_column(col, justify="left" if col == "fits" else "right", no_wrap=True)
     for i, m in enumerate(meshes, 1):
-        table.add_row(str(i), str(m["tp"]), str(m["fsdp"]), str(m["dp_replicate"]), str(m["ep"]),
+        table.add_row(str(i), *((str(m.get("pp", 1)),) if pp else ()), str(m["tp"]), str(m["fsdp"]),
+                      str(m["dp_replicate"]), str(m["ep"]),
                       f"{m['total_bytes']:,}" if size == 1 else f"{m['total_bytes'] / size:.2f}",
                       "[green]yes[/green]" if m["fits"] else "[red]no[/red]")
     print_table(table)
     if fit["refused_by_model"]:
-        console.print(f"  {fit['refused_by_model']} more size combinations refused by the model's own rules "
-                      "(no EP/FSDP plan, experts not divisible by ep, a shard FSDP would leave empty).")
+        console.print(f"  {fit['refused_by_model']} more size combinations refused by the model's own rules (no "
+                      "EP/FSDP plan, experts not divisible by ep, a shard FSDP would leave empty, EP token "
+                      "dispatch with PP).")
     best = fit["best"]
     if best is None:
         console.print(f"[red]No mesh of {fit['gpus']} GPUs fits.[/red]")
         return
-    console.print(f"[green]Best: tp={best['tp']} x fsdp={best['fsdp']} x dp_replicate={best['dp_replicate']} "
+    stages = f"pp={best['pp']} x " if best.get("pp", 1) > 1 else ""
+    console.print(f"[green]Best: {stages}tp={best['tp']} x fsdp={best['fsdp']} x dp_replicate={best['dp_replicate']} "
                   f"x ep={best['ep']}[/green]")
     flags, _, script = best["run_flags"].partition("  # ")
     console.print(f"  tpcli run {flags} SCRIPT")
@@ -567,7 +577,8 @@ def _render_removed(r: dict) -> None:
 
 def render_shard(r: dict) -> None:
     _render_removed(r)
-    console.print(f"[green]Wrote[/green] {r['out']}: tp={r['tp_size']}, {r['tensors']} tensors, "
+    sizes = f"pp={r['pp_size']} (one file per stage)" if r.get("pp_size", 1) > 1 else f"tp={r['tp_size']}"
+    console.print(f"[green]Wrote[/green] {r['out']}: {sizes}, {r['tensors']} tensors, "
                   f"{len(r['files'])} rank file{'s' * (len(r['files']) != 1)}, {human_bytes(r['bytes_written'])} in {r['seconds']:.1f} s")
     for name, f in r["files"].items():  # a terminal gets the hash's start; a pipe or log the whole hash
         digest = f"{f['sha256'][:12]}…" if console.is_terminal else f["sha256"]

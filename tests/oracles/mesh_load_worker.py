@@ -1,4 +1,4 @@
-"""Worker for `tpcli run --cpu W --tp T --fsdp F [--dp-replicate R] [--ep E] mesh_load_worker.py MODEL OUT`.
+"""Worker for `tpcli run --cpu W --tp T --fsdp F [--dp-replicate R] [--ep E] [--pp P] mesh_load_worker.py MODEL OUT`.
 
 On every rank: `tpcli.load_model()` (the mesh from TPCLI_MESH), then transformers' own
 `from_pretrained(MODEL, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F, dp_replicate_size=R,
@@ -35,7 +35,7 @@ from transformers.distributed import DistributedConfig  # noqa: E402
 info = tpcli.mesh_info()
 m = info.mesh
 theirs = AutoModelForCausalLM.from_pretrained(model_dir, distributed_config=DistributedConfig(
-    tp_size=m.tp, fsdp_size=m.fsdp, dp_replicate_size=m.dp_replicate, ep_size=m.ep))
+    tp_size=m.tp, fsdp_size=m.fsdp, dp_replicate_size=m.dp_replicate, ep_size=m.ep, pp_size=m.pp))
 single = AutoModelForCausalLM.from_pretrained(model_dir)
 
 

@@ -80,11 +80,12 @@ class LaunchSpec:
     fsdp: int | None = None
     dp_replicate: int | None = None
     ep: int | None = None
+    pp: int | None = None  # pipeline stages (transformers' pp_size)
     dry_run: bool = False  # print the mesh, the torchrun command and the environment; start nothing
 
     @property
     def mesh_given(self) -> bool:
-        return any(v is not None for v in (self.tp, self.fsdp, self.dp_replicate, self.ep))
+        return any(v is not None for v in (self.tp, self.fsdp, self.dp_replicate, self.ep, self.pp))
 
     @property
     def nproc(self) -> int:
@@ -113,24 +114,31 @@ def resolve_mesh(spec: LaunchSpec):
     if not spec.mesh_given:
         return Mesh(tp=world)
     for flag, value in (("--tp", spec.tp), ("--fsdp", spec.fsdp), ("--dp-replicate", spec.dp_replicate),
-                        ("--ep", spec.ep)):
+                        ("--ep", spec.ep), ("--pp", spec.pp)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: must be a positive integer.")
-    fsdp, replicate, ep = spec.fsdp or 1, spec.dp_replicate or 1, spec.ep or 1
+    fsdp, replicate, ep, pp = spec.fsdp or 1, spec.dp_replicate or 1, spec.ep or 1, spec.pp or 1
     tp = spec.tp
     if tp is None:
-        if world % (fsdp * replicate):
-            raise UsageError(f"--fsdp {fsdp} x --dp-replicate {replicate} = {fsdp * replicate} does not divide the "
+        if world % (fsdp * replicate * pp):
+            others = " x ".join(f"{f} {v}" for f, v in (("--fsdp", fsdp), ("--dp-replicate", replicate), ("--pp", pp))
+                                if f != "--pp" or pp > 1)
+            raise UsageError(f"{others} = {fsdp * replicate * pp} does not divide the "
                              f"{world} ranks of {launcher}; give sizes whose product is {world}.")
-        tp = world // (fsdp * replicate)
-    mesh = Mesh(tp=tp, fsdp=fsdp, dp_replicate=replicate, ep=ep)
+        tp = world // (fsdp * replicate * pp)
+    mesh = Mesh(tp=tp, fsdp=fsdp, dp_replicate=replicate, ep=ep, pp=pp)
     if mesh.world != world:
         given = " x ".join(f"{flag} {v}" for flag, v in (("--tp", tp), ("--fsdp", spec.fsdp),
-                                                          ("--dp-replicate", spec.dp_replicate)) if v is not None)
+                                                          ("--dp-replicate", spec.dp_replicate), ("--pp", spec.pp))
+                         if v is not None)
         if world % mesh.world:
             raise UsageError(f"{given} = {mesh.world} ranks, but {launcher} starts {world}: tp x fsdp x "
-                             f"dp-replicate must equal the world size {world}.")
+                             f"dp-replicate{' x pp' if pp > 1 else ''} must equal the world size {world}.")
         k = world // mesh.world
+        if pp > 1:  # transformers 5.23 combines PP with neither FSDP nor replicas
+            raise UsageError(f"{given} = {mesh.world} of the {world} ranks of {launcher}: add --pp {pp * k} (more "
+                             "stages); transformers 5.23 combines pipeline parallelism with neither --fsdp nor "
+                             "--dp-replicate.")
         raise UsageError(f"{given} = {mesh.world} of the {world} ranks of {launcher}: add "
                          f"--fsdp {fsdp * k} ({COMPLETIONS['fsdp']}) or --dp-replicate {replicate * k} "
                          f"({COMPLETIONS['dp_replicate']}).")
@@ -149,9 +157,9 @@ def _launcher_flags(spec: LaunchSpec) -> str:
 
 
 def describe_mesh(mesh) -> str:
-    """'tp=2 x fsdp=2 x dp_replicate=1 (4 ranks), ep=1'"""
-    return (f"tp={mesh.tp} x fsdp={mesh.fsdp} x dp_replicate={mesh.dp_replicate} ({mesh.world} ranks), "
-            f"ep={mesh.ep}")
+    """'tp=2 x fsdp=2 x dp_replicate=1 (4 ranks), ep=1'; 'pp=2 x tp=1 x ...' on a pipeline mesh"""
+    return (("" if mesh.pp == 1 else f"pp={mesh.pp} x ") + f"tp={mesh.tp} x fsdp={mesh.fsdp} x "
+            f"dp_replicate={mesh.dp_replicate} ({mesh.world} ranks), ep={mesh.ep}")
 
 
 def check_devices(spec: LaunchSpec) -> None:
@@ -198,6 +206,10 @@ def preflight_mesh(spec: LaunchSpec, mesh) -> list[str]:
     notes = [f"preflight: {plan.architecture} plan OK on the mesh {describe_mesh(mesh)}"
              + (f" ({len(warnings)} warnings, see `tpcli verify`)" if warnings else "")]
     tied = sorted(f"{t.name} = {t.tied_to}" for t in plan.tensors.values() if t.tied_to)
+    if mesh.pp > 1 and mesh.tp > 1:
+        from tpcli.planning.mesh import TP_PP_CRASH
+
+        notes.append(f"preflight: note: {TP_PP_CRASH}")
     if tied and mesh.dp_size > 1:
         notes.append(f"preflight: warning: tied weights ({tied[0]}) under FSDP: with transformers 5.23 the forward "
                      "after an optimizer step no longer matches one process (measured: qwen3, tp=2 x fsdp=2 and "

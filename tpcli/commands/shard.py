@@ -23,6 +23,7 @@ from tpcli.formats.jsonfile import read_json
 from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
 from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
+from tpcli.planning import pipeline
 from tpcli.planning.checks import require_valid
 from tpcli.planning.layout import plan_chunks
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
@@ -170,25 +171,32 @@ class ShardJob(CachedJob):
 
 def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = None, dtype: str | None = None,
                      revision: str | None = None, force: bool = False, progress: Progress = no_progress,
-                     byte_copy: bool = True) -> dict:
+                     byte_copy: bool = True, pp: int = 1) -> dict:
     """Write `out` with one file per rank plus tpcli.json; returns a summary dict.
+
+    With pp > 1 (and tp 1) one file per pipeline stage, holding whole the tensors that stage holds on a
+    `DistributedConfig(pp_size=pp)` load (`tpcli.planning.pipeline`); a pipeline folder is written at tp 1 only
+    (tp x pp folders are not written: shard at --tp T and load it on the tp x pp mesh, which DCP reshards).
 
     byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
     they are (`tpcli.formats.bytecopy`); the two write identical files (tests compare them)."""
     from tpcli.formats import cache, cache_check
 
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
+    if pp > 1 and tp > 1:
+        raise UsageError(f"--pp {pp} with --tp {tp}: pipeline folders are written at --tp 1 only; shard with --pp "
+                         f"alone (--tp 1), or with --tp {tp} alone (a tp x pp mesh loads it, resharded by DCP).")
     local = Path(model).expanduser()
     out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
     removed = remove_stale_temps(out_path.parent)
     started = time.perf_counter()
     key = cache.key("shard", {"model": model, "tp": tp, "plan": plan_file, "dtype": cast,
-                              "revision": revision}) if byte_copy else None
+                              "revision": revision}) if byte_copy and pp == 1 else None
     job = ShardJob.from_cache(cache.get(key), check=lambda e: cache_check.shard_entry(e, local.resolve(), tp)) \
         if key else None
     if job is None:
         reuse_freed_memory()
-        job = plan_job(model, tp=tp, plan_file=plan_file, cast=cast, revision=revision, byte_copy=byte_copy)
+        job = plan_job(model, tp=tp, plan_file=plan_file, cast=cast, revision=revision, byte_copy=byte_copy, pp=pp)
         prepare_output(out, force=force, inputs=[Path(job.src_path)])  # a hub id is only known apart from OUT now
         if job.boxes is not None:
             cache.put(key, job.to_json())
@@ -197,6 +205,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     return {
         "out": str(out_path),
         "tp_size": tp,
+        **({"pp_size": pp} if pp > 1 else {}),
         "source": info["source"],
         "kind": info["kind"],
         "tensors": info["tensors"],
@@ -212,21 +221,21 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
 
 
 def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, revision: str | None,
-             byte_copy: bool = True) -> ShardJob:
+             byte_copy: bool = True, pp: int = 1) -> ShardJob:
     """Resolve the plan with transformers, check it, and lay out every rank file (nothing written yet)."""
     src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
     try:
         findings = require_valid(plan, tp)
         infos, steps, tied_after = layout(plan, reader, cast)
-        chunks = plan_chunks(infos, tp)
+        chunks = plan_chunks(infos, tp, pipeline.stages(plan, pp) if pp > 1 else None)
         chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
         order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
         rank_files = []
-        for r in range(tp):
+        for r in range(tp * pp):
             entries = [(c.name, c.dtype, c.sizes) for n in order if (c := chunk_of.get((r, n))) is not None]
             rank_files.append((dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
         doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
-                             tensors=infos, chunks=chunks, dtype=cast, files={})
+                             tensors=infos, chunks=chunks, dtype=cast, files={}, pp=pp)
         doc.update(quantization_record(plan, list(reader.unexpected)))
         if plan.quantization is None and not plan.dequantized:  # config_sha256 is added once config.json is written
             doc["names"] = {"checkpoint": checkpoint_names(plan)}
@@ -271,13 +280,14 @@ def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress,
                         out_file.units.append([bytecopy.Box(Path(path), start, starts[alias], tuple(shape),
                                                             tuple(offsets), tuple(sizes), itemsize, box_in="src")])
                     outputs.append(out_file)
-                with progress(job.total, f"shard tp={tp}") as bar:
+                with progress(job.total, _label(job, tp)) as bar:
                     hashes = bytecopy.write_files(outputs, sha256=True, advance=bar.advance)
                 paths = [o.path for o in outputs]
             else:
                 for name, entries, metadata in job.rank_files:
                     writers.append(StreamWriter(tmp / name, entries, metadata))
-                hashes, paths = _stream(reader, steps, tied_after, chunk_of, writers, tp, job.total, progress)
+                hashes, paths = _stream(reader, steps, tied_after, chunk_of, writers, _label(job, tp), job.total,
+                                        progress)
             check_hashes()  # a corrupt sharded input: raise before anything is published
         except BaseException:
             for w in writers:
@@ -304,15 +314,20 @@ def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress,
     return files, copied
 
 
-def _stream(reader, steps, tied_after, chunk_of, writers, tp: int, total: int, progress: Progress):
+def _label(job: ShardJob, tp: int) -> str:
+    pp = job.doc.get("pp_size", 1)
+    return f"shard pp={pp}" if pp > 1 else f"shard tp={tp}"
+
+
+def _stream(reader, steps, tied_after, chunk_of, writers, label: str, total: int, progress: Progress):
     """The general path: read each step through transformers' converters, slice every rank's chunk, append it."""
-    with progress(total, f"shard tp={tp}") as bar:
+    with progress(total, label) as bar:
         for step, names in steps:
             tensors, full = reader.read(step), None
             for name in names:
                 full = tensors[name]
                 for alias in [name, *tied_after.get(name, [])]:
-                    for r in range(tp):
+                    for r in range(len(writers)):
                         c = chunk_of.get((r, alias))
                         if c is not None:
                             index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))

@@ -39,14 +39,15 @@ def verify(target: str, *, tp: int | None = None, plan_file: str | None = None, 
                          f"{target} is not one.")
     if is_state_dir(local):  # a training state (tpcli.save_state): model, optimizer, manifest
         if mesh is not None or numerics:
-            raise UsageError("--numerics/--fsdp/--dp-replicate/--ep check a model's plan; a training-state folder is "
+            raise UsageError("--numerics/--fsdp/--dp-replicate/--ep/--pp check a model's plan; a training-state folder is "
                              "checked as files: run `tpcli verify STATE` alone.")
         from tpcli.commands.state_check import verify_state
 
         return verify_state(local, quick=quick)
     if dcp.is_sharded_dir(local):
         if mesh is not None:
-            raise UsageError("--fsdp/--dp-replicate/--ep check a model's plan on a mesh; pass the original model folder.")
+            raise UsageError("--fsdp/--dp-replicate/--ep/--pp check a model's plan on a mesh; pass the original model "
+                             "folder.")
         if numerics:
             raise UsageError("--numerics checks a model against its TP load; pass the original model folder.")
         return verify_sharded(local, tp=tp, quick=quick)
@@ -114,7 +115,9 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
         if plan_file and Path(plan_file).exists():
             plan_file = str(Path(plan_file).resolve())  # the workers may run elsewhere; a shipped NAME stays a name
         args = [str(path), str(out)] + (["--plan", plan_file] if plan_file else [])
-        sizes = {"tp": mesh.tp, "fsdp": mesh.fsdp, "dp_replicate": mesh.dp_replicate, "ep": mesh.ep} if mesh else {}
+        world = mesh.world if mesh is not None else tp
+        sizes = {"tp": mesh.tp, "fsdp": mesh.fsdp, "dp_replicate": mesh.dp_replicate, "ep": mesh.ep,
+                 "pp": mesh.pp if mesh.pp > 1 else None} if mesh else {}
         spec = LaunchSpec(module="tpcli.runtime.numerics", args=args, gpus=world if gpus else None,
                           cpu=None if gpus else world, preflight=False, quiet=True, raise_on_interrupt=True,
                           **sizes)  # Ctrl-C: "interrupted", exit 130

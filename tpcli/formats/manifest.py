@@ -18,6 +18,8 @@ Format (version 1), all keys always present:
 
 Optional (absent from manifests written before it; readers then take the path through transformers):
 
+    pp_size           P > 1 for a pipeline folder (`shard --pp P`, tp_size 1): one rank file per stage, each holding
+                      whole the tensors of its stage (`tpcli.planning.pipeline`); absent otherwise
     names             {"checkpoint": bool, "config_sha256": str}, written for a folder that is not quantized:
                       the sha256 of the config.json `shard` wrote beside the rank files, and whether the run-time
                       names are the checkpoint names (transformers has no conversion to revert). With it, `gather`
@@ -48,7 +50,7 @@ def versions() -> dict[str, str]:
 
 
 def build(*, source: dict, tp: int, plan, tensors: list, chunks: list[list], dtype: str | None,
-          files: dict) -> dict:
+          files: dict, pp: int = 1) -> dict:
     """The manifest of a sharded folder: `tensors` are TensorInfo, `chunks` the per-rank dcp.Chunk lists."""
     by_name: dict[str, list] = {}
     for rank_chunks in chunks:
@@ -61,6 +63,7 @@ def build(*, source: dict, tp: int, plan, tensors: list, chunks: list[list], dty
         "versions": versions(),
         "source": source,
         "tp_size": tp,
+        **({"pp_size": pp} if pp > 1 else {}),
         "architecture": plan.architecture,
         "model_type": plan.model_type,
         "dtype": dtype,
@@ -119,6 +122,10 @@ def _validate(path: Path, data: dict) -> None:
 
     if not count(data["tp_size"]) or data["tp_size"] < 1:
         bad("tp_size", "a positive integer")
+    pp = data.get("pp_size", 1)
+    if not count(pp) or pp < 1 or (pp > 1 and data["tp_size"] != 1):
+        bad("pp_size", "a positive integer (with tp_size 1)")
+    world = data["tp_size"] * pp
     if not isinstance(data["plan"], dict) or not isinstance(data["plan"].get("user_plan") or {}, dict):
         bad("plan", "an object (with user_plan an object or null)")
     if data.get("dtype") is not None and not isinstance(data["dtype"], str):
@@ -137,8 +144,8 @@ def _validate(path: Path, data: dict) -> None:
                 or not isinstance(f.get("sha256"), str):
             bad(f"files[{name!r}]", "an object with integer rank and bytes and a string sha256")
     ranks = sorted(f["rank"] for f in files.values())
-    if ranks != list(range(data["tp_size"])):
-        bad("files", f"one rank file per rank 0..{data['tp_size'] - 1} (tp_size {data['tp_size']}; it lists "
+    if ranks != list(range(world)):
+        bad("files", f"one rank file per rank 0..{world - 1} (tp_size {data['tp_size']} x pp_size {pp}; it lists "
                      f"{len(ranks)} file(s), ranks {ranks[:8]}{' ...' if len(ranks) > 8 else ''})")
     if not isinstance(data["tensors"], dict):
         bad("tensors", "an object")
@@ -158,8 +165,8 @@ def _validate(path: Path, data: dict) -> None:
             bad(f"{where}.chunks", "a list")
         for i, c in enumerate(chunks):
             field = f"{where}.chunks[{i}]"
-            if not isinstance(c, dict) or not count(c.get("rank")) or c["rank"] >= data["tp_size"]:
-                bad(field, "an object with an integer rank below tp_size")
+            if not isinstance(c, dict) or not count(c.get("rank")) or c["rank"] >= world:
+                bad(field, "an object with an integer rank below tp_size x pp_size")
             if not is_plain_name(c.get("file")) or c["file"] not in files:
                 bad(f"{field}.file", "a file name listed under files")
             for key in ("offsets", "sizes"):

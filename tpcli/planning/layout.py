@@ -62,19 +62,24 @@ def contiguous_chunk(shape: tuple[int, ...], placement: ParamPlacement, world: i
     return offsets, sizes
 
 
-def plan_chunks(tensors: list, tp: int) -> list[list[dcp.Chunk]]:
+def plan_chunks(tensors: list, tp: int, stages=None) -> list[list[dcp.Chunk]]:
     """Per rank, the chunks its file holds in transformers' pre-sharded layout (`tpcli.formats.dcp`), in DCP
-    state-dict order: the write items `dcp.save` builds, deduplicated by torch's own planner."""
+    state-dict order: the write items `dcp.save` builds, deduplicated by torch's own planner.
+
+    With `stages` (a `tpcli.planning.pipeline.Stages`, at tp = 1) there is one rank per pipeline stage and each
+    tensor is written whole by the stages that hold it (`stages_of`); one held by several (a tied embedding on the
+    first and last stage) is written once, by the rank torch's planner picks."""
     import torch
     from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-    per_rank: list[list[WriteItem]] = [[] for _ in range(tp)]
+    ranks = stages.pp if stages is not None else tp
+    per_rank: list[list[WriteItem]] = [[] for _ in range(ranks)]
     for t in tensors:
         dtype = getattr(torch, t.dtype)
-        for r in range(tp):
-            offsets, sizes = contiguous_chunk(t.shape, t.placement, tp, r)
+        for r in (sorted(stages.stages_of(t.name)) if stages is not None else range(tp)):
+            offsets, sizes = contiguous_chunk(t.shape, t.placement, tp, r if stages is None else 0)  # pp: whole
             if t.placement.is_sharded and sizes[t.placement.dim] == 0:
                 # an empty rank sits at the end of the dim, as DTensor puts it (`zero_global_offset`): at offset 0
                 # it would share rank 0's MetadataIndex and `dedup_save_plans` could drop rank 0's real chunk
@@ -89,7 +94,7 @@ def plan_chunks(tensors: list, tp: int) -> list[list[dcp.Chunk]]:
                     size=torch.Size(t.shape),
                 ),
             ))
-    plans = dedup_save_plans([SavePlan(items) for items in per_rank]) if tp > 1 else [SavePlan(per_rank[0])]
+    plans = dedup_save_plans([SavePlan(items) for items in per_rank]) if ranks > 1 else [SavePlan(per_rank[0])]
     by_name = {t.name: t for t in tensors}
     return [
         [dcp.Chunk(name=item.index.fqn, rank=r, file=dcp.shard_file_name(r), offsets=tuple(item.tensor_data.chunk.offsets),

@@ -145,8 +145,9 @@ class CacheLayer:
         return sum(n * dtype_size(dt or model_dtype) for _, n, dt in self.states)
 
 
-def _kv_layer_groups(plan: ResolvedPlan) -> Counter:
-    """CacheLayer -> number of cache layers, one per `get_layer_types_and_kwargs` entry (transformers' own list).
+def _kv_layer_groups(plan: ResolvedPlan, layers: range | None = None) -> Counter:
+    """CacheLayer -> number of cache layers, one per `get_layer_types_and_kwargs` entry (transformers' own list);
+    with `layers`, only those decoder layers (a pipeline stage's: the other stages' cache layers stay empty).
 
     * attention (full, sliding, chunked): K and V rows are the layer's `k_proj` / `v_proj` output features where the
       plan leaves them: split by a style that hands on only this rank's slice (`colwise`: local KV heads x head_dim),
@@ -187,7 +188,7 @@ def _kv_layer_groups(plan: ResolvedPlan) -> Counter:
     family = _STATE_FAMILIES.get(text.model_type)
     groups: Counter = Counter()
     for i, (kind, kw) in enumerate(zip(layer_types, kwargs, strict=True)):
-        if kind == "dummy":  # KV shared with another layer, or a layer without attention
+        if kind == "dummy" or (layers is not None and i not in layers):  # shared KV or no attention; another stage's
             continue
         window = kw.get("sliding_window")
         if kind in ("linear_attention", "hybrid") and family is not None:
@@ -307,18 +308,19 @@ def _activation_estimate(plan: ResolvedPlan, tp: int, opts: MemoryOptions) -> in
     return int(opts.batch * (opts.seq_len or 0) * per_token)
 
 
-def rank_memory(plan: ResolvedPlan, tp: int, opts: MemoryOptions) -> list[RankMemory]:
-    """Per rank of a TP size `tp`: weights, KV cache, gradients, AdamW state and the activation estimate."""
-    return _Counts(plan, opts).ranks(tp)
+def rank_memory(plan: ResolvedPlan, tp: int, opts: MemoryOptions, *, layers: range | None = None) -> list[RankMemory]:
+    """Per rank of a TP size `tp`: weights, KV cache, gradients, AdamW state and the activation estimate; with
+    `layers`, the KV cache of those decoder layers only (a pipeline stage's; the weights stay the whole model's)."""
+    return _Counts(plan, opts, layers).ranks(tp)
 
 
 class _Counts:
     """The plan reduced to groups of equal tensors and equal cache layers, built once for every TP size."""
 
-    def __init__(self, plan: ResolvedPlan, opts: MemoryOptions):
+    def __init__(self, plan: ResolvedPlan, opts: MemoryOptions, layers: range | None = None):
         self.plan, self.opts = plan, opts
         self.groups = _tensor_groups(plan)
-        self.kv_groups = _kv_layer_groups(plan) if opts.seq_len else Counter()
+        self.kv_groups = _kv_layer_groups(plan, layers) if opts.seq_len else Counter()
         self.kv_size = dtype_size(opts.kv_dtype or plan.dtype)
 
     def ranks(self, tp: int) -> list[RankMemory]:

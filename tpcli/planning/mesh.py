@@ -1,4 +1,4 @@
-"""N-D meshes: tp x fsdp x dp_replicate x ep, validated as transformers does and costed per rank.
+"""N-D meshes: pp x tp x fsdp x dp_replicate x ep, validated as transformers does and costed per rank.
 
 transformers 5.23 (`from_pretrained(..., distributed_config=DistributedConfig(tp_size=T, fsdp_size=F,
 dp_replicate_size=R, ep_size=E))`) lays the world W = R x F x T out twice (`initialize_distributed_mesh`):
@@ -30,7 +30,17 @@ Per rank, in bytes (d = element size; exact, measured by tests/oracles/mesh_orac
                 unsharded gradients before the reduce-scatter); U = the largest FSDP unit's stage-1 bytes on this
                 rank, a unit being a module `fully_shard` wraps (decoder layer, embedding, experts, the root)
 
-Ranks with the same (t, f, efsdp, e) coordinates hold the same bytes, so the table costs at most W groups of
+Pipeline parallelism (P = pp > 1; `tpcli.planning.pipeline`): the world is P x R x F x T, rank =
+((p * R + r) * F + f) * T + t, and stage p holds only its tensors (its layers, the embeddings on the first stage,
+the norm and head on the last, tied embeddings on both ends) and the KV cache of its layers. transformers 5.23
+refuses FSDP or replicas with PP. On tp x pp each stage TP-shards the layers it owns as at plain TP (stage-1
+placements, then the stage filter); transformers' own tp x pp load crashes (`TP_PP_CRASH`), `tpcli.load_model`
+loads it (`tpcli.runtime.pipeline_tp`), measured equal to these figures. PP is inference only (no loss), so --train
+with --pp is refused. The `pp` size and coordinate appear in `to_dict` and
+`coords` only on a mesh with pp > 1 (the documents of the other meshes, and the manifests that record them, keep
+their keys).
+
+Ranks with the same (t, f, efsdp, e, p) coordinates hold the same bytes, so the table costs at most W groups of
 equal tensors, whatever the model size.
 """
 
@@ -43,13 +53,17 @@ from dataclasses import dataclass
 
 from tpcli.errors import ModelError, UsageError
 from tpcli.formats.units import dtype_size
+from tpcli.planning import pipeline
 from tpcli.planning.layout import local_shape
 from tpcli.planning.memory import MemoryOptions, _full_gradient, rank_memory
 from tpcli.planning.placements import REPLICATE, ParamPlacement, param_placement
 from tpcli.planning.plan import ResolvedPlan
 
 SHARD0 = ParamPlacement("shard", 0)
-FLAGS = {"tp": "--tp", "fsdp": "--fsdp", "dp_replicate": "--dp-replicate", "ep": "--ep"}
+FLAGS = {"tp": "--tp", "fsdp": "--fsdp", "dp_replicate": "--dp-replicate", "ep": "--ep", "pp": "--pp"}
+TP_PP_CRASH = ("transformers 5.23's own from_pretrained crashes on tp x pp: apply_tensor_parallelism applies the TP "
+               "plan to layers the stage replaced (KeyError, e.g. 'model.embed_tokens.weight'); load it with "
+               "tpcli.load_model, which limits the plan to each stage's layers")
 
 
 @dataclass(frozen=True)
@@ -58,10 +72,11 @@ class Mesh:
     fsdp: int = 1
     dp_replicate: int = 1
     ep: int = 1
+    pp: int = 1
 
     @property
     def world(self) -> int:
-        return self.dp_replicate * self.fsdp * self.tp
+        return self.pp * self.dp_replicate * self.fsdp * self.tp
 
     @property
     def efsdp(self) -> int:
@@ -72,29 +87,40 @@ class Mesh:
         return self.dp_replicate * self.fsdp
 
     def coords(self, rank: int) -> dict[str, int]:
-        """Rank -> its coordinates on the dense (dp_replicate, fsdp, tp) and expert (efsdp, ep) meshes."""
-        t, f, r = rank % self.tp, (rank // self.tp) % self.fsdp, rank // (self.tp * self.fsdp)
-        return {"dp_replicate": r, "fsdp": f, "tp": t, "efsdp": (rank // self.ep) % self.efsdp, "ep": rank % self.ep}
+        """Rank -> its coordinates on the dense (pp, dp_replicate, fsdp, tp) and expert (pp, dp_replicate, efsdp,
+        ep) meshes ("pp" only when pp > 1)."""
+        t, f = rank % self.tp, (rank // self.tp) % self.fsdp
+        r, p = (rank // (self.tp * self.fsdp)) % self.dp_replicate, rank // (self.tp * self.fsdp * self.dp_replicate)
+        coords = {"dp_replicate": r, "fsdp": f, "tp": t, "efsdp": (rank // self.ep) % self.efsdp,
+                  "ep": rank % self.ep}
+        return {"pp": p, **coords} if self.pp > 1 else coords
 
     def to_dict(self) -> dict:
-        return {"tp": self.tp, "fsdp": self.fsdp, "dp_replicate": self.dp_replicate, "ep": self.ep,
-                "world": self.world}
+        doc = {"tp": self.tp, "fsdp": self.fsdp, "dp_replicate": self.dp_replicate, "ep": self.ep}
+        return {**doc, **({"pp": self.pp} if self.pp > 1 else {}), "world": self.world}
 
 
 def distributed_config(mesh: Mesh):
     """transformers' own `DistributedConfig` for `mesh`: its `_resolve_parallelism` / `_validate_mesh_config` run
-    here (they need no process group). A rule it refuses is a UsageError naming the flag."""
+    here (they need no process group). A rule it refuses is a UsageError naming the flag. tp x pp, which it
+    accepts but its own `from_pretrained` cannot load (`TP_PP_CRASH`), is planned here and loaded by
+    `tpcli.load_model` (`tpcli.runtime.pipeline_tp`)."""
     from transformers.distributed import DistributedConfig
 
     try:
-        return DistributedConfig(tp_size=mesh.tp, fsdp_size=mesh.fsdp, dp_replicate_size=mesh.dp_replicate,
-                                 ep_size=mesh.ep)
+        dc = DistributedConfig(tp_size=mesh.tp, fsdp_size=mesh.fsdp, dp_replicate_size=mesh.dp_replicate,
+                               ep_size=mesh.ep, pp_size=mesh.pp)
     except ValueError as exc:
         raise UsageError(_with_flag(str(exc).splitlines()[0], mesh)) from None
+    return dc
 
 
 def _with_flag(message: str, mesh: Mesh, source: str = "transformers' DistributedConfig") -> str:
     """'`ep_size` must be a multiple of `tp_size`.' -> '--ep 3: ... (--tp 2); transformers' DistributedConfig ...'"""
+    if mesh.pp > 1 and "pipeline parallelism" in message:  # FSDP / token dispatch with PP: transformers' own words
+        others = ", ".join(f"{FLAGS[k]} {getattr(mesh, k)}" for k in ("fsdp", "dp_replicate", "ep")
+                           if getattr(mesh, k) > 1)
+        return f"--pp {mesh.pp}" + (f" with {others}" if others else "") + f": {message.rstrip('.')} ({source})"
     for key in ("ep", "fsdp", "dp_replicate", "tp"):
         if f"`{key}_size" in message:
             sizes = ", ".join(f"{FLAGS[k]} {getattr(mesh, k)}" for k in FLAGS if k != key and f"{k}_size" in message)
@@ -106,8 +132,8 @@ def _with_flag(message: str, mesh: Mesh, source: str = "transformers' Distribute
 def _resolved_plans(plan: ResolvedPlan, dc, mesh: Mesh) -> tuple[dict, dict, dict]:
     """transformers' (tp, ep, fsdp) plans for this mesh, expanded per module and parameter
     (`_resolve_parallel_plans`, what `from_pretrained(distributed_config=dc)` applies). They depend only on which of
-    tp, ep and dp_replicate x fsdp are above 1, so they are resolved once per model for each of those cases."""
-    key = (mesh.tp > 1, mesh.ep > 1, mesh.dp_size > 1)
+    tp, ep, dp_replicate x fsdp and pp are above 1, so they are resolved once per model for each of those cases."""
+    key = (mesh.tp > 1, mesh.ep > 1, mesh.dp_size > 1, mesh.pp > 1)
     cache = plan.__dict__.setdefault("_mesh_plans", {})
     if key not in cache:
         # transformers warns about default rules that match nothing; tpcli reports those itself (checks.py)
@@ -137,6 +163,7 @@ class _Group:
     fsdp: str  # "fsdp", "efsdp" or "" (buffers; no FSDP)
     is_param: bool
     full_gradient: bool
+    stages: frozenset | None = None  # the PP ranks holding it (`tpcli.planning.pipeline`); None: every rank
 
     def stage1(self, t: int, e: int, mesh: Mesh) -> tuple[int, ...]:
         if self.stage == "tp":
@@ -176,6 +203,11 @@ class MeshPlan:
         if params is None:  # the same for every mesh
             params = plan.__dict__["_param_names"] = {n for n, _ in plan.model.named_parameters()}
         tied_targets = {t.tied_to for t in plan.tensors.values() if t.tied_to}
+        self.stages = pipeline.stages(plan, mesh.pp) if mesh.pp > 1 else None
+        if self.stages is not None:  # a tied tensor lives where any of its names does (embed_tokens and lm_head)
+            names: dict[str, list[str]] = {}
+            for t in plan.tensors.values():
+                names.setdefault(t.tied_to or t.name, []).append(t.name)
         units = set(fsdp_plan) | set(expert_modules) if mesh.dp_size > 1 else set()
         experts = set(expert_modules)
         self.groups: Counter = Counter()
@@ -198,7 +230,8 @@ class MeshPlan:
             fsdp = ("efsdp" if in_experts else "fsdp") if is_param and mesh.dp_size > 1 else ""
             full = is_param and mesh.dp_size == 1 and stage == "tp" and _full_gradient(
                 tp_plan.get(t.name), t.name in tied_targets)
-            group = _Group(t.shape, t.dtype, stage, placement, fsdp, is_param, full)
+            held = None if self.stages is None else frozenset().union(*map(self.stages.stages_of, names[t.name]))
+            group = _Group(t.shape, t.dtype, stage, placement, fsdp, is_param, full, held)
             self.groups[group] += 1
             self.group_of[t.name] = group
             if fsdp:
@@ -218,10 +251,13 @@ class MeshPlan:
                                  f"over {self.mesh.ep} expert-parallel ranks (transformers' MoEParamShard); "
                                  "pick an --ep that divides the number of experts.")
 
-    def rank_bytes(self, coords: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        """(weights, grads, parameters, fsdp unit bytes U) for one (t, f, efsdp, e) coordinate."""
+    def rank_bytes(self, coords: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(weights, grads, parameters, fsdp unit bytes U) for one (t, f, efsdp, e[, p]) coordinate."""
         weights = grads = params = 0
+        p, coords = (coords[4] if len(coords) > 4 else 0), coords[:4]
         for g, n in self.groups.items():
+            if g.stages is not None and p not in g.stages:  # another pipeline stage's tensor
+                continue
             b = n * dtype_size(g.dtype) * math.prod(g.local(coords, self.mesh))
             weights += b
             if g.is_param:
@@ -280,8 +316,8 @@ def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool
     """tpcli's per-TP findings (`checks.check_plan` at T, as objects, or dicts with `as_dicts`) that still apply on
     `mesh`: with E > 1 transformers drops the experts' TP rules for the EP plan (whole experts per rank), so
     findings about the experts' TP shards (e.g. grouped_mm strides of a split intermediate size) do not apply and
-    are dropped. The mesh's own findings (`empty_shard_findings`) are added."""
-    extra = empty_shard_findings(plan, mesh)
+    are dropped. The mesh's own findings (`empty_shard_findings`, `pipeline.stage_findings`) are added."""
+    extra = empty_shard_findings(plan, mesh) + (pipeline.stage_findings(plan, mesh.pp) if mesh.pp > 1 else [])
     if as_dicts:
         extra = [f.to_dict() for f in extra]
     if mesh.ep < 2:
@@ -314,21 +350,28 @@ def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool
 
 
 def mesh_memory(plan: ResolvedPlan, mesh: Mesh, opts: MemoryOptions) -> dict:
-    """The `mesh` document of `inspect --json`: sizes, and every rank with its coordinates and bytes."""
+    """The `mesh` document of `inspect --json`: sizes, and every rank with its coordinates and bytes; on a pp mesh
+    also `stages` (each stage's layers [start, stop), and whether it holds the embeddings and the head)."""
+    if opts.train and mesh.pp > 1:
+        raise UsageError(f"--train with --pp {mesh.pp}: transformers 5.23's pipeline parallelism is inference only "
+                         "(its PP forward returns no loss and has no backward schedule); plan training with --tp/--fsdp.")
     mp = mesh_plan(plan, mesh)
     cache_tp = plan.__dict__.setdefault("_mesh_tp_memory", {})
-    if (mesh.tp, opts) not in cache_tp:  # KV cache and the activation estimate per TP rank, once per TP size
-        cache_tp[(mesh.tp, opts)] = rank_memory(plan, mesh.tp, opts)
-    per_tp = cache_tp[(mesh.tp, opts)]
+    per_stage = {}
+    for p in range(mesh.pp):  # KV cache and the activation estimate per TP rank, once per TP size and stage layers
+        layers = mp.stages.layers(p) if mp.stages is not None else None
+        if (mesh.tp, opts, layers) not in cache_tp:
+            cache_tp[(mesh.tp, opts, layers)] = rank_memory(plan, mesh.tp, opts, layers=layers)
+        per_stage[p] = cache_tp[(mesh.tp, opts, layers)]
     cache: dict[tuple, tuple] = {}
     ranks = []
     for rank in range(mesh.world):
         c = mesh.coords(rank)
-        key = (c["tp"], c["fsdp"], c["efsdp"], c["ep"])
+        key = (c["tp"], c["fsdp"], c["efsdp"], c["ep"], c.get("pp", 0))
         if key not in cache:
             cache[key] = mp.rank_bytes(key)
         weights, grads, params, unit = cache[key]
-        tp_rank = per_tp[c["tp"]]
+        tp_rank = per_stage[c.get("pp", 0)][c["tp"]]
         gather = (2 + opts.train) * unit
         row = {
             "rank": rank,
@@ -345,4 +388,5 @@ def mesh_memory(plan: ResolvedPlan, mesh: Mesh, opts: MemoryOptions) -> dict:
                                                   "activation_bytes_estimate", "fsdp_gather_bytes_estimate"))
         ranks.append(row)
     largest = max(ranks, key=lambda r: r["total_bytes"])
-    return {**mesh.to_dict(), "efsdp": mesh.efsdp, "ranks": ranks, "largest_rank": largest["rank"]}
+    stages = {"stages": mp.stages.describe()} if mp.stages is not None else {}
+    return {**mesh.to_dict(), "efsdp": mesh.efsdp, **stages, "ranks": ranks, "largest_rank": largest["rank"]}

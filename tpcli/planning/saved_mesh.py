@@ -62,7 +62,7 @@ def infer(plan: ResolvedPlan, tensors: dict[str, dcp.ShardedTensor], files: list
 
 def sizes_label(m: dict) -> str:
     """'tp=2 x fsdp=2': the sizes above 1, in the order of the flags ('tp=1' when none is)."""
-    return " x ".join(f"{k}={m[k]}" for k in ("tp", "fsdp", "dp_replicate", "ep") if m[k] > 1) or "tp=1"
+    return " x ".join(f"{k}={m[k]}" for k in ("pp", "tp", "fsdp", "dp_replicate", "ep") if m.get(k, 1) > 1) or "tp=1"
 
 
 def describe(doc: dict) -> str:
@@ -168,7 +168,7 @@ def saved_by(folder: Path, integrity: dict) -> dict:
 
     meta = integrity["manifest"]
     if meta:
-        return recorded(Mesh(tp=meta["tp_size"]), len(integrity["files"]))
+        return recorded(Mesh(tp=meta["tp_size"], pp=meta.get("pp_size", 1)), len(integrity["files"]))
     if state_manifest.is_state_dir(folder):  # read and checked by the caller (`commands.state_check`)
         mesh = state_manifest.read(folder)["mesh"]
         return recorded(Mesh(**{k: mesh[k] for k in state_manifest.MESH_KEYS}), len(integrity["files"]))

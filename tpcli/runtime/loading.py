@@ -196,6 +196,11 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
         return cls.from_pretrained(str(path), **extra, **kwargs)
     if "distributed_config" not in kwargs:  # transformers' current API: `tp_plan=` alone is deprecated
         extra["distributed_config"] = mesh_config(mesh, tp_plan)
+    if mesh.pp > 1 and mesh.tp > 1:  # transformers 5.23 applies the TP plan to layers a stage replaced: filter it
+        from tpcli.runtime.pipeline_tp import stage_tp_plan
+
+        with stage_tp_plan():
+            return cls.from_pretrained(str(path), **extra, **kwargs)
     return cls.from_pretrained(str(path), **extra, **kwargs)
 
 
@@ -221,6 +226,8 @@ def fast_path_refusal(doc: dict, mesh, world: int, *, tp_plan="auto", kwargs=Non
         return "a tp_plan was passed"
     if kwargs:
         return f"from_pretrained arguments were passed ({', '.join(sorted(kwargs))})"
+    if doc.get("pp_size", 1) > 1 or mesh.pp > 1:
+        return mesh_fast_path_refusal(doc, mesh)
     if mesh.tp != world:
         return mesh_fast_path_refusal(doc, mesh)
     if world < 2:
@@ -233,7 +240,12 @@ def fast_path_refusal(doc: dict, mesh, world: int, *, tp_plan="auto", kwargs=Non
 def mesh_fast_path_refusal(doc: dict, mesh) -> str | None:
     """Why a tpcli folder (its manifest `doc`) on a mesh other than plain TP does not load through the fast path
     (None: it does). The fast path on a mesh takes a tpcli tp=T folder under tp=T with any fsdp and dp_replicate:
-    exactly the shapes tested against transformers' own load; anything else goes to `from_pretrained` (DCP)."""
+    exactly the shapes tested against transformers' own load; anything else goes to `from_pretrained` (DCP), which
+    is also how a pipeline folder (`shard --pp`) or a pp mesh loads: each stage's DCP load plan reads only its own
+    tensors."""
+    if doc.get("pp_size", 1) > 1 or mesh.pp > 1:
+        return (f"a pipeline folder (pp={doc.get('pp_size', 1)}) or mesh (pp={mesh.pp}): transformers' DCP load "
+                "reads each stage's tensors")
     if doc["tp_size"] != mesh.tp:
         return f"its tp={doc['tp_size']} differs from the mesh's tp={mesh.tp}"
     if mesh.tp < 2:
@@ -257,6 +269,8 @@ def mesh_config(mesh, tp_plan="auto"):
     sizes = {"tp_size": mesh.tp}
     if mesh.tp != mesh.world or mesh.ep > 1:
         sizes.update(fsdp_size=mesh.fsdp, dp_replicate_size=mesh.dp_replicate, ep_size=mesh.ep)
+    if mesh.pp > 1:
+        sizes["pp_size"] = mesh.pp
     return DistributedConfig(**sizes, tp_plan=tp_plan)
 
 

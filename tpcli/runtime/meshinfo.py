@@ -26,12 +26,12 @@ from tpcli.errors import UsageError
 from tpcli.planning.mesh import Mesh
 
 ENV = "TPCLI_MESH"
-KEYS = ("tp", "fsdp", "dp_replicate", "ep")
+KEYS = ("tp", "fsdp", "dp_replicate", "ep", "pp")
 
 
 def format_mesh(mesh: Mesh) -> str:
-    """Mesh -> 'tp=2,fsdp=2,dp_replicate=1,ep=1' (the TPCLI_MESH value)."""
-    return ",".join(f"{k}={getattr(mesh, k)}" for k in KEYS)
+    """Mesh -> 'tp=2,fsdp=2,dp_replicate=1,ep=1' (the TPCLI_MESH value; ',pp=P' on a pipeline mesh)."""
+    return ",".join(f"{k}={getattr(mesh, k)}" for k in KEYS if k != "pp" or mesh.pp > 1)
 
 
 def parse_mesh(text: str) -> Mesh:
@@ -40,7 +40,7 @@ def parse_mesh(text: str) -> Mesh:
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or key not in KEYS or not value.isdigit() or int(value) < 1 or key in sizes:
-            raise UsageError(f"{ENV}={text!r}: expected sizes as tp=T,fsdp=F,dp_replicate=R,ep=E (positive integers, "
+            raise UsageError(f"{ENV}={text!r}: expected sizes as tp=T,fsdp=F,dp_replicate=R,ep=E[,pp=P] (positive integers, "
                              "each at most once).")
         sizes[key] = int(value)
     return Mesh(**sizes)
@@ -99,9 +99,9 @@ def mesh_info(model=None) -> MeshInfo:
     dense, expert = manager._dense_mesh, manager._expert_mesh
     sizes = dict(zip(dense.mesh_dim_names, dense.mesh.shape, strict=True))
     ep = dict(zip(expert.mesh_dim_names, expert.mesh.shape, strict=True))["ep"]
-    mesh = Mesh(tp=sizes["tp"], fsdp=sizes["fsdp"], dp_replicate=sizes["dp_replicate"], ep=ep)
+    mesh = Mesh(tp=sizes["tp"], fsdp=sizes["fsdp"], dp_replicate=sizes["dp_replicate"], ep=ep, pp=sizes.get("pp", 1))
     coords = dict(zip(dense.mesh_dim_names, dense.get_coordinate(), strict=True))
     ecoords = dict(zip(expert.mesh_dim_names, expert.get_coordinate(), strict=True))
-    coords = {"dp_replicate": coords["dp_replicate"], "fsdp": coords["fsdp"], "tp": coords["tp"],
-              "efsdp": ecoords["efsdp"], "ep": ecoords["ep"]}
+    coords = {**({"pp": coords["pp"]} if mesh.pp > 1 else {}), "dp_replicate": coords["dp_replicate"],
+              "fsdp": coords["fsdp"], "tp": coords["tp"], "efsdp": ecoords["efsdp"], "ep": ecoords["ep"]}
     return MeshInfo(mesh, dist.get_rank() if dist.is_initialized() else rank, coords)

@@ -129,8 +129,10 @@ def compare(model: str, plan: str | None = None, *, load_from: str | None = None
         return None
     dtype, ref_out, ref_tokens = _reference(model, ids)
     layers = []
-    # hidden_states[0] is the embedding output, [i] the output of decoder layer i-1 (the last one after the norm)
-    for i, (a, b) in enumerate(zip(tp_out.hidden_states, ref_out.hidden_states, strict=True)):
+    # hidden_states[0] is the embedding output, [i] the output of decoder layer i-1 (the last one after the norm);
+    # transformers' PP forward returns the logits alone (each stage holds only its layers' hidden states)
+    for i, (a, b) in enumerate(zip(tp_out.hidden_states or (), ref_out.hidden_states if tp_out.hidden_states
+                                   is not None else (), strict=True)):
         layers.append({"name": "embeddings" if i == 0 else f"layer {i - 1}", **_errors(a.cpu(), b)})
     return {
         "dtype": dtype,
