@@ -264,5 +264,7 @@ def test_235b_moe_meshes_ranked_by_step_time_quickly(tmp_path):
     assert timed and fitting[:len(timed)] == timed and all(m["tp"] == 1 or m["ep"] == 1 for m in timed)
     times = [m["step_time"]["step_s"] for m in timed]
     assert times == sorted(times) and fit["best"] is timed[0] and fit["why"].startswith(f"tp={timed[0]['tp']}")
-    assert ranked - table < 1.0, ranked - table  # measured 0.13 s on a loaded 2-core machine
-    assert ranked - started < 6.0, ranked - started  # the memory table itself: 1.8 s there
+    # generous bounds against a blow-up only (the brief: speed targets live in `make bench`); measured on a loaded
+    # 2-core machine: ranking 0.13 s, the memory table itself 1.8 s
+    assert ranked - table < 10, ranked - table
+    assert ranked - started < 60, ranked - started
