@@ -1,5 +1,5 @@
 """Which device a worker binds (issue 28 item 5): the bootstrap of every `tpcli run` worker calls
-`bind_local_device` before the user's script, and `_init_process_group` binds the same device before the process
+`bind_local_device` before the user's script, and `start_process_group` binds the same device before the process
 group exists. The rule is `local_device`: the accelerator at LOCAL_RANK when torch finds one, the CPU otherwise
 (`run --cpu` hides the GPUs). The binding itself (`torch.accelerator.set_device_index`) needs a GPU: it is checked by
 tests/test_gpu.py::test_bootstrap_binds_local_rank_before_the_script under `make gpu-check`.

@@ -152,7 +152,7 @@ def test_a_broken_gradient_rule_would_be_caught(models, monkeypatch):
     plan = _plan(models("llama"))
     opts = MemoryOptions(batch=BATCH, seq_len=SEQ_LEN, train=True)
     right = rank_memory(plan, 2, opts)
-    monkeypatch.setattr(memory, "_full_gradient", lambda style, tied: False)
+    monkeypatch.setattr(memory, "keeps_full_gradient", lambda style, tied: False)
     naive = rank_memory(plan, 2, opts)
     assert [m.grad_bytes for m in naive] == [m.weight_bytes for m in naive]
     assert [r.grad_bytes - n.grad_bytes for r, n in zip(right, naive, strict=True)] == [500 * 64 * 4, 501 * 64 * 4]

@@ -30,8 +30,8 @@ def timeout():
 from transformers.distributed.utils import _ensure_torch_distributed
 _ensure_torch_distributed("cpu")
 theirs = timeout()
-from tpcli.runtime.loading import _init_process_group
-_init_process_group()
+from tpcli.runtime.loading import start_process_group
+start_process_group()
 print(json.dumps({"transformers": theirs, "tpcli": timeout()}))
 """
 

@@ -277,14 +277,14 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
     import torch
     from transformers.utils import logging as hf_logging
 
-    from tpcli.planning.plan import _model_class
+    from tpcli.planning.plan import model_class
 
     hf_logging.disable_progress_bar()
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {', '.join(KINDS)}")
     cfg = tiny_config(kind, **overrides)
     torch.manual_seed(seed)
-    model = _model_class(cfg)._from_config(cfg, dtype=getattr(torch, cfg.dtype))
+    model = model_class(cfg)._from_config(cfg, dtype=getattr(torch, cfg.dtype))
     with torch.no_grad():  # norms start at 1.0; perturb them so a wrong slice of them would show in the numerics
         for name, p in model.named_parameters():
             if p.dim() == 1 or name.endswith("_bias"):  # gpt_oss experts' biases are 2-D and start at 0

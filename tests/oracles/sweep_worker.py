@@ -33,7 +33,7 @@ store = dist.distributed_c10d._get_default_store()
 from transformers import AutoConfig  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from tpcli.planning.plan import _model_class  # noqa: E402
+from tpcli.planning.plan import model_class  # noqa: E402
 
 hf_logging.disable_progress_bar()
 cases = json.loads(Path(sys.argv[1]).read_text())
@@ -45,7 +45,7 @@ def _full(logits):
 
 def run_case(path: str, plan, mesh=None) -> str:
     config = AutoConfig.from_pretrained(path)
-    cls = _model_class(config)
+    cls = model_class(config)
     vocab = config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(0))
     if mesh is None:

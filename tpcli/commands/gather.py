@@ -226,7 +226,7 @@ def lay_out_job(tensors: dict[str, tuple[tuple[int, ...], str]], conv, *, max_sh
 
 
 def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> list[int]:
-    return [reader._handle(folder / file).offset(name)]
+    return [reader.handle(folder / file).offset(name)]
 
 
 def write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: Progress,

@@ -144,7 +144,7 @@ def stored_as_is(reader, steps, kind: str, plan: ResolvedPlan, cast: str | None)
         if cast not in (None, dtype):
             return None
         f = reader.key_file[key]
-        stored[step.first_target] = (f, reader._handle(f).offset(key), shape, dtype)
+        stored[step.first_target] = (f, reader.handle(f).offset(key), shape, dtype)
     return stored
 
 

@@ -69,7 +69,7 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
     findings.extend(_unused_default_findings(plan, unused_defaults))
 
     for t in plan.tensors.values():
-        own = _wild(t.name)
+        own = wildcard_name(t.name)
         parent = own.rsplit(".", 1)[0]
         if own in plan.rules and parent in plan.rules:
             a, b = plan.rules[own], plan.rules[parent]
@@ -92,7 +92,7 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
     return sorted(unique, key=lambda f: order[f.severity])
 
 
-def _wild(name: str) -> str:
+def wildcard_name(name: str) -> str:
     from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
 
     return replace_layer_number_by_wildcard(name)
@@ -163,9 +163,9 @@ def pairing_findings(plan: ResolvedPlan) -> list[Finding]:
     blocks: dict[str, dict[str, tuple[str, str]]] = {}  # parent -> {layer: (style, rule)}
     for rule, names in rule_matches(plan).items():
         for name in names:
-            layer = name.rsplit(".", 1)[0] if name in plan.tensors and _wild(name) != rule else name
+            layer = name.rsplit(".", 1)[0] if name in plan.tensors and wildcard_name(name) != rule else name
             parent = layer.rsplit(".", 1)[0] if "." in layer else ""
-            blocks.setdefault(_wild(parent), {})[_wild(layer)] = (plan.rules[rule], rule)
+            blocks.setdefault(wildcard_name(parent), {})[wildcard_name(layer)] = (plan.rules[rule], rule)
     verified = plan.library.tp_plan if plan.library is not None else {}  # with its adaptations (multi-query qkv)
     judged = {r for r, style in plan.user_rules.items() if verified.get(r) != style}
     out: list[Finding] = []
@@ -313,13 +313,13 @@ def block_findings(plan: ResolvedPlan, tp: int) -> list[Finding]:
     for weight, scale in scale_pairs(plan.tensors).items():
         w, s = plan.tensors[weight], plan.tensors[scale]
         p = w.placement
-        if not p.is_sharded or _wild(weight) in seen:
+        if not p.is_sharded or wildcard_name(weight) in seen:
             continue
         block = q.block_size[0] if p.dim == len(w.shape) - 2 else q.block_size[1]
         why = block_misalignments(w.shape, s.shape, p.dim, block, rank_runs(w.shape[p.dim], p, tp),
                                   rank_runs(s.shape[p.dim], s.placement, tp))
         if why:
-            seen.add(_wild(weight))
+            seen.add(wildcard_name(weight))
             out.append(Finding(ERROR, "quant-block",
                                f"{weight}: at tp={tp} {why} of the {q.method} scales; each rank's slice must be a "
                                f"whole number of {q.block_size[0]}x{q.block_size[1]} blocks", weight))
@@ -390,7 +390,7 @@ def low_sharding_findings(plan: ResolvedPlan, top: int = 3) -> list[Finding]:
     groups: dict[str, int] = {}
     for t in unique:
         if not t.placement.is_sharded:
-            key = _wild(t.name)
+            key = wildcard_name(t.name)
             groups[key] = groups.get(key, 0) + t.nbytes
     largest = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
     named = ", ".join(f"{k} ({_mib(v)}, {100 * v / total:.0f}%)" for k, v in largest)

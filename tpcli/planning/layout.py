@@ -27,10 +27,10 @@ def rank_runs(size: int, placement: ParamPlacement, world: int) -> tuple[Runs, .
 
     along_0 = ParamPlacement(placement.kind, 0, placement.split_factor).to_torch()  # an index vector is 1-D
     pieces, _ = along_0._split_tensor(torch.arange(size), world, with_padding=False)
-    return tuple(_to_runs(piece.tolist()) for piece in pieces)
+    return tuple(to_runs(piece.tolist()) for piece in pieces)
 
 
-def _to_runs(indices: list[int]) -> Runs:
+def to_runs(indices: list[int]) -> Runs:
     runs: list[tuple[int, int]] = []
     for i in indices:
         if runs and runs[-1][1] == i:

@@ -9,7 +9,7 @@ For a TP size t and rank r, in bytes (d = element size):
                  MLA: token_rows = kv_lora_rank + qk_rope_head_dim, whole on every rank
                  linear attention / SSM: fixed-size conv and recurrent states per sequence (`_STATE_FAMILIES`)
     grads      = sum over parameters of d * prod(local_shape), except an untied `embedding_rowwise` embedding,
-                 whose gradient is the full (vocab, hidden) matrix on every rank (see `_full_gradient`)
+                 whose gradient is the full (vocab, hidden) matrix on every rank (see `keeps_full_gradient`)
     optimizer  = 2 * sum over parameters of d * prod(local_shape)      (AdamW exp_avg + exp_avg_sq, 0-d steps apart)
     activations (ESTIMATE, --train) = B * L * (n_layers * (4h + 2q/t + 2kv/t + 4*I_eff/t) * d + V * (d + 8))
 
@@ -108,11 +108,11 @@ def _tensor_groups(plan: ResolvedPlan) -> Counter:
     for t in plan.unique_tensors:
         is_param = t.name in params
         groups[_Group(t.shape, t.placement, t.dtype, is_param,
-                      is_param and _full_gradient(t.style, t.name in tied_targets))] += 1
+                      is_param and keeps_full_gradient(t.style, t.name in tied_targets))] += 1
     return groups
 
 
-def _full_gradient(style: str | None, tied: bool) -> bool:
+def keeps_full_gradient(style: str | None, tied: bool) -> bool:
     """Whether this parameter's gradient is the whole tensor on every rank (measured, see module docstring)."""
     return style == VOCAB_PARALLEL_EMBEDDING and not tied
 

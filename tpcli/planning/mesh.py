@@ -55,7 +55,7 @@ from tpcli.errors import ModelError, UsageError
 from tpcli.formats.units import dtype_size
 from tpcli.planning import pipeline
 from tpcli.planning.layout import local_shape
-from tpcli.planning.memory import MemoryOptions, _full_gradient, rank_memory
+from tpcli.planning.memory import MemoryOptions, keeps_full_gradient, rank_memory
 from tpcli.planning.placements import REPLICATE, ParamPlacement, param_placement
 from tpcli.planning.plan import ResolvedPlan
 
@@ -228,7 +228,7 @@ class MeshPlan:
             owners = _owners(t.name)  # enclosing modules, innermost first
             in_experts = any(m in experts for m in owners)
             fsdp = ("efsdp" if in_experts else "fsdp") if is_param and mesh.dp_size > 1 else ""
-            full = is_param and mesh.dp_size == 1 and stage == "tp" and _full_gradient(
+            full = is_param and mesh.dp_size == 1 and stage == "tp" and keeps_full_gradient(
                 tp_plan.get(t.name), t.name in tied_targets)
             held = None if self.stages is None else frozenset().union(*map(self.stages.stages_of, names[t.name]))
             group = _Group(t.shape, t.dtype, stage, placement, fsdp, is_param, full, held)
@@ -324,9 +324,9 @@ def mesh_findings(plan: ResolvedPlan, mesh: Mesh, findings: list, as_dicts: bool
         return findings + extra
     ep_plan = mesh_plan(plan, mesh).ep_plan
     experts = set(ep_plan)  # the EP plan's parameters and modules
-    from tpcli.planning.checks import _wild
+    from tpcli.planning.checks import wildcard_name
 
-    ep_blocks = {_wild(m).rsplit(".", 1)[0]: s for m, s in ep_plan.items() if s == "ep_dispatch_experts"}
+    ep_blocks = {wildcard_name(m).rsplit(".", 1)[0]: s for m, s in ep_plan.items() if s == "ep_dispatch_experts"}
 
     def field(f, key):
         return f.get(key) if isinstance(f, dict) else getattr(f, key)

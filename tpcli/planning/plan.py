@@ -121,7 +121,7 @@ def check_config_files(folder: Path) -> None:
             read_json(folder / name, what=what, fix="restore it from the original model")
 
 
-def _model_class(config):
+def model_class(config):
     import transformers
 
     for arch in getattr(config, "architectures", None) or []:
@@ -140,7 +140,7 @@ def build_meta_model(config, *, dtype=None):
     """The model skeleton on the meta device, in the checkpoint's dtype (config.dtype) unless `dtype` is given."""
     import torch
 
-    cls = _model_class(config)
+    cls = model_class(config)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -28,7 +28,8 @@ class _OpenFiles:
     def __init__(self):
         self._handles: dict[Path, TensorFile] = {}
 
-    def _handle(self, path: Path) -> TensorFile:
+    def handle(self, path: Path) -> TensorFile:
+        """The open TensorFile of `path` (opened once, headers checked once)."""
         h = self._handles.get(path)
         if h is None:
             h = self._handles[path] = TensorFile(path)
@@ -75,7 +76,7 @@ class CheckpointReader(_OpenFiles):
         return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in out.items()]
 
     def load(self, key: str):
-        return self._handle(self.key_file[key]).get_tensor(key)
+        return self.handle(self.key_file[key]).get_tensor(key)
 
     def read(self, group) -> dict:
         return self.conversions.realize(group, self.load)
@@ -105,15 +106,15 @@ class ShardedReader(_OpenFiles):
 
         t = self.tensors[name]
         if len(t.chunks) == 1 and tuple(t.chunks[0].sizes) == t.shape:
-            return self._handle(self.folder / t.chunks[0].file).get_tensor(name)
+            return self.handle(self.folder / t.chunks[0].file).get_tensor(name)
         full = torch.empty(t.shape, dtype=getattr(torch, t.dtype))
         for c in t.chunks:
             index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
             region = full[index]
             if region.is_contiguous():  # a dim-0 chunk: read it in place, no extra copy
-                self._handle(self.folder / c.file).read_into(name, region)
+                self.handle(self.folder / c.file).read_into(name, region)
             else:
-                region.copy_(self._handle(self.folder / c.file).get_tensor(name))
+                region.copy_(self.handle(self.folder / c.file).get_tensor(name))
         return full
 
     def read(self, step: str | list[str]) -> dict:

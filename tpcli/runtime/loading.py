@@ -44,7 +44,7 @@ def process_group_timeout() -> float:
 
     2 hours is what transformers 5.23 gives the group it creates when none exists (`distributed/utils.py`,
     `_ensure_torch_distributed`: "Sharded loading takes tens of minutes with high rank skew; the default 10-minute
-    watchdog is too short"). tpcli creates the group before transformers would (`_init_process_group`), so without
+    watchdog is too short"). tpcli creates the group before transformers would (`start_process_group`), so without
     the same value its own `from_pretrained` loads (ordinary checkpoints, DCP folders, meshes, resharding) would
     get a shorter limit than transformers gives them, and a load that works under transformers could time out under
     tpcli. The timeout stays with the group for the whole job, so a rank stuck in a collective is detected only after
@@ -81,7 +81,7 @@ def bind_local_device():
     """Make `local_device()` this process's current device, as transformers does before its TP load, and return it;
     on the CPU, bind nothing. Called by the worker bootstrap before the user's script runs, so that CUDA work done
     before `load_model` (a tensor made with device="cuda", a CUDA graph, NCCL) lands on cuda:LOCAL_RANK, not on
-    cuda:0 in every rank; and again by `_init_process_group`."""
+    cuda:0 in every rank; and again by `start_process_group`."""
     device = local_device()
     if device.type != "cpu":
         import torch
@@ -90,7 +90,7 @@ def bind_local_device():
     return device
 
 
-def _init_process_group(timeout_s: float | None = None) -> None:
+def start_process_group(timeout_s: float | None = None) -> None:
     """Create the job's process group as transformers would (backend, device binding, `device_id`, timeout: see
     `process_group_timeout`, used when `timeout_s` is None), unless one exists or this is not a distributed job."""
     import torch.distributed as dist
@@ -123,7 +123,7 @@ def register_clean_exit() -> None:
     `~AsyncAllgatherCoalescedWork` -> `THPVariable_dealloc` -> `take_gil` -> `pthread_exit`). Destroying the
     group does not stop its threads (the model's meshes still hold it), so the handler then sleeps
     `_EXIT_DRAIN_S` with the GIL released, while a finishing thread can still take it. Registered by the worker
-    bootstrap before the user's code runs and by `_init_process_group`, so it runs also under plain torchrun."""
+    bootstrap before the user's code runs and by `start_process_group`, so it runs also under plain torchrun."""
     global _clean_exit_registered
     if not _clean_exit_registered:
         _clean_exit_registered = True
@@ -163,7 +163,7 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     path = Path(path or os.environ.get("TPCLI_MODEL") or "")
     if not str(path) or str(path) == ".":
         raise CheckpointError("load_model: pass a path or run under `tpcli run --model PATH` (sets TPCLI_MODEL).")
-    _init_process_group(timeout_s)
+    start_process_group(timeout_s)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     mesh = _job_mesh(mesh, world)
     if isinstance(dtype, str):
@@ -279,12 +279,12 @@ def _auto_class(path: Path, *, trust_remote_code: bool = False):
     checkpoint is a Qwen2_5_VLForConditionalGeneration, which AutoModelForCausalLM does not map."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tpcli.planning.plan import _model_class, check_config_files
+    from tpcli.planning.plan import check_config_files, model_class
 
     if trust_remote_code:  # remote code: only the Auto class knows how to fetch it
         return AutoModelForCausalLM
     check_config_files(path)
-    return _model_class(AutoConfig.from_pretrained(str(path)))
+    return model_class(AutoConfig.from_pretrained(str(path)))
 
 
 def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, mesh=None):
@@ -312,14 +312,14 @@ def _load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, 
 
     from tpcli.planning.layout import rank_runs
     from tpcli.planning.placements import ParamPlacement
-    from tpcli.planning.plan import _model_class, check_config_files
+    from tpcli.planning.plan import check_config_files, model_class
     from tpcli.planning.quant import dequantize, make_quantizer, scale_name
 
     rank = torch.distributed.get_rank()
     world = len(doc["files"])
     check_config_files(folder)
     config = AutoConfig.from_pretrained(str(folder))
-    cls = _model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
+    cls = model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
     if mesh is None:
         dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
     else:
@@ -417,7 +417,7 @@ def _mesh_runs(target) -> list[tuple[tuple[int, int], ...]]:
     t*N/T + f*N/(T*F) ... + N/(T*F) (even sizes), the f-th block of the t-th TP chunk. A plain tensor: everything."""
     import torch
 
-    from tpcli.planning.layout import _to_runs
+    from tpcli.planning.layout import to_runs
     from tpcli.planning.placements import ParamPlacement
 
     shape = list(target.shape)
@@ -433,7 +433,7 @@ def _mesh_runs(target) -> list[tuple[tuple[int, int], ...]]:
         along_0 = ParamPlacement(pp.kind, 0, pp.split_factor).to_torch()  # the index vector is 1-D
         pieces, _ = along_0._split_tensor(index[d], mesh.size(i), with_padding=False)
         index[d] = pieces[coord[i]]
-    runs = [_to_runs(v.tolist()) for v in index]
+    runs = [to_runs(v.tolist()) for v in index]
     local = list(target._local_tensor.shape)
     if [sum(b - a for a, b in r) for r in runs] != local:  # DTensor's split and its local tensor must agree
         raise AssertionError(f"local shape {local} != the split {runs} of {shape} by {target.placements}")

@@ -89,11 +89,11 @@ def _run_reference(model: str, ids):
     import torch
     from transformers import AutoConfig
 
-    from tpcli.planning.plan import _model_class, check_config_files
+    from tpcli.planning.plan import check_config_files, model_class
 
     # the class the checkpoint declares, as load_model builds it (e.g. Qwen2.5-VL)
     check_config_files(model)
-    ref_model = _model_class(AutoConfig.from_pretrained(model)).from_pretrained(model)
+    ref_model = model_class(AutoConfig.from_pretrained(model)).from_pretrained(model)
     with torch.no_grad():
         ref_out = ref_model(input_ids=ids, output_hidden_states=True)
         ref_tokens = ref_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
@@ -151,7 +151,7 @@ def compare(model: str, plan: str | None = None, *, load_from: str | None = None
 def main() -> None:
     import torch.distributed as dist
 
-    from tpcli.runtime.loading import _init_process_group
+    from tpcli.runtime.loading import start_process_group
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -161,7 +161,7 @@ def main() -> None:
 
     # the same set-up as tpcli.load_model: on GPUs, nccl with each rank bound to cuda:LOCAL_RANK before init (a bare
     # init_process_group("nccl") leaves every rank on GPU 0 until transformers binds it, and barrier() unbound)
-    _init_process_group()  # the timeout of every other job's group (`process_group_timeout`): the TP load is the same
+    start_process_group()  # the timeout of every other job's group (`process_group_timeout`): the TP load is the same
     waiting = wait_group()
     result = compare(args.model, args.plan)
     if result is not None:
