@@ -87,7 +87,7 @@ def test_shard_then_gather_is_the_identity(infos, tp, seed):
                 back = reader.read_full(t.name)
                 assert back.dtype == full[t.name].dtype and tuple(back.shape) == t.shape
                 assert torch.equal(_bytes(back), _bytes(full[t.name])), t
-                on_disk = {c.rank: reader._handle(folder / c.file).get_tensor(t.name) for c in reader.tensors[t.name].chunks}
+                on_disk = {c.rank: reader.handle(folder / c.file).get_tensor(t.name) for c in reader.tensors[t.name].chunks}
                 if not t.placement.is_sharded:
                     assert len(on_disk) == 1  # replicated: one copy, on the rank torch's DCP planner picks
                     continue
