@@ -337,7 +337,8 @@ def run(
     """Launch torchrun workers (one command), with preflight and clear failure reports.
 
     Everything after SCRIPT (or -m MODULE) is passed to the script unchanged."""
-    from tpcli.commands.run import LaunchSpec, run_job
+    from tpcli.commands.launch_spec import LaunchSpec
+    from tpcli.commands.run import run_job
 
     if module is None:  # with -m MODULE, what typer calls SCRIPT is the module's first argument
         _check_run_script(ctx, script)

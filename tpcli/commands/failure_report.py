@@ -12,7 +12,7 @@ from tpcli.errors import CheckpointError
 from tpcli.formats.jsonfile import read_json
 
 if TYPE_CHECKING:
-    from tpcli.commands.run import LaunchSpec
+    from tpcli.commands.launch_spec import LaunchSpec
 
 # frames of the launch machinery, hidden from the root-cause traceback
 PLUMBING = ("torch/distributed/elastic/", "tpcli/runtime/bootstrap.py", "<frozen runpy>")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from tpcli.formats.processes import process_start
 
 if TYPE_CHECKING:
-    from tpcli.commands.run import LaunchSpec
+    from tpcli.commands.launch_spec import LaunchSpec
 
 GRACE_S = 10.0  # after Ctrl-C: how long torchrun gets to stop its workers before everything is killed
 WORKER_LINE = re.compile(r"^\[(?:n\d+\.)?rank(\d+)\]:")

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tpcli.commands.failure_report import (
@@ -47,6 +47,7 @@ from tpcli.commands.job_watch import (
     timeout_report,
     wait_job,
 )
+from tpcli.commands.launch_spec import LaunchSpec
 from tpcli.commands.run_checks import validate
 from tpcli.errors import LaunchError, UsageError
 
@@ -54,48 +55,6 @@ TIMEOUT_EXIT = 124  # `--timeout` expired, as timeout(1)
 _RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
 BOOTSTRAP = str(_RUNTIME / "bootstrap.py")  # by path: a ./tpcli folder cannot shadow it
 SUPERVISOR = str(_RUNTIME / "supervise.py")
-@dataclass
-class LaunchSpec:
-    script: str | None = None
-    module: str | None = None
-    args: list[str] = field(default_factory=list)
-    gpus: int | None = None
-    cpu: int | None = None
-    model: str | None = None
-    plan_file: str | None = None
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-    rdzv_id: str = "tpcli"
-    max_restarts: int = 0
-    log_dir: str | None = None
-    tee: str | None = None
-    ranks_filter: str | None = None
-    preflight: bool = True
-    quiet: bool = False  # keep worker output out of the console (it still goes to the per-rank logs)
-    timeout_s: float | None = None  # stop every worker after this many seconds (exit 124)
-    raise_on_interrupt: bool = False  # a signal raises LaunchError(exit 128 + signal) instead of returning the code
-    worker_stdout_to_stderr: bool = False  # `run --json`: stdout carries only the final JSON object
-    tp: int | None = None  # mesh flags; all None: plain TP over the world (no TPCLI_MESH), as before
-    fsdp: int | None = None
-    dp_replicate: int | None = None
-    ep: int | None = None
-    pp: int | None = None  # pipeline stages (transformers' pp_size)
-    dry_run: bool = False  # print the mesh, the torchrun command and the environment; start nothing
-
-    @property
-    def mesh_given(self) -> bool:
-        return any(v is not None for v in (self.tp, self.fsdp, self.dp_replicate, self.ep, self.pp))
-
-    @property
-    def nproc(self) -> int:
-        return self.gpus if self.gpus else (self.cpu or 1)
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc * self.nnodes
-
-
 COMPLETIONS = {"fsdp": "training: shards params, grads, optimizer", "dp_replicate": "inference replicas"}
 
 

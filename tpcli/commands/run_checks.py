@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from tpcli.errors import UsageError
 
 if TYPE_CHECKING:
-    from tpcli.commands.run import LaunchSpec
+    from tpcli.commands.launch_spec import LaunchSpec
 
 MAX_NPROC = 1024
 MAX_NNODES = 100_000

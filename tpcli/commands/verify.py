@@ -105,7 +105,8 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
                  default_dtype: str, mesh=None) -> dict:
     """The numerics workers (`tpcli.runtime.numerics`), started as `tpcli run` starts them: tp workers, or on a
     mesh its world of workers with TPCLI_MESH (each rank runs the same batch; rank 0 compares)."""
-    from tpcli.commands.run import LaunchSpec, launch
+    from tpcli.commands.launch_spec import LaunchSpec
+    from tpcli.commands.run import launch
 
     world = mesh.world if mesh is not None else tp
     if gpus:
