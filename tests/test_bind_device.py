@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpcli.runtime.loading import bind_local_device, local_device
+from tpcli.runtime.process_group import bind_local_device, local_device
 
 
 @pytest.mark.parametrize("local_rank", ["0", "3"])

@@ -24,7 +24,8 @@ from test_numerics_wait import DELAY_S, TIMEOUT_S
 from test_numerics_wait import WORKER as SLOW_REFERENCE_WORKER
 
 from tpcli.commands.shard import shard_checkpoint
-from tpcli.runtime.loading import STAGING_CHUNK, _SliceReader, staging_spans
+from tpcli.runtime.fast_load import SliceReader
+from tpcli.runtime.staging import STAGING_CHUNK, staging_spans
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS < 1, reason="no CUDA GPU visible")]
@@ -134,7 +135,7 @@ def test_staged_reader_fills_cuda_tensors_with_the_direct_paths_bytes(sharded, n
     _, folder, doc, placements = sharded(name)
     for rank in range(2):
         for dtype in (None, torch.bfloat16):
-            host, device = _SliceReader(folder), _SliceReader(folder)
+            host, device = SliceReader(folder), SliceReader(folder)
             pairs = []
             for tname, entry, dim, runs, shape in _jobs(doc, placements, rank):
                 stored = getattr(torch, entry["dtype"])
@@ -164,7 +165,7 @@ def _big_file(folder):
             for n, t in tensors.items()}
 
 
-class _Delayed(_SliceReader):
+class _Delayed(SliceReader):
     """Each copy to the device queued behind tens of ms of GPU work: the DMA out of a buffer starts long after the
     host has moved on, so a buffer refilled without waiting for its event is overwritten before it is read."""
 
@@ -182,7 +183,7 @@ def test_chunked_staging_on_a_delayed_stream(tmp_path):
     entries = _big_file(tmp_path)
     jobs = [(n, e, None, None, e["shape"]) for n, e in entries.items()]
     jobs.append(("a", entries["a"], 0, [(0, 100), (500, 700)], [300, 10_003]))  # rows from two places: host-assembled
-    plain = _SliceReader(tmp_path)
+    plain = SliceReader(tmp_path)
     expected = [plain.read_tensor(n, e, dim, runs) for n, e, dim, runs, _ in jobs]
     pieces = sum(len(staging_spans(math.prod(shape), getattr(torch, e["dtype"]).itemsize)) for _, e, _, _, shape in jobs)
 

@@ -144,7 +144,7 @@ def test_load_model_says_why_a_tpcli_folder_is_not_the_fast_path(tp2_folders, ca
 
 
 def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_folders):
-    """`_SliceReader.read_box_into` (what each rank runs per parameter on a mesh) for boxes of every kind: rows of
+    """`SliceReader.read_box_into` (what each rank runs per parameter on a mesh) for boxes of every kind: rows of
     one TP chunk (FSDP), columns (not contiguous on disk: one pread per row), boxes across the two rank files, runs
     of several pieces, empty ones; each equals torch's slicing of the original tensor, read straight into the
     target or staged (whole, or in pieces of a few elements), and counts exactly the bytes of the box."""
@@ -153,7 +153,7 @@ def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_fo
     import torch
     from safetensors.torch import load_file
 
-    from tpcli.runtime.loading import _SliceReader
+    from tpcli.runtime.fast_load import SliceReader
 
     folder = Path(tp2_folders("llama"))
     doc = manifest.read(folder)
@@ -174,7 +174,7 @@ def test_box_reads_are_torch_slices_and_read_only_their_bytes(model_dirs, tp2_fo
             want = original[name]
             for d, r in enumerate(runs):
                 want = torch.cat([want.narrow(d, a, b - a) for a, b in r], dim=d)
-            reader = _SliceReader(folder, stage=stage, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
+            reader = SliceReader(folder, stage=stage, **({"chunk_bytes": chunk_bytes} if chunk_bytes else {}))
             got = torch.full(want.shape, float("nan"))
             reader.read_box_into(got, name, entry, runs)
             reader.finish()

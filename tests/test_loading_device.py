@@ -1,6 +1,6 @@
 """The fast loader's device branch, proven without a GPU.
 
-`tpcli.load_model` on a tpcli folder fills each rank's local tensors with `_SliceReader.read_into`. On a GPU those
+`tpcli.load_model` on a tpcli folder fills each rank's local tensors with `SliceReader.read_into`. On a GPU those
 tensors live in device memory, which the host cannot read into (`.numpy()`/`readinto` of a CUDA tensor raise).
 The `meta` device has no host memory either, so running the reader on meta targets proves every line of the
 staged (device) branch runs without touching the target from the host; running the same staged branch on CPU
@@ -20,7 +20,7 @@ from tpcli.commands.inspect import load_resolved
 from tpcli.commands.shard import shard_checkpoint
 from tpcli.formats import manifest
 from tpcli.planning.layout import rank_runs
-from tpcli.runtime.loading import _SliceReader
+from tpcli.runtime.fast_load import SliceReader
 
 TP = 2
 
@@ -49,10 +49,10 @@ def _jobs(doc, placements, rank):
             continue
         p = placements[name]
         runs = rank_runs(entry["shape"][p.dim], p, TP)[rank] if p.is_sharded else None
-        yield name, entry, p.dim, runs, _SliceReader._local_shape(entry, p.dim, runs)
+        yield name, entry, p.dim, runs, SliceReader._local_shape(entry, p.dim, runs)
 
 
-class _Recording(_SliceReader):
+class _Recording(SliceReader):
     """The staged path with its one device-touching step observed: what would be copied to each target."""
 
     def __init__(self, *args, **kwargs):
@@ -81,7 +81,7 @@ def test_meta_targets_are_filled_only_through_host_staging(sharded, name, dtype)
     """Fails on a loader that reads into the target itself: meta tensors, like CUDA ones, have no host memory."""
     _, folder, doc, placements = sharded(name)
     for rank in range(TP):
-        plain = _SliceReader(folder)
+        plain = SliceReader(folder)
         direct = {n: plain.read_tensor(n, e, dim, runs) for n, e, dim, runs, _ in _jobs(doc, placements, rank)}
         reader = _Recording(folder)
         for tname, entry, dim, runs, shape in _jobs(doc, placements, rank):
@@ -139,7 +139,7 @@ def test_loaded_tensors_own_their_bytes_whatever_happens_to_the_file(sharded, tm
     shutil.copytree(original, folder)
     for rank in range(TP):
         expected, _, _ = _load(original, doc, placements, rank)
-        reader = _SliceReader(folder)
+        reader = SliceReader(folder)
         loaded = {}
         for tname, entry, dim, runs, shape in _jobs(doc, placements, rank):
             loaded[tname] = target = torch.empty(shape, dtype=getattr(torch, entry["dtype"]))
@@ -169,7 +169,7 @@ def test_unaligned_tensors_are_read(tmp_path):
     a, b = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16), torch.tensor([4.5, -1.25])
     (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + a.view(torch.uint8).numpy().tobytes()
                                              + b.view(torch.uint8).numpy().tobytes())
-    reader = _SliceReader(tmp_path)
+    reader = SliceReader(tmp_path)
     outs = {}
     for name, t in (("a", a), ("b", b)):
         entry = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),

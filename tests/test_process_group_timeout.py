@@ -16,7 +16,7 @@ import pytest
 from conftest import base_env
 
 from tpcli.errors import UsageError
-from tpcli.runtime.loading import process_group_timeout
+from tpcli.runtime.process_group import process_group_timeout
 
 PROBE = """
 import json, os, sys
@@ -30,7 +30,7 @@ def timeout():
 from transformers.distributed.utils import _ensure_torch_distributed
 _ensure_torch_distributed("cpu")
 theirs = timeout()
-from tpcli.runtime.loading import start_process_group
+from tpcli.runtime.process_group import start_process_group
 start_process_group()
 print(json.dumps({"transformers": theirs, "tpcli": timeout()}))
 """

@@ -17,7 +17,8 @@ import torch
 from test_loading_device import TP, _jobs, sharded  # noqa: F401 - `sharded` is a fixture used below
 
 from tpcli.formats.tensor_file import TensorFile
-from tpcli.runtime.loading import STAGING_CHUNK, _SliceReader, staging_spans
+from tpcli.runtime.fast_load import SliceReader
+from tpcli.runtime.staging import STAGING_CHUNK, staging_spans
 
 CHUNK = 50  # bytes: 12 fp32 or 25 bf16 elements per piece, never a whole row of the fixture models
 
@@ -41,7 +42,7 @@ def test_spans_examples():
     assert STAGING_CHUNK == 16 * 2**20
 
 
-class _Pieces(_SliceReader):
+class _Pieces(SliceReader):
     """The staged path with its device-touching step observed: every piece copied, and the largest buffer."""
 
     def __init__(self, *args, **kwargs):
@@ -61,7 +62,7 @@ def test_pieces_rebuild_every_tensor_and_buffers_stay_one_chunk(sharded, name, d
     """Fails on a piece read from the wrong offset, a span dropped or a buffer grown to the tensor."""
     _, folder, doc, placements = sharded(name)
     for rank in range(TP):
-        plain = _SliceReader(folder)
+        plain = SliceReader(folder)
         direct = {n: plain.read_tensor(n, e, dim, runs) for n, e, dim, runs, _ in _jobs(doc, placements, rank)}
         cpu, meta = _Pieces(folder, stage=True, chunk_bytes=CHUNK), _Pieces(folder, chunk_bytes=CHUNK)
         expected_pieces = 0

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tpcli
-from tpcli.runtime.loading import _placement
+from tpcli.runtime.fast_load import placement_of as _placement
 
 INPUT_IDS = [[1, 17, 256, 3, 999, 42, 7, 512], [1, 5, 6, 7, 8, 900, 13, 21]]
 

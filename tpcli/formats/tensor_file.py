@@ -293,7 +293,7 @@ class TensorFile:
         """Read tensor `name` straight into `out`: a contiguous CPU tensor (same dtype and number of elements).
 
         Only host memory can be a `readinto` target; a device tensor (CUDA, meta) is filled through a host staging
-        buffer by the caller (`loading._SliceReader`), so asking for one here is a bug, reported as such.
+        buffer by the caller (`fast_load.SliceReader`), so asking for one here is a bug, reported as such.
         """
         import torch
 
@@ -309,7 +309,7 @@ class TensorFile:
 
     def read_range_into(self, name: str, start: int, out) -> None:
         """Read bytes [start, start + len(out)) of tensor `name`'s data into `out`, a contiguous CPU uint8 tensor
-        (a piece of a tensor staged for a device, `loading._SliceReader`)."""
+        (a piece of a tensor staged for a device, `fast_load.SliceReader`)."""
         import torch
 
         begin, stop = self.header[name]["data_offsets"]

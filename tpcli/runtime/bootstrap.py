@@ -20,7 +20,7 @@ user's directory is added; then sys.path is what `python SCRIPT` (script's folde
 (current directory first) would give.
 
 Under `tpcli run --gpus`, the worker's GPU (cuda:LOCAL_RANK) is made the current device before the user's code
-runs (`tpcli.runtime.loading.bind_local_device`, as transformers binds it for its TP load); under `--cpu` no GPU
+runs (`tpcli.runtime.process_group.bind_local_device`, as transformers binds it for its TP load); under `--cpu` no GPU
 is visible and nothing is bound.
 """
 
@@ -98,7 +98,7 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     import tpcli  # noqa: F401  the installed package, cached before the user's folder goes first on sys.path
-    from tpcli.runtime.loading import bind_local_device, register_clean_exit
+    from tpcli.runtime.process_group import bind_local_device, register_clean_exit
 
     register_clean_exit()  # first registered, last run: after the user's own atexit handlers (see its docstring)
     bind_local_device()  # `--gpus`: cuda:LOCAL_RANK is current before the user's code runs (CPU workers: nothing)

@@ -105,3 +105,17 @@ def mesh_info(model=None) -> MeshInfo:
     coords = {**({"pp": coords["pp"]} if mesh.pp > 1 else {}), "dp_replicate": coords["dp_replicate"],
               "fsdp": coords["fsdp"], "tp": coords["tp"], "efsdp": ecoords["efsdp"], "ep": ecoords["ep"]}
     return MeshInfo(mesh, dist.get_rank() if dist.is_initialized() else rank, coords)
+
+
+def mesh_config(mesh, tp_plan="auto"):
+    """transformers' `DistributedConfig` for `mesh` (a `tpcli.planning.mesh.Mesh`) with `tp_plan`: what
+    `from_pretrained(distributed_config=...)` takes instead of the deprecated `tp_plan=` argument. Plain TP is
+    `DistributedConfig(tp_size=world, tp_plan=tp_plan)`; the other sizes are passed only when a mesh has them."""
+    from transformers.distributed import DistributedConfig
+
+    sizes = {"tp_size": mesh.tp}
+    if mesh.tp != mesh.world or mesh.ep > 1:
+        sizes.update(fsdp_size=mesh.fsdp, dp_replicate_size=mesh.dp_replicate, ep_size=mesh.ep)
+    if mesh.pp > 1:
+        sizes["pp_size"] = mesh.pp
+    return DistributedConfig(**sizes, tp_plan=tp_plan)

@@ -12,7 +12,7 @@ stays on rank 0's CPU (the oracle), and every comparison is made on the CPU.
 
 While rank 0 loads and runs the reference (minutes to an hour on the CPU for a model of tens of GB), ranks
 1..N-1 have nothing to do. They must not wait for it in a collective of the job's process group: that one fails
-after the group's timeout (`tpcli.runtime.loading.process_group_timeout`: 2 hours, or TPCLI_TIMEOUT), sized for
+after the group's timeout (`tpcli.runtime.process_group.process_group_timeout`: 2 hours, or TPCLI_TIMEOUT), sized for
 the TP load, not for the reference. They wait instead in a barrier of a second group, gloo (host-side), made for
 that wait alone, whose timeout is REFERENCE_WAIT_S (`wait_group`). If rank 0 crashes meanwhile, torchrun's agent
 stops the other ranks at once: the long timeout only bounds a hang. The reference runs with every core this process may use (`all_cores`): torchrun
@@ -151,7 +151,7 @@ def compare(model: str, plan: str | None = None, *, load_from: str | None = None
 def main() -> None:
     import torch.distributed as dist
 
-    from tpcli.runtime.loading import start_process_group
+    from tpcli.runtime.process_group import start_process_group
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
