@@ -13,7 +13,7 @@ import pytest
 from conftest import base_env
 from rich.console import Console
 
-from tpcli import render
+from tpcli import render, render_inspect
 
 
 @pytest.fixture
@@ -36,13 +36,13 @@ def test_identifiers_stay_whole_in_a_pipe_and_tables_fit_80_columns(model_dirs, 
     from tpcli.commands.inspect import inspect_model
 
     report = inspect_model(str(model_dirs("qwen3")), tp=3)  # invalid at 3: long findings, uneven shapes
-    render.render_inspect(report)
+    render_inspect.render_inspect(report)
     tables = [line for line in narrow().splitlines() if not line.startswith(("  ", "Coverage"))]  # prose apart
     assert tables and max(len(line) for line in tables) <= 80, [len(line) for line in tables]
     assert "…" not in narrow()
     buf = io.StringIO()
     monkeypatch.setattr(render, "console", Console(file=buf, width=render.UNLIMITED, force_terminal=False))
-    render.render_inspect(report)
+    render_inspect.render_inspect(report)
     out = buf.getvalue()
     names = _identifiers(report)
     assert "model.layers.*.post_attention_layernorm.weight" in names and "replicated_with_grad_allreduce" in names

@@ -18,7 +18,7 @@ import pytest
 from conftest import base_env
 from rich.table import Table
 
-from tpcli import render
+from tpcli import render, render_inspect
 from tpcli.fit_width import FittingConsole, fit_table, fold_points
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -76,7 +76,7 @@ def test_mesh_fit_prose_is_one_line_in_a_pipe(monkeypatch):
     mesh = {"tp": 1, "fsdp": 1, "dp_replicate": 4, "ep": 1, "total_bytes": 2**20, "fits": True}
     script = "tpcli.load_model() loads on this mesh; or from_pretrained(..., distributed_config=DistributedConfig(" \
              "tp_size=1, fsdp_size=1, dp_replicate_size=4, ep_size=1))"
-    render.render_mesh_fit({"fit": {"gpus": 4, "gpus_per_node": 4, "gpu_mem_bytes": 2**30, "reserve_bytes": 0,
+    render_inspect.render_mesh_fit({"fit": {"gpus": 4, "gpus_per_node": 4, "gpu_mem_bytes": 2**30, "reserve_bytes": 0,
                                     "rule": rule, "meshes": [mesh], "refused_by_model": 0,
                                     "best": {**mesh, "run_flags": f"--gpus 4 --dp-replicate 4  # {script}"}}})
     lines = buf.getvalue().splitlines()

@@ -166,15 +166,14 @@ def inspect(
                            kv_dtype=parse_dtype(kv_dtype, "--kv-dtype") if kv_dtype is not None else None)
     gpu_bytes = parse_size(gpu_mem, "--gpu-mem") if gpu_mem is not None else None
     reserve_bytes = parse_size(reserve or DEFAULT_RESERVE, "--reserve", zero=True)
-    from tpcli.render import (
-        print_json,
+    from tpcli.render import print_json, status_line
+    from tpcli.render_inspect import (
         render_inspect,
         render_memory,
         render_mesh,
         render_mesh_fit,
         render_step,
         render_step_time,
-        status_line,
     )
 
     with status_line(not json_out) as say:
