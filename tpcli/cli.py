@@ -13,6 +13,28 @@ from typing import Annotated
 import typer
 
 from tpcli import __version__
+from tpcli.cli_options import (
+    MAX_BATCH,
+    MAX_SEQ_LEN,
+    MAX_TP,
+    ConfigOpt,
+    DpReplicateOpt,
+    DtypeOpt,
+    EpOpt,
+    ForceOpt,
+    FsdpOpt,
+    JsonOpt,
+    PlanOpt,
+    PpOpt,
+    RevisionOpt,
+    check_plan_flag,
+    check_run_script,
+    mesh_flags,
+    own_args,
+    positive,
+    progress_for,
+    split_run_args,
+)
 from tpcli.errors import TpcliError, UsageError
 from tpcli.formats.units import parse_dtype, parse_duration, parse_size
 
@@ -25,21 +47,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-# Option aliases shared by several commands.
-PlanOpt = Annotated[str | None, typer.Option("--plan", help="A shipped plan's NAME (plans/) or a JSON plan FILE, merged over the model's "
-                                 "plan. Without it, a model transformers leaves unsharded uses its plans/ entry.")]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output directory.")]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="Cast while streaming: bf16, fp16 or fp32.")]
-ConfigOpt = Annotated[str | None, typer.Option("--config", help="Training checkpoint (DCP, verl .pt): the model folder or hub "
-                                               "id it was trained from (default: config.json in DIR or its parent).")]
-FsdpOpt = Annotated[int | None, typer.Option("--fsdp", help="Mesh: FSDP2 ranks per replica (world = dp-replicate x fsdp x tp).")]
-DpReplicateOpt = Annotated[int | None, typer.Option("--dp-replicate", help="Mesh: replicas of the fsdp x tp group (HSDP).")]
-EpOpt = Annotated[int | None, typer.Option("--ep", help="Mesh: expert-parallel ranks (a multiple of --tp dividing fsdp x tp).")]
-PpOpt = Annotated[int | None, typer.Option("--pp", help="Mesh: pipeline stages (transformers' PP: layers split across ranks, stages run one after another; inference only).")]
-
 
 def _version(value: bool):
     if value:
@@ -56,56 +63,6 @@ def _root(
     if not verbose:  # before transformers is imported; workers inherit it. An explicit setting wins.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
-
-MAX_WORLD = 65536  # ranks of one mesh report
-MAX_TP = 1024  # no model has attention heads that split further; bounds the per-rank report and the rank files
-MAX_SEQ_LEN = 10**9
-MAX_BATCH = 10**6
-
-
-def _positive(flag: str, value: int | None, most: int | None = None) -> None:
-    if value is not None and value < 1:
-        raise UsageError(f"{flag} must be >= 1 (got {value}).")
-    if value is not None and most is not None and value > most:
-        shown = str(value) if len(str(value)) <= 20 else f"a {len(str(value))}-digit number"
-        raise UsageError(f"{flag} must be at most {most:,} (got {shown}).")
-
-
-def _plan_flag(plan: str | None) -> None:
-    """--plan naming a folder, FIFO or device: one line now, before anything reads (or blocks on) it."""
-    if plan is not None:
-        from tpcli.planning.plans_library import require_plan_file
-
-        require_plan_file(plan, "--plan ")
-
-
-def _mesh(tp: int | None, fsdp: int | None, dp_replicate: int | None, ep: int | None, pp: int | None = None):
-    """The mesh flags as a `tpcli.planning.mesh.Mesh`, or None when none is given (plain TP, today's output)."""
-    given = {"--fsdp": fsdp, "--dp-replicate": dp_replicate, "--ep": ep, "--pp": pp}
-    for flag, value in given.items():
-        _positive(flag, value, MAX_TP)
-    named = [flag for flag, value in given.items() if value is not None]
-    if not named:
-        return None
-    if tp is None:
-        raise UsageError(f"{named[0]} describes a mesh around a TP size: add --tp T (--tp 1 for no tensor parallelism).")
-    from tpcli.planning.mesh import Mesh, distributed_config
-
-    mesh = Mesh(tp=tp, fsdp=fsdp or 1, dp_replicate=dp_replicate or 1, ep=ep or 1, pp=pp or 1)
-    if mesh.world > MAX_WORLD:  # the report lists every rank
-        raise UsageError(f"--pp x --tp x --fsdp x --dp-replicate is {mesh.world:,} ranks; at "
-                         f"most {MAX_WORLD:,} are planned here.")
-    distributed_config(mesh)  # transformers' own size rules, before any model is read
-    return mesh
-
-
-def _progress(json_out: bool):
-    """The progress callback a long command draws with: a bar on stderr, none under --json."""
-    from tpcli.commands import no_progress
-    from tpcli.render import progress_bar
-
-    return no_progress if json_out else progress_bar
 
 
 _INSPECT_FIELDS = ("schema", "source", "summary", "checkpoint", "plan", "unused_rules", "valid_tp_sizes",
@@ -140,10 +97,10 @@ def inspect(
     json_out: JsonOpt = False,
 ):
     """Show a model's TP plan, per-rank shapes and memory, and the valid TP sizes. Loads no weights."""
-    _positive("--tp", tp, MAX_TP)
-    _positive("--gpus", gpus, MAX_TP)
-    _positive("--gpus-per-node", gpus_per_node, MAX_TP)
-    mesh = _mesh(tp, fsdp, dp_replicate, ep, pp)
+    positive("--tp", tp, MAX_TP)
+    positive("--gpus", gpus, MAX_TP)
+    positive("--gpus-per-node", gpus_per_node, MAX_TP)
+    mesh = mesh_flags(tp, fsdp, dp_replicate, ep, pp)
     if gpus is not None and gpu_mem is None:
         raise UsageError("--gpus W ranks the meshes of W GPUs by memory: add --gpu-mem SIZE (one GPU's memory).")
     if gpus is not None and mesh is not None:
@@ -152,9 +109,9 @@ def inspect(
         raise UsageError("--gpus-per-node only applies with --gpus W.")
     if (gpu or hardware or mfu is not None) and not (gpus is not None and train and seq_len):
         raise UsageError("--gpu/--hardware/--mfu set the step-time estimate: they need --gpus W --train --seq-len L.")
-    _positive("--batch", batch, MAX_BATCH)
-    _positive("--seq-len", seq_len, MAX_SEQ_LEN)
-    _plan_flag(plan)
+    positive("--batch", batch, MAX_BATCH)
+    positive("--seq-len", seq_len, MAX_SEQ_LEN)
+    check_plan_flag(plan)
     from tpcli.formats import cache
     from tpcli.planning.memory import DEFAULT_RESERVE, MemoryOptions
 
@@ -222,9 +179,9 @@ def verify(
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
-    _positive("--tp", tp, MAX_TP)
-    _plan_flag(plan)
-    mesh = _mesh(tp, fsdp, dp_replicate, ep, pp)
+    positive("--tp", tp, MAX_TP)
+    check_plan_flag(plan)
+    mesh = mesh_flags(tp, fsdp, dp_replicate, ep, pp)
     from tpcli.formats import cache
     from tpcli.render import print_json, render_verify, status_line
 
@@ -259,9 +216,9 @@ def shard(
     json_out: JsonOpt = False,
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
-    _positive("--tp", tp, MAX_TP)
-    _positive("--pp", pp, MAX_TP)
-    _plan_flag(plan)
+    positive("--tp", tp, MAX_TP)
+    positive("--pp", pp, MAX_TP)
+    check_plan_flag(plan)
     from tpcli.render import print_json, render_shard, status_line
 
     with status_line(not json_out) as say:
@@ -270,7 +227,7 @@ def shard(
 
         say(f"reading {model} and planning the split into {tp} ranks")
         result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision,
-                                  force=force, progress=_progress(json_out), pp=pp or 1)
+                                  force=force, progress=progress_for(json_out), pp=pp or 1)
     print_json(result) if json_out else render_shard(result)
 
 
@@ -296,7 +253,7 @@ def gather(
 
         say(f"checking {directory} and planning the merge")
         result = gather_checkpoint(directory, out=out, max_shard_size=size, dtype=dtype, force=force,
-                                   progress=_progress(json_out), config=config)
+                                   progress=progress_for(json_out), config=config)
     print_json(result) if json_out else render_gather(result)
 
 
@@ -340,7 +297,7 @@ def run(
     from tpcli.commands.run import run_job
 
     if module is None:  # with -m MODULE, what typer calls SCRIPT is the module's first argument
-        _check_run_script(ctx, script)
+        check_run_script(ctx, script)
     argv = list(ctx.args)
     if module and script is not None:
         argv.insert(0, script)
@@ -350,7 +307,7 @@ def run(
     if gpus is not None and cpu is not None:
         raise UsageError("--gpus and --cpu are exclusive; pick one.")
     for flag, value in (("--tp", tp), ("--fsdp", fsdp), ("--dp-replicate", dp_replicate), ("--ep", ep), ("--pp", pp)):
-        _positive(flag, value, MAX_TP)
+        positive(flag, value, MAX_TP)
     from tpcli.commands import run_checks as checks
 
     # sizes first, before SLURM's values are read or anything is built from them
@@ -392,31 +349,6 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
-def _check_run_script(ctx: typer.Context, script: str | None) -> None:
-    """Option parsing stops at SCRIPT, so a mistyped flag before it (`run --gpu 2 x.py`) arrives as SCRIPT: refuse
-    it as the other commands refuse an unknown flag, with the closest option. A missing SCRIPT named like one of
-    tpcli's examples (`generate.py`, as README once wrote it) points at `-m tpcli.examples.NAME`."""
-    import difflib
-    from pathlib import Path
-
-    if script is None or script == "-":
-        return
-    if script.startswith("-"):
-        flag = script.split("=", 1)[0]
-        names = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("--")]
-        close = difflib.get_close_matches(flag, names, n=3, cutoff=0.6)
-        maybe = f" (Possible options: {', '.join(close)})" if close else ""
-        raise UsageError(f"No such option: {flag}{maybe} (see 'tpcli run --help'; everything after SCRIPT goes "
-                         "to the script).")
-    if not Path(script).is_file():
-        from tpcli import examples
-
-        name = Path(script).stem
-        if Path(script).suffix == ".py" and (Path(examples.__file__).parent / f"{name}.py").is_file():
-            raise UsageError(f"SCRIPT {script}: no such file; tpcli's example runs as a module: "
-                             f"-m tpcli.examples.{name}")
-
-
 def _slurm_nodes():
     """Inside a SLURM allocation (SLURM_JOB_ID set): what SLURM says about the nodes (`tpcli.commands.slurm`)."""
     if not os.environ.get("SLURM_JOB_ID"):
@@ -437,43 +369,6 @@ class Interrupted(BaseException):
 
 def _on_signal(signum, frame):
     raise Interrupted(signum)
-
-
-# run's options that take a value (the next argument is not SCRIPT)
-_RUN_TAKES_VALUE = {"--gpus", "--cpu", "--model", "--plan", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id",
-                    "--max-restarts", "--log-dir", "--tee", "--ranks-filter", "--timeout", "--revision", "--tp", "--fsdp",
-                    "--dp-replicate", "--ep", "--pp"}
-
-
-def _own_args(args: list[str]) -> list[str]:
-    """The arguments tpcli parses itself: for `run`, those before SCRIPT, -m MODULE or "--" (the rest is the
-    script's)."""
-    start = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))  # after global flags
-    if start == len(args) or args[start] != "run":
-        return args[:args.index("--")] if "--" in args else args
-    i = start + 1
-    while i < len(args) and args[i] != "--" and args[i].startswith("-") and args[i] not in ("-m", "--module"):
-        i += 2 if args[i] in _RUN_TAKES_VALUE else 1
-    return args[:min(i, len(args))]
-
-
-def _split_run_args(args: list[str]) -> list[str]:
-    """`run ... -m MODULE ARGS`: insert "--" after MODULE so that ARGS reach the module untouched."""
-    start = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))  # after global flags
-    if start == len(args) or args[start] != "run":
-        return args
-    takes_value = _RUN_TAKES_VALUE
-    i = start + 1
-    while i < len(args):
-        a = args[i]
-        if a == "--" or not a.startswith("-"):
-            return args  # SCRIPT (parsing stops there by itself) or an explicit "--"
-        if a in ("-m", "--module"):
-            return args[:i + 2] + ["--"] + args[i + 2:] if i + 1 < len(args) else args
-        if a.startswith(("--module=", "-m")):
-            return args[:i + 1] + ["--"] + args[i + 1:]
-        i += 2 if a in takes_value else 1
-    return args
 
 
 # `tpcli --help` lists each command with one line; without short_help click cuts the docstring at 45 characters
@@ -547,7 +442,7 @@ def _main() -> None:
     global _JSON_ERRORS
     from tpcli import versions
 
-    _JSON_ERRORS = "--json" in _own_args(sys.argv[1:])
+    _JSON_ERRORS = "--json" in own_args(sys.argv[1:])
     if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help", "--version"):
         try:
             os.getcwd()
@@ -558,7 +453,7 @@ def _main() -> None:
     if note:
         print(note, file=sys.stderr)
     try:
-        rc = app(args=_split_run_args(sys.argv[1:]), prog_name="tpcli", standalone_mode=False)
+        rc = app(args=split_run_args(sys.argv[1:]), prog_name="tpcli", standalone_mode=False)
     except TpcliError as exc:
         _fail(str(exc), exc.exit_code, "usage" if isinstance(exc, UsageError) else type(exc).__name__)
     except Interrupted as exc:
