@@ -236,3 +236,48 @@ def test_sixteen_thousand_chunks_verify_in_bounded_time(monkeypatch, capsys, sav
     started = time.perf_counter()
     _one_line_refusal(monkeypatch, capsys, state, "model.embed_tokens.weight.exp_avg chunk at [500, 0] overlaps")
     assert time.perf_counter() - started < 10
+
+
+# --- red team: unpickling work bounded by the file ------------------------------------------------------------
+
+def _hash_bomb(levels: int = 12, width: int = 16) -> bytes:
+    """~430 bytes: tuples of `width` memoised copies of the tuple below, `levels` deep, as a dict key (hash
+    visits width^levels elements: tuples do not cache their hash)."""
+    body = b"(" + b"K\x01" * width + b"t\x94"
+    for k in range(1, levels):
+        body += b"(" + (b"h" + bytes([k - 1])) * width + b"t\x94"
+    return b"\x80\x04" + body + b"}(h" + bytes([levels - 1]) + b"Nu."
+
+
+def _int_flood(n: int = 60_000) -> bytes:
+    """A dict of n int keys that all hash alike (k * (2^61 - 1): int hashes are not randomised): n^2/2 compares."""
+    keys = b"".join(b"\x8a\x0a" + (k * (2**61 - 1)).to_bytes(10, "little", signed=True) + b"N" for k in range(1, n))
+    return b"\x80\x04}(" + keys + b"u."
+
+
+def _enum_bomb() -> bytes:
+    """_MEM_FORMAT_ENCODING(value) with the hash bomb as value: the enum's lookup hashes it."""
+    bomb = _hash_bomb()[2:-6]  # the memoised tuples, without the dict
+    return (b"\x80\x04" + bomb + _global("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")
+            + b"h\x0b\x85R.")
+
+
+@pytest.mark.e2e
+def test_crafted_pickles_cost_work_proportional_to_their_bytes(tmp_path):
+    """Three .metadata files of a few hundred bytes to 1 MB that took hours (hash of nested memoised tuples as a
+    dict key or an enum's value; colliding int keys): each refused in a child process within its time limit."""
+    import subprocess
+    import sys
+
+    for name, data in {"tuple-key": _hash_bomb(), "int-keys": _int_flood(), "enum-value": _enum_bomb()}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".metadata").write_bytes(data)
+    code = ("import sys\nfrom tpcli.formats.dcp_metadata import read_metadata\nfrom tpcli.errors import "
+            "CheckpointError\nfor d in sys.argv[1:]:\n    try:\n        read_metadata(d)\n    except "
+            "CheckpointError as e:\n        print(e)\n")
+    names = ["tuple-key", "int-keys", "enum-value"]
+    out = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / n) for n in names)], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.splitlines()
+    assert [line.split("/")[-2] for line in out] == names, out
+    assert "a dict key is a tuple" in out[0] and "a dict key is a int" in out[1]
+    assert "a call has arguments of more than 4096 elements" in out[2]

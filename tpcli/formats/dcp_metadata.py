@@ -13,7 +13,8 @@ Reading (`read_metadata`): an unpickler that resolves exactly the (module, name)
 classes, torch.Size, the dtypes, the layout lookup, PosixPath: the set torch's own save of AdamW state pickles) and
 nothing else: a dotted name (`os.system` looked up through a module, which protocol 4 would resolve) or any other
 global is a CheckpointError naming the file, raised before the object is built. The file is size-capped before it
-is read (`metadata_limit`); a pickle that sets attributes on what it may reach (BUILD on an allowed class, function
+is read (`metadata_limit`), and the work of unpickling stays proportional to it (dict keys a str or a small
+MetadataIndex, call arguments small, no sets: hashing memoised nested tuples or colliding ints is refused); a pickle that sets attributes on what it may reach (BUILD on an allowed class, function
 or enum member: process-wide state) is undone and refused. Every field then has its expected type
 (`check_structure`).
 
@@ -47,8 +48,43 @@ ALLOWED = frozenset({
 })
 
 
-class _AllowListUnpickler(pickle.Unpickler):
-    """Resolves only the exact (module, name) pairs of ALLOWED, by one getattr on the imported module."""
+MAX_HASH_WEIGHT = 256  # elements a dict key may hash (a MetadataIndex: its fqn and a chunk offset of <= 64 dims)
+MAX_ARGS_WEIGHT = 4096  # elements of the arguments of one call (a torch.Size's dims, a layout or enum name)
+
+
+def _weight(obj, budget: int) -> int:
+    """How many elements hashing or reading `obj` visits (containers walked, shared children counted each time
+    they are reached, as `hash` does; an int weighs one per 64 bits), counted up to `budget` + 1 and no further,
+    so the walk itself is bounded."""
+    total, todo = 0, [obj]
+    while todo and total <= budget:
+        o = todo.pop()
+        total += 1
+        t = type(o)
+        if t is int:
+            total += o.bit_length() >> 6
+        elif isinstance(o, (tuple, list, frozenset, set)):
+            todo.extend(o)
+        elif isinstance(o, dict):
+            todo.extend(o.keys())
+            todo.extend(o.values())
+        elif t.__module__.startswith("torch.distributed.checkpoint") and hasattr(o, "__dict__"):
+            todo.extend(vars(o).values())  # a MetadataIndex hashes its fields
+    return total
+
+
+class _AllowListUnpickler(pickle._Unpickler):  # noqa: SLF001 - the Python unpickler: its opcodes can be guarded
+    """Resolves only the exact (module, name) pairs of ALLOWED, by one getattr on the imported module.
+
+    The work of unpickling stays proportional to the file: a hash visits every element of a tuple every time
+    (tuples do not cache it), so a few hundred bytes of memoised tuples nested 12 deep (16 wide) made one dict
+    key cost 16^12 steps, and int keys collide at will (their hash is not randomised). So every dict key is a str
+    or a MetadataIndex with a str fqn, of at most MAX_HASH_WEIGHT elements; every call's arguments (REDUCE,
+    NEWOBJ: an enum or layout lookup hashes them) at most MAX_ARGS_WEIGHT; sets and the protocol-0/1 object
+    opcodes, which DCP never writes, are refused.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
 
     def find_class(self, module, name):
         if (module, name) not in ALLOWED:
@@ -57,6 +93,56 @@ class _AllowListUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never does")
+
+    def _keys(self, keys) -> None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        for k in keys:
+            if type(k) is not str and not (type(k) is MetadataIndex and type(vars(k).get("fqn")) is str
+                                           and _weight(k, MAX_HASH_WEIGHT) <= MAX_HASH_WEIGHT):
+                raise pickle.UnpicklingError(f"a dict key is a {type(k).__name__} that is not a name or a chunk "
+                                             "index DCP writes")
+
+    def _args(self, *args) -> None:
+        if _weight(args, MAX_ARGS_WEIGHT) > MAX_ARGS_WEIGHT:
+            raise pickle.UnpicklingError(f"a call has arguments of more than {MAX_ARGS_WEIGHT} elements")
+
+    def load_setitem(self):
+        self._keys(self.stack[-2:-1])
+        super().load_setitem()
+
+    def load_setitems(self):
+        self._keys(self.stack[0::2])
+        super().load_setitems()
+
+    def load_dict(self):
+        self._keys(self.stack[0::2])
+        super().load_dict()
+
+    def load_reduce(self):
+        self._args(self.stack[-1])
+        super().load_reduce()
+
+    def load_newobj(self):
+        self._args(self.stack[-1])
+        super().load_newobj()
+
+    def load_newobj_ex(self):
+        self._args(self.stack[-2], self.stack[-1])
+        super().load_newobj_ex()
+
+    def _refuse(self):
+        raise pickle.UnpicklingError("it builds a set or an old-protocol object, which DCP metadata never holds")
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    for _op in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET, pickle.INST, pickle.OBJ):
+        dispatch[_op[0]] = _refuse
+    del _op
 
 
 def metadata_limit(doc: dict) -> int:
