@@ -385,6 +385,11 @@ CASES = {
     "gather-dcp-offsets-not-list": (_sharded(_dcp_metadata(_offsets_text), "gather"), 1, [SHARD1, "saved_offsets"]),
     "verify-manifest-file-outside": (_sharded(_manifest(_outside_file), "verify"), 1, ["outside.safetensors"]),
     "verify-tp-size-string": (_sharded(_manifest(lambda d: d.update(tp_size="2")), "verify"), 1, ["tp_size"]),
+    # red team: a tp_size of 10^12 built list(range(tp_size)) before comparing (MemoryError traceback)
+    "verify-tp-size-huge": (_sharded(_manifest(lambda d: d.update(tp_size=10**12)), "verify"), 1,
+                            ["tpcli.json", "tp_size 1000000000000"]),
+    "gather-tp-size-huge": (_sharded(_manifest(lambda d: d.update(tp_size=10**12)), "gather"), 1,
+                            ["tpcli.json", "tp_size 1000000000000"]),
     # reads outside the model folder (issue 16.3)
     "index-names-parent": (_index("../secret/x.safetensors"), 1, ["model.safetensors.index.json", "../secret"]),
     "index-names-absolute": (_index("ABS"), 1, ["model.safetensors.index.json", "secret"]),
