@@ -36,6 +36,7 @@ from tpcli.runtime.adaptations import with_library_plans
 
 STAGING_CHUNK = 16 * 2**20  # bytes per staging buffer: a larger tensor goes to the device in pieces of this size
 READ_PIECE = 2**30  # bytes per pread at most (Linux moves at most 2 GiB - 4 KiB per call)
+MAX_TIMEOUT_S = 10**7  # 115 days
 PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # transformers' own (`_ensure_torch_distributed`); see `process_group_timeout`
 
 
@@ -58,9 +59,9 @@ def process_group_timeout() -> float:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0 or seconds == float("inf"):
-        raise UsageError(f"TPCLI_TIMEOUT={text!r}: expected the process-group timeout in seconds (a number > 0), "
-                         f"or unset it for the default {PROCESS_GROUP_TIMEOUT_S} s.")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # beyond it timedelta / torch's milliseconds overflow (1e300: a traceback)
+        raise UsageError(f"TPCLI_TIMEOUT={text!r}: expected the process-group timeout in seconds (a number > 0, at "
+                         f"most {MAX_TIMEOUT_S:,}), or unset it for the default {PROCESS_GROUP_TIMEOUT_S} s.")
     return seconds
 
 
