@@ -281,3 +281,50 @@ def test_crafted_pickles_cost_work_proportional_to_their_bytes(tmp_path):
     assert [line.split("/")[-2] for line in out] == names, out
     assert "a dict key is a tuple" in out[0] and "a dict key is a int" in out[1]
     assert "a call has arguments of more than 4096 elements" in out[2]
+
+
+def _zip_bomb(n: int) -> bytes:
+    """torch.save of a 16-byte tensor whose pickle declares n bytes and whose data member holds n zero bytes,
+    deflated (~n / 1000 bytes): torch.load(weights_only=True) inflates it and returns an n-byte tensor."""
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(16, dtype=torch.uint8), buf)
+    real = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as w:
+        for name in real.namelist():
+            data = real.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"K\x10t", b"J" + n.to_bytes(4, "little") + b"t", 1).replace(
+                    b"K\x10\x85", b"J" + n.to_bytes(4, "little") + b"\x85", 1)
+            kind = zipfile.ZIP_DEFLATED if name.endswith("data/0") else zipfile.ZIP_STORED
+            w.writestr(zipfile.ZipInfo(name), bytes(n) if name.endswith("data/0") else data, compress_type=kind)
+    return out.getvalue()
+
+
+def test_a_compressed_value_is_refused_before_torch_inflates_it(monkeypatch, capsys, model_dirs, saved, tmp_path):
+    """An optimizer value (lr) replaced by a deflated torch.save archive: 64 KB that torch.load(weights_only=True)
+    inflated to a 64 MiB tensor on every rank (231 such values in this state: 1 MB each would be 231 GiB).
+    Refused by verify and by load_state before anything loads."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    bomb = _zip_bomb(64 << 20)
+    assert len(bomb) < 100_000 and torch.load(io.BytesIO(bomb), weights_only=True).numel() == 64 << 20
+    state = _fresh_copy(saved, tmp_path)
+    victim = state / "optimizer" / OPT_FILE
+    start = victim.stat().st_size
+    with open(victim, "ab") as f:
+        f.write(bomb)
+    meta = _real_metadata(state)
+    fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    _repoint(state, fqn, offset=start, length=len(bomb))
+    match = "is not a torch.save archive of stored members"
+    assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
+    _refused(model_dirs, state, match)

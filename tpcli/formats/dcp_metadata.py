@@ -20,7 +20,8 @@ or enum member: process-wide state) is undone and refused. Every field then has 
 
 Checking (`check_storage`): every `relative_path` is a plain file name listed in the manifest under optimizer/
 (a regular file, not a link or FIFO); every [offset, offset + length) lies inside that file and no two overlap (so
-there are at most as many entries as bytes); every chunk and value has its entry; no storage transforms.
+there are at most as many entries as bytes); every chunk and value has its entry; no storage transforms; every
+non-tensor value a small torch.save archive of stored (uncompressed) members (`check_value`).
 """
 
 from __future__ import annotations
@@ -318,4 +319,34 @@ def check_storage(folder: Path, doc: dict, meta) -> None:
             if k not in meta.storage_data:
                 chunk = "" if k.offset is None else f" for its chunk at {list(k.offset)}"
                 raise CheckpointError(f"{path}: {fqn} has no stored bytes{chunk}; the optimizer state is incomplete.")
+    for fqn, m in meta.state_dict_metadata.items():
+        if not isinstance(m, TensorStorageMetadata):
+            check_value(Path(folder), fqn, meta.storage_data[MetadataIndex(fqn)])
+
+
+MAX_VALUE_BYTES = 1 << 20  # a non-tensor value (lr, betas, ...): torch.save of a float or a tuple, ~1.3 KB
+
+
+def check_value(folder: Path, fqn: str, info) -> None:
+    """The bytes of a non-tensor value, which load_state hands torch.load(weights_only=True), are what torch.save
+    writes: at most MAX_VALUE_BYTES, a zip archive whose members are all stored uncompressed. torch.load inflates
+    a deflated member and allocates what its pickle declares, so a 1 MB value could make every rank allocate 1 GiB
+    (deflate's ~1,000:1); stored members must be as long as torch expects, so nothing is larger than the file."""
+    import io
+    import zipfile
+
+    where = folder / info.relative_path
+    if info.length > MAX_VALUE_BYTES:
+        raise CheckpointError(f"{where}: the value {fqn} is stored as {info.length:,} bytes, more than a non-tensor "
+                              f"optimizer value needs ({MAX_VALUE_BYTES:,}); the DCP metadata is crafted or corrupt.")
+    with open(where, "rb") as f:
+        f.seek(info.offset)
+        data = f.read(info.length)
+    try:
+        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        members = None
+    if members is None or any(m.compress_type != zipfile.ZIP_STORED or m.file_size > info.length for m in members):
+        raise CheckpointError(f"{where}: the value {fqn} is not a torch.save archive of stored members (a "
+                              "compressed or foreign payload); refusing to load it.")
 
