@@ -328,3 +328,44 @@ def test_a_compressed_value_is_refused_before_torch_inflates_it(monkeypatch, cap
     match = "is not a torch.save archive of stored members"
     assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
     _refused(model_dirs, state, match)
+
+
+def _value_archive(pickled: bytes) -> bytes:
+    """torch.save(1.0)'s archive with its data.pkl replaced (stored, as torch writes it)."""
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(1.0, buf)
+    real = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as w:
+        for name in real.namelist():
+            w.writestr(zipfile.ZipInfo(name), pickled if name.endswith("data.pkl") else real.read(name))
+    return out.getvalue()
+
+
+def test_a_value_pickle_of_nested_copies_is_refused_before_torch_hashes_it(monkeypatch, capsys, model_dirs, saved,
+                                                                          tmp_path):
+    """A ~1 KB value whose pickle (protocol 2, opcodes torch's weights-only unpickler accepts) uses a 12-deep
+    tuple of 16 memoised copies as a dict key: torch.load(weights_only=True) hashed 16^12 elements, so load_state
+    hung on every rank (verify said ok). Refused by verify and load_state."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    body = b"(" + b"K\x01" * 16 + b"tq\x00"
+    for k in range(1, 12):
+        body += b"(" + (b"h" + bytes([k - 1])) * 16 + b"tq" + bytes([k])
+    bomb = _value_archive(b"\x80\x02" + body + b"}(h\x0bNu.")
+    state = _fresh_copy(saved, tmp_path)
+    victim = state / "optimizer" / OPT_FILE
+    start = victim.stat().st_size
+    with open(victim, "ab") as f:
+        f.write(bomb)
+    meta = _real_metadata(state)
+    fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    _repoint(state, fqn, offset=start, length=len(bomb))
+    match = "is a pickle that refers back to what it built"
+    assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
+    _refused(model_dirs, state, match)

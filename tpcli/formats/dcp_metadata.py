@@ -343,10 +343,49 @@ def check_value(folder: Path, fqn: str, info) -> None:
         f.seek(info.offset)
         data = f.read(info.length)
     try:
-        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
     except (zipfile.BadZipFile, ValueError, OSError, EOFError):
         members = None
     if members is None or any(m.compress_type != zipfile.ZIP_STORED or m.file_size > info.length for m in members):
         raise CheckpointError(f"{where}: the value {fqn} is not a torch.save archive of stored members (a "
                               "compressed or foreign payload); refusing to load it.")
+    for m in members:
+        if m.filename.endswith("data.pkl") and not _tree_pickle(archive, m):
+            raise CheckpointError(f"{where}: the value {fqn} is a pickle that refers back to what it built (memo "
+                                  "GET/DUP: a value torch.save writes never does; nested copies make hashing it "
+                                  "take forever); refusing to load it.")
+
+
+_LEAVES = frozenset({"GLOBAL", "STACK_GLOBAL", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "BINSTRING",
+                     "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT", "BININT1",
+                     "BININT2", "LONG", "LONG1", "LONG4", "BINFLOAT", "FLOAT"})  # opcodes that push no container
+MAX_VALUE_PICKLE = 64 << 10  # the pickle of an optimizer value: a float, a tuple of floats, a small tensor
+
+
+def _tree_pickle(archive, member) -> bool:
+    """Whether the stored zip `member` of `archive` is a pickle of at most MAX_VALUE_PICKLE bytes without DUP and
+    whose memo GETs fetch only leaves (a global, string or number: torch.save's list of tensors reuses its rebuild
+    function and 'storage'): every container it builds then appears once, so what torch's weights-only unpickler builds and hashes
+    (dict keys) is no larger than the pickle. With GETs, 400 bytes of tuples nested 12 deep (each holding 16
+    copies of the one below) as a dict key hash 16^12 elements."""
+    import pickletools
+
+    if member.file_size > MAX_VALUE_PICKLE:
+        return False
+    try:
+        payload = archive.read(member)  # stored (checked), so no larger than file_size
+        globals_at, memo, previous = set(), 0, ""
+        for op, arg, _ in pickletools.genops(payload):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                at = memo if op.name == "MEMOIZE" else int(arg)
+                memo = max(memo, at + 1)
+                if previous in _LEAVES:
+                    globals_at.add(at)
+            elif op.name == "DUP" or (op.name in ("GET", "BINGET", "LONG_BINGET") and int(arg) not in globals_at):
+                return False
+            previous = op.name
+        return True
+    except Exception:  # noqa: BLE001 - whatever malformed opcodes raise, it is not a pickle torch.save wrote
+        return False
 
