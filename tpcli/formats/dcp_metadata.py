@@ -34,6 +34,7 @@ from pathlib import Path
 from tpcli.errors import CheckpointError
 from tpcli.formats import state_manifest as sm
 
+MAX_DIMS = 64  # dims of a tensor (torch's own limit is lower in practice)
 MAX_METADATA_BYTES = 256 << 20  # a tiny model's AdamW index is ~80 KB; larger only beside larger optimizer files
 _META = "torch.distributed.checkpoint.metadata"
 _TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
@@ -258,12 +259,16 @@ def check_structure(path: Path, meta) -> None:
             continue
         if type(m) is not TensorStorageMetadata or type(m.properties) is not TensorProperties \
                 or type(m.properties.dtype) is not torch.dtype or not _is_size(m.size, size) \
-                or type(m.chunks) is not list:
+                or type(m.chunks) is not list or len(m.size) > MAX_DIMS:
             bad(f"entry {fqn} is not a tensor's or a value's metadata")
+        starts: set = set()
         for c in m.chunks:
             if type(c) is not ChunkStorageMetadata or not _is_size(c.offsets, size) or not _is_size(c.sizes, size) \
                     or len(c.offsets) != len(m.size) or len(c.sizes) != len(m.size):
                 bad(f"entry {fqn} has a malformed chunk")
+            starts.add(tuple(c.offsets))
+        if len(starts) != len(m.chunks):  # a pickle repeats a chunk in 2 bytes (a memo GET): refused before the
+            bad(f"entry {fqn} lists a chunk twice")  # later checks spend time on each copy
     for key, info in meta.storage_data.items():
         if type(key) is not MetadataIndex or type(key.fqn) is not str \
                 or not (key.offset is None or _is_size(key.offset, size)):
