@@ -136,6 +136,13 @@ def _swap(s):
     (s / "tmp").rename(s / SHARD2)
 
 
+def _fifo_file(name):
+    def edit(s):
+        (s / name).unlink()
+        os.mkfifo(s / name)
+    return edit
+
+
 def _manifest(edit):
     def apply(s):
         doc = json.loads((s / "tpcli.json").read_text())
@@ -402,6 +409,9 @@ CASES = {
     "verify-manifest-link-out": (_sharded(_linked_out("tpcli.json"), "verify"), 1, ["tpcli.json", "outside"]),
     "gather-config-link-out": (_sharded(_linked_out("config.json"), "gather"), 1, ["config.json", "outside"]),
     "verify-config-link-out": (_sharded(_linked_out("config.json"), "verify"), 1, ["config.json", "outside"]),
+    # red team: config.json a FIFO in a sharded folder: verify and gather hashed it first (config_sha256) and waited
+    "verify-config-fifo": (_sharded(_fifo_file("config.json"), "verify"), 1, ["config.json", "FIFO"]),
+    "gather-config-fifo": (_sharded(_fifo_file("config.json"), "gather"), 1, ["config.json", "FIFO"]),
     "inspect-config-link-out": (_inspect_link_out("config.json"), 1, ["config.json", "outside"]),
     # --out and --force (issue 16.1)
     "out-is-input": (_out_is_input, 1, ["--out", "is the input"]),
