@@ -136,6 +136,13 @@ def _swap(s):
     (s / "tmp").rename(s / SHARD2)
 
 
+def _fifo_file(name):
+    def edit(s):
+        (s / name).unlink()
+        os.mkfifo(s / name)
+    return edit
+
+
 def _manifest(edit):
     def apply(s):
         doc = json.loads((s / "tpcli.json").read_text())
@@ -385,6 +392,11 @@ CASES = {
     "gather-dcp-offsets-not-list": (_sharded(_dcp_metadata(_offsets_text), "gather"), 1, [SHARD1, "saved_offsets"]),
     "verify-manifest-file-outside": (_sharded(_manifest(_outside_file), "verify"), 1, ["outside.safetensors"]),
     "verify-tp-size-string": (_sharded(_manifest(lambda d: d.update(tp_size="2")), "verify"), 1, ["tp_size"]),
+    # red team: a tp_size of 10^12 built list(range(tp_size)) before comparing (MemoryError traceback)
+    "verify-tp-size-huge": (_sharded(_manifest(lambda d: d.update(tp_size=10**12)), "verify"), 1,
+                            ["tpcli.json", "tp_size 1000000000000"]),
+    "gather-tp-size-huge": (_sharded(_manifest(lambda d: d.update(tp_size=10**12)), "gather"), 1,
+                            ["tpcli.json", "tp_size 1000000000000"]),
     # reads outside the model folder (issue 16.3)
     "index-names-parent": (_index("../secret/x.safetensors"), 1, ["model.safetensors.index.json", "../secret"]),
     "index-names-absolute": (_index("ABS"), 1, ["model.safetensors.index.json", "secret"]),
@@ -397,6 +409,9 @@ CASES = {
     "verify-manifest-link-out": (_sharded(_linked_out("tpcli.json"), "verify"), 1, ["tpcli.json", "outside"]),
     "gather-config-link-out": (_sharded(_linked_out("config.json"), "gather"), 1, ["config.json", "outside"]),
     "verify-config-link-out": (_sharded(_linked_out("config.json"), "verify"), 1, ["config.json", "outside"]),
+    # red team: config.json a FIFO in a sharded folder: verify and gather hashed it first (config_sha256) and waited
+    "verify-config-fifo": (_sharded(_fifo_file("config.json"), "verify"), 1, ["config.json", "FIFO"]),
+    "gather-config-fifo": (_sharded(_fifo_file("config.json"), "gather"), 1, ["config.json", "FIFO"]),
     "inspect-config-link-out": (_inspect_link_out("config.json"), 1, ["config.json", "outside"]),
     # --out and --force (issue 16.1)
     "out-is-input": (_out_is_input, 1, ["--out", "is the input"]),

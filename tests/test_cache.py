@@ -220,3 +220,26 @@ def test_a_changed_header_with_the_same_size_and_mtime_is_replanned(model_dirs, 
     _run("shard", src, tmp_path / "after", c)
     shard_checkpoint(str(src), tp=2, out=str(tmp_path / "ref"), byte_copy=False)
     assert _digests(tmp_path / "after") == _digests(tmp_path / "ref") != _digests(tmp_path / "before")
+
+
+def test_the_key_never_reads_a_linked_json_nor_a_whole_file_at_once(tmp_path, monkeypatch):
+    """A handed folder with `x.json` linked to a 64 MiB file elsewhere: the key read the target whole into memory
+    (and the bytes of a file outside the folder); now a link is named by its identity and files are hashed in
+    chunks (peak memory well under the file)."""
+    import tracemalloc
+
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "c"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    big = tmp_path / "elsewhere.bin"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)
+    (folder / "x.json").symlink_to(big)
+    tracemalloc.start()
+    try:
+        k = cache.key("inspect", {"model": str(folder)})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert k is not None and peak < 32 << 20, peak

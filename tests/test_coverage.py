@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tpcli.formats.coverage import MAX_CELLS, cell_limit, find_bad_tiling
+from tpcli.formats.coverage import MAX_CELLS, MAX_CUT_DIMS, cell_limit, find_bad_tiling
 
 
 def brute_force(shape, boxes) -> str:
@@ -112,3 +112,28 @@ def test_a_mesh_grid_is_within_the_limit():
     boxes = [((r0, c0), (r1 - r0, c1 - c0)) for r0, r1 in zip(rows, rows[1:], strict=False)
              for c0, c1 in zip(cols, cols[1:], strict=False)]
     assert find_bad_tiling((1001, 64), boxes) is None
+
+
+def test_dims_every_box_spans_cost_nothing():
+    """A crafted 40-D tensor of ones (a safetensors header or DCP metadata may say so): the sweep asked for 2^40
+    corners and counts (20 dims took 12 s, 24 dims minutes); dims no box cuts are now left out of the sweep."""
+    started = time.perf_counter()
+    assert find_bad_tiling((1,) * 40, [((0,) * 40, (1,) * 40)]) is None
+    assert find_bad_tiling((1,) * 40, [((0,) * 40, (1,) * 40)] * 2).kind == "overlap"
+    shape = (1,) * 39 + (4,)
+    assert find_bad_tiling(shape, [((0,) * 40, (1,) * 39 + (2,))]).at == (0,) * 39 + (2,)
+    assert find_bad_tiling(shape, [((0,) * 40, (1,) * 39 + (2,)), ((0,) * 39 + (2,), (1,) * 39 + (2,))]) is None
+    assert time.perf_counter() - started < 2
+
+
+def test_boxes_cutting_many_dims_are_refused():
+    """2^12 one-element boxes of a (2,)*12 tensor: 4,096 cells, within the cell limit, but 2^12 corners per box."""
+    d = MAX_CUT_DIMS + 4
+    boxes = [(tuple(int(b) for b in format(k, f"0{d}b")), (1,) * d) for k in range(2 ** d)]
+    started = time.perf_counter()
+    bad = find_bad_tiling((2,) * d, boxes)
+    assert bad.kind == "dims" and bad.dims == d
+    assert time.perf_counter() - started < 2
+    small = MAX_CUT_DIMS  # up to the limit the sweep still runs (256 corners)
+    boxes = [(tuple(int(b) for b in format(k, f"0{small}b")), (1,) * small) for k in range(2 ** small)]
+    assert find_bad_tiling((2,) * small, boxes) is None

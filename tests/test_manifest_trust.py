@@ -96,7 +96,15 @@ def _superscript_name(folder):
     _refresh(folder, lambda d: d["tensors"].update({"model.norm.²": d["tensors"].pop("model.norm.weight")}))
 
 
+def _user_plan_rowwise(folder):
+    """tpcli.json's plan says q_proj is 'rowwise' over files cut 'colwise': no byte changes; load_model's fast path
+    placed each rank's slice by that plan (logits off by 1.5e-2 against 2e-7 for the genuine folder)."""
+    _refresh(folder, lambda d: d["plan"].update(user_plan={"model.layers.*.self_attn.q_proj": "rowwise"}))
+
+
 FORGERIES = {
+    "manifest-user-plan-rowwise": (_user_plan_rowwise, "the shards cut model.layers.0.self_attn.q_proj.weight "
+                                                       "otherwise than the plan places it (along dim 1 over 2"),
     "manifest-ties-lm-head": (_manifest_tie, "the manifest was edited"),
     "config-and-manifest-tie-lm-head": (_config_and_manifest_tie, "different values"),
     "config-one-more-layer": (_config_more_layers, "no shard holds model.layers."),

@@ -92,11 +92,22 @@ def _sharding_info(sharded, root):
     return ["gather", s, "--out", root / "out"], "DCP_SHARDING_INFO"
 
 
+def _state_manifest(kind):
+    def setup(sharded, root):  # a training-state folder's manifest (read with json.loads before: RecursionError)
+        s = _copy(sharded, root)
+        (s / "tpcli.json").unlink()
+        (s / "tpcli-state.json").write_text(DEEP)
+        return (["gather", s, "--out", root / "out"] if kind == "gather" else ["verify", s, "--json"]), \
+            "tpcli-state.json"
+    return setup
+
+
 MODEL_CASES = {"config-inspect": _config_in_model, "config-shard": _config_in_model_shard,
                "generation-config": _generation_config, "index": _index}
 SHARDED_CASES = {"manifest-gather": _manifest("gather"), "manifest-verify": _manifest("verify"),
                  "config-gather": _sharded_config("gather"), "config-verify": _sharded_config("verify"),
-                 "output-marker": _output_marker, "sharding-info": _sharding_info}
+                 "output-marker": _output_marker, "sharding-info": _sharding_info,
+                 "state-manifest-verify": _state_manifest("verify"), "state-manifest-gather": _state_manifest("gather")}
 
 
 def _check(rc, out, err, args, needle):

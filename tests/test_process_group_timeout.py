@@ -54,7 +54,7 @@ def test_tpcli_group_has_transformers_timeout_unless_tpcli_timeout_is_set(monkey
     assert _probe(TPCLI_TIMEOUT="42.5") == {"transformers": 7200.0, "tpcli": 42.5}
 
 
-@pytest.mark.parametrize("text", ["abc", "0", "-5", "inf", "nan", ""])
+@pytest.mark.parametrize("text", ["abc", "0", "-5", "inf", "nan", "", "1e300", "10000001"])
 def test_a_bad_tpcli_timeout_is_a_usage_error_naming_the_variable(monkeypatch, text):
     monkeypatch.setenv("TPCLI_TIMEOUT", text)
     with pytest.raises(UsageError, match="TPCLI_TIMEOUT="):

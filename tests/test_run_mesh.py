@@ -72,7 +72,7 @@ def test_transformers_rules_refuse_a_bad_ep():
 
 def test_mesh_env_round_trip_and_bad_values(monkeypatch):
     assert parse_mesh("tp=2,fsdp=2,dp_replicate=1,ep=1") == Mesh(tp=2, fsdp=2)
-    for bad in ("tp=0", "tp=2,tp=2", "sp=2", "tp"):
+    for bad in ("tp=0", "tp=2,tp=2", "sp=2", "tp", "tp=²", "tp=" + "9" * 5000):  # the last two: tracebacks before
         with pytest.raises(UsageError, match="TPCLI_MESH"):
             parse_mesh(bad)
     monkeypatch.setenv("TPCLI_MESH", "tp=2,fsdp=2")

@@ -234,5 +234,156 @@ def test_sixteen_thousand_chunks_verify_in_bounded_time(monkeypatch, capsys, sav
     state = _fresh_copy(saved, tmp_path / "dup")
     _many_chunks(state, duplicate=True)
     started = time.perf_counter()
-    _one_line_refusal(monkeypatch, capsys, state, "model.embed_tokens.weight.exp_avg chunk at [500, 0] overlaps")
+    _one_line_refusal(monkeypatch, capsys, state, "model.embed_tokens.weight.exp_avg lists a chunk twice")
     assert time.perf_counter() - started < 10
+
+
+# --- red team: unpickling work bounded by the file ------------------------------------------------------------
+
+def _hash_bomb(levels: int = 12, width: int = 16) -> bytes:
+    """~430 bytes: tuples of `width` memoised copies of the tuple below, `levels` deep, as a dict key (hash
+    visits width^levels elements: tuples do not cache their hash)."""
+    body = b"(" + b"K\x01" * width + b"t\x94"
+    for k in range(1, levels):
+        body += b"(" + (b"h" + bytes([k - 1])) * width + b"t\x94"
+    return b"\x80\x04" + body + b"}(h" + bytes([levels - 1]) + b"Nu."
+
+
+def _int_flood(n: int = 60_000) -> bytes:
+    """A dict of n int keys that all hash alike (k * (2^61 - 1): int hashes are not randomised): n^2/2 compares."""
+    keys = b"".join(b"\x8a\x0a" + (k * (2**61 - 1)).to_bytes(10, "little", signed=True) + b"N" for k in range(1, n))
+    return b"\x80\x04}(" + keys + b"u."
+
+
+def _enum_bomb() -> bytes:
+    """_MEM_FORMAT_ENCODING(value) with the hash bomb as value: the enum's lookup hashes it."""
+    bomb = _hash_bomb()[2:-6]  # the memoised tuples, without the dict
+    return (b"\x80\x04" + bomb + _global("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")
+            + b"h\x0b\x85R.")
+
+
+@pytest.mark.e2e
+def test_crafted_pickles_cost_work_proportional_to_their_bytes(tmp_path):
+    """Three .metadata files of a few hundred bytes to 1 MB that took hours (hash of nested memoised tuples as a
+    dict key or an enum's value; colliding int keys): each refused in a child process within its time limit."""
+    import subprocess
+    import sys
+
+    for name, data in {"tuple-key": _hash_bomb(), "int-keys": _int_flood(), "enum-value": _enum_bomb()}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".metadata").write_bytes(data)
+    code = ("import sys\nfrom tpcli.formats.dcp_metadata import read_metadata\nfrom tpcli.errors import "
+            "CheckpointError\nfor d in sys.argv[1:]:\n    try:\n        read_metadata(d)\n    except "
+            "CheckpointError as e:\n        print(e)\n")
+    names = ["tuple-key", "int-keys", "enum-value"]
+    out = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / n) for n in names)], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.splitlines()
+    assert [line.split("/")[-2] for line in out] == names, out
+    assert "a dict key is a tuple" in out[0] and "a dict key is a int" in out[1]
+    assert "a call has arguments of more than 4096 elements" in out[2]
+
+
+def _zip_bomb(n: int) -> bytes:
+    """torch.save of a 16-byte tensor whose pickle declares n bytes and whose data member holds n zero bytes,
+    deflated (~n / 1000 bytes): torch.load(weights_only=True) inflates it and returns an n-byte tensor."""
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(16, dtype=torch.uint8), buf)
+    real = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as w:
+        for name in real.namelist():
+            data = real.read(name)
+            if name.endswith("data.pkl"):
+                data = data.replace(b"K\x10t", b"J" + n.to_bytes(4, "little") + b"t", 1).replace(
+                    b"K\x10\x85", b"J" + n.to_bytes(4, "little") + b"\x85", 1)
+            kind = zipfile.ZIP_DEFLATED if name.endswith("data/0") else zipfile.ZIP_STORED
+            w.writestr(zipfile.ZipInfo(name), bytes(n) if name.endswith("data/0") else data, compress_type=kind)
+    return out.getvalue()
+
+
+def test_a_compressed_value_is_refused_before_torch_inflates_it(monkeypatch, capsys, model_dirs, saved, tmp_path):
+    """An optimizer value (lr) replaced by a deflated torch.save archive: 64 KB that torch.load(weights_only=True)
+    inflated to a 64 MiB tensor on every rank (231 such values in this state: 1 MB each would be 231 GiB).
+    Refused by verify and by load_state before anything loads."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    bomb = _zip_bomb(64 << 20)
+    assert len(bomb) < 100_000 and torch.load(io.BytesIO(bomb), weights_only=True).numel() == 64 << 20
+    state = _fresh_copy(saved, tmp_path)
+    victim = state / "optimizer" / OPT_FILE
+    start = victim.stat().st_size
+    with open(victim, "ab") as f:
+        f.write(bomb)
+    meta = _real_metadata(state)
+    fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    _repoint(state, fqn, offset=start, length=len(bomb))
+    match = "is not a torch.save archive of stored members"
+    assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
+    _refused(model_dirs, state, match)
+
+
+def _value_archive(pickled: bytes) -> bytes:
+    """torch.save(1.0)'s archive with its data.pkl replaced (stored, as torch writes it)."""
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(1.0, buf)
+    real = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as w:
+        for name in real.namelist():
+            w.writestr(zipfile.ZipInfo(name), pickled if name.endswith("data.pkl") else real.read(name))
+    return out.getvalue()
+
+
+def test_a_value_pickle_of_nested_copies_is_refused_before_torch_hashes_it(monkeypatch, capsys, model_dirs, saved,
+                                                                          tmp_path):
+    """A ~1 KB value whose pickle (protocol 2, opcodes torch's weights-only unpickler accepts) uses a 12-deep
+    tuple of 16 memoised copies as a dict key: torch.load(weights_only=True) hashed 16^12 elements, so load_state
+    hung on every rank (verify said ok). Refused by verify and load_state."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    body = b"(" + b"K\x01" * 16 + b"tq\x00"
+    for k in range(1, 12):
+        body += b"(" + (b"h" + bytes([k - 1])) * 16 + b"tq" + bytes([k])
+    bomb = _value_archive(b"\x80\x02" + body + b"}(h\x0bNu.")
+    state = _fresh_copy(saved, tmp_path)
+    victim = state / "optimizer" / OPT_FILE
+    start = victim.stat().st_size
+    with open(victim, "ab") as f:
+        f.write(bomb)
+    meta = _real_metadata(state)
+    fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    _repoint(state, fqn, offset=start, length=len(bomb))
+    match = "is a pickle that refers back to what it built"
+    assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
+    _refused(model_dirs, state, match)
+
+
+def test_a_chunk_repeated_by_memo_is_refused_before_the_later_checks(monkeypatch, capsys, saved, tmp_path):
+    """One chunk listed 3,000,000 times costs the pickle 2 bytes each (6 MB): every later check (types, storage
+    keys, the tiling's arrays) spent time and memory on each copy (verify: 23 s). Refused by the structure check."""
+    import time
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    state = _fresh_copy(saved, tmp_path)
+    meta = _real_metadata(state)
+    fqn, m = next((k, v) for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+                  and len(v.size) == 2)
+    m.chunks = m.chunks * 3_000_000
+    _write_metadata(state, meta)
+    started = time.perf_counter()
+    assert fqn in _one_line_refusal(monkeypatch, capsys, state, "lists a chunk twice")
+    assert time.perf_counter() - started < 15

@@ -116,9 +116,13 @@ def _check_config(folder: Path, meta: dict | None, tensors: dict):
 
 def record_of(plan) -> dict:
     """What config.json's model is, per transformers' plan: {"architecture", "tensors": {name: {"shape",
-    "tied_to"}}, "quantized"} (JSON-ready: `model_record` caches it)."""
+    "tied_to", "cut"}}, "quantized"} (JSON-ready: `model_record` caches it); "cut" is the dim the plan shards the
+    tensor along (a rank file holds the contiguous chunk of it: `_StridedShard` is saved as `Shard`), None when
+    replicated."""
     return {"architecture": plan.architecture,
-            "tensors": {n: {"shape": list(t.shape), "tied_to": t.tied_to} for n, t in plan.tensors.items()},
+            "tensors": {n: {"shape": list(t.shape), "tied_to": t.tied_to,
+                            "cut": t.placement.dim if t.placement.is_sharded else None}
+                        for n, t in plan.tensors.items()},
             "quantized": plan.quantization is not None or bool(plan.dequantized)}
 
 
@@ -158,6 +162,7 @@ def check_names(folder: Path, meta: dict | None, tensors: dict, record: dict) ->
         if list(t.shape) != list(want["shape"]):
             raise CheckpointError(f"{folder}: the shards cover {name} as {list(t.shape)} but config.json needs "
                                   f"{list(want['shape'])}; a rank file is missing, or config.json is another model's.")
+    _check_cuts(folder, meta, tensors, expected)
     absent = [n for n, t in expected.items() if n not in tensors and not (t["tied_to"] and t["tied_to"] in tensors)]
     if absent:
         raise CheckpointError(f"{folder}: no shard holds {absent[0]}, which config.json's model needs.")
@@ -176,6 +181,36 @@ def check_names(folder: Path, meta: dict | None, tensors: dict, record: dict) ->
                 raise CheckpointError(f"{folder / manifest.NAME}: records {name} as tied to {rec['tied_to']!r}, but "
                                       f"config.json's {arch} {f'ties it to {want!r}' if want else 'does not tie it'}; "
                                       "the manifest was edited.")
+
+
+def _check_cuts(folder: Path, meta: dict | None, tensors: dict, expected: dict) -> None:
+    """Every tensor is cut as the plan (config.json's, with the manifest's user plan) places it: rank r's file holds
+    `contiguous_chunk` r along the record's "cut" dim, a replicated tensor is whole. The fast load path
+    (`tpcli.load_model`) reads each rank's slice by the plan, so a plan edited in tpcli.json (q_proj 'rowwise' over
+    files cut 'colwise') would load a model that computes something else while every byte checks out."""
+    import math
+
+    tp = meta["tp_size"] if meta else 1 + max((c.rank for t in tensors.values() for c in t.chunks), default=0)
+    for name, t in tensors.items():
+        cut, shape = expected[name]["cut"], tuple(t.shape)
+        if cut is None:
+            want = {(-1, (0,) * len(shape), shape)}
+        else:  # DTensor's Shard split (torch.chunk): pieces of ceil(N / tp), the trailing ranks short or empty
+            n = shape[cut]
+            step = -(-n // tp)
+            want = set()
+            for r in range(tp):
+                start, stop = min(r * step, n), min((r + 1) * step, n)
+                want.add((r, tuple(start if d == cut else 0 for d in range(len(shape))),
+                          tuple(stop - start if d == cut else s for d, s in enumerate(shape))))
+        want = {w for w in want if math.prod(w[2])}
+        have = {(c.rank if cut is not None else -1, tuple(c.offsets), tuple(c.sizes)) for c in t.chunks
+                if math.prod(c.sizes)}
+        if have != want:
+            how = "whole (replicated)" if cut is None else f"along dim {cut} over {tp} ranks"
+            raise CheckpointError(f"{folder}: the shards cut {name} otherwise than the plan places it ({how}); the "
+                                  f"plan in {manifest.NAME} or config.json was edited, or the files are another "
+                                  "plan's: re-shard.")
 
 
 def same_values(folder: Path, a, b) -> bool:

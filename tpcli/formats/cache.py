@@ -275,14 +275,17 @@ def _identity(path: Path) -> tuple:
 def _fingerprint(path: Path):
     """What a result can depend on in `path`: a file's identity and bytes; a folder's identity, and its top-level
     files' identities and JSON bytes."""
+    from tpcli.formats.hashing import sha256_file
+
     try:
         if path.is_file():
-            return _identity(path), hashlib.sha256(path.read_bytes()).hexdigest()
+            return _identity(path), sha256_file(path)
         if path.is_dir():
             out = [_identity(path)]
             for p in sorted(path.iterdir()):
-                if p.is_file():
-                    digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.suffix == ".json" else None
+                if p.is_file():  # a link's target is named by its identity; its bytes are not read (a `x.json`
+                    # link to a large file elsewhere was read whole into memory)
+                    digest = sha256_file(p) if p.suffix == ".json" and not p.is_symlink() else None
                     out.append((p.name, _identity(p), digest))
             return out
     except OSError:

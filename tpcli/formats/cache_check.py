@@ -140,14 +140,15 @@ def gather_entry(entry, folder: Path) -> None:
 
 def model_record_entry(entry) -> bool:
     """A cached `integrity.model_record`: {"architecture": str, "tensors": {name: {"shape": [int], "tied_to": str |
-    None}}, "quantized": bool, "checkpoint": bool}, every tie naming a listed, untied tensor. Anything else: False."""
+    None, "cut": int | None}}, "quantized": bool, "checkpoint": bool}, every tie naming a listed, untied tensor. Anything else: False."""
     try:
         _fields(entry, ("architecture", "tensors", "quantized", "checkpoint"))
         _need(_str(entry["architecture"]) and isinstance(entry["quantized"], bool)
               and isinstance(entry["checkpoint"], bool) and isinstance(entry["tensors"], dict), "record")
         for name, t in entry["tensors"].items():
-            _fields(t, ("shape", "tied_to"))
+            _fields(t, ("shape", "tied_to", "cut"))
             _need(_ints(t["shape"]), f"{name}.shape")
+            _need(t["cut"] is None or (_int(t["cut"]) and t["cut"] < len(t["shape"])), f"{name}.cut")
             twin = t["tied_to"]
             _need(twin is None or (_str(twin) and twin in entry["tensors"]
                                    and entry["tensors"][twin]["tied_to"] is None), f"{name}.tied_to")

@@ -123,7 +123,7 @@ def _global_shape(t: ShardedTensor) -> tuple[int, ...]:
 def check_coverage(t: ShardedTensor, folder: Path) -> None:
     """The chunks of `t` tile its global box exactly: no gap, no overlap, none outside (`coverage.find_bad_tiling`:
     a sweep over the grid the chunks' edges cut, not a test of every pair)."""
-    from tpcli.formats.coverage import cell_limit, find_bad_tiling
+    from tpcli.formats.coverage import MAX_CUT_DIMS, cell_limit, find_bad_tiling
 
     bad = find_bad_tiling(tuple(t.shape), [(tuple(c.offsets), tuple(c.sizes)) for c in t.chunks])
     if bad is None:
@@ -139,6 +139,9 @@ def check_coverage(t: ShardedTensor, folder: Path) -> None:
         raise CheckpointError(f"{folder}: {t.name}'s {len(t.chunks)} chunks cut it into {bad.cells:,} pieces, more "
                               f"than tpcli checks for them ({cell_limit(len(t.chunks)):,}); no mesh saves that: the "
                               "metadata is crafted or corrupt.")
+    if bad.kind == "dims":
+        raise CheckpointError(f"{folder}: {t.name}'s chunks cut it along {bad.dims} dims, more than tpcli checks "
+                              f"({MAX_CUT_DIMS}); no mesh saves that: the metadata is crafted or corrupt.")
     where = folder / a.file if a is not None else folder
     what = f"chunk at {list(a.offsets)} of size {list(a.sizes)}" if a is not None else "shape"
     raise CheckpointError(f"{where}: {t.name} {what} does not fit its shape {list(t.shape)} (the metadata is "

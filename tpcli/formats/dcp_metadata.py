@@ -13,13 +13,15 @@ Reading (`read_metadata`): an unpickler that resolves exactly the (module, name)
 classes, torch.Size, the dtypes, the layout lookup, PosixPath: the set torch's own save of AdamW state pickles) and
 nothing else: a dotted name (`os.system` looked up through a module, which protocol 4 would resolve) or any other
 global is a CheckpointError naming the file, raised before the object is built. The file is size-capped before it
-is read (`metadata_limit`); a pickle that sets attributes on what it may reach (BUILD on an allowed class, function
+is read (`metadata_limit`), and the work of unpickling stays proportional to it (dict keys a str or a small
+MetadataIndex, call arguments small, no sets: hashing memoised nested tuples or colliding ints is refused); a pickle that sets attributes on what it may reach (BUILD on an allowed class, function
 or enum member: process-wide state) is undone and refused. Every field then has its expected type
 (`check_structure`).
 
 Checking (`check_storage`): every `relative_path` is a plain file name listed in the manifest under optimizer/
 (a regular file, not a link or FIFO); every [offset, offset + length) lies inside that file and no two overlap (so
-there are at most as many entries as bytes); every chunk and value has its entry; no storage transforms.
+there are at most as many entries as bytes); every chunk and value has its entry; no storage transforms; every
+non-tensor value a small torch.save archive of stored (uncompressed) members (`check_value`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 from tpcli.errors import CheckpointError
 from tpcli.formats import state_manifest as sm
 
+MAX_DIMS = 64  # dims of a tensor (torch's own limit is lower in practice)
 MAX_METADATA_BYTES = 256 << 20  # a tiny model's AdamW index is ~80 KB; larger only beside larger optimizer files
 _META = "torch.distributed.checkpoint.metadata"
 _TORCH_DTYPES = ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
@@ -47,8 +50,43 @@ ALLOWED = frozenset({
 })
 
 
-class _AllowListUnpickler(pickle.Unpickler):
-    """Resolves only the exact (module, name) pairs of ALLOWED, by one getattr on the imported module."""
+MAX_HASH_WEIGHT = 256  # elements a dict key may hash (a MetadataIndex: its fqn and a chunk offset of <= 64 dims)
+MAX_ARGS_WEIGHT = 4096  # elements of the arguments of one call (a torch.Size's dims, a layout or enum name)
+
+
+def _weight(obj, budget: int) -> int:
+    """How many elements hashing or reading `obj` visits (containers walked, shared children counted each time
+    they are reached, as `hash` does; an int weighs one per 64 bits), counted up to `budget` + 1 and no further,
+    so the walk itself is bounded."""
+    total, todo = 0, [obj]
+    while todo and total <= budget:
+        o = todo.pop()
+        total += 1
+        t = type(o)
+        if t is int:
+            total += o.bit_length() >> 6
+        elif isinstance(o, (tuple, list, frozenset, set)):
+            todo.extend(o)
+        elif isinstance(o, dict):
+            todo.extend(o.keys())
+            todo.extend(o.values())
+        elif t.__module__.startswith("torch.distributed.checkpoint") and hasattr(o, "__dict__"):
+            todo.extend(vars(o).values())  # a MetadataIndex hashes its fields
+    return total
+
+
+class _AllowListUnpickler(pickle._Unpickler):  # noqa: SLF001 - the Python unpickler: its opcodes can be guarded
+    """Resolves only the exact (module, name) pairs of ALLOWED, by one getattr on the imported module.
+
+    The work of unpickling stays proportional to the file: a hash visits every element of a tuple every time
+    (tuples do not cache it), so a few hundred bytes of memoised tuples nested 12 deep (16 wide) made one dict
+    key cost 16^12 steps, and int keys collide at will (their hash is not randomised). So every dict key is a str
+    or a MetadataIndex with a str fqn, of at most MAX_HASH_WEIGHT elements; every call's arguments (REDUCE,
+    NEWOBJ: an enum or layout lookup hashes them) at most MAX_ARGS_WEIGHT; sets and the protocol-0/1 object
+    opcodes, which DCP never writes, are refused.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
 
     def find_class(self, module, name):
         if (module, name) not in ALLOWED:
@@ -57,6 +95,56 @@ class _AllowListUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent id, which DCP metadata never does")
+
+    def _keys(self, keys) -> None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        for k in keys:
+            if type(k) is not str and not (type(k) is MetadataIndex and type(vars(k).get("fqn")) is str
+                                           and _weight(k, MAX_HASH_WEIGHT) <= MAX_HASH_WEIGHT):
+                raise pickle.UnpicklingError(f"a dict key is a {type(k).__name__} that is not a name or a chunk "
+                                             "index DCP writes")
+
+    def _args(self, *args) -> None:
+        if _weight(args, MAX_ARGS_WEIGHT) > MAX_ARGS_WEIGHT:
+            raise pickle.UnpicklingError(f"a call has arguments of more than {MAX_ARGS_WEIGHT} elements")
+
+    def load_setitem(self):
+        self._keys(self.stack[-2:-1])
+        super().load_setitem()
+
+    def load_setitems(self):
+        self._keys(self.stack[0::2])
+        super().load_setitems()
+
+    def load_dict(self):
+        self._keys(self.stack[0::2])
+        super().load_dict()
+
+    def load_reduce(self):
+        self._args(self.stack[-1])
+        super().load_reduce()
+
+    def load_newobj(self):
+        self._args(self.stack[-1])
+        super().load_newobj()
+
+    def load_newobj_ex(self):
+        self._args(self.stack[-2], self.stack[-1])
+        super().load_newobj_ex()
+
+    def _refuse(self):
+        raise pickle.UnpicklingError("it builds a set or an old-protocol object, which DCP metadata never holds")
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+    for _op in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET, pickle.INST, pickle.OBJ):
+        dispatch[_op[0]] = _refuse
+    del _op
 
 
 def metadata_limit(doc: dict) -> int:
@@ -171,12 +259,16 @@ def check_structure(path: Path, meta) -> None:
             continue
         if type(m) is not TensorStorageMetadata or type(m.properties) is not TensorProperties \
                 or type(m.properties.dtype) is not torch.dtype or not _is_size(m.size, size) \
-                or type(m.chunks) is not list:
+                or type(m.chunks) is not list or len(m.size) > MAX_DIMS:
             bad(f"entry {fqn} is not a tensor's or a value's metadata")
+        starts: set = set()
         for c in m.chunks:
             if type(c) is not ChunkStorageMetadata or not _is_size(c.offsets, size) or not _is_size(c.sizes, size) \
                     or len(c.offsets) != len(m.size) or len(c.sizes) != len(m.size):
                 bad(f"entry {fqn} has a malformed chunk")
+            starts.add(tuple(c.offsets))
+        if len(starts) != len(m.chunks):  # a pickle repeats a chunk in 2 bytes (a memo GET): refused before the
+            bad(f"entry {fqn} lists a chunk twice")  # later checks spend time on each copy
     for key, info in meta.storage_data.items():
         if type(key) is not MetadataIndex or type(key.fqn) is not str \
                 or not (key.offset is None or _is_size(key.offset, size)):
@@ -232,6 +324,75 @@ def check_storage(folder: Path, doc: dict, meta) -> None:
             if k not in meta.storage_data:
                 chunk = "" if k.offset is None else f" for its chunk at {list(k.offset)}"
                 raise CheckpointError(f"{path}: {fqn} has no stored bytes{chunk}; the optimizer state is incomplete.")
+    for fqn, m in meta.state_dict_metadata.items():
+        if not isinstance(m, TensorStorageMetadata):
+            check_value(Path(folder), fqn, meta.storage_data[MetadataIndex(fqn)])
+
+
+MAX_VALUE_BYTES = 1 << 20  # a non-tensor value (lr, betas, ...): torch.save of a float or a tuple, ~1.3 KB
+
+
+def check_value(folder: Path, fqn: str, info) -> None:
+    """The bytes of a non-tensor value, which load_state hands torch.load(weights_only=True), are what torch.save
+    writes: at most MAX_VALUE_BYTES, a zip archive whose members are all stored uncompressed. torch.load inflates
+    a deflated member and allocates what its pickle declares, so a 1 MB value could make every rank allocate 1 GiB
+    (deflate's ~1,000:1); stored members must be as long as torch expects, so nothing is larger than the file."""
+    import io
+    import zipfile
+
+    where = folder / info.relative_path
+    if info.length > MAX_VALUE_BYTES:
+        raise CheckpointError(f"{where}: the value {fqn} is stored as {info.length:,} bytes, more than a non-tensor "
+                              f"optimizer value needs ({MAX_VALUE_BYTES:,}); the DCP metadata is crafted or corrupt.")
+    with open(where, "rb") as f:
+        f.seek(info.offset)
+        data = f.read(info.length)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        members = None
+    if members is None or any(m.compress_type != zipfile.ZIP_STORED or m.file_size > info.length for m in members):
+        raise CheckpointError(f"{where}: the value {fqn} is not a torch.save archive of stored members (a "
+                              "compressed or foreign payload); refusing to load it.")
+    for m in members:
+        if m.filename.endswith("data.pkl") and not _tree_pickle(archive, m):
+            raise CheckpointError(f"{where}: the value {fqn} is a pickle that refers back to what it built (memo "
+                                  "GET/DUP: a value torch.save writes never does; nested copies make hashing it "
+                                  "take forever); refusing to load it.")
+
+
+_LEAVES = frozenset({"GLOBAL", "STACK_GLOBAL", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "BINSTRING",
+                     "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "INT", "BININT", "BININT1",
+                     "BININT2", "LONG", "LONG1", "LONG4", "BINFLOAT", "FLOAT"})  # opcodes that push no container
+MAX_VALUE_PICKLE = 64 << 10  # the pickle of an optimizer value: a float, a tuple of floats, a small tensor
+
+
+def _tree_pickle(archive, member) -> bool:
+    """Whether the stored zip `member` of `archive` is a pickle of at most MAX_VALUE_PICKLE bytes without DUP and
+    whose memo GETs fetch only leaves (a global, string or number: torch.save's list of tensors reuses its rebuild
+    function and 'storage'): every container it builds then appears once, so what torch's weights-only unpickler builds and hashes
+    (dict keys) is no larger than the pickle. With GETs, 400 bytes of tuples nested 12 deep (each holding 16
+    copies of the one below) as a dict key hash 16^12 elements."""
+    import pickletools
+
+    if member.file_size > MAX_VALUE_PICKLE:
+        return False
+    try:
+        payload = archive.read(member)  # stored (checked), so no larger than file_size
+        globals_at, memo, previous = set(), 0, ""
+        for op, arg, _ in pickletools.genops(payload):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                at = memo if op.name == "MEMOIZE" else int(arg)
+                memo = max(memo, at + 1)
+                if previous in _LEAVES:
+                    globals_at.add(at)
+            elif op.name == "DUP" or (op.name in ("GET", "BINGET", "LONG_BINGET") and int(arg) not in globals_at):
+                return False
+            previous = op.name
+        return True
+    except Exception:  # noqa: BLE001 - whatever malformed opcodes raise, it is not a pickle torch.save wrote
+        return False
 
 
 

@@ -144,7 +144,7 @@ def _validate(path: Path, data: dict) -> None:
                 or not isinstance(f.get("sha256"), str):
             bad(f"files[{name!r}]", "an object with integer rank and bytes and a string sha256")
     ranks = sorted(f["rank"] for f in files.values())
-    if ranks != list(range(world)):
+    if len(ranks) != world or ranks != list(range(len(ranks))):  # the count first: tp_size may be 10^12
         bad("files", f"one rank file per rank 0..{world - 1} (tp_size {data['tp_size']} x pp_size {pp}; it lists "
                      f"{len(ranks)} file(s), ranks {ranks[:8]}{' ...' if len(ranks) > 8 else ''})")
     if not isinstance(data["tensors"], dict):

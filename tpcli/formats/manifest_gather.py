@@ -32,7 +32,6 @@ suite shards; tests/test_manifest_trust.py, that a forged manifest or config.jso
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from pathlib import Path
 
@@ -47,9 +46,17 @@ def installed_transformers() -> str | None:
 
 
 def config_sha256(folder: Path) -> str | None:
+    """sha256 of `folder`/config.json; None when it is missing. A FIFO (reading it waited forever), device or link
+    out of the folder is refused first (`source.check_inside`), as every other file of a sharded folder is."""
+    from tpcli.formats.hashing import sha256_file
+    from tpcli.formats.source import check_inside
+
     path = Path(folder) / "config.json"
+    if not path.exists() and not path.is_symlink():
+        return None
+    check_inside(Path(folder), path, "config files")
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

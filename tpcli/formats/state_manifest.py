@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 
 from tpcli.errors import CheckpointError
+from tpcli.formats.jsonfile import read_json
 
 NAME = "tpcli-state.json"
 FORMAT = "tpcli.training-state"
@@ -66,10 +67,7 @@ def read(folder: Path) -> dict:
     if not path.is_file() or path.is_symlink():
         raise CheckpointError(f"{path}: missing (or not a regular file): {folder} is not a training-state folder "
                               "written by tpcli.save_state.")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); the training state is damaged.") from None
+    doc = read_json(path, what="the training state's manifest", fix="the training state is damaged")
     _validate(path, doc)
     return doc
 

@@ -20,12 +20,14 @@ different dp_rank see different data (FSDP shards and dp_replicate replicas are 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from tpcli.errors import UsageError
 from tpcli.planning.mesh import Mesh
 
 ENV = "TPCLI_MESH"
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII: str.isdigit accepts '²', which int() refuses (a traceback)
 KEYS = ("tp", "fsdp", "dp_replicate", "ep", "pp")
 
 
@@ -39,7 +41,7 @@ def parse_mesh(text: str) -> Mesh:
     sizes: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or key not in KEYS or not value.isdigit() or int(value) < 1 or key in sizes:
+        if not sep or key not in KEYS or not _DIGITS.fullmatch(value) or int(value) < 1 or key in sizes:
             raise UsageError(f"{ENV}={text!r}: expected sizes as tp=T,fsdp=F,dp_replicate=R,ep=E[,pp=P] (positive integers, "
                              "each at most once).")
         sizes[key] = int(value)

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from tpcli.errors import UsageError
 
+MAX_TIMEOUT_S = 10**7  # 115 days
 PROCESS_GROUP_TIMEOUT_S = 2 * 3600  # transformers' own (`_ensure_torch_distributed`); see `process_group_timeout`
 
 
@@ -33,9 +34,9 @@ def process_group_timeout() -> float:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0 or seconds == float("inf"):
-        raise UsageError(f"TPCLI_TIMEOUT={text!r}: expected the process-group timeout in seconds (a number > 0), "
-                         f"or unset it for the default {PROCESS_GROUP_TIMEOUT_S} s.")
+    if not 0 < seconds <= MAX_TIMEOUT_S:  # beyond it timedelta / torch's milliseconds overflow (1e300: a traceback)
+        raise UsageError(f"TPCLI_TIMEOUT={text!r}: expected the process-group timeout in seconds (a number > 0, at "
+                         f"most {MAX_TIMEOUT_S:,}), or unset it for the default {PROCESS_GROUP_TIMEOUT_S} s.")
     return seconds
 
 
