@@ -193,6 +193,8 @@ def _check_cuts(folder: Path, meta: dict | None, tensors: dict, expected: dict) 
     tp = meta["tp_size"] if meta else 1 + max((c.rank for t in tensors.values() for c in t.chunks), default=0)
     for name, t in tensors.items():
         cut, shape = expected[name]["cut"], tuple(t.shape)
+        if tp == 1:  # nothing is cut; a pp folder (`shard --tp 1 --pp P`) holds each tensor whole in its stage's file
+            cut = None
         if cut is None:
             want = {(-1, (0,) * len(shape), shape)}
         else:  # DTensor's Shard split (torch.chunk): pieces of ceil(N / tp), the trailing ranks short or empty
