@@ -162,7 +162,9 @@ def check_names(folder: Path, meta: dict | None, tensors: dict, record: dict) ->
         if list(t.shape) != list(want["shape"]):
             raise CheckpointError(f"{folder}: the shards cover {name} as {list(t.shape)} but config.json needs "
                                   f"{list(want['shape'])}; a rank file is missing, or config.json is another model's.")
-    _check_cuts(folder, meta, tensors, expected)
+    if meta is not None:  # a tpcli folder: the fast load path reads it by the plan. A transformers DCP save (no
+        # manifest: a state folder, save_pretrained on any mesh) is read by its saved offsets, whatever the mesh was.
+        _check_cuts(folder, meta, tensors, expected)
     absent = [n for n, t in expected.items() if n not in tensors and not (t["tied_to"] and t["tied_to"] in tensors)]
     if absent:
         raise CheckpointError(f"{folder}: no shard holds {absent[0]}, which config.json's model needs.")
@@ -183,14 +185,14 @@ def check_names(folder: Path, meta: dict | None, tensors: dict, record: dict) ->
                                       "the manifest was edited.")
 
 
-def _check_cuts(folder: Path, meta: dict | None, tensors: dict, expected: dict) -> None:
+def _check_cuts(folder: Path, meta: dict, tensors: dict, expected: dict) -> None:
     """Every tensor is cut as the plan (config.json's, with the manifest's user plan) places it: rank r's file holds
     `contiguous_chunk` r along the record's "cut" dim, a replicated tensor is whole. The fast load path
     (`tpcli.load_model`) reads each rank's slice by the plan, so a plan edited in tpcli.json (q_proj 'rowwise' over
     files cut 'colwise') would load a model that computes something else while every byte checks out."""
     import math
 
-    tp = meta["tp_size"] if meta else 1 + max((c.rank for t in tensors.values() for c in t.chunks), default=0)
+    tp = meta["tp_size"]
     for name, t in tensors.items():
         cut, shape = expected[name]["cut"], tuple(t.shape)
         if tp == 1:  # nothing is cut; a pp folder (`shard --tp 1 --pp P`) holds each tensor whole in its stage's file
