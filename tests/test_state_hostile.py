@@ -313,21 +313,29 @@ def test_a_compressed_value_is_refused_before_torch_inflates_it(monkeypatch, cap
     import io
 
     import torch
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     bomb = _zip_bomb(64 << 20)
     assert len(bomb) < 100_000 and torch.load(io.BytesIO(bomb), weights_only=True).numel() == 64 << 20
+    state, fqn = _plant_value(saved, tmp_path, bomb)
+    match = "is not a torch.save archive of stored members"
+    assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
+    _refused(model_dirs, state, match)
+
+
+def _plant_value(saved, tmp_path, payload: bytes):
+    """A fresh copy of the saved state whose first non-tensor optimizer value (lr, betas, ...) is `payload`,
+    appended to an optimizer file and pointed at by .metadata: (the state folder, that value's fqn)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
     state = _fresh_copy(saved, tmp_path)
     victim = state / "optimizer" / OPT_FILE
     start = victim.stat().st_size
     with open(victim, "ab") as f:
-        f.write(bomb)
+        f.write(payload)
     meta = _real_metadata(state)
     fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
-    _repoint(state, fqn, offset=start, length=len(bomb))
-    match = "is not a torch.save archive of stored members"
-    assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
-    _refused(model_dirs, state, match)
+    _repoint(state, fqn, offset=start, length=len(payload))
+    return state, fqn
 
 
 def _value_archive(pickled: bytes) -> bytes:
@@ -352,20 +360,12 @@ def test_a_value_pickle_of_nested_copies_is_refused_before_torch_hashes_it(monke
     """A ~1 KB value whose pickle (protocol 2, opcodes torch's weights-only unpickler accepts) uses a 12-deep
     tuple of 16 memoised copies as a dict key: torch.load(weights_only=True) hashed 16^12 elements, so load_state
     hung on every rank (verify said ok). Refused by verify and load_state."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     body = b"(" + b"K\x01" * 16 + b"tq\x00"
     for k in range(1, 12):
         body += b"(" + (b"h" + bytes([k - 1])) * 16 + b"tq" + bytes([k])
     bomb = _value_archive(b"\x80\x02" + body + b"}(h\x0bNu.")
-    state = _fresh_copy(saved, tmp_path)
-    victim = state / "optimizer" / OPT_FILE
-    start = victim.stat().st_size
-    with open(victim, "ab") as f:
-        f.write(bomb)
-    meta = _real_metadata(state)
-    fqn = next(k for k, v in meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
-    _repoint(state, fqn, offset=start, length=len(bomb))
+    state, fqn = _plant_value(saved, tmp_path, bomb)
     match = "is a pickle that refers back to what it built"
     assert fqn in _one_line_refusal(monkeypatch, capsys, state, match)
     _refused(model_dirs, state, match)
