@@ -114,6 +114,14 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         "path": path,
         "tp_size": saved_mesh.tp_size(saved),  # None: the layout does not determine it (see saved_by)
         "saved_by": saved,
+        **written_report(job, files, copied, removed, started),
+    }
+
+
+
+def written_report(job, files: dict, copied, removed, started: float) -> dict:
+    """The part of a gather's report that says what was written (every source kind ends its report with it)."""
+    return {
         "tensors": len(job.weight_map),
         "files": files,
         "copied": copied,
@@ -121,7 +129,6 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         "removed_temp_folders": removed,
         "seconds": round(time.perf_counter() - started, 3),
     }
-
 
 def _state_summary(folder: Path) -> dict | None:
     """For a training-state folder (`tpcli.save_state`): its model files checked (sizes, sha256, signature) and

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
-from tpcli.commands.gather import GatherJob, lay_out_job, write_job
+from tpcli.commands.gather import GatherJob, lay_out_job, write_job, written_report
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats.output import prepare_output, remove_stale_temps
 from tpcli.formats.train_folder import TrainFolder, open_train_folder
@@ -138,12 +138,7 @@ def gather_train(directory: str, *, config: str | None, out: str, max_shard_size
         "saved_by": {"mesh": None, "description": f"saved by {tf.world_size} ranks"},
         "config": str(source),
         "left_out": tf.left_out,
-        "tensors": len(job.weight_map),
-        "files": files,
-        "copied": copied,
-        "bytes_written": sum(files.values()),
-        "removed_temp_folders": removed,
-        "seconds": round(time.perf_counter() - started, 3),
+        **written_report(job, files, copied, removed, started),
     }
 
 
