@@ -22,7 +22,6 @@ import pytest
 from conftest import run_main
 
 from tpcli.formats import cache
-from tpcli.formats.bytecopy import header_digest
 
 
 @pytest.fixture
@@ -49,9 +48,12 @@ def _rewrite(entry_file: Path, edit) -> None:
 
 def _plant_escape(result: dict, secret: Path) -> None:
     """The rank-0 file becomes `../../pwned.txt`, its first box reads `secret` (issue 23 item 1)."""
-    result["rank_files"][0][0] = "../../pwned.txt"
-    result["headers"][str(secret)] = header_digest(secret)
-    result["boxes"][0][0][0] = str(secret)
+    from tpcli.formats.byteplan import header_digest
+
+    plan = result["plan"]
+    plan["files"][0]["name"] = "../../pwned.txt"
+    plan["headers"][str(secret)] = header_digest(secret)
+    plan["files"][0]["tensors"][0]["boxes"][0][0] = str(secret)
 
 
 def _shard(monkeypatch, capsys, model, out, *more):
@@ -98,7 +100,7 @@ def test_a_cache_folder_owned_by_someone_else_is_not_used(env, tmp_path, monkeyp
     assert rc == 0 and "owned by uid 65534" in err and not _entries(cache_dir), err
 
 
-@pytest.mark.parametrize("drop", ["summary.source", "headers", "boxes"])
+@pytest.mark.parametrize("drop", ["summary.source"])  # the plan's own fields: tests/test_byteplan.py
 def test_an_entry_missing_a_field_is_a_miss(drop, env, tmp_path, monkeypatch, capsys):
     model, cache_dir = env
     assert _shard(monkeypatch, capsys, model, tmp_path / "out1")[0] == 0
@@ -210,10 +212,8 @@ def test_a_planted_gather_entry_never_writes_outside_out(env, tmp_path, monkeypa
     (entry,) = _entries(cache_dir)
 
     def plant(result):
-        (name,) = result["per_file"]
-        for field in ("per_file", "boxes"):
-            result[field]["../../pwned.safetensors"] = result[field].pop(name)
-        result["weight_map"] = {k: "../../pwned.safetensors" for k in result["weight_map"]}
+        (file,) = result["plan"]["files"]
+        file["name"] = "../../pwned.safetensors"
 
     _rewrite(entry, plant)
     work = tmp_path / "w" / "x"

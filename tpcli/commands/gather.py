@@ -1,53 +1,101 @@
 """`tpcli gather`: merge a sharded folder (tpcli's or transformers' DCP save) into a standard checkpoint.
 
-Streaming: one reverse-conversion group at a time is assembled from its chunks, reverted to checkpoint names by
-transformers' `revert_weight_conversion`, and appended to its output file. Files are split with
-huggingface_hub's `split_state_dict_into_shards_factory` over the run-time tensors, as `save_pretrained` does, and
-every output file's header is laid out (by a meta-device dry run) before the first byte is read.
+open and check the folder -> plan (a `tpcli.formats.byteplan.BytePlan`) -> `tpcli.formats.executor.execute` ->
+report. Three planners give the plan: the manifest (`tpcli.formats.manifest_gather.plan`: no torch, no
+transformers), the layout cache (a plan stored by an earlier run, validated by `BytePlan.from_json`), and
+transformers (`plan_job`): files split with huggingface_hub's `split_state_dict_into_shards_factory` over the
+run-time tensors, as `save_pretrained` does, each reverse-conversion group reverted on the meta device for its
+checkpoint names (`lay_out_files`). Where nothing is reverted or cast, every tensor is its chunks' bytes put in
+place; otherwise `GatherStream` assembles one group at a time, reverts it with transformers' converters, and the
+executor appends it to its file. `gather_plan` is the tail every planner shares (index, config dtype, aux files).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
 from tpcli.commands.integrity import check_folder
-from tpcli.commands.shard import cast_tensor, metadata_allowance, set_config_dtype
 from tpcli.errors import CheckpointError, UsageError
-from tpcli.formats import bytecopy, dcp, manifest
-from tpcli.formats.bytecopy import CachedJob, header_digest
+from tpcli.formats import dcp, manifest
+from tpcli.formats.byteplan import BytePlan, FilePlan, Invalid, SourceBox, TensorPlan, header_digest
+from tpcli.formats.executor import Written, execute
 from tpcli.formats.heap import reuse_freed_memory
-from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
+from tpcli.formats.output import prepare_output, remove_stale_temps
 from tpcli.formats.source import aux_files
-from tpcli.formats.tensor_file import StreamWriter, file_size
 from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
 from tpcli.planning import saved_mesh
 from tpcli.planning.readers import ShardedReader
 
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
-@dataclass
-class GatherJob(CachedJob):
-    """Everything `gather` writes, decided before the first byte is read.
+@dataclass(frozen=True)
+class GatherJob:
+    """What `gather` writes: `plan`, decided before the first byte is read. A plan of byte copies (no conversion to
+    revert, nothing cast) is plain data, cached by `tpcli.formats.cache` (keyed by the folder's manifest, config and
+    file sizes/mtimes, checked against the rank files' headers before use), so gathering the same folder again needs
+    neither torch nor transformers; otherwise `stream` reverts each conversion group with transformers."""
 
-    `boxes` (output file -> per tensor, the JSON-ready `bytecopy.Box` of each chunk) is set when no conversion is
-    reverted and nothing is cast: the job is then plain data, cached by `tpcli.formats.cache` (keyed by the folder's
-    manifest, config and file sizes/mtimes, checked against the rank files' headers before use), so gathering the
-    same folder again needs neither torch nor transformers. Otherwise `live` holds what the general path needs."""
+    plan: BytePlan
+    stream: GatherStream | None = None
 
-    per_file: dict  # output file -> [(checkpoint name, dtype, shape)] in file order
-    weight_map: dict
-    parameter_count: int
-    total: int  # bytes read, for the progress bar
-    cast: str | None
-    boxes: dict | None = None
-    headers: dict | None = None  # rank file -> (size, sha256 of its header)
-    live: tuple | None = None  # (reader, groups, conversions)
+
+class GatherStream:
+    """The general path: assemble each reverse-conversion group (`reader.read(group)`: run-time name -> whole
+    tensor), cast it, revert it with transformers, and hand each checkpoint tensor to its output file."""
+
+    def __init__(self, reader, groups: list[list[str]], conv, cast: str | None, file_of: dict[str, str]):
+        self.reader, self.groups, self.conv, self.cast, self.file_of = reader, groups, conv, cast, file_of
+
+    def run(self, write, advance) -> None:
+        from tpcli.formats.executor import cast_tensor
+
+        for group in self.groups:
+            full = self.reader.read(group)
+            if self.cast:  # before reverting, as transformers' save of a model loaded in that dtype
+                full = {n: cast_tensor(t, self.cast) for n, t in full.items()}
+            tensor = None
+            for key, tensor in self.conv.revert(full).items():
+                write(self.file_of[key], key, tensor)
+            del full, tensor  # the loop variable would keep this group alive while the next is read
+            advance(self.reader.step_bytes(group))
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def gather_plan(source: Path, files: tuple[FilePlan, ...], *, parameter_count: int, total: int, cast: str | None,
+                aux_folder: Path | None = None, headers: dict | None = None) -> BytePlan:
+    """The byte plan of a gather whose output files are `files` (every planner's common tail): config and tokenizer
+    copied from `aux_folder` (default `source`), config.json's dtype set to `cast`, and an index when there are
+    several files (total_size: the bytes of every tensor; total_parameters: the model's own count)."""
+    aux_folder = aux_folder or source
+    index = None
+    if len(files) > 1:
+        total_size = sum(tensor_bytes(t.dtype, t.shape) for f in files for t in f.tensors)
+        index = {"metadata": {"total_parameters": parameter_count, "total_size": total_size},
+                 "weight_map": dict(sorted((t.name, f.name) for f in files for t in f.tensors))}
+    return BytePlan(command="gather", label="gather", source=str(source), files=files, total=total,
+                    aux_folder=str(aux_folder),
+                    aux=tuple(p.name for p in aux_files(aux_folder) if p.name != manifest.NAME),
+                    config_dtype=cast, index=index, headers=headers or {})
+
+
+def cached_job(entry: dict | None, folder: Path) -> GatherJob | None:
+    """The cached job of the sharded folder `folder` (resolved), if its plan passes `BytePlan.from_json`'s
+    validation (rank files unchanged since planning, output names `model*.safetensors`); else None (replan)."""
+    from tpcli.formats.cache_check import OUTPUT_NAME
+
+    if not isinstance(entry, dict) or set(entry) != {"plan"}:
+        return None
+    try:
+        return GatherJob(BytePlan.from_json(entry["plan"], source=folder, aux_folder=folder, command="gather",
+                                            output_name=OUTPUT_NAME.fullmatch))
+    except Invalid:
+        return None
 
 
 def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "5GB", dtype: str | None = None,
@@ -59,7 +107,7 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     put in place (`tpcli.formats.bytecopy`); byte_copy=False forces the general path (tests compare the two).
     A training checkpoint (torch DCP, verl's per-rank files) goes through `tpcli.commands.gather_train`, with
     `config` naming the model it was trained from."""
-    from tpcli.formats import cache, cache_check
+    from tpcli.formats import cache
     from tpcli.formats.train_folder import is_train_folder
 
     started = time.perf_counter()
@@ -93,17 +141,17 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
     else:
         key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
                         sharded=True) if byte_copy else None
-        job = GatherJob.from_cache(cache.get(key), folder, check=lambda e: cache_check.gather_entry(e, folder))
+        job = cached_job(cache.get(key), folder)
         path = "cache" if job is not None else "transformers"
         integrity = check_folder(folder, quick=False, with_plan=job is None, defer_hashes=True)
         if job is None:
             reuse_freed_memory()
             job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
-            if job.boxes is not None:
-                cache.put(key, job.to_json())
+            if job.stream is None:
+                cache.put(key, {"plan": job.plan.to_json()})
     saved = saved_mesh.saved_by(folder, integrity)  # the mesh it was saved on: recorded, or inferred from its layout
-    files, copied = write_job(job, folder, out_path, integrity["check_hashes"], progress=progress,
-                               force=force)
+    written = execute(job.plan, out_path, force=force, progress=progress, check_inputs=integrity["check_hashes"],
+                      stream=job.stream)
     return {
         "out": str(out_path),
         "source": str(folder),
@@ -114,17 +162,17 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
         "path": path,
         "tp_size": saved_mesh.tp_size(saved),  # None: the layout does not determine it (see saved_by)
         "saved_by": saved,
-        **written_report(job, files, copied, removed, started),
+        **written_report(job.plan, written, removed, started),
     }
 
 
-
-def written_report(job, files: dict, copied, removed, started: float) -> dict:
+def written_report(plan: BytePlan, written: Written, removed, started: float) -> dict:
     """The part of a gather's report that says what was written (every source kind ends its report with it)."""
+    files = {name: size for name, (size, _) in written.files.items()}
     return {
-        "tensors": len(job.weight_map),
+        "tensors": plan.tensor_count,
         "files": files,
-        "copied": copied,
+        "copied": written.copied,
         "bytes_written": sum(files.values()),
         "removed_temp_folders": removed,
         "seconds": round(time.perf_counter() - started, 3),
@@ -161,9 +209,9 @@ def _manifest_job(folder: Path, *, max_shard_size, cast: str | None) -> tuple[Ga
     integrity = check_folder(folder, quick=False, with_plan=False, defer_hashes=True, record=record)
     if integrity["manifest"] != meta:
         raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing writes it.")
-    fields = manifest_gather.plan(folder, integrity["manifest"], integrity["tensors"], record,
-                                  max_shard_size=max_shard_size)
-    return GatherJob(**fields, cast=cast), integrity
+    files, parameter_count, total = manifest_gather.plan(folder, integrity["manifest"], integrity["tensors"], record,
+                                                         max_shard_size=max_shard_size)
+    return GatherJob(gather_plan(folder, files, parameter_count=parameter_count, total=total, cast=cast)), integrity
 
 
 def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None, byte_copy: bool = True) -> GatherJob:
@@ -187,117 +235,45 @@ def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None,
                                   f"{list(plan.tensors[n].shape)} in config.json.")
 
     conv = Conversions(plan.model)
-    job, groups = lay_out_job({n: (reader.tensors[n].shape, reader.tensors[n].dtype) for n in names}, conv,
-                              max_shard_size=max_shard_size, cast=cast, parameter_count=plan.parameter_count)
+    tensors = {n: (reader.tensors[n].shape, reader.tensors[n].dtype) for n in names}
+    files, groups = lay_out_files(tensors, conv, cast=cast, max_shard_size=max_shard_size)
+    total = sum(tensor_bytes(dtype, shape) for shape, dtype in tensors.values())
     if not (byte_copy and not conv.reverts and all(cast in (None, reader.tensors[n].dtype) for n in names)):
-        job.live = (reader, groups, conv)
-        return job
+        stream = GatherStream(reader, groups, conv, cast, {t.name: f.name for f in files for t in f.tensors})
+        return GatherJob(gather_plan(folder, files, parameter_count=plan.parameter_count, total=total, cast=cast),
+                         stream)
     # every output tensor is a run-time tensor as stored: its chunks' bytes only need to be put in place
-    job.boxes = {f: [[[c.file, *_chunk_start(reader, folder, c.file, name), list(c.offsets), list(c.sizes)]
-                      for c in reader.tensors[name].chunks] for name, _, _ in entries]
-                 for f, entries in job.per_file.items()}
-    job.headers = {f: header_digest(folder / f) for f in integrity["files"]}
-    reader.close()
-    return job
+    try:
+        files = tuple(FilePlan(f.name, tuple(
+            replace(t, boxes=tuple(SourceBox(c.file, reader.handle(folder / c.file).offset(t.name), t.shape,
+                                             tuple(c.offsets), tuple(c.sizes), "dest")
+                                   for c in reader.tensors[t.name].chunks)) for t in f.tensors), f.metadata)
+                      for f in files)
+        headers = {f: header_digest(folder / f) for f in integrity["files"]}
+    finally:
+        reader.close()
+    return GatherJob(gather_plan(folder, files, parameter_count=plan.parameter_count, total=total, cast=cast,
+                                 headers=headers))
 
 
-def lay_out_job(tensors: dict[str, tuple[tuple[int, ...], str]], conv, *, max_shard_size, cast: str | None,
-                parameter_count: int) -> tuple[GatherJob, list[list[str]]]:
-    """(job, groups): the output files of the run-time tensors {name: (shape, dtype)}, as `save_pretrained` splits
-    them, each reverse-conversion group reverted on the meta device to get checkpoint names and shapes."""
+def lay_out_files(tensors: dict[str, tuple[tuple[int, ...], str]], conv, *, cast: str | None,
+                  max_shard_size) -> tuple[tuple[FilePlan, ...], list[list[str]]]:
+    """(files, groups): the output files of the run-time tensors {name: (shape, dtype)}, as `save_pretrained` splits
+    them, each reverse-conversion group reverted on the meta device to get checkpoint names, shapes and dtypes
+    (tensors without boxes: the stream writes them, or the caller adds their boxes)."""
     import torch
     from huggingface_hub import split_state_dict_into_shards_factory
 
     groups = conv.reverse_groups(list(tensors))
     meta = {n: torch.empty(shape, dtype=getattr(torch, cast or dtype), device="meta")
             for n, (shape, dtype) in tensors.items()}
-    outputs: list[list[tuple[str, tuple[int, ...], str]]] = []
-    for group in groups:
-        reverted = conv.revert({n: meta[n] for n in group})
-        outputs.append([(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in reverted.items()])
-
     split = split_state_dict_into_shards_factory(
         meta, get_storage_size=lambda t: t.numel() * t.element_size(), get_storage_id=lambda t: None,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     file_of_runtime = {n: f for f, ts in split.filename_to_tensors.items() for n in ts}
-    per_file: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {f: [] for f in split.filename_to_tensors}
-    weight_map: dict[str, str] = {}
-    for group, outs in zip(groups, outputs, strict=True):
-        file = file_of_runtime[group[0]]
-        for key, shape, dt in outs:
-            per_file[file].append((key, dt, shape))
-            weight_map[key] = file
-    total = sum(tensor_bytes(dtype, shape) for shape, dtype in tensors.values())
-    return GatherJob(per_file={f: e for f, e in per_file.items() if e}, weight_map=weight_map,
-                     parameter_count=parameter_count, total=total, cast=cast), groups
-
-
-def _chunk_start(reader: ShardedReader, folder: Path, file: str, name: str) -> list[int]:
-    return [reader.handle(folder / file).offset(name)]
-
-
-def write_job(job: GatherJob, folder: Path, out_path: Path, check_hashes, *, progress: Progress,
-              force: bool = False, aux_folder: Path | None = None) -> tuple[dict, list]:
-    """Write the output files, index, config and tokenizer into a temporary folder and publish it as `out_path`.
-
-    `check_hashes()` runs after the last byte is written and before publishing: it raises when an input was corrupt
-    or changed. Config and tokenizer files come from `aux_folder` (default: `folder`)."""
-    aux = [p for p in aux_files(aux_folder or folder) if p.name != manifest.NAME]
-    check_free_space(out_path, sum(file_size(e, {"format": "pt"}) for e in job.per_file.values()) +
-                     sum(f.stat().st_size for f in aux) + metadata_allowance(len(job.weight_map)))
-    with atomic_dir(out_path, command="gather", force=force) as tmp:
-        writers = {}
-        reader = job.live[0] if job.live else None
-        try:
-            if job.boxes is not None:
-                outputs = []
-                for f, entries in job.per_file.items():
-                    out_file, starts = bytecopy.lay_out(tmp / f, entries, {"format": "pt"})
-                    for (name, dt, shape), chunks in zip(entries, job.boxes[f], strict=True):
-                        out_file.units.append([
-                            bytecopy.Box(folder / file, start, starts[name], tuple(shape), tuple(offsets),
-                                         tuple(sizes), tensor_bytes(dt, (1,)), box_in="dest")
-                            for file, start, offsets, sizes in chunks])
-                    outputs.append(out_file)
-                with progress(job.total, "gather") as bar:
-                    bytecopy.write_files(outputs, sha256=False, advance=bar.advance)
-            else:
-                _, groups, conv = job.live
-                writers = {f: StreamWriter(tmp / f, entries, {"format": "pt"}, sha256=False)
-                           for f, entries in job.per_file.items()}
-                _stream(reader, groups, conv, job.cast, writers, job.weight_map, job.total, progress)
-            check_hashes()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-        finally:
-            if reader is not None:
-                reader.close()
-        if len(job.per_file) > 1:
-            total_size = sum(tensor_bytes(dt, shape) for entries in job.per_file.values() for _, dt, shape in entries)
-            index = {"metadata": {"total_parameters": job.parameter_count, "total_size": total_size},
-                     "weight_map": dict(sorted(job.weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        copied = copy_aux(aux_folder or folder, tmp, aux)
-        if job.cast:
-            set_config_dtype(tmp / "config.json", job.cast)
-        files = {f: (tmp / f).stat().st_size for f in job.per_file}
-    return files, copied
-
-
-def _stream(reader, groups, conv, cast, writers, weight_map, total: int, progress: Progress) -> None:
-    """The general path: assemble each reverse-conversion group, revert it with transformers, append it."""
-    with progress(total, "gather") as bar:
-        for group in groups:
-            full = reader.read(group)
-            if cast:
-                full = {n: cast_tensor(t, cast) for n, t in full.items()}
-            tensor = None
-            for key, tensor in conv.revert(full).items():
-                writers[weight_map[key]].write(key, tensor)
-            del full, tensor  # the loop variable would keep this group alive while the next is read
-            bar.advance(reader.step_bytes(group))
-    for w in writers.values():
-        w.close()
-
+    per_file: dict[str, list[TensorPlan]] = {f: [] for f in split.filename_to_tensors}
+    for group in groups:
+        reverted = conv.revert({n: meta[n] for n in group})
+        per_file[file_of_runtime[group[0]]].extend(
+            TensorPlan(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in reverted.items())
+    return tuple(FilePlan(f, tuple(ts), {"format": "pt"}) for f, ts in per_file.items() if ts), groups

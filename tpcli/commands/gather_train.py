@@ -2,9 +2,9 @@
 
 The folder is opened and checked once (`tpcli.formats.train_folder.TrainFolder`: paths, byte ranges, chunk counts,
 coverage); its names are matched to the model that `--config` builds (wrapper prefixes removed, shapes compared);
-`lay_out_job` splits the output as `save_pretrained` does; `write_job` (the same writer as every other gather)
-streams one reverse-conversion group at a time into a temporary folder and publishes it once the inputs are proven
-unchanged. Nothing here writes bytes itself.
+`lay_out_files` splits the output as `save_pretrained` does, and the byte plan it makes is written by
+`tpcli.formats.executor` (the writer of every shard and gather), one reverse-conversion group at a time, into a
+temporary folder published once the inputs are proven unchanged. Nothing here writes bytes itself.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
-from tpcli.commands.gather import GatherJob, lay_out_job, write_job, written_report
+from tpcli.commands.gather import GatherJob, GatherStream, gather_plan, lay_out_files, written_report
 from tpcli.errors import CheckpointError, UsageError
+from tpcli.formats.executor import execute
 from tpcli.formats.output import prepare_output, remove_stale_temps
 from tpcli.formats.train_folder import TrainFolder, open_train_folder
 from tpcli.formats.units import CAST_DTYPES, parse_dtype
@@ -79,7 +80,7 @@ def _first(items: list[str]) -> str:
 
 
 class TrainReader:
-    """`write_job`'s reader: run-time name -> the whole tensor, assembled from its saved pieces."""
+    """`GatherStream`'s reader: run-time name -> the whole tensor, assembled from its saved pieces."""
 
     def __init__(self, tf: TrainFolder, keys: dict[str, str]):
         self.tf, self.keys = tf, keys
@@ -108,14 +109,20 @@ def open_checked(directory: str, config: str | None):
     return tf, source, plan, saved_names(tf, plan)
 
 
-def plan_train_job(tf: TrainFolder, plan, keys: dict[str, str], *, max_shard_size, cast: str | None) -> GatherJob:
+def plan_train_job(tf: TrainFolder, plan, keys: dict[str, str], *, max_shard_size, cast: str | None,
+                   aux_folder: Path) -> GatherJob:
+    """The byte plan of the merged checkpoint (every tensor streamed: the pieces are assembled, not copied)."""
+    from tpcli.formats.units import tensor_bytes
     from tpcli.planning.convert import Conversions
 
     conv = Conversions(plan.model)
-    job, groups = lay_out_job({n: (tf.tensors[k].shape, tf.tensors[k].dtype) for n, k in keys.items()}, conv,
-                              max_shard_size=max_shard_size, cast=cast, parameter_count=plan.parameter_count)
-    job.live = (TrainReader(tf, keys), groups, conv)
-    return job
+    tensors = {n: (tf.tensors[k].shape, tf.tensors[k].dtype) for n, k in keys.items()}
+    files, groups = lay_out_files(tensors, conv, cast=cast, max_shard_size=max_shard_size)
+    total = sum(tensor_bytes(dtype, shape) for shape, dtype in tensors.values())
+    byte_plan = gather_plan(tf.path, files, parameter_count=plan.parameter_count, total=total, cast=cast,
+                            aux_folder=aux_folder)
+    return GatherJob(byte_plan, GatherStream(TrainReader(tf, keys), groups, conv, cast,
+                                             {t.name: f.name for f in files for t in f.tensors}))
 
 
 def gather_train(directory: str, *, config: str | None, out: str, max_shard_size="5GB", dtype: str | None = None,
@@ -125,9 +132,9 @@ def gather_train(directory: str, *, config: str | None, out: str, max_shard_size
     tf, source, plan, keys = open_checked(directory, config)
     out_path = prepare_output(out, force=force, inputs=[tf.path])
     removed = remove_stale_temps(out_path.parent)
-    job = plan_train_job(tf, plan, keys, max_shard_size=max_shard_size, cast=cast)
-    files, copied = write_job(job, tf.path, out_path, tf.check_unchanged, progress=progress, force=force,
-                              aux_folder=source)
+    job = plan_train_job(tf, plan, keys, max_shard_size=max_shard_size, cast=cast, aux_folder=source)
+    written = execute(job.plan, out_path, force=force, progress=progress, check_inputs=tf.check_unchanged,
+                      stream=job.stream)
     return {
         "out": str(out_path),
         "source": str(tf.path),
@@ -138,7 +145,7 @@ def gather_train(directory: str, *, config: str | None, out: str, max_shard_size
         "saved_by": {"mesh": None, "description": f"saved by {tf.world_size} ranks"},
         "config": str(source),
         "left_out": tf.left_out,
-        **written_report(job, files, copied, removed, started),
+        **written_report(job.plan, written, removed, started),
     }
 
 

@@ -3,38 +3,36 @@
 No process group and no model in RAM: every run-time tensor is read once (through transformers' converters),
 cut into each rank's contiguous chunk, and appended to that rank's file. Peak memory is about one conversion
 group (the largest fused tensor) plus its chunks. The same engine reshards a sharded folder N -> M.
+
+open the source (`open_source`) -> plan (`plan_job`: a `tpcli.formats.byteplan.BytePlan`, one file per rank) ->
+`tpcli.formats.executor.execute` -> report. Where every tensor is a checkpoint tensor as stored, each chunk is a
+box of its bytes (cached, so a repeat needs neither torch nor transformers); otherwise `ShardStream` reads each
+step through transformers' converters and the executor casts and appends every rank's chunk.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
 from tpcli.commands.integrity import check_folder, check_names, record_of
 from tpcli.errors import CheckpointError, UsageError
-from tpcli.formats import bytecopy, dcp, manifest, manifest_gather
+from tpcli.formats import dcp, manifest
 from tpcli.formats import source as sources
-from tpcli.formats.bytecopy import CachedJob, header_digest
+from tpcli.formats.byteplan import BytePlan, FilePlan, Invalid, SourceBox, TensorPlan, header_digest
+from tpcli.formats.executor import execute
 from tpcli.formats.heap import reuse_freed_memory
-from tpcli.formats.jsonfile import read_json
-from tpcli.formats.output import atomic_dir, check_free_space, copy_aux, prepare_output, remove_stale_temps
-from tpcli.formats.tensor_file import StreamWriter, file_size
-from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
+from tpcli.formats.output import prepare_output, remove_stale_temps
+from tpcli.formats.units import CAST_DTYPES, parse_dtype
 from tpcli.planning import pipeline
 from tpcli.planning.checks import require_valid
 from tpcli.planning.layout import plan_chunks
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
-from tpcli.planning.quant import quantization_record, strip_quantization_config
+from tpcli.planning.quant import quantization_record
 from tpcli.planning.readers import CheckpointReader, ShardedReader
-
-
-def metadata_allowance(entries: int) -> int:
-    """Bytes to reserve for what is written after the weights (tpcli.json or index.json, markers): ~200 B per
-    chunk or key in practice; 512 B each plus 4 KB keeps the free-space check on the safe side."""
-    return 4096 + 512 * entries
 
 
 def open_source(model: str, *, plan_file: str | None, revision: str | None, cast: str | None = None):
@@ -148,25 +146,42 @@ def stored_as_is(reader, steps, kind: str, plan: ResolvedPlan, cast: str | None)
     return stored
 
 
-@dataclass
-class ShardJob(CachedJob):
-    """Everything `shard` writes, decided before the first byte is read.
+@dataclass(frozen=True)
+class ShardJob:
+    """What `shard` writes (`plan`, decided before the first byte is read) and reports (`summary`: source, kind,
+    tensors, unexpected_keys, quantization, warnings). A plan of byte copies is plain data, cached by
+    `tpcli.formats.cache` with its summary so that sharding the same checkpoint again needs neither torch nor
+    transformers; otherwise `stream` reads the tensors through transformers' converters."""
 
-    `boxes` (rank -> one `bytecopy.Box` per entry, as JSON-ready lists) is set when every tensor is a checkpoint
-    tensor as stored: the job is then plain data, cached by `tpcli.formats.cache` so that sharding the same checkpoint again
-    needs neither torch nor transformers. Otherwise `live` holds the open reader for the general path."""
+    plan: BytePlan
+    summary: dict
+    stream: ShardStream | None = None
+    check_inputs: Callable[[], None] = field(default=lambda: None)
 
-    rank_files: list  # (file name, [(name, dtype, sizes)], metadata) per rank
-    doc: dict  # the manifest, "files" still empty
-    summary: dict  # source, kind, tensors, unexpected_keys, quantization, warnings
-    src_path: str
-    cast: str | None
-    dequantized: bool
-    entries: int  # chunks written, for the free-space allowance
-    total: int  # bytes read, for the progress bar
-    boxes: list | None = None
-    headers: dict | None = None  # source file -> (size, sha256 of its header): checked before a cached job runs
-    live: tuple | None = None  # (reader, steps, tied_after, chunk_of, check_hashes)
+
+class ShardStream:
+    """The general path: read each step through transformers' converters and give every rank its chunk of each
+    tensor, `full[offsets : offsets + sizes]` (the executor casts it to the planned dtype and appends it)."""
+
+    def __init__(self, reader, steps, tied_after, chunk_of, files: list[str]):
+        self.reader, self.steps, self.tied_after, self.chunk_of, self.files = reader, steps, tied_after, chunk_of, files
+
+    def run(self, write, advance) -> None:
+        for step, names in self.steps:
+            tensors, full = self.reader.read(step), None
+            for name in names:
+                full = tensors[name]
+                for alias in [name, *self.tied_after.get(name, [])]:
+                    for r, file in enumerate(self.files):
+                        c = self.chunk_of.get((r, alias))
+                        if c is not None:
+                            write(file, alias, full[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes,
+                                                                                          strict=True))])
+            del tensors, full  # the loop variable would keep this step alive while the next is read
+            advance(self.reader.step_bytes(step))
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = None, dtype: str | None = None,
@@ -180,7 +195,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
 
     byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
     they are (`tpcli.formats.bytecopy`); the two write identical files (tests compare them)."""
-    from tpcli.formats import cache, cache_check
+    from tpcli.formats import cache
 
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     if pp > 1 and tp > 1:
@@ -192,15 +207,16 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
     started = time.perf_counter()
     key = cache.key("shard", {"model": model, "tp": tp, "plan": plan_file, "dtype": cast,
                               "revision": revision}) if byte_copy and pp == 1 else None
-    job = ShardJob.from_cache(cache.get(key), check=lambda e: cache_check.shard_entry(e, local.resolve(), tp)) \
-        if key else None
+    job = cached_job(cache.get(key), local.resolve(), tp) if key else None
     if job is None:
         reuse_freed_memory()
         job = plan_job(model, tp=tp, plan_file=plan_file, cast=cast, revision=revision, byte_copy=byte_copy, pp=pp)
-        prepare_output(out, force=force, inputs=[Path(job.src_path)])  # a hub id is only known apart from OUT now
-        if job.boxes is not None:
-            cache.put(key, job.to_json())
-    files, copied = _write_job(job, out_path, tp=tp, progress=progress, force=force)
+        prepare_output(out, force=force, inputs=[Path(job.plan.source)])  # a hub id is only known apart from OUT now
+        if job.stream is None:
+            cache.put(key, {"plan": job.plan.to_json(), "summary": job.summary})
+    written = execute(job.plan, out_path, force=force, progress=progress, sha256=True, check_inputs=job.check_inputs,
+                      stream=job.stream)
+    files = {name: {"rank": r, "bytes": size, "sha256": h} for r, (name, (size, h)) in enumerate(written.files.items())}
     info = job.summary
     return {
         "out": str(out_path),
@@ -210,7 +226,7 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
         "kind": info["kind"],
         "tensors": info["tensors"],
         "files": files,
-        "copied": copied,
+        "copied": written.copied,
         "bytes_written": sum(f["bytes"] for f in files.values()),
         "unexpected_keys": info["unexpected_keys"],
         "quantization": info["quantization"],
@@ -218,6 +234,23 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
         "warnings": info["warnings"],
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def cached_job(entry: dict | None, folder: Path, tp: int) -> ShardJob | None:
+    """The cached job of the model folder `folder` (resolved) at `tp`, if its plan passes `BytePlan.from_json`'s
+    validation (sources unchanged since planning) and writes exactly the `tp` rank files; else None (replan)."""
+    from tpcli.formats.cache_check import shard_summary
+
+    if not isinstance(entry, dict) or set(entry) != {"plan", "summary"}:
+        return None
+    try:
+        plan = BytePlan.from_json(entry["plan"], source=folder, aux_folder=folder, command="shard")
+        shard_summary(entry["summary"])
+    except Invalid:
+        return None
+    if [f.name for f in plan.files] != [dcp.shard_file_name(r) for r in range(tp)]:
+        return None
+    return ShardJob(plan, entry["summary"])
 
 
 def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, revision: str | None,
@@ -232,121 +265,42 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
         order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
         rank_files = []
         for r in range(tp * pp):
-            entries = [(c.name, c.dtype, c.sizes) for n in order if (c := chunk_of.get((r, n))) is not None]
+            entries = [c for n in order if (c := chunk_of.get((r, n))) is not None]
             rank_files.append((dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
         doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
                              tensors=infos, chunks=chunks, dtype=cast, files={}, pp=pp)
         doc.update(quantization_record(plan, list(reader.unexpected)))
         if plan.quantization is None and not plan.dequantized:  # config_sha256 is added once config.json is written
             doc["names"] = {"checkpoint": checkpoint_names(plan)}
-        job = ShardJob(rank_files=rank_files, doc=doc, src_path=str(src.path), cast=cast,
-                       dequantized=plan.dequantized, entries=len(chunk_of),
-                       total=sum(reader.step_bytes(s) for s, _ in steps),
-                       summary={"source": doc["source"], "kind": kind, "tensors": len(infos),
-                                "unexpected_keys": list(reader.unexpected), "quantization": doc["quantization"],
-                                "warnings": [f.to_dict() for f in findings if f.severity == "warning"]})
+        summary = {"source": doc["source"], "kind": kind, "tensors": len(infos),
+                   "unexpected_keys": list(reader.unexpected), "quantization": doc["quantization"],
+                   "warnings": [f.to_dict() for f in findings if f.severity == "warning"]}
         stored = stored_as_is(reader, steps, kind, plan, cast) if byte_copy else None
-        if stored is None:
-            job.live = (reader, steps, tied_after, chunk_of, check_hashes)
-            return job
         origin = {alias: name for _, names in steps for name in names for alias in [name, *tied_after.get(name, [])]}
-        job.boxes = [[[str(stored[origin[alias]][0]), stored[origin[alias]][1], list(stored[origin[alias]][2]),
-                       list(chunk_of[(r, alias)].offsets), list(sizes), tensor_bytes(dt, (1,))]
-                      for alias, dt, sizes in entries] for r, (_, entries, _) in enumerate(rank_files)]
-        job.headers = {str(f): header_digest(f) for f in {v[0] for v in stored.values()}}
+
+        def boxes(alias, c) -> tuple[SourceBox, ...] | None:
+            if stored is None:
+                return None
+            path, start, shape, _ = stored[origin[alias]]
+            return (SourceBox(Path(path).name, start, tuple(shape), tuple(c.offsets), tuple(c.sizes), "src"),)
+
+        files = tuple(FilePlan(name, tuple(TensorPlan(c.name, c.dtype, tuple(c.sizes), boxes(c.name, c))
+                                           for c in entries), metadata)
+                      for name, entries, metadata in rank_files)
+        label = f"shard pp={pp}" if pp > 1 else f"shard tp={tp}"
+        byte_plan = BytePlan(
+            command="shard", label=label, source=str(src.path), files=files,
+            total=sum(reader.step_bytes(s) for s, _ in steps), aux_folder=str(src.path),
+            aux=tuple(p.name for p in sources.aux_files(src.path)), config_dtype=cast,
+            strip_quantization=plan.dequantized, manifest=doc,
+            headers={Path(f).name: header_digest(f) for f in {v[0] for v in stored.values()}} if stored else {})
+        if stored is None:
+            return ShardJob(byte_plan, summary, ShardStream(reader, steps, tied_after, chunk_of,
+                                                            [f.name for f in files]), check_hashes)
         reader.close()
-        return job
+        return ShardJob(byte_plan, summary)
     except BaseException:
         reader.close()
         raise
 
 
-def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress,
-               force: bool = False) -> tuple[dict, list]:
-    """Write the rank files, config and manifest into a temporary folder and publish it as `out_path`."""
-    aux = sources.aux_files(Path(job.src_path))
-    check_free_space(out_path, sum(file_size(e, m) for _, e, m in job.rank_files) +
-                     sum(f.stat().st_size for f in aux) + metadata_allowance(job.entries))
-    with atomic_dir(out_path, command="shard", force=force) as tmp:
-        writers = []
-        reader, steps, tied_after, chunk_of, check_hashes = job.live or (None, None, None, None, lambda: None)
-        try:
-            if job.boxes is not None:
-                outputs = []
-                for (name, entries, metadata), boxes in zip(job.rank_files, job.boxes, strict=True):
-                    out_file, starts = bytecopy.lay_out(tmp / name, entries, metadata)
-                    for (alias, _, _), (path, start, shape, offsets, sizes, itemsize) in zip(entries, boxes,
-                                                                                                strict=True):
-                        out_file.units.append([bytecopy.Box(Path(path), start, starts[alias], tuple(shape),
-                                                            tuple(offsets), tuple(sizes), itemsize, box_in="src")])
-                    outputs.append(out_file)
-                with progress(job.total, _label(job, tp)) as bar:
-                    hashes = bytecopy.write_files(outputs, sha256=True, advance=bar.advance)
-                paths = [o.path for o in outputs]
-            else:
-                for name, entries, metadata in job.rank_files:
-                    writers.append(StreamWriter(tmp / name, entries, metadata))
-                hashes, paths = _stream(reader, steps, tied_after, chunk_of, writers, _label(job, tp), job.total,
-                                        progress)
-            check_hashes()  # a corrupt sharded input: raise before anything is published
-        except BaseException:
-            for w in writers:
-                w.abort()
-            raise
-        finally:
-            if reader is not None:
-                reader.close()
-        copied = copy_aux(Path(job.src_path), tmp, aux)
-        if job.cast:
-            set_config_dtype(tmp / "config.json", job.cast)
-        if job.dequantized:
-            strip_quantization_config(tmp / "config.json")
-        files = {p.name: {"rank": r, "bytes": p.stat().st_size, "sha256": h}
-                 for r, (p, h) in enumerate(zip(paths, hashes, strict=True))}
-        doc = {**job.doc, "files": files}  # "files" keeps its place in the manifest
-        if "names" in doc:
-            sha = manifest_gather.config_sha256(tmp)
-            if sha:
-                doc["names"] = {**doc["names"], "config_sha256": sha}
-            else:
-                del doc["names"]
-        manifest.write(tmp, doc)
-    return files, copied
-
-
-def _label(job: ShardJob, tp: int) -> str:
-    pp = job.doc.get("pp_size", 1)
-    return f"shard pp={pp}" if pp > 1 else f"shard tp={tp}"
-
-
-def _stream(reader, steps, tied_after, chunk_of, writers, label: str, total: int, progress: Progress):
-    """The general path: read each step through transformers' converters, slice every rank's chunk, append it."""
-    with progress(total, label) as bar:
-        for step, names in steps:
-            tensors, full = reader.read(step), None
-            for name in names:
-                full = tensors[name]
-                for alias in [name, *tied_after.get(name, [])]:
-                    for r in range(len(writers)):
-                        c = chunk_of.get((r, alias))
-                        if c is not None:
-                            index = tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes, strict=True))
-                            writers[r].write(alias, cast_tensor(full[index], c.dtype))
-            del tensors, full  # the loop variable would keep this step alive while the next is read
-            bar.advance(reader.step_bytes(step))
-    return [w.close() for w in writers], [w.path for w in writers]
-
-
-def cast_tensor(t, dtype: str):
-    import torch
-
-    target = getattr(torch, dtype)
-    return t if t.dtype == target else t.to(target)
-
-
-def set_config_dtype(path: Path, dtype: str) -> None:
-    if path.is_file():
-        cfg = read_json(path, what="the model's config")
-        cfg["dtype"] = dtype
-        cfg.pop("torch_dtype", None)
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -122,45 +122,6 @@ def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int,
     return starts, sizes[k] * strides[k]
 
 
-def header_digest(path: Path) -> list:
-    """[size, sha256 of the safetensors header]: what the byte offsets of a cached job depend on in a source file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return [os.fstat(f.fileno()).st_size, hashlib.sha256(f.read(n)).hexdigest()]
-
-
-class CachedJob:
-    """What `shard`'s and `gather`'s jobs share: when every tensor is moved as bytes, a job is plain data (its
-    `headers` map each source file, relative to a folder, to its `header_digest` at planning time), kept in
-    `tpcli.formats.cache` as JSON; `live` (open readers of the general path) is never cached."""
-
-    headers: dict | None
-    live: tuple | None
-
-    def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "live"}
-
-    @classmethod
-    def from_cache(cls, entry: dict | None, folder: Path = Path(), check=None):
-        """The cached job, if `check(entry)` (`tpcli.formats.cache_check`: every field present and typed, plain names,
-        sources inside the model folder) passes and every source file still has the size and header it was planned
-        with (else None: replan). Offsets into a file move only when its header changes, so its bytes need not be
-        compared."""
-        from tpcli.formats.cache_check import Invalid
-
-        if not entry:
-            return None
-        try:
-            if check is not None:
-                check(entry)
-            job = cls(**entry)
-            if any(header_digest(folder / f) != list(d) for f, d in job.headers.items()):
-                return None
-        except (Invalid, OSError, TypeError, ValueError, KeyError, struct.error):
-            return None
-        return job
-
-
 def write_files(files: list[OutputFile], *, sha256: bool, advance=None, workers: int | None = None) -> list[str | None]:
     """Write every output file (one thread each, at most `workers` at a time); returns their sha256 (or None).
 

@@ -1,6 +1,6 @@
 """A small result cache for the static commands (`inspect`, `verify --tp N` of a model folder), and for the layout
-of `shard` / `gather` when they only move bytes (`commands.shard.ShardJob`, `commands.gather.GatherJob`: which bytes of which
-source file go where; the bytes themselves are always read, written and hashed anew).
+of `shard` / `gather` when they only move bytes (a `tpcli.formats.byteplan.BytePlan`: which bytes of which source
+file go where; the bytes themselves are always read, written and hashed anew).
 
 Building the meta model costs seconds of imports (torch, transformers, the model's modules) for a result that is a
 pure function of a few small inputs. The cache stores that JSON result under a key that covers every input, so a
@@ -20,8 +20,8 @@ file rewritten with the same size and mtime cannot send bytes to the wrong place
 
 A cache is never a way in: the folder is created 0700, and a folder (or entry) not owned by the current user or
 writable by group/others is not used at all (said once on stderr; tpcli then runs as without a cache). Every entry
-is validated before use (`CachedJob.from_cache`: every field present and typed, rank file names plain, sources
-regular files inside the model folder); anything else is a miss. At most MAX_ENTRIES entries and MAX_BYTES bytes
+is validated before use (`BytePlan.from_json`: every field present and typed, output names plain, boxes inside
+their tensors and source files, sources regular files inside the model folder); anything else is a miss. At most MAX_ENTRIES entries and MAX_BYTES bytes
 are kept: writing an entry evicts the least recently used (a hit refreshes an entry's mtime). Versions are read with importlib.metadata, so a hit imports neither torch nor transformers. A model
 given as a hub id (no local folder) or with --revision is never cached (the hub can change under the same name).
 Only successful results are stored (the caller decides: an error raises before `put`, a failed verify is not
@@ -45,7 +45,7 @@ from pathlib import Path
 from tpcli.formats.jsonfile import MAX_DEPTH, nesting_depth
 
 ENV = "TPCLI_CACHE_DIR"
-SCHEMA = 2
+SCHEMA = 3  # 3: a shard/gather layout is a BytePlan
 _PACKAGE = Path(__file__).resolve().parents[1]  # the whole tpcli package: any source change is a miss
 _PLAN_LIBRARIES = (_PACKAGE / "plans", _PACKAGE.parent / "plans")  # installed package data, or a source checkout
 _VERSIONED = ("tpcli", "torch", "transformers", "safetensors", "huggingface_hub")

@@ -114,15 +114,18 @@ def dot_natural_key(s: str) -> list:
     return parts
 
 
-def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_size) -> dict:
-    """The gather job's fields (`commands.gather.GatherJob`) for a mergeable folder.
+def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_size) -> tuple[tuple, int, int]:
+    """(files, parameter_count, total): the output files of a mergeable folder, each tensor with the boxes of its
+    chunks (`byteplan.FilePlan`), the model's parameter count and the bytes read; `commands.gather.gather_plan`
+    makes the byte plan of them, as it does of the general path's `plan_job` for a folder without conversions.
 
     `tensors` is `dcp.scan`'s result (state order of the rank files, chunks from their headers), already checked
     against the manifest and against `record` (`integrity.check_names`: config.json's names, shapes and ties, the
-    ties proven by the bytes). What is left out as tied is what `record` ties, not what the manifest says. Returns per_file, weight_map, parameter_count, total, boxes: what the general path's
-    `plan_job` computes for a folder without conversions, for the same inputs.
+    ties proven by the bytes). What is left out as tied is what `record` ties, not what the manifest says.
     """
     from huggingface_hub import split_state_dict_into_shards_factory  # public, lazy: no torch
+
+    from tpcli.formats.byteplan import FilePlan, SourceBox, TensorPlan
 
     recorded = record["tensors"]
     names = [n for n in tensors if n in recorded and not recorded[n]["tied_to"]]
@@ -131,19 +134,16 @@ def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_siz
         sizes, get_storage_size=lambda nbytes: nbytes, get_storage_id=lambda nbytes: None,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     file_of = {n: f for f, ns in split.filename_to_tensors.items() for n in ns}
+    starts = {f: _data_starts(Path(folder) / f) for f in {c.file for n in names for c in tensors[n].chunks}}
     per_file: dict[str, list] = {f: [] for f in split.filename_to_tensors}
-    weight_map: dict[str, str] = {}
     for n in sorted(names, key=dot_natural_key):  # reverse groups of one name each, in transformers' order
         t = tensors[n]
-        per_file[file_of[n]].append((n, t.dtype, tuple(t.shape)))
-        weight_map[n] = file_of[n]
-    per_file = {f: e for f, e in per_file.items() if e}
-    starts = {f: _data_starts(Path(folder) / f) for f in {c.file for n in names for c in tensors[n].chunks}}
-    boxes = {f: [[[c.file, starts[c.file][name], list(c.offsets), list(c.sizes)] for c in tensors[name].chunks]
-                 for name, _, _ in entries] for f, entries in per_file.items()}
-    return {"per_file": per_file, "weight_map": weight_map,
-            "parameter_count": sum(_numel(recorded[n]["shape"]) for n in recorded if not recorded[n]["tied_to"]),
-            "total": sum(sizes.values()), "boxes": boxes}
+        shape = tuple(t.shape)
+        per_file[file_of[n]].append(TensorPlan(n, t.dtype, shape, tuple(
+            SourceBox(c.file, starts[c.file][n], shape, tuple(c.offsets), tuple(c.sizes), "dest") for c in t.chunks)))
+    files = tuple(FilePlan(f, tuple(ts), {"format": "pt"}) for f, ts in per_file.items() if ts)
+    parameter_count = sum(_numel(recorded[n]["shape"]) for n in recorded if not recorded[n]["tied_to"])
+    return files, parameter_count, sum(sizes.values())
 
 
 def _numel(shape: list[int]) -> int:

@@ -162,21 +162,6 @@ def dequantize(weight, scales, dtype):
     return Fp8Dequantize(None)._dequantize_one(weight, scales, output_dtype=dtype)
 
 
-def strip_quantization_config(path) -> None:
-    """A dequantized output is an ordinary checkpoint: drop `quantization_config` from its config.json (as
-    transformers' `postprocess_model` removes it from a model it dequantized)."""
-    import json
-    from pathlib import Path
-
-    from tpcli.formats.jsonfile import read_json
-
-    p = Path(path)
-    if p.is_file():
-        cfg = read_json(p, what="the model's config")
-        cfg.pop("quantization_config", None)
-        p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
 def quantization_record(plan, skipped_keys: list[str]) -> dict:
     """Manifest keys for a sharded folder: `quantization` (null, or the method, block size and whether the shards
     hold the stored or the dequantized representation) and `skipped_keys` (checkpoint keys the model does not use)."""
