@@ -568,7 +568,7 @@ def test_a_real_full_filesystem(check, model_dirs, tmp_path, monkeypatch, capsys
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
         if not check:
-            monkeypatch.setattr("tpcli.commands.shard.check_free_space", lambda *a: None)
+            monkeypatch.setattr("tpcli.formats.executor.check_free_space", lambda *a: None)
         rc, _, err = run_main(monkeypatch, capsys, "shard", model_dirs("qwen3"), "--tp", "2", "--out", mnt / "o")
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert rc == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in err
@@ -586,7 +586,7 @@ def test_free_space_estimate_covers_the_output(command, model_dirs, sharded_src,
 
     asked = []
     real = output.check_free_space
-    monkeypatch.setattr(f"tpcli.commands.{command}.check_free_space",
+    monkeypatch.setattr("tpcli.formats.executor.check_free_space",  # the one writer's estimate, for each planner
                         lambda out, needed: (asked.append(needed), real(out, needed)))
     out = tmp_path / "o"
     if command == "shard":
