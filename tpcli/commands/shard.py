@@ -263,10 +263,6 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
         chunks = plan_chunks(infos, tp, pipeline.stages(plan, pp) if pp > 1 else None)
         chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
         order = [n for _, names in steps for name in names for n in [name, *tied_after.get(name, [])]]
-        rank_files = []
-        for r in range(tp * pp):
-            entries = [c for n in order if (c := chunk_of.get((r, n))) is not None]
-            rank_files.append((dcp.shard_file_name(r), entries, dcp.sharding_metadata(chunks[r])))
         doc = manifest.build(source={**src.describe(), "spec": model, "kind": kind}, tp=tp, plan=plan,
                              tensors=infos, chunks=chunks, dtype=cast, files={}, pp=pp)
         doc.update(quantization_record(plan, list(reader.unexpected)))
@@ -278,15 +274,16 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
         stored = stored_as_is(reader, steps, kind, plan, cast) if byte_copy else None
         origin = {alias: name for _, names in steps for name in names for alias in [name, *tied_after.get(name, [])]}
 
-        def boxes(alias, c) -> tuple[SourceBox, ...] | None:
+        def tensor(c) -> TensorPlan:
+            """Rank c.rank's chunk of c.name: streamed, or the box of its stored bytes."""
             if stored is None:
-                return None
-            path, start, shape, _ = stored[origin[alias]]
-            return (SourceBox(Path(path).name, start, tuple(shape), tuple(c.offsets), tuple(c.sizes), "src"),)
+                return TensorPlan(c.name, c.dtype, tuple(c.sizes))
+            path, start, shape, _ = stored[origin[c.name]]
+            return TensorPlan(c.name, c.dtype, tuple(c.sizes), (
+                SourceBox(Path(path).name, start, tuple(shape), tuple(c.offsets), tuple(c.sizes), "src"),))
 
-        files = tuple(FilePlan(name, tuple(TensorPlan(c.name, c.dtype, tuple(c.sizes), boxes(c.name, c))
-                                           for c in entries), metadata)
-                      for name, entries, metadata in rank_files)
+        files = tuple(FilePlan(dcp.shard_file_name(r), tuple(tensor(chunk_of[r, n]) for n in order if (r, n) in chunk_of),
+                               dcp.sharding_metadata(chunks[r])) for r in range(tp * pp))
         label = f"shard pp={pp}" if pp > 1 else f"shard tp={tp}"
         byte_plan = BytePlan(
             command="shard", label=label, source=str(src.path), files=files,
