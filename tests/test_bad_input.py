@@ -178,7 +178,7 @@ def _index(weight_file):
 
 
 def _keys(model: Path) -> list[str]:
-    from tpcli.formats.tensor_file import read_header
+    from tpcli.formats.rankfile import read_header
 
     return list(read_header(model / "model.safetensors")[0])
 

@@ -32,10 +32,9 @@ suite shards; tests/test_manifest_trust.py, that a forged manifest or config.jso
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
-from tpcli.formats.tensor_file import read_header
+from tpcli.formats.rankfile import data_spans
 
 
 def installed_transformers() -> str | None:
@@ -138,8 +137,8 @@ def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_siz
         per_file[file_of[n]].append((n, t.dtype, tuple(t.shape)))
         weight_map[n] = file_of[n]
     per_file = {f: e for f, e in per_file.items() if e}
-    starts = {f: _data_starts(Path(folder) / f) for f in {c.file for n in names for c in tensors[n].chunks}}
-    boxes = {f: [[[c.file, starts[c.file][name], list(c.offsets), list(c.sizes)] for c in tensors[name].chunks]
+    spans = {f: data_spans(Path(folder) / f) for f in {c.file for n in names for c in tensors[n].chunks}}
+    boxes = {f: [[[c.file, spans[c.file][name][0], list(c.offsets), list(c.sizes)] for c in tensors[name].chunks]
                  for name, _, _ in entries] for f, entries in per_file.items()}
     return {"per_file": per_file, "weight_map": weight_map,
             "parameter_count": sum(_numel(recorded[n]["shape"]) for n in recorded if not recorded[n]["tied_to"]),
@@ -151,12 +150,3 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _data_starts(path: Path) -> dict[str, int]:
-    """{tensor: absolute byte offset of its data} in a safetensors file (header checked by `read_header`)."""
-    header, _ = read_header(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return {name: 8 + n + entry["data_offsets"][0] for name, entry in header.items()}
-

@@ -138,7 +138,7 @@ def is_plain_name(name) -> bool:
 def check_inside(folder: Path, path: Path, what: str) -> Path:
     """`path` (a file of `folder`) must be a regular file that resolves inside `folder`, or, for a hub snapshot
     (`.../models--org--name/snapshots/REV`), inside that repo's `blobs` folder where the cache's links point."""
-    from tpcli.formats.tensor_file import require_regular_file
+    from tpcli.formats.rankfile import require_regular_file
 
     require_regular_file(path, what)
     real, root = path.resolve(), folder.resolve()
@@ -202,7 +202,7 @@ def checkpoint_summary(source: Source) -> dict | None:
     """
     from collections import Counter
 
-    from tpcli.formats.tensor_file import read_header
+    from tpcli.formats.rankfile import read_header
 
     files = sorted(source.path.glob("*.safetensors"))
     dtypes: Counter = Counter()
