@@ -84,7 +84,7 @@ BOUNDS = {  # breakage -> words the one-line error must hold (besides the file's
     "not-an-object": (_raw(lambda b: _join([1, 2], b"")), ["not a JSON object"]),
     "metadata-not-strings": (_edit(lambda h, o: h.__setitem__("__metadata__", {"format": 1})), ["__metadata__",
                                                                                                  "'format' is int"]),
-    "entry-not-object": (_edit(lambda h, o: h.__setitem__(o[0], [1])), ["model.", "not an object"]),
+    "entry-not-object": (_edit(lambda h, o: h.__setitem__(o[0], [1])), ["not an object"]),
     "unknown-dtype": (_set("dtype", "F33"), ["F33"]),
     "shape-not-counts": (_set("shape", "5x7x3"), ["shape", "not a list of non-negative integers"]),
     "shape-bool": (_set("shape", [True, 7, 3]), ["shape", "not a list"]),
@@ -99,6 +99,8 @@ BOUNDS = {  # breakage -> words the one-line error must hold (besides the file's
     "data-truncated": (_raw(lambda b: b[:-3]), ["truncated (", "runs past the end"]),
     "bytes-after-last": (_raw(lambda b: b + b"\0" * 8), ["8 bytes after the last tensor"]),
 }
+NAMED = {"entry-not-object", "unknown-dtype", "shape-not-counts", "shape-bool", "offsets-missing", "offsets-reversed",
+         "size-mismatch", "overlap", "gap-then-past-end"}
 
 
 @pytest.mark.parametrize("case", sorted(BOUNDS))
@@ -112,6 +114,8 @@ def test_each_header_bound_is_refused_in_one_line(good, case):
     message = str(err.value)
     assert message.startswith(f"{path}: ") and "\n" not in message, message
     assert all(w in message for w in words), message
+    if case in NAMED:  # a bad entry: the tensor is named too
+        assert ": tensor model." in message, message
 
 
 def test_state_names_are_printable_ascii_words_for_rank_files(good):
