@@ -191,10 +191,10 @@ class SliceReader:
     * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled piece by piece: the bytes
       of elements [a, b) (`staging_spans`: at most `chunk_bytes` each) are read into a host staging buffer and
       copied to the same elements of the target with `_to_target` (`copy_` casts when the dtypes differ) by
-      `Staging.copy_into`, so the buffers never grow with the tensors. A slice stored as one chunk of one file (every Shard and replicated
-      tensor) is read from the file a piece at a time; a `_StridedShard` slice is assembled in ordinary host
-      memory first (`read_tensor`), then staged. Device memory is never touched from the host: no `.numpy()`, no
-      `readinto` into a device tensor.
+      `Staging.copy_into`, so the buffers never grow with the tensors. A slice stored as one chunk of one file
+      (every Shard and replicated tensor) is read from the file a piece at a time (`RankFile.read_run_to`); a
+      `_StridedShard` slice is assembled in ordinary host memory first (`read_tensor`), then staged. Device memory
+      is never touched from the host: no `.numpy()`, no `pread` into a device tensor.
     `stage=True` forces staging for CPU targets too (tests compare it with the direct path byte for byte).
     """
 
