@@ -227,3 +227,27 @@ def test_a_file_that_shrinks_after_opening_is_named_not_mapped(good):
         last = max(rf.keys(), key=lambda n: rf.entry(n).end)  # its bytes are past the new end
         with pytest.raises(CheckpointError, match="truncated while reading"):
             rf.read_bytes(last, 0, rf.entry(last).nbytes)
+
+
+def test_a_link_swapped_out_of_the_folder_after_the_check_is_refused(good, tmp_path, monkeypatch):
+    """The inside-the-folder check is proven on the opened descriptor: a rank file that is a link inside the folder
+    when checked, re-pointed outside just before `open` (the race a path check alone loses), is refused."""
+    import tpcli.formats.rankfile as rankfile
+
+    path, _ = good
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "real.safetensors").write_bytes(path.read_bytes())
+    link = folder / "shard.safetensors"
+    link.symlink_to(folder / "real.safetensors")
+    RankFile(link, "rank files", folder=folder).close()  # inside: opened
+    real_open = os.open
+
+    def swap_then_open(p, *a, **k):  # the link now points at the file outside the folder
+        link.unlink()
+        link.symlink_to(path)
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(rankfile.os, "open", swap_then_open)
+    with pytest.raises(CheckpointError, match=f"resolves to {path}, outside {folder}; rank files must live inside"):
+        RankFile(link, "rank files", folder=folder)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats.rankfile import RankFile
-from tpcli.formats.source import check_inside
 from tpcli.formats.units import SAFETENSORS_DTYPES, tensor_bytes
 
 SHARD_FILE_RE = re.compile(r"^shard-([0-9]{5})-model-([0-9]{5})-of-([0-9]{5})\.safetensors$")
@@ -77,8 +76,8 @@ def scan(folder: Path, *, expected_files: list[str] | None = None) -> dict[str, 
             raise CheckpointError(f"{folder / missing[0]}: missing (listed in the manifest).")
     tensors: dict[str, ShardedTensor] = {}
     for path in files:
-        check_inside(folder, path, "rank files")  # a link out of the folder is refused, as a checkpoint's weights are
-        with RankFile(path, "rank files", state_names=True) as f:  # names: dot-separated printable ASCII words
+        # a link out of the folder is refused, as a checkpoint's weights are; names: dot-separated printable ASCII
+        with RankFile(path, "rank files", folder=folder, state_names=True) as f:
             header, meta = f.header, f.metadata
         try:
             info = json.loads(meta.get(SHARDING_KEY, "{}"))

@@ -53,6 +53,27 @@ def require_regular_file(path: Path, what: str = "weights") -> os.stat_result:
     return st
 
 
+def inside_roots(folder: Path) -> list[Path]:
+    """Where the files of `folder` may resolve to: the folder, and for a hub snapshot
+    (`.../models--org--name/snapshots/REV`) also that repo's `blobs` folder, where the cache's links point."""
+    allowed = [folder.resolve()]
+    if folder.parent.name == "snapshots":
+        allowed.append(folder.parent.parent.resolve() / "blobs")
+    return allowed
+
+
+def check_inside(folder: Path, path: Path, what: str) -> Path:
+    """`path` (a file of `folder`) must be a regular file that resolves inside `folder` (`inside_roots`)."""
+    require_regular_file(path, what)
+    _refuse_outside(folder, path, path.resolve(), what)
+    return path
+
+
+def _refuse_outside(folder: Path, path: Path, real: Path, what: str) -> None:
+    if not any(real == a or a in real.parents for a in inside_roots(folder)):
+        raise CheckpointError(f"{path}: resolves to {real}, outside {folder}; {what} must live inside the model folder.")
+
+
 def file_kind(mode: int) -> str:
     """What a path that is not a regular file is, for one-line errors: 'a directory', 'a FIFO', 'a socket' or
     'a device' (opening a FIFO blocks until a writer appears; reading a folder or socket raises)."""
@@ -85,18 +106,24 @@ class RankFile:
 
     `header` is the checked JSON header without `__metadata__` ({name: {"dtype", "shape", "data_offsets"}}, in file
     order), `metadata` the `__metadata__` strings, `data_start` = 8 + header length, `size` the file's size when
-    opened. `state_names=True` (rank files) also requires every tensor name to be a state-dict name
-    (`STATE_NAME_RE`). Close it (or use it as a context manager) when done.
+    opened. With `folder`, the file must be a regular file inside it (`check_inside`), proven again on the open
+    descriptor (`/proc/self/fd`), so a link re-pointed between the check and the open is refused.
+    `state_names=True` (rank files) also requires every tensor name to be a state-dict name (`STATE_NAME_RE`). Close it (or use it as a context manager) when done.
     """
 
-    def __init__(self, path: Path, what: str = "weights", *, state_names: bool = False):
+    def __init__(self, path: Path, what: str = "weights", *, folder: Path | None = None, state_names: bool = False):
         self.path = Path(path)
-        require_regular_file(self.path, what)  # before open(): opening a FIFO would block
+        if folder is None:
+            require_regular_file(self.path, what)  # before open(): opening a FIFO would block
+        else:
+            check_inside(folder, self.path, what)
         try:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot be read ({exc.strerror}).") from None
         try:
+            if folder is not None:  # the file opened, not the path checked: a link swapped in between is refused
+                _refuse_outside(folder, self.path, _opened_path(self._fd, self.path), what)
             self.size = os.fstat(self._fd).st_size
             self.header, self.metadata, self.data_start = check_header(self.path, self._fd, self.size, state_names)
         except BaseException:
@@ -243,6 +270,15 @@ class RankFile:
         return CheckpointError(f"{self.path}: is now {size}, shorter than the {needed:,} bytes planned; it changed "
                                "while being read (truncated or rewritten?): re-run once it is complete. Nothing was "
                                "written.")
+
+
+def _opened_path(fd: int, path: Path) -> Path:
+    """The real path of the file open as `fd` (Linux: the /proc/self/fd link); `path` resolved where /proc is
+    missing."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return path.resolve()
 
 
 class RangeMap:
