@@ -442,7 +442,7 @@ def _json_field(out: str, key: str):
 
 
 def _largest_tensor_bytes(folder: Path) -> int:
-    from tpcli.formats.tensor_file import read_header
+    from tpcli.formats.rankfile import read_header
 
     best = 0
     for f in folder.glob("*.safetensors"):

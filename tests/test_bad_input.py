@@ -27,7 +27,6 @@ SHARD1 = "shard-00001-model-00001-of-00001.safetensors"
 SHARD2 = "shard-00002-model-00001-of-00001.safetensors"
 
 
-
 @pytest.fixture(scope="module")
 def sharded_src(model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad") / "sharded"
@@ -72,27 +71,9 @@ def _overlap(h, order):
     h[b]["data_offsets"] = list(h[a]["data_offsets"])  # b now reads a's bytes: the case main sharded silently
 
 
-def _set(name_index, key, value):
-    def edit(h, order):
-        h[order[name_index]][key] = value
-    return edit
-
-
-def _drop_offsets(h, order):
-    del h[order[0]]["data_offsets"]
-
-
-def _reverse_offsets(h, order):
-    h[order[0]]["data_offsets"] = h[order[0]]["data_offsets"][::-1]
-
-
 def _past_end(h, order):
     b, e = h[order[-1]]["data_offsets"]
     h[order[-1]]["data_offsets"] = [b + 8, e + 8]  # shifted past the end of the data (leaves a gap too)
-
-
-def _bad_metadata(h, order):
-    h["__metadata__"] = {"format": 1}
 
 
 def _header_len(ctx):
@@ -178,7 +159,7 @@ def _index(weight_file):
 
 
 def _keys(model: Path) -> list[str]:
-    from tpcli.formats.tensor_file import read_header
+    from tpcli.formats.rankfile import read_header
 
     return list(read_header(model / "model.safetensors")[0])
 
@@ -362,15 +343,10 @@ def _rm(name):
 
 
 CASES = {
-    # lying safetensors headers (issue 12.1): the file and the tensor are named
-    "header-no-offsets": (_header_case(_drop_offsets), 1, ["model.safetensors", "data_offsets"]),
-    "header-reversed-offsets": (_header_case(_reverse_offsets), 1, ["model.safetensors", "reversed"]),
+    # lying safetensors headers (issue 12.1): the file and the tensor are named; every bound is tests/test_rankfile.py,
+    # these three prove the CLI renders the reader's refusal in one line
     "header-past-end": (_header_case(_past_end), 1, ["model.safetensors"]),
     "header-overlap": (_header_case(_overlap), 1, ["model.safetensors", "overlap"]),
-    "header-unknown-dtype": (_header_case(_set(0, "dtype", "F33")), 1, ["model.safetensors", "F33"]),
-    "header-size-mismatch": (_header_case(_set(0, "shape", [3])), 1, ["model.safetensors", "model.embed_tokens"]),
-    "header-string-shape": (_header_case(_set(0, "shape", "1001x64")), 1, ["model.safetensors", "shape"]),
-    "header-metadata-not-strings": (_header_case(_bad_metadata), 1, ["model.safetensors", "__metadata__"]),
     "header-absurd-length": (_header_len, 1, ["model.safetensors", "header length"]),
     # special files (issue 16.10)
     "fifo-weights-shard": (_fifo("shard"), 1, ["model.safetensors", "FIFO"]),

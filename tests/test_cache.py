@@ -189,7 +189,7 @@ def test_a_changed_header_with_the_same_size_and_mtime_is_replanned(model_dirs, 
     import struct
 
     from tpcli.commands.shard import shard_checkpoint
-    from tpcli.formats.tensor_file import read_header
+    from tpcli.formats.rankfile import read_header
 
     src = tmp_path / "llama"
     shutil.copytree(model_dirs("llama3"), src)

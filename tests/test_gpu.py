@@ -24,8 +24,8 @@ from test_numerics_wait import DELAY_S, TIMEOUT_S
 from test_numerics_wait import WORKER as SLOW_REFERENCE_WORKER
 
 from tpcli.commands.shard import shard_checkpoint
+from tpcli.formats.staging import STAGING_CHUNK, staging_spans
 from tpcli.runtime.fast_load import SliceReader
-from tpcli.runtime.staging import STAGING_CHUNK, staging_spans
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS < 1, reason="no CUDA GPU visible")]

@@ -43,7 +43,8 @@ def share_bound(folder, doc, fsdp: int, *, tp: int | None = None, slack: float =
     """What one rank may read on tp=T (`tp`, else the folder's) x fsdp=F: `slack` x (sharded bytes / (T x F) +
     replicated bytes / F) of the untied tensors (slack 1.1: uneven splits, vocab 1001 -> 501/500 -> 251/250) +
     metadata: tpcli.json and the config files, each read twice (the dispatch and the load), and each safetensors
-    header read twice plus 8 KiB of Python's read buffer twice (the header check and `TensorFile`)."""
+    header read twice plus 8 KiB of Python's read buffer twice (a bound: `RankFile` reads each header once, by
+    pread, and safetensors' own check maps it)."""
     t = doc["tp_size"] if tp is None else tp
     stored = [e for e in doc["tensors"].values() if not e["tied_to"]]  # a tied lm_head is stored but never read
     sharded = sum(tensor_bytes(e["dtype"], e["shape"]) for e in stored if e["placement"] != "Replicate")

@@ -117,17 +117,6 @@ def test_staged_path_reads_the_same_bytes_as_the_direct_path(sharded, name):
         assert copies == len(direct) and all(torch.equal(cast[n], t.to(torch.bfloat16)) for n, t in direct.items())
 
 
-def test_tensorfile_refuses_a_device_tensor(sharded):
-    from tpcli.formats.tensor_file import TensorFile
-
-    _, folder, doc, _ = sharded("qwen3")
-    name, entry = next(iter(doc["tensors"].items()))
-    f = TensorFile(folder / entry["chunks"][0]["file"])
-    with pytest.raises(ValueError, match="needs a contiguous CPU tensor"):
-        f.read_into(name, torch.empty(entry["chunks"][0]["sizes"], device="meta"))
-    f.close()
-
-
 def test_loaded_tensors_own_their_bytes_whatever_happens_to_the_file(sharded, tmp_path):
     """Issue 23 item 4: no loaded tensor may share memory with the rank file (a private mapping follows the file for
     every page the process has not written: rewriting a file in place changed the numbers, truncating it was

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from tpcli.errors import CheckpointError
 from tpcli.formats import dcp
-from tpcli.formats.tensor_file import StreamWriter, read_header
+from tpcli.formats.rankfile import read_header
+from tpcli.formats.tensor_file import StreamWriter
 from tpcli.formats.units import SAFETENSORS_BITS
 from tpcli.planning.layout import plan_chunks
 from tpcli.planning.placements import ParamPlacement

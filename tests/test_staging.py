@@ -16,9 +16,8 @@ import pytest
 import torch
 from test_loading_device import TP, _jobs, sharded  # noqa: F401 - `sharded` is a fixture used below
 
-from tpcli.formats.tensor_file import TensorFile
+from tpcli.formats.staging import STAGING_CHUNK, staging_spans
 from tpcli.runtime.fast_load import SliceReader
-from tpcli.runtime.staging import STAGING_CHUNK, staging_spans
 
 CHUNK = 50  # bytes: 12 fp32 or 25 bf16 elements per piece, never a whole row of the fixture models
 
@@ -83,19 +82,3 @@ def test_pieces_rebuild_every_tensor_and_buffers_stay_one_chunk(sharded, name, d
         assert cpu.largest == meta.largest == CHUNK  # never grown to a tensor
         assert cpu.bytes_read == meta.bytes_read == plain.bytes_read
         assert cpu.staging.buffers == [None, None]  # given back
-
-
-def test_read_range_refuses_bytes_outside_the_tensor(sharded):  # noqa: F811
-    _, folder, doc, _ = sharded("qwen3")
-    name, entry = next(iter(doc["tensors"].items()))
-    f = TensorFile(folder / entry["chunks"][0]["file"])
-    size = f.header[name]["data_offsets"][1] - f.header[name]["data_offsets"][0]
-    whole = torch.empty(size, dtype=torch.uint8)
-    f.read_range_into(name, 0, whole)
-    part = torch.empty(7, dtype=torch.uint8)
-    f.read_range_into(name, size - 7, part)
-    assert torch.equal(part, whole[-7:])
-    for start, out in ((size - 6, part), (-1, part), (0, torch.empty(2, dtype=torch.float32))):
-        with pytest.raises(ValueError, match="read_range_into"):
-            f.read_range_into(name, start, out)
-    f.close()

@@ -77,10 +77,10 @@ def test_integrity_ok(sharded):
 
 
 def test_integrity_detects_a_flipped_byte(sharded):
-    from tpcli.formats.dcp import data_ranges
+    from tpcli.formats.rankfile import data_spans
 
     f = sharded / "shard-00001-model-00001-of-00001.safetensors"
-    begin, _ = data_ranges(f)["model.layers.0.mlp.down_proj.weight"]  # not part of the tie --quick compares
+    begin, _ = data_spans(f)["model.layers.0.mlp.down_proj.weight"]  # not part of the tie --quick compares
     data = bytearray(f.read_bytes())
     data[begin] ^= 1
     f.write_bytes(bytes(data))
@@ -89,10 +89,10 @@ def test_integrity_detects_a_flipped_byte(sharded):
 
 
 def test_quick_still_compares_the_bytes_of_a_tie(sharded):
-    from tpcli.formats.dcp import data_ranges
+    from tpcli.formats.rankfile import data_spans
 
     f = sharded / "shard-00001-model-00001-of-00001.safetensors"
-    begin, _ = data_ranges(f)["lm_head.weight"]
+    begin, _ = data_spans(f)["lm_head.weight"]
     data = bytearray(f.read_bytes())
     data[begin] ^= 1
     f.write_bytes(bytes(data))

@@ -319,7 +319,7 @@ def quantize_fp8(folder: str | Path, *, block: tuple[int, int] = (16, 16)) -> Pa
     from safetensors.torch import save_file
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-    from tpcli.formats.tensor_file import TensorFile
+    from tpcli.formats.rankfile import RankFile
     from tpcli.planning.convert import Conversions
     from tpcli.planning.plan import build_meta_model, load_config
     from tpcli.planning.quant import apply_quantizer
@@ -328,9 +328,8 @@ def quantize_fp8(folder: str | Path, *, block: tuple[int, int] = (16, 16)) -> Pa
     files = sorted(folder.glob("*.safetensors"))
     tensors: dict = {}
     for f in files:
-        tf = TensorFile(f)
-        tensors.update({k: tf.get_tensor(k) for k in tf.keys()})
-        tf.close()
+        with RankFile(f) as tf:
+            tensors.update({k: tf.get_tensor(k) for k in tf.keys()})
     config = load_config(folder)
     config.quantization_config = {**FP8_CONFIG, "weight_block_size": list(block)}
     model = build_meta_model(config)

@@ -18,7 +18,9 @@ thread, tensor by tensor, in file order:
   into a reused buffer, which is written with `pwrite`;
 * the sha256 of the file is fed in file order, from the mapped source bytes or the buffer.
 
-Mappings are opened per tensor and closed after it, so the process holds about one tensor's pages per thread.
+Every source file is one `tpcli.formats.rankfile.RankFile`, opened (header checked) once per `write_files` and shared
+by the threads (`pread`, `copy_file_range` on its descriptor, mappings of its byte ranges). Mappings are opened per
+tensor and closed after it, so the process holds about one tensor's pages per thread.
 hashlib, numpy's copy, pwrite and copy_file_range release the GIL: at tp=2 the two rank files use both cores. The
 general path (`tpcli.planning.readers` + `tensor_file.StreamWriter`) stays for conversions (fused MoE experts), casts and
 quantized checkpoints; tests check that both write byte-identical files.
@@ -26,17 +28,17 @@ quantized checkpoints; tests check that both write byte-identical files.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import math
-import mmap
 import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tpcli.formats.rankfile import RangeMap, RankFile
 
 LONG = 1 << 20  # a box whose runs are at least this long is copied by the kernel, run by run
 SMALL = 64 * 1024  # bytes below this are hashed in batches (one hashlib call, and one GIL release, per MiB)
@@ -131,6 +133,7 @@ def write_files(files: list[OutputFile], *, sha256: bool, advance=None, workers:
 
     workers = workers or min(len(files), os.cpu_count() or 1) or 1
     stop = threading.Event()
+    sources: dict[Path, RankFile] = {}  # every source file, opened once and shared by the threads
 
     def one(out: OutputFile) -> str | None:
         fed = _Feeder(hashlib.sha256() if sha256 else None)
@@ -143,7 +146,7 @@ def write_files(files: list[OutputFile], *, sha256: bool, advance=None, workers:
             for unit in out.units:
                 if stop.is_set():
                     return None
-                pos = _copy_unit(f, out.path, unit, pos, fed, scratch)
+                pos = _copy_unit(f, out.path, unit, pos, fed, scratch, sources)
                 if advance is not None:
                     advance(sum(b.nbytes for b in unit))
             if pos != out.size:
@@ -152,22 +155,29 @@ def write_files(files: list[OutputFile], *, sha256: bool, advance=None, workers:
             f.close()
         return fed.hexdigest()
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(one, out) for out in files]
-        try:
-            return [fut.result() for fut in futures]
-        except BaseException:
-            stop.set()  # the others stop at their next tensor
-            raise
+    try:
+        for path in dict.fromkeys(b.src for out in files for unit in out.units for b in unit if b.nbytes):
+            sources[path] = RankFile(path)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(one, out) for out in files]
+            try:
+                return [fut.result() for fut in futures]
+            except BaseException:
+                stop.set()  # the others stop at their next tensor
+                raise
+    finally:
+        for source in sources.values():
+            source.close()
 
 
-def _copy_unit(f, dest: Path, unit: list[Box], pos: int, fed: _Feeder, scratch: bytearray) -> int:
+def _copy_unit(f, dest: Path, unit: list[Box], pos: int, fed: _Feeder, scratch: bytearray,
+               sources: dict[Path, RankFile]) -> int:
     """Write one tensor (its boxes tile [pos, pos + nbytes) of the output) and hash it; returns pos + nbytes."""
     nbytes = sum(b.nbytes for b in unit)
     boxes = [b for b in unit if b.nbytes]
     if not boxes:
         return pos
-    with _Sources(boxes) as src:
+    with _Sources(boxes, sources) as src:
         if all(b.long() for b in boxes):
             runs = sorted(((d, s, n, b.src) for b in boxes for s, d, n in b.runs()))
             for d, s, n, path in runs:
@@ -211,12 +221,13 @@ def _numpy_copy(b: Box, src: _Sources, buf: memoryview, pos: int) -> None:
 
 
 class _Sources:
-    """Read-only mappings of the source byte ranges of one tensor's boxes (one per source file), closed together."""
+    """Read-only mappings (`RankFile.map_range`) of the source byte ranges of one tensor's boxes, one per source
+    file, closed together."""
 
-    def __init__(self, boxes: list[Box]):
+    def __init__(self, boxes: list[Box], files: dict[Path, RankFile]):
         self.boxes = boxes
-        self.maps: dict[Path, tuple[mmap.mmap, int, int]] = {}  # file -> (mapping, file offset of its byte 0, fd)
-        self.views: list[memoryview] = []
+        self.files = files
+        self.maps: dict[Path, RangeMap] = {}
 
     def __enter__(self):
         spans: dict[Path, list[int]] = {}
@@ -226,36 +237,24 @@ class _Sources:
             span[0], span[1] = min(span[0], lo), max(span[1], hi)
         try:
             for path, (lo, hi) in spans.items():
-                base = lo - lo % mmap.ALLOCATIONGRANULARITY
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    if os.fstat(fd).st_size < hi:  # mmap would say "mmap length is greater than file size"
-                        raise _changed(path, hi)
-                    self.maps[path] = (mmap.mmap(fd, hi - base, offset=base, access=mmap.ACCESS_READ), base, fd)
-                except BaseException:
-                    os.close(fd)
-                    raise
+                self.maps[path] = self.files[path].map_range(lo, hi)
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def view(self, path: Path, offset: int, n: int) -> memoryview:
-        m, base, _ = self.maps[path]
-        v = memoryview(m)[offset - base: offset - base + n]
-        self.views.append(v)
-        return v
+        return self.maps[path].view(offset, n)
 
     def fd(self, path: Path) -> int:
-        return self.maps[path][2]
+        return self.files[path].fileno()
+
+    def changed(self, path: Path, needed: int):
+        return self.files[path].changed(needed)
 
     def __exit__(self, *exc) -> None:
-        for v in self.views:
-            v.release()
-        for m, _, fd in self.maps.values():
-            with contextlib.suppress(BufferError):  # a view still held by an exception's traceback: GC unmaps it
-                m.close()
-            os.close(fd)
+        for m in self.maps.values():
+            m.close()
         self.maps.clear()
 
 
@@ -267,22 +266,10 @@ def _copy(src: _Sources, path: Path, offset: int, f, dest: Path, pos: int, n: in
         copy_range(src.fd(path), f, n, offset, pos)
     except OSError as exc:
         if exc.errno == errno.EIO and os.fstat(src.fd(path)).st_size < offset + n:
-            raise _changed(path, offset + n) from None
+            raise src.changed(path, offset + n) from None
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
             raise OSError(exc.errno, exc.strerror, str(dest)) from None
         _write(f, dest, src.view(path, offset, n), pos)  # no in-kernel copy between these two files
-
-
-def _changed(path: Path, needed: int):
-    """The CheckpointError for a source file that shrank after the job was planned (truncated or being rewritten)."""
-    from tpcli.errors import CheckpointError
-
-    try:
-        size = f"{os.stat(path).st_size:,} bytes"
-    except OSError as exc:
-        size = f"unreadable ({exc.strerror})"
-    return CheckpointError(f"{path}: is now {size}, shorter than the {needed:,} bytes planned; it changed while "
-                           "being read (truncated or rewritten?): re-run once it is complete. Nothing was written.")
 
 
 def _write(f, dest: Path, data, pos: int) -> None:

@@ -19,15 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpcli.errors import CheckpointError
-from tpcli.formats.source import check_inside
-from tpcli.formats.tensor_file import read_header
+from tpcli.formats.rankfile import RankFile
 from tpcli.formats.units import SAFETENSORS_DTYPES, tensor_bytes
 
 SHARD_FILE_RE = re.compile(r"^shard-([0-9]{5})-model-([0-9]{5})-of-([0-9]{5})\.safetensors$")
 SHARDING_KEY = "DCP_SHARDING_INFO"
-# A state-dict name: module and parameter names (identifiers, ModuleList indices) joined by '.'. Printable ASCII
-# only, no empty part: transformers' classes name nothing else, and its `dot_natural_key` crashes on '²' (isdigit).
-STATE_NAME_RE = re.compile(r"[!-\-/-~]{1,256}(\.[!-\-/-~]{1,256}){0,63}")
 FILE_METADATA = {"DCP_VERSION": "1.0", "format": "pt"}
 
 
@@ -80,8 +76,9 @@ def scan(folder: Path, *, expected_files: list[str] | None = None) -> dict[str, 
             raise CheckpointError(f"{folder / missing[0]}: missing (listed in the manifest).")
     tensors: dict[str, ShardedTensor] = {}
     for path in files:
-        check_inside(folder, path, "rank files")  # a link out of the folder is refused, as a checkpoint's weights are
-        header, meta = read_header(path)
+        # a link out of the folder is refused, as a checkpoint's weights are; names: dot-separated printable ASCII
+        with RankFile(path, "rank files", folder=folder, state_names=True) as f:
+            header, meta = f.header, f.metadata
         try:
             info = json.loads(meta.get(SHARDING_KEY, "{}"))
         except (ValueError, RecursionError):  # absurdly nested: refused below like any other non-object
@@ -90,9 +87,6 @@ def scan(folder: Path, *, expected_files: list[str] | None = None) -> dict[str, 
             raise CheckpointError(f"{path}: corrupt {SHARDING_KEY} metadata (not {{name: {{saved_offsets}}}}).")
         rank = int(SHARD_FILE_RE.match(path.name).group(1)) - 1
         for name, entry in header.items():
-            if not STATE_NAME_RE.fullmatch(name):
-                raise CheckpointError(f"{path}: tensor name {name[:80]!r} is not a name a model's state dict has "
-                                      "(dot-separated printable ASCII words); the file is corrupt or was crafted.")
             dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
@@ -159,35 +153,25 @@ def same_chunk_bytes(folder: Path, a: ShardedTensor, b: ShardedTensor) -> bool |
     boxes_b = {(c.offsets, c.sizes): c for c in b.chunks}
     if a.dtype != b.dtype or boxes_a.keys() != boxes_b.keys():
         return None
-    starts: dict[str, dict[str, tuple[int, int]]] = {}
+    files: dict[str, RankFile] = {}
 
-    def where(c: Chunk) -> tuple[int, int]:
-        if c.file not in starts:
-            starts[c.file] = data_ranges(folder / c.file)
-        return starts[c.file][c.name]
+    def rank_file(c: Chunk) -> RankFile:
+        if c.file not in files:
+            files[c.file] = RankFile(folder / c.file)
+        return files[c.file]
 
-    for box, ca in boxes_a.items():
-        cb = boxes_b[box]
-        (pa, ea), (pb, eb) = where(ca), where(cb)
-        if ea - pa != eb - pb:
-            return False
-        with open(folder / ca.file, "rb") as fa, open(folder / cb.file, "rb") as fb:
-            fa.seek(pa)
-            fb.seek(pb)
-            left = ea - pa
-            while left:
-                n = min(left, COMPARE_BLOCK)
-                if fa.read(n) != fb.read(n):
+    try:
+        for box, ca in boxes_a.items():
+            cb = boxes_b[box]
+            fa, fb = rank_file(ca), rank_file(cb)
+            size = fa.entry(ca.name).nbytes
+            if fb.entry(cb.name).nbytes != size:
+                return False
+            for pos in range(0, size, COMPARE_BLOCK):
+                n = min(COMPARE_BLOCK, size - pos)
+                if fa.read_bytes(ca.name, pos, n) != fb.read_bytes(cb.name, pos, n):
                     return False
-                left -= n
-    return True
-
-
-def data_ranges(path: Path) -> dict[str, tuple[int, int]]:
-    """{tensor: (first byte, end byte)} of its data in the safetensors file `path` (header checked by read_header)."""
-    import struct
-
-    header, _ = read_header(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return {name: (8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1]) for name, e in header.items()}
+        return True
+    finally:
+        for f in files.values():
+            f.close()

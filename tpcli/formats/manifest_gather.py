@@ -32,10 +32,9 @@ suite shards; tests/test_manifest_trust.py, that a forged manifest or config.jso
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
-from tpcli.formats.tensor_file import read_header
+from tpcli.formats.rankfile import data_spans
 
 
 def installed_transformers() -> str | None:
@@ -134,13 +133,13 @@ def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_siz
         sizes, get_storage_size=lambda nbytes: nbytes, get_storage_id=lambda nbytes: None,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     file_of = {n: f for f, ns in split.filename_to_tensors.items() for n in ns}
-    starts = {f: _data_starts(Path(folder) / f) for f in {c.file for n in names for c in tensors[n].chunks}}
+    spans = {f: data_spans(Path(folder) / f) for f in {c.file for n in names for c in tensors[n].chunks}}
     per_file: dict[str, list] = {f: [] for f in split.filename_to_tensors}
     for n in sorted(names, key=dot_natural_key):  # reverse groups of one name each, in transformers' order
         t = tensors[n]
         shape = tuple(t.shape)
         per_file[file_of[n]].append(TensorPlan(n, t.dtype, shape, tuple(
-            SourceBox(c.file, starts[c.file][n], shape, tuple(c.offsets), tuple(c.sizes), "dest") for c in t.chunks)))
+            SourceBox(c.file, spans[c.file][n][0], shape, tuple(c.offsets), tuple(c.sizes), "dest") for c in t.chunks)))
     files = tuple(FilePlan(f, tuple(ts), {"format": "pt"}) for f, ts in per_file.items() if ts)
     parameter_count = sum(_numel(recorded[n]["shape"]) for n in recorded if not recorded[n]["tied_to"])
     return files, parameter_count, sum(sizes.values())
@@ -151,12 +150,3 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _data_starts(path: Path) -> dict[str, int]:
-    """{tensor: absolute byte offset of its data} in a safetensors file (header checked by `read_header`)."""
-    header, _ = read_header(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return {name: 8 + n + entry["data_offsets"][0] for name, entry in header.items()}
-

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError, ModelError
 from tpcli.formats.jsonfile import read_json
+from tpcli.formats.rankfile import check_inside  # noqa: F401 - callers import it from here too
 
 # Files worth carrying next to weights: config, generation config, tokenizer and chat template.
 AUX_PATTERNS = (
@@ -135,21 +136,6 @@ def is_plain_name(name) -> bool:
             and "\0" not in name)
 
 
-def check_inside(folder: Path, path: Path, what: str) -> Path:
-    """`path` (a file of `folder`) must be a regular file that resolves inside `folder`, or, for a hub snapshot
-    (`.../models--org--name/snapshots/REV`), inside that repo's `blobs` folder where the cache's links point."""
-    from tpcli.formats.tensor_file import require_regular_file
-
-    require_regular_file(path, what)
-    real, root = path.resolve(), folder.resolve()
-    allowed = [root]
-    if folder.parent.name == "snapshots":
-        allowed.append(folder.parent.parent.resolve() / "blobs")
-    if not any(real == a or a in real.parents for a in allowed):
-        raise CheckpointError(f"{path}: resolves to {real}, outside {folder}; {what} must live inside the model folder.")
-    return path
-
-
 def weight_files(source: Source) -> list[Path]:
     """The safetensors files of an ordinary checkpoint, in index order; refuses pickled checkpoints, names that leave
     the folder, links out of it, and anything that is not a regular file."""
@@ -202,7 +188,7 @@ def checkpoint_summary(source: Source) -> dict | None:
     """
     from collections import Counter
 
-    from tpcli.formats.tensor_file import read_header
+    from tpcli.formats.rankfile import read_header
 
     files = sorted(source.path.glob("*.safetensors"))
     dtypes: Counter = Counter()

@@ -132,7 +132,7 @@ def require_plan_file(path: str | os.PathLike, flag: str) -> None:
     import stat
 
     from tpcli.errors import UsageError
-    from tpcli.formats.tensor_file import file_kind
+    from tpcli.formats.rankfile import file_kind
 
     try:
         st = os.stat(path)

@@ -17,22 +17,22 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats.dcp import ShardedTensor, scan
-from tpcli.formats.tensor_file import TensorFile, read_header
+from tpcli.formats.rankfile import RankFile
 from tpcli.formats.units import SAFETENSORS_DTYPES, tensor_bytes
 from tpcli.planning.convert import Conversions
 
 
 class _OpenFiles:
-    """The safetensors files a reader has open, by path."""
+    """The safetensors files a reader has open, by path (`tpcli.formats.rankfile.RankFile`)."""
 
     def __init__(self):
-        self._handles: dict[Path, TensorFile] = {}
+        self._handles: dict[Path, RankFile] = {}
 
-    def handle(self, path: Path) -> TensorFile:
-        """The open TensorFile of `path` (opened once, headers checked once)."""
+    def handle(self, path: Path) -> RankFile:
+        """The open RankFile of `path` (opened once, header checked once)."""
         h = self._handles.get(path)
         if h is None:
-            h = self._handles[path] = TensorFile(path)
+            h = self._handles[path] = RankFile(path)
         return h
 
     def close(self) -> None:
@@ -47,14 +47,18 @@ class CheckpointReader(_OpenFiles):
         self.files = files
         self.key_file: dict[str, Path] = {}
         self.key_meta: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for f in files:
-            header, _ = read_header(f)
-            for key, entry in header.items():
-                if entry["dtype"] not in SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{f}: tensor {key} has dtype {entry['dtype']}, which tpcli does not "
-                                          f"support ({', '.join(sorted(SAFETENSORS_DTYPES))}).")
-                self.key_file[key] = f
-                self.key_meta[key] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+        try:
+            for f in files:
+                header = self.handle(f).header  # kept open: `load` reads it without checking the header again
+                for key, entry in header.items():
+                    if entry["dtype"] not in SAFETENSORS_DTYPES:
+                        raise CheckpointError(f"{f}: tensor {key} has dtype {entry['dtype']}, which tpcli does not "
+                                              f"support ({', '.join(sorted(SAFETENSORS_DTYPES))}).")
+                    self.key_file[key] = f
+                    self.key_meta[key] = (SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+        except BaseException:
+            self.close()
+            raise
         self.conversions = Conversions(model)
         self.groups, self.unexpected = self.conversions.groups(list(self.key_file))
         self.source_bytes = sum(f.stat().st_size for f in files)

@@ -7,10 +7,10 @@ bytes of its local shards from its own rank files: about 1/N of the model plus t
 fsdp=F (x dp_replicate=R) mesh the model is built with the mesh's whole config (FSDP2 included) and each rank reads
 only the box its placements give it: 1/(T x F) of the sharded bytes plus 1/F of the replicated ones. No collective,
 no DCP planning, no redistribution of strided shards. Every parameter owns its memory: the bytes are read
-(`readinto`) into it, never left as a view of a mapping of the rank file, so a file replaced, rewritten or truncated
-under a running job changes nothing the model computes. Device-bound bytes are staged in two pinned host buffers of
-STAGING_CHUNK bytes and copied over piece by piece (`tpcli.runtime.staging`); the pinned memory is given back when the load is
-done.
+(`pread`, `tpcli.formats.rankfile.RankFile`) into it, never left as a view of a mapping of the rank file, so a file
+replaced, rewritten or truncated under a running job changes nothing the model computes. Device-bound bytes are
+staged in two pinned host buffers of STAGING_CHUNK bytes and copied over piece by piece (`tpcli.formats.staging`);
+the pinned memory is given back when the load is done.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError
 from tpcli.formats import manifest
+from tpcli.formats.rankfile import RankFile, box_byte_runs
+from tpcli.formats.staging import STAGING_CHUNK, Staging
 from tpcli.runtime.meshinfo import mesh_config
-from tpcli.runtime.staging import STAGING_CHUNK, Staging, staging_spans
-
-READ_PIECE = 2**30  # bytes per pread at most (Linux moves at most 2 GiB - 4 KiB per call)
 
 
 def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, mesh=None):
@@ -182,43 +181,34 @@ class SliceReader:
     """Fills local tensors from the rank files, reading only the byte ranges they need.
 
     At tp == world size a rank's Shard(d) slice is exactly one chunk of one file, contiguous on disk whatever d
-    is, and a replicated tensor is one whole entry: both are read with one `readinto`. Only `_StridedShard` slices
-    (packed gate/up) span several chunks; they are sliced out of the files with safetensors' `get_slice`.
+    is, and a replicated tensor is one whole entry: both are read with one `pread`. Only `_StridedShard` slices
+    (packed gate/up) span several chunks; each chunk's part is a sub-box of it (`RankFile.read_box_into`).
+    Every file is a `RankFile`: opened once per load, its header checked once.
 
     Where the bytes land depends on the target, never on the path that read them:
     * host-direct: a CPU target of the stored dtype is read straight into its own storage (no copy); never a view
       of a mapping of the file (the file may change under a running job);
     * staged: any other target (a CUDA parameter, a `meta` one, another dtype) is filled piece by piece: the bytes
       of elements [a, b) (`staging_spans`: at most `chunk_bytes` each) are read into a host staging buffer and
-      copied to the same elements of the target with `_to_target` (`copy_` casts when the dtypes differ), so the
-      buffers never grow with the tensors. A slice stored as one chunk of one file (every Shard and replicated
-      tensor) is read from the file a piece at a time; a `_StridedShard` slice is assembled in ordinary host
-      memory first (`read_tensor`), then staged. Device memory is never touched from the host: no `.numpy()`, no
-      `readinto` into a device tensor.
+      copied to the same elements of the target with `_to_target` (`copy_` casts when the dtypes differ) by
+      `Staging.copy_into`, so the buffers never grow with the tensors. A slice stored as one chunk of one file
+      (every Shard and replicated tensor) is read from the file a piece at a time (`RankFile.read_run_to`); a
+      `_StridedShard` slice is assembled in ordinary host memory first (`read_tensor`), then staged. Device memory
+      is never touched from the host: no `.numpy()`, no `pread` into a device tensor.
     `stage=True` forces staging for CPU targets too (tests compare it with the direct path byte for byte).
     """
 
     def __init__(self, folder: Path, *, stage: bool = False, chunk_bytes: int = STAGING_CHUNK):
         self.folder = folder
-        self.files: dict[str, object] = {}
-        self.slicers: dict[str, object] = {}
+        self.files: dict[str, RankFile] = {}
         self.bytes_read = 0  # bytes of the files this rank's tensors come from
         self.force_stage = stage
         self.staging = Staging(chunk_bytes)
 
-    def _file(self, file: str):
-        from tpcli.formats.tensor_file import TensorFile
-
+    def _file(self, file: str) -> RankFile:
         if file not in self.files:
-            self.files[file] = TensorFile(self.folder / file)
+            self.files[file] = RankFile(self.folder / file)
         return self.files[file]
-
-    def _slicer(self, file: str):
-        from safetensors import safe_open
-
-        if file not in self.slicers:
-            self.slicers[file] = safe_open(str(self.folder / file), framework="pt")
-        return self.slicers[file]
 
     @staticmethod
     def _local_shape(entry: dict, dim: int | None, runs) -> list[int]:
@@ -258,7 +248,7 @@ class SliceReader:
     def _fill(self, out, name: str, entry: dict, shape: list[int], read_host, one_run) -> None:
         """Fill `out` with the slice of `name` of local shape `shape`. A contiguous CPU target of the stored dtype is
         read straight into (`read_host(out)`); a non-contiguous one (not a parameter's local tensor) gets one
-        synchronous copy from ordinary memory; any other is staged piece by piece (`_stage`), from the file itself
+        synchronous copy from ordinary memory; any other is staged piece by piece (`Staging.copy_into`), from the file
         when `one_run()` gives (file, byte offset in the tensor's data) of the slice as one run of bytes, else from
         the slice put together in ordinary host memory first (`read_host` into a new tensor)."""
         import torch
@@ -278,32 +268,15 @@ class SliceReader:
             return
         source = one_run()
         if source is not None:
-            file, start = self._file(source[0]), source[1]
-
-            def fill(buf, a: int) -> None:
-                file.read_range_into(name, start + a * stored.itemsize, buf)
-
+            self._file(source[0]).read_run_to(name, source[1], out, self.staging, self._to_target)
             self.bytes_read += out.numel() * stored.itemsize
-        else:
-            flat = on_host().view(-1)
+            return
+        flat = on_host().view(-1)
 
-            def fill(buf, a: int) -> None:
-                buf.copy_(flat[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
+        def fill(buf, a: int) -> None:
+            buf.copy_(flat[a:a + buf.numel() // stored.itemsize].view(torch.uint8))
 
-        self._stage(out, stored, shape, fill)
-
-    def _stage(self, out, stored, shape, fill) -> None:
-        """Copy into `out` (contiguous, any device/dtype) through the staging buffers, piece by piece
-        (`staging_spans`): `fill(buf, a)` puts the stored bytes of elements a.. into the uint8 buffer `buf`."""
-        spans = staging_spans(out.numel(), stored.itemsize, self.staging.chunk_bytes)
-        flat = out.view(-1)
-        for a, b in spans:
-            buf, slot = self.staging.buffer((b - a) * stored.itemsize, out.device)
-            fill(buf, a)
-            host_part = buf.view(stored)
-            # one piece: the target itself (what tests observe); else the piece's elements of the flat target
-            self._to_target(*((out, host_part.view(shape)) if len(spans) == 1 else (flat[a:b], host_part)))
-            self.staging.copied(slot, out.device)
+        self.staging.copy_into(out, stored, fill, self._to_target)
 
     @staticmethod
     def _one_run(entry: dict, runs: list, itemsize: int):
@@ -315,7 +288,7 @@ class SliceReader:
             if all(o <= a and b <= o + n for (a, b), o, n in zip(box, c["offsets"], c["sizes"], strict=True)):
                 lo = [a - o for (a, _), o in zip(box, c["offsets"], strict=True)]
                 hi = [b - o for (_, b), o in zip(box, c["offsets"], strict=True)]
-                byte_runs = _sub_runs(c["sizes"], lo, hi, itemsize)
+                byte_runs = box_byte_runs(c["sizes"], lo, hi, itemsize)
                 if len(byte_runs) == 1:
                     return c["file"], byte_runs[0][0]
         return None
@@ -343,28 +316,13 @@ class SliceReader:
                     dest = out  # the whole local tensor from one chunk: read straight into it
                 else:
                     dest = torch.empty([b - a for a, b in zip(lo, hi, strict=True)], dtype=out.dtype)
-                self._read_sub(dest, c["file"], name, c["sizes"], sub_lo, sub_hi)
+                self.bytes_read += self._file(c["file"]).read_box_into(name, sub_lo, sub_hi, dest)
                 if dest is not out:
                     out[region].copy_(dest)
                 covered += dest.numel()
         if covered != out.numel():
             raise CheckpointError(f"{self.folder / 'tpcli.json'}: the chunks of {name} cover {covered} of the "
                                   f"{out.numel()} elements this rank needs; re-shard the folder with this version.")
-
-    def _read_sub(self, out, file: str, name: str, sizes: list[int], lo: list[int], hi: list[int]) -> None:
-        """Read the sub-box [lo, hi) of the chunk (shape `sizes`) stored as `name` in `file` into the contiguous
-        CPU tensor `out`: one `pread` per run of bytes (`_sub_runs`), in pieces of at most READ_PIECE bytes."""
-        import torch
-
-        data = out.view(-1).view(torch.uint8)
-        tensor_file = self._file(file)
-        pos = 0
-        for start, n in _sub_runs(sizes, lo, hi, out.element_size()):
-            for a in range(0, n, READ_PIECE):
-                m = min(READ_PIECE, n - a)
-                tensor_file.read_range_into(name, start + a, data[pos + a:pos + a + m])
-            pos += n
-            self.bytes_read += n
 
     @staticmethod
     def _whole_chunk(entry: dict, dim: int | None, runs):
@@ -387,7 +345,6 @@ class SliceReader:
         for f in self.files.values():
             f.close()
         self.files.clear()
-        self.slicers.clear()
 
     def _read_host(self, out, name: str, entry: dict, dim: int | None, runs) -> None:
         """Read this rank's slice into the contiguous CPU tensor `out` of the stored dtype."""
@@ -406,35 +363,12 @@ class SliceReader:
                 lo, hi = c["offsets"][d], c["offsets"][d] + c["sizes"][d]
                 a, b = max(start, lo), min(stop, hi)
                 if a < b:
-                    index = [slice(None)] * len(entry["shape"])
-                    index[d] = slice(a - lo, b - lo)
-                    part = self._slicer(c["file"]).get_slice(name)[tuple(index)]
-                    self.bytes_read += part.numel() * part.element_size()
+                    box_lo, box_hi = [0] * len(c["sizes"]), list(c["sizes"])
+                    box_lo[d], box_hi[d] = a - lo, b - lo
+                    part = torch.empty([h - l_ for l_, h in zip(box_lo, box_hi, strict=True)], dtype=out.dtype)
+                    self.bytes_read += self._file(c["file"]).read_box_into(name, box_lo, box_hi, part)
                     parts.append(part)
         if len(parts) == 1:
             out.copy_(parts[0])
         else:
             torch.cat(parts, dim=dim or 0, out=out)
-
-
-def _sub_runs(sizes: list[int], lo: list[int], hi: list[int], itemsize: int) -> list[tuple[int, int]]:
-    """The runs of bytes (offset in the chunk's data, length), in row-major order, that hold the sub-box [lo, hi)
-    of a contiguous chunk of shape `sizes`: with k the first dim after which the box spans whole dims, each index
-    of the dims before k is one run of (hi[k] - lo[k]) x prod(sizes[k+1:]) elements. A row block of a chunk (every
-    FSDP slice along dim 0) is a single run; an empty box has none.
-
-        sizes [4, 6], lo [1, 2], hi [3, 5], itemsize 1  ->  [(8, 3), (14, 3)]"""
-    import itertools
-    import math
-
-    if any(b <= a for a, b in zip(lo, hi, strict=True)):
-        return []
-    if not sizes:  # a 0-d tensor: its one element
-        return [(0, itemsize)]
-    k = len(sizes) - 1
-    while k > 0 and (lo[k], hi[k]) == (0, sizes[k]):
-        k -= 1
-    strides = [math.prod(sizes[d + 1:]) for d in range(len(sizes))]
-    n = (hi[k] - lo[k]) * strides[k] * itemsize
-    return [((sum(i * s for i, s in zip(outer, strides, strict=False)) + lo[k] * strides[k]) * itemsize, n)
-            for outer in itertools.product(*(range(lo[d], hi[d]) for d in range(k)))]

@@ -1,6 +1,7 @@
-"""Host staging for device-bound reads: the fast path never reads from a file into device memory directly; bytes go
-through two pinned host buffers of STAGING_CHUNK bytes, copied over piece by piece on a side stream, and the pinned
-memory is given back when the load is done (`Staging.finish`)."""
+"""Host staging for device-bound reads: nothing reads from a file into device memory directly; bytes go through two
+pinned host buffers of STAGING_CHUNK bytes, copied over piece by piece (`Staging.copy_into`), and the pinned memory
+is given back when the load is done (`Staging.release`). `tpcli.formats.rankfile.RankFile.read_run_to` stages a run
+of a rank file's bytes this way; `tpcli.runtime.fast_load` stages slices it put together on the host."""
 
 from __future__ import annotations
 
@@ -62,6 +63,24 @@ class Staging:
             event = torch.Event(device=device)
             event.record(torch.accelerator.current_stream(device))  # the stream `copy_` was queued on
             self.events[slot] = event
+
+    def copy_into(self, out, stored, fill, to_target=None) -> None:
+        """Copy into `out` (contiguous, any device, any dtype) piece by piece (`staging_spans`): `fill(buf, a)`
+        puts the bytes of elements a.. in the `stored` dtype into the uint8 buffer `buf`; `to_target(part, host)`
+        (default `part.copy_(host)`, async from pinned memory) is the one step that touches the target, once per
+        piece: the whole `out` when there is one piece, else the piece's elements of `out` flattened."""
+        spans = staging_spans(out.numel(), stored.itemsize, self.chunk_bytes)
+        flat = out.view(-1)
+        for a, b in spans:
+            buf, slot = self.buffer((b - a) * stored.itemsize, out.device)
+            fill(buf, a)
+            host_part = buf.view(stored)
+            part, host = (out, host_part.view(out.shape)) if len(spans) == 1 else (flat[a:b], host_part)
+            if to_target is None:
+                part.copy_(host, non_blocking=host.is_pinned())
+            else:
+                to_target(part, host)
+            self.copied(slot, out.device)
 
     def release(self) -> None:
         """Wait for the copies still in flight, drop the buffers and give the pinned memory back to the system."""
