@@ -31,6 +31,7 @@ from tpcli.errors import CheckpointError
 from tpcli.formats import manifest
 from tpcli.runtime.adaptations import with_library_plans
 from tpcli.runtime.fast_load import load_tpcli_shards
+from tpcli.runtime.folders import ShardedFolder
 from tpcli.runtime.meshinfo import mesh_config
 from tpcli.runtime.process_group import local_device, start_process_group
 
@@ -58,7 +59,9 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     mesh = _job_mesh(mesh, world)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    doc = manifest.read(path) if path.is_dir() and is_sharded_dir(path) else None
+    # opened once, with the cheap checks (paths inside, sizes, headers, coverage, manifest = headers; not the sha256
+    # of `tpcli verify`: loading reads every byte it needs once, hashing would read them all again)
+    doc = ShardedFolder.open(path, quick=True).manifest if path.is_dir() and is_sharded_dir(path) else None
     if doc is not None:
         why = fast_path_refusal(doc, mesh, world, tp_plan=tp_plan, kwargs=kwargs)
         if why is None:
