@@ -43,6 +43,7 @@ from tpcli.formats.dcp_metadata import (
 )
 from tpcli.formats.hashing import sha256_file
 from tpcli.formats.output import Words
+from tpcli.runtime.folders import StateFolder
 
 SAVE_STATE_WORDS = Words(out="save_state:", another="path", force="overwrite=True")  # the output checks' errors
 
@@ -284,8 +285,6 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     are exactly the model's (names, global shapes, dtypes; chunks tile each tensor); that the saved optimizer
     tensors are exactly the ones `optimizer` holds for this model (same names, shapes and dtypes; an optimizer of
     another kind or with other parameters is refused)."""
-    from tpcli.runtime.folders import StateFolder
-
     folder = Path(path).expanduser()
     # opened once on every rank, as `verify STATE` opens it (its hashes spread over the ranks below): the manifest,
     # the listed files at their sizes, the rank files' tensors tiling and equal to the manifest's model signature
