@@ -122,16 +122,21 @@ def test_every_command_reads_the_manifest_once(sharded, tmp_path, monkeypatch):
         assert result.get("ok", True) and reads == [s], (name, reads)
 
 
-def test_load_model_opens_the_folder_with_the_cheap_checks(sharded, tmp_path):
-    """load_model opens a sharded folder through `ShardedFolder.open(quick=True)`: a truncated rank file is refused
-    in the folder's words before transformers opens anything; the sha256 is not checked (documented: loading reads
-    the bytes once; `tpcli verify` checks them), so a flipped data byte still loads. Shown to fail before: the
-    truncated folder reached transformers' DCP load, which failed with its own error."""
+def test_load_model_opens_the_folder_with_the_cheap_checks(sharded, tmp_path, monkeypatch):
+    """load_model opens a sharded folder once, through `ShardedFolder.open(quick=True)`: tpcli.json is read once
+    (it was read twice: by the library-plan pick and by the routing); a truncated rank file is refused in the
+    folder's words before transformers opens anything (it reached transformers' DCP load, which failed with its own
+    AssertionError); the sha256 is not checked (documented: loading reads the bytes once; `tpcli verify` checks
+    them), so a flipped data byte still loads."""
     from tpcli import load_model
+    from tpcli.formats import manifest
 
     s = _copy(sharded, tmp_path)
     _flip(s)
-    assert load_model(s).config.model_type == "qwen3"
+    reads = []
+    real = manifest.read
+    monkeypatch.setattr(manifest, "read", lambda folder: reads.append(Path(folder)) or real(folder))
+    assert load_model(s).config.model_type == "qwen3" and reads == [s]
     _truncate(s)
     with pytest.raises(CheckpointError, match=f"{SHARD2}: 1000 bytes, the manifest records"):
         load_model(s)
