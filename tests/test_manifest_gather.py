@@ -21,11 +21,11 @@ import pytest
 from conftest import MODELS
 
 from tpcli.commands.gather import gather_checkpoint
-from tpcli.commands.integrity import model_record
 from tpcli.commands.shard import shard_checkpoint
 from tpcli.commands.verify import verify
 from tpcli.errors import CheckpointError
 from tpcli.formats import manifest, manifest_gather
+from tpcli.runtime.folders import model_record
 
 CONVERTED = {"mixtral", "mixtral3", "mixtral4kv", "qwen3_moe"}  # per-expert checkpoint keys, fused experts at run time
 CASES = [(name, 3 if name in ("mixtral3", "llama3") else 2) for name in MODELS]  # "*3": valid at tp=3

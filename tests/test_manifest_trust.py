@@ -154,8 +154,8 @@ def test_tied_bytes_are_compared_whole_where_the_two_are_cut_differently(tmp_pat
     import torch
     from safetensors.torch import save_file
 
-    from tpcli.commands.integrity import same_values
     from tpcli.formats.dcp import SHARDING_KEY, same_chunk_bytes, scan, shard_file_name
+    from tpcli.runtime.folders import same_values
 
     full = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     other = full.clone()

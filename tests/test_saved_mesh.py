@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import ORACLES, load_safetensors_dir, run_main, torchrun
 
-from tpcli.commands.integrity import check_folder
 from tpcli.commands.shard import shard_checkpoint
 from tpcli.planning.mesh import Mesh
 from tpcli.planning.saved_mesh import infer
+from tpcli.runtime.folders import ShardedFolder
 
 
 def assert_same_checkpoint(a, b):
@@ -112,18 +112,18 @@ def _without_manifest(model_dirs, tmp_path, name="llama", tp=2) -> Path:
 
 def test_inference_refuses_a_layout_no_mesh_writes(model_dirs, tmp_path):
     folder = _without_manifest(model_dirs, tmp_path)
-    info = check_folder(folder, with_plan=True)
-    doc = infer(info["plan"], info["tensors"], info["files"])
+    info = ShardedFolder.open(folder, with_plan=True)
+    doc = infer(info.plan, info.tensors, info.files)
     assert doc["mesh"] == m(tp=2) and doc["consistent_with"] == [m(tp=2)] and doc["description"] == "tp=2"
     # rank 0 holding rank 1's q_proj rows and the other way round: the same boxes, but no mesh puts them there
-    chunks = info["tensors"]["model.layers.0.self_attn.q_proj.weight"].chunks
+    chunks = info.tensors["model.layers.0.self_attn.q_proj.weight"].chunks
     chunks[0].rank, chunks[1].rank = chunks[1].rank, chunks[0].rank
-    doc = infer(info["plan"], info["tensors"], info["files"])
+    doc = infer(info.plan, info.tensors, info.files)
     assert doc["mesh"] is None and doc["consistent_with"] == []
     assert doc["description"] == ("saved by 2 ranks (mesh not recorded; its chunk layout matches no mesh of 2 ranks "
                                   "that transformers accepts for this model)")
     # a gap in the rank files' numbering: not a whole save
-    doc = infer(info["plan"], info["tensors"], [info["files"][0], "shard-00003-model-00001-of-00001.safetensors"])
+    doc = infer(info.plan, info.tensors, [info.files[0], "shard-00003-model-00001-of-00001.safetensors"])
     assert doc["consistent_with"] == [] and doc["ranks"] == 2
 
 

@@ -76,18 +76,6 @@ def test_integrity_ok(sharded):
     assert r["ok"] and r["hashes_checked"] and r["tp"] == 2
 
 
-def test_integrity_detects_a_flipped_byte(sharded):
-    from tpcli.formats.rankfile import data_spans
-
-    f = sharded / "shard-00001-model-00001-of-00001.safetensors"
-    begin, _ = data_spans(f)["model.layers.0.mlp.down_proj.weight"]  # not part of the tie --quick compares
-    data = bytearray(f.read_bytes())
-    data[begin] ^= 1
-    f.write_bytes(bytes(data))
-    assert "shard-00001" in _integrity_error(sharded) and "sha256" in _integrity_error(sharded)
-    assert verify(str(sharded), quick=True)["ok"]  # --quick skips the hashes
-
-
 def test_quick_still_compares_the_bytes_of_a_tie(sharded):
     from tpcli.formats.rankfile import data_spans
 
@@ -97,25 +85,6 @@ def test_quick_still_compares_the_bytes_of_a_tie(sharded):
     data[begin] ^= 1
     f.write_bytes(bytes(data))
     assert "different values" in _integrity_error(sharded, quick=True)  # a tie is left out only if the bytes agree
-
-
-def test_integrity_detects_truncation(sharded):
-    f = sharded / "shard-00002-model-00001-of-00001.safetensors"
-    f.write_bytes(f.read_bytes()[:1000])
-    assert "shard-00002" in _integrity_error(sharded, quick=True)
-
-
-def test_integrity_detects_a_missing_rank_file(sharded):
-    (sharded / "shard-00001-model-00001-of-00001.safetensors").unlink()
-    assert "shard-00001" in _integrity_error(sharded) and "missing" in _integrity_error(sharded)
-
-
-def test_integrity_detects_an_edited_manifest(sharded):
-    doc = json.loads((sharded / "tpcli.json").read_text())
-    chunk = doc["tensors"]["model.embed_tokens.weight"]["chunks"][1]
-    chunk["offsets"] = [500, 0]
-    (sharded / "tpcli.json").write_text(json.dumps(doc))
-    assert "manifest was edited" in _integrity_error(sharded)
 
 
 def test_integrity_detects_a_config_mismatch(sharded):

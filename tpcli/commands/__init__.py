@@ -1,4 +1,7 @@
-"""commands: one module per CLI command (inspect, verify, shard, gather, run) plus what several share (integrity).
+"""commands: one module per CLI command (inspect, verify, shard, gather, run) plus what several share.
+
+A sharded or training-state folder is checked once, by `tpcli.runtime.folders.ShardedFolder.open` /
+`StateFolder.open`, and the object is passed along: no command reads tpcli.json or tpcli-state.json itself.
 
 Each command is a pipeline over the layers below (source -> plan -> layout -> write) and returns a JSON-ready dict;
 none prints. Long ones take a `progress` callback, `progress(total_bytes, description)`, a context manager whose

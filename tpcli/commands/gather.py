@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
-from tpcli.commands.integrity import check_folder
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import dcp, manifest
 from tpcli.formats.byteplan import BytePlan, FilePlan, Invalid, SourceBox, TensorPlan, header_digest
@@ -28,6 +27,7 @@ from tpcli.formats.source import aux_files
 from tpcli.formats.units import CAST_DTYPES, parse_dtype, tensor_bytes
 from tpcli.planning import saved_mesh
 from tpcli.planning.readers import ShardedReader
+from tpcli.runtime.folders import ShardedFolder
 
 SINGLE_FILE = "model.safetensors"
 
@@ -129,34 +129,35 @@ def gather_checkpoint(directory: str, *, out: str, max_shard_size: str | int = "
                               "save_pretrained(distributed_checkpoint=True), dcp.save or verl.")
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
     out_path = prepare_output(out, force=force, inputs=[folder])
-    state = _state_summary(folder)
+    # opened once: paths, sizes, headers, coverage now (a training state's model files hashed too); the rank files'
+    # hashes run alongside the gather and are checked before the output is published (it is written into a
+    # temporary folder), so a corrupt input never yields an output.
+    checked = ShardedFolder.open(folder, quick=False, defer_hashes=True)
     removed = remove_stale_temps(out_path.parent)
-    # sizes, headers, coverage (and config agreement when planning with transformers) now; the hashes run alongside
-    # the gather and are checked before the output is published (it is written into a temporary folder), so a
-    # corrupt input never yields an output.
-    job = _manifest_job(folder, max_shard_size=max_shard_size, cast=cast) if byte_copy else None
+    job = _manifest_job(checked, max_shard_size=max_shard_size, cast=cast) if byte_copy else None
     if job is not None:
-        job, integrity = job
+        job, checked = job
         path = "manifest"
     else:
         key = cache.key("gather", {"target": str(folder), "max_shard_size": max_shard_size, "dtype": cast},
                         sharded=True) if byte_copy else None
         job = cached_job(cache.get(key), folder)
         path = "cache" if job is not None else "transformers"
-        integrity = check_folder(folder, quick=False, with_plan=job is None, defer_hashes=True)
         if job is None:
+            checked = checked.with_plan()  # config.json's model through transformers: names and ties proven
             reuse_freed_memory()
-            job = plan_job(folder, integrity, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
+            job = plan_job(checked, max_shard_size=max_shard_size, cast=cast, byte_copy=byte_copy)
             if job.stream is None:
                 cache.put(key, {"plan": job.plan.to_json()})
-    saved = saved_mesh.saved_by(folder, integrity)  # the mesh it was saved on: recorded, or inferred from its layout
-    written = execute(job.plan, out_path, force=force, progress=progress, check_inputs=integrity["check_hashes"],
+    saved = saved_mesh.saved_by(checked)  # the mesh it was saved on: recorded, or inferred from its layout
+    written = execute(job.plan, out_path, force=force, progress=progress, check_inputs=checked.check_hashes,
                       stream=job.stream)
     return {
         "out": str(out_path),
         "source": str(folder),
-        "source_kind": "tpcli-state" if state else "tpcli" if integrity["manifest"] else "transformers-dcp",
-        "state": state,  # a training state: its step and mesh; its optimizer state is not part of the output
+        "source_kind": checked.kind,
+        # a training state: its step and mesh; its optimizer state is not part of the output
+        "state": _state_summary(checked.state),
         # how the output was laid out: "manifest" (tpcli.json + headers, no torch/transformers), "transformers"
         # (planned through its conversions now), "cache" (a layout transformers planned for this folder before)
         "path": path,
@@ -178,48 +179,48 @@ def written_report(plan: BytePlan, written: Written, removed, started: float) ->
         "seconds": round(time.perf_counter() - started, 3),
     }
 
-def _state_summary(folder: Path) -> dict | None:
-    """For a training-state folder (`tpcli.save_state`): its model files checked (sizes, sha256, signature) and
-    {"step", "mesh", "optimizer_left_out"}; None for any other folder."""
+def _state_summary(state) -> dict | None:
+    """For a training-state folder (`tpcli.save_state`, its model files checked by `ShardedFolder.open`: sizes,
+    sha256, signature): {"step", "mesh", "optimizer_left_out"}; None for any other folder."""
     from tpcli.formats import state_manifest as sm
 
-    if not sm.is_state_dir(folder):
+    if state is None:
         return None
-    from tpcli.commands.state_check import check_state
-
-    doc = check_state(folder, optimizer=False)["doc"]
+    doc = state.doc
     left = sorted(n for n in doc["files"] if n.startswith(sm.OPTIMIZER_DIR + "/"))
     return {"step": doc["step"], "mesh": doc["mesh"], "mesh_text": sm.mesh_text(doc["mesh"]),
             "optimizer_left_out": {"files": len(left), "bytes": sum(doc["files"][n]["bytes"] for n in left)}}
 
 
-def _manifest_job(folder: Path, *, max_shard_size, cast: str | None) -> tuple[GatherJob, dict] | None:
-    """(job, integrity) planned from tpcli.json and the rank files' headers, when the manifest vouches for it
-    (`tpcli.formats.manifest_gather`) and transformers' record of config.json (`integrity.model_record`, cached)
-    agrees with the rank files; None: plan through transformers."""
-    from tpcli.commands.integrity import model_record
+def _manifest_job(checked: ShardedFolder, *, max_shard_size,
+                  cast: str | None) -> tuple[GatherJob, ShardedFolder] | None:
+    """(job, folder) planned from tpcli.json and the rank files' headers, when the manifest vouches for it
+    (`tpcli.formats.manifest_gather`) and transformers' record of config.json (`folders.model_record`, cached)
+    agrees with the rank files (the folder returned has its names proven against it); None: plan through
+    transformers."""
     from tpcli.formats import manifest_gather
+    from tpcli.runtime.folders import model_record
 
-    meta = manifest.read(folder)
+    folder, meta = checked.path, checked.manifest
     if manifest_gather.why_not_vouched(folder, meta) is not None:
         return None
     record = model_record(folder, meta)  # transformers' verdict on config.json (cached), not the manifest's word
     if manifest_gather.why_not_mergeable(folder, meta, cast, record) is not None:
         return None
-    integrity = check_folder(folder, quick=False, with_plan=False, defer_hashes=True, record=record)
-    if integrity["manifest"] != meta:
-        raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing writes it.")
-    files, parameter_count, total = manifest_gather.plan(folder, integrity["manifest"], integrity["tensors"], record,
+    checked = checked.with_record(record)
+    files, parameter_count, total = manifest_gather.plan(folder, meta, checked.tensors, record,
                                                          max_shard_size=max_shard_size)
-    return GatherJob(gather_plan(folder, files, parameter_count=parameter_count, total=total, cast=cast)), integrity
+    return GatherJob(gather_plan(folder, files, parameter_count=parameter_count, total=total, cast=cast)), checked
 
 
-def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None, byte_copy: bool = True) -> GatherJob:
-    """Names, files and layout of the output, through transformers' reverse conversions (nothing written yet)."""
+def plan_job(checked: ShardedFolder, *, max_shard_size, cast: str | None, byte_copy: bool = True) -> GatherJob:
+    """Names, files and layout of the output, through transformers' reverse conversions (nothing written yet);
+    `checked` was opened `with_plan`."""
     from tpcli.planning.convert import Conversions
 
-    reader = ShardedReader(folder, tensors=integrity["tensors"])
-    plan = integrity["plan"]
+    folder = checked.path
+    reader = ShardedReader(folder, tensors=checked.tensors)
+    plan = checked.plan
     if cast and plan.quantization is not None:  # a cast of FP8 bytes without their scales would be garbage
         raise UsageError(f"--dtype with the quantized folder {folder}: gather keeps the {plan.quantization.method} "
                          "weights and scales as they are; to dequantize, run `tpcli shard --dtype` on the gathered "
@@ -249,7 +250,7 @@ def plan_job(folder: Path, integrity: dict, *, max_shard_size, cast: str | None,
                                              tuple(c.offsets), tuple(c.sizes), "dest")
                                    for c in reader.tensors[t.name].chunks)) for t in f.tensors), f.metadata)
                       for f in files)
-        headers = {f: header_digest(folder / f) for f in integrity["files"]}
+        headers = {f: header_digest(folder / f) for f in checked.files}
     finally:
         reader.close()
     return GatherJob(gather_plan(folder, files, parameter_count=plan.parameter_count, total=total, cast=cast,

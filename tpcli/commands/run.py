@@ -180,11 +180,11 @@ def preflight_mesh(spec: LaunchSpec, mesh) -> list[str]:
 def preflight_model(spec: LaunchSpec) -> list[str]:
     """Static checks of --model at tp = world size; returns notes to print, raises on errors."""
     from tpcli.commands.inspect import load_resolved
-    from tpcli.commands.integrity import check_folder
     from tpcli.formats import dcp
     from tpcli.formats import state_manifest as sm
     from tpcli.planning import saved_mesh
     from tpcli.planning.mesh import Mesh
+    from tpcli.runtime.folders import ShardedFolder
 
     tp = spec.world_size
     local = Path(spec.model).expanduser()
@@ -193,16 +193,15 @@ def preflight_model(spec: LaunchSpec) -> list[str]:
             raise UsageError(f"--plan {spec.plan_file} with the sharded folder {spec.model}: its plan is the one it "
                              f"was sharded with (tpcli.json); to change it, `tpcli shard` the original checkpoint "
                              "with --plan.")
-        info = check_folder(local, quick=True, with_plan=True)
-        _preflight_at_world_size(info["plan"], tp)
-        if sm.is_state_dir(local):  # a training state (tpcli.save_state): any mesh loads it, resharded by DCP
-            doc = sm.read(local)
-            sm.check_sizes(local, doc)
+        info = ShardedFolder.open(local, quick=True, with_plan=True)  # a training state: sizes checked as its own
+        _preflight_at_world_size(info.plan, tp)
+        if info.state is not None:  # a training state (tpcli.save_state): any mesh loads it, resharded by DCP
+            doc = info.state.doc
             return [f"preflight: {local} is a training state (step {doc['step']}, saved on "
                     f"{sm.mesh_text(doc['mesh'])}); file sizes OK; sha256 NOT checked here (tpcli.load_state checks "
                     f"them; so does `tpcli verify {local}`)"]
-        checked = "file sizes and manifest OK" if info["manifest"] else "files OK (no tpcli.json: sizes not recorded)"
-        saved = saved_mesh.saved_by(local, info)  # a transformers save on a mesh: its mesh, never "tp=<files>"
+        checked = "file sizes and manifest OK" if info.manifest else "files OK (no tpcli.json: sizes not recorded)"
+        saved = saved_mesh.saved_by(info)  # a transformers save on a mesh: its mesh, never "tp=<files>"
         what = f"a {saved['description']} sharded folder" if saved["mesh"] else f"a sharded folder {saved['description']}"
         notes = [f"preflight: {local} is {what}; {checked}; sha256 NOT checked "
                  f"(run `tpcli verify {local}` to check them)"]

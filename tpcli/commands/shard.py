@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tpcli.commands import Progress, no_progress
-from tpcli.commands.integrity import check_folder, check_names, record_of
 from tpcli.errors import CheckpointError, UsageError
 from tpcli.formats import dcp, manifest
 from tpcli.formats import source as sources
@@ -33,6 +32,7 @@ from tpcli.planning.layout import plan_chunks
 from tpcli.planning.plan import ResolvedPlan, load_config, load_plan_file, resolve_plan
 from tpcli.planning.quant import quantization_record
 from tpcli.planning.readers import CheckpointReader, ShardedReader
+from tpcli.runtime.folders import ShardedFolder
 
 
 def open_source(model: str, *, plan_file: str | None, revision: str | None, cast: str | None = None):
@@ -46,19 +46,16 @@ def open_source(model: str, *, plan_file: str | None, revision: str | None, cast
     """
     local = Path(model).expanduser()
     if dcp.is_sharded_dir(local):
-        integrity = check_folder(local, defer_hashes=True)
-        meta = integrity["manifest"]
-        user_plan = load_plan_file(plan_file) if plan_file else manifest.user_plan(meta)
-        if not (local / "config.json").is_file():
-            raise CheckpointError(f"{local / 'config.json'} is missing; a sharded folder needs the model's config.")
-        plan = resolve_plan(load_config(local), user_plan=user_plan, plan_file=plan_file)
-        check_names(local, meta, integrity["tensors"], record_of(plan))  # config.json's model, ties proven by bytes
+        # opened once: paths, sizes, headers, coverage; config.json's model (with --plan's user plan, else the
+        # manifest's) through transformers, names and ties proven by the bytes
+        folder = ShardedFolder.open(local, defer_hashes=True, with_plan=True, plan_file=plan_file)
+        plan = folder.plan
         if plan.quantization is not None and cast:
             raise UsageError(f"--dtype with the quantized sharded folder {model}: dequantizing is done from the "
                              "original checkpoint; run `tpcli gather` first, then `tpcli shard --dtype` on its output.")
-        reader = ShardedReader(local, tensors=integrity["tensors"])
+        reader = ShardedReader(local, tensors=folder.tensors)
         src = sources.Source(spec=model, path=local.resolve())
-        return src, plan, reader, "sharded", integrity["check_hashes"]
+        return src, plan, reader, "sharded", folder.check_hashes
     src = sources.resolve(model, revision=revision, weights=True)
     weights = sources.weight_files(src)  # before transformers is imported: a folder without weights fails at once
     user_plan = load_plan_file(plan_file) if plan_file else None

@@ -138,30 +138,28 @@ def run_numerics(path: Path, *, tp: int, plan_file: str | None, gpus: bool, tole
 def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
     """Integrity of a sharded folder. config.json's agreement with the shards is always checked against
     transformers' model for it: planned now ("path": "transformers"), or, where the manifest vouches for that very
-    config.json (`tpcli.formats.manifest_gather`), against `integrity.model_record` ("path": "manifest"), which a
-    later verify or gather of the same folder takes from tpcli's cache, importing neither torch nor transformers."""
-    from tpcli.commands.integrity import check_folder, model_record
-    from tpcli.formats import manifest, manifest_gather
+    config.json (`tpcli.formats.manifest_gather`), against `folders.model_record` ("path": "manifest"), which a
+    later verify or gather of the same folder takes from tpcli's cache, importing neither torch nor transformers.
+    The folder is opened once (`tpcli.runtime.folders.ShardedFolder`); tpcli.json is read once."""
+    from tpcli.formats import manifest_gather
     from tpcli.planning import saved_mesh
+    from tpcli.runtime.folders import ShardedFolder, model_record
 
     findings: list[Finding] = []
     info = saved = None
     path = "transformers"
     try:
-        meta = manifest.read(folder)
-        vouched = manifest_gather.why_not_vouched(folder, meta) is None
+        info = ShardedFolder.open(folder, quick=quick)  # paths, sizes, hashes, headers, coverage: read once
+        vouched = manifest_gather.why_not_vouched(folder, info.manifest) is None
         path = "manifest" if vouched else "transformers"
-        record = model_record(folder, meta) if vouched else None  # config.json per transformers (cached)
-        info = check_folder(folder, quick=quick, with_plan=not vouched, record=record)
-        if vouched and info["manifest"] != meta:
-            raise CheckpointError(f"{folder / manifest.NAME}: changed while being read; re-run once nothing "
-                                  "writes it.")
-        saved = saved_mesh.saved_by(folder, info)  # recorded, or inferred from the chunk layout
+        # config.json per transformers: its cached record where the manifest vouches for it, else planned now
+        info = info.with_record(model_record(folder, info.manifest)) if vouched else info.with_plan()
+        saved = saved_mesh.saved_by(info)  # recorded, or inferred from the chunk layout
     except CheckpointError as exc:
         info = saved = None
         findings.append(Finding("error", "integrity", str(exc)))
     if info is not None:
-        if info["manifest"] is None:
+        if info.manifest is None:
             findings.append(Finding("info", "no-manifest", "no tpcli.json (a transformers DCP save): hashes not "
                                     "checked, coverage and config checked"))
         if tp is not None and saved_mesh.other_tp(saved, tp):
@@ -172,9 +170,9 @@ def verify_sharded(folder: Path, *, tp: int | None, quick: bool) -> dict:
         "target": str(folder),
         "tp": saved_mesh.tp_size(saved) if saved else None,  # None also when the layout does not determine it
         "saved_by": saved,
-        "tensors": len(info["tensors"]) if info else None,
+        "tensors": len(info.tensors) if info else None,
         # None: the check stopped at its first error, before it could say whether every hash was checked
-        "hashes_checked": bool(info["manifest"] and not quick) if info else None,
+        "hashes_checked": bool(info.manifest and not quick) if info else None,
         "path": path,  # "manifest": checked against transformers' cached record; "transformers": by its model now
         "findings": [f.to_dict() for f in findings],
         "ok": not any(f.severity == "error" for f in findings),

@@ -52,7 +52,7 @@ def shard_summary(s) -> None:
 
 
 def model_record_entry(entry) -> bool:
-    """A cached `integrity.model_record`: {"architecture": str, "tensors": {name: {"shape": [int], "tied_to": str |
+    """A cached `folders.model_record`: {"architecture": str, "tensors": {name: {"shape": [int], "tied_to": str |
     None, "cut": int | None}}, "quantized": bool, "checkpoint": bool}, every tie naming a listed, untied tensor. Anything else: False."""
     try:
         _fields(entry, ("architecture", "tensors", "quantized", "checkpoint"))

@@ -407,3 +407,33 @@ def read_dcp_metadata(path: Path):
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (or not a regular file); a torch DCP checkpoint holds one.")
     return read_metadata(path.parent, limit=TRAINING_METADATA_BYTES)
+
+
+def optimizer_state_entries(metadata) -> dict[str, dict]:
+    """{parameter name: {state name ('exp_avg', 'step', ...): its DCP storage metadata}} from the metadata of an
+    optimizer saved by `save_optimizer_distributed` (keys 'optimizer.state.<parameter>.<state name>')."""
+    per_param: dict[str, dict] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("optimizer.state."):
+            param, _, state_key = key.removeprefix("optimizer.state.").rpartition(".")
+            per_param.setdefault(param, {})[state_key] = meta
+    return per_param
+
+
+def optimizer_summary(metadata) -> dict:
+    """{"tensors": the optimizer's state tensors, "state_keys": their sorted state names}: what the manifest
+    records and `tpcli verify STATE` checks."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = optimizer_state_entries(metadata)
+    return {"tensors": sum(isinstance(m, TensorStorageMetadata) for e in entries.values() for m in e.values()),
+            "state_keys": sorted({k for e in entries.values() for k in e})}
+
+
+def check_tiles(where: Path, what: str, meta) -> None:
+    """The saved chunks of one tensor tile its global box: no gap, no overlap (same rule as the weights)."""
+    from tpcli.formats.dcp import Chunk, ShardedTensor, check_coverage
+
+    t = ShardedTensor(name=f"optimizer tensor {what}", dtype="", shape=tuple(meta.size))
+    t.chunks = [Chunk(t.name, -1, sm.OPTIMIZER_DIR, tuple(c.offsets), tuple(c.sizes), "") for c in meta.chunks]
+    check_coverage(t, where.parent)

@@ -7,11 +7,11 @@ A tpcli folder's manifest lists every tensor with its shape, dtype, tied_to and 
   2. which checkpoint names the run-time names revert to (fused MoE experts, ...): `gather`'s names.
 
 Whoever can write the folder can rewrite tpcli.json and refresh every hash in it (nothing is signed), so neither
-is taken from the manifest: `integrity.model_record` asks transformers (the meta model of config.json) and keeps
+is taken from the manifest: `folders.model_record` asks transformers (the meta model of config.json) and keeps
 the answer in tpcli's private cache (`tpcli.formats.cache`, keyed by the folder's files, config.json's bytes
 included), so only the first look at a folder imports torch and transformers. The rank files must then hold exactly
 that model's tensors, and a tensor is left out of the output only where config.json ties it and the bytes agree
-(`integrity.check_names`). The manifest's `names` record (`config_sha256`, `checkpoint`) only decides whether
+(`folders.check_names`). The manifest's `names` record (`config_sha256`, `checkpoint`) only decides whether
 this path is tried at all:
 
     vouched  = names present, config.json's sha256 = names.config_sha256,
@@ -21,7 +21,7 @@ this path is tried at all:
 
 Anything else (an older manifest, a transformers DCP save, an edited config, a quantized folder, a conversion)
 takes the general path through transformers. The chunks, shapes and dtypes the fast path uses are the ones
-`integrity.check_folder` has checked against the manifest (`_compare_manifest`) before this module plans.
+`folders.ShardedFolder.open` has checked against the manifest (`_compare_manifest`) before this module plans.
 
 The plan is today's general-path plan with transformers' parts replaced by what they reduce to without a
 conversion: `revert_weight_conversion` is the identity, its groups are one name each in `dot_natural_key` order,
@@ -77,7 +77,7 @@ def why_not_vouched(folder: Path, meta: dict | None) -> str | None:
 
 
 def why_not_mergeable(folder: Path, meta: dict | None, cast: str | None, record: dict) -> str | None:
-    """None when `gather` may merge `folder` as bytes from its manifest and `record` (`integrity.model_record`:
+    """None when `gather` may merge `folder` as bytes from its manifest and `record` (`folders.model_record`:
     transformers' verdict on config.json, never the manifest's own word), else why not."""
     why = why_not_vouched(folder, meta)
     if why:
@@ -119,7 +119,7 @@ def plan(folder: Path, meta: dict, tensors: dict, record: dict, *, max_shard_siz
     makes the byte plan of them, as it does of the general path's `plan_job` for a folder without conversions.
 
     `tensors` is `dcp.scan`'s result (state order of the rank files, chunks from their headers), already checked
-    against the manifest and against `record` (`integrity.check_names`: config.json's names, shapes and ties, the
+    against the manifest and against `record` (`folders.check_names`: config.json's names, shapes and ties, the
     ties proven by the bytes). What is left out as tied is what `record` ties, not what the manifest says.
     """
     from huggingface_hub import split_state_dict_into_shards_factory  # public, lazy: no torch

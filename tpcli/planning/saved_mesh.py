@@ -26,7 +26,6 @@ None: the layout is not one tpcli knows (another writer, another transformers ve
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 from tpcli.errors import ModelError, UsageError
 from tpcli.formats import dcp
@@ -159,26 +158,27 @@ def _valid(doc) -> bool:
             and (doc.get("mesh") is None or mesh_ok(doc["mesh"])))
 
 
-def saved_by(folder: Path, integrity: dict) -> dict:
-    """The `saved_by` document of `gather` / `verify DIR` for a folder `commands.integrity.check_folder` checked:
-    recorded (tpcli.json, tpcli-state.json) or inferred from the layout. The inference needs the model's plan: the one the
-    integrity check built, or one built from config.json now; its result is cached with the folder's
-    fingerprint (`tpcli.formats.cache`), so a gather from a cached layout need not build it again."""
+def saved_by(checked) -> dict:
+    """The `saved_by` document of `gather` / `verify DIR` for a folder `tpcli.runtime.folders.ShardedFolder` opened
+    (`checked`: its path, manifest, state, files, tensors, plan): recorded (tpcli.json, tpcli-state.json) or
+    inferred from the layout. The inference needs the model's plan: the one the folder was checked with, or one
+    built from config.json now; its result is cached with the folder's fingerprint (`tpcli.formats.cache`), so a
+    gather from a cached layout need not build it again."""
     from tpcli.formats import cache, state_manifest
 
-    meta = integrity["manifest"]
+    folder, meta = checked.path, checked.manifest
     if meta:
-        return recorded(Mesh(tp=meta["tp_size"], pp=meta.get("pp_size", 1)), len(integrity["files"]))
-    if state_manifest.is_state_dir(folder):  # read and checked by the caller (`commands.state_check`)
-        mesh = state_manifest.read(folder)["mesh"]
-        return recorded(Mesh(**{k: mesh[k] for k in state_manifest.MESH_KEYS}), len(integrity["files"]))
+        return recorded(Mesh(tp=meta["tp_size"], pp=meta.get("pp_size", 1)), len(checked.files))
+    if checked.state is not None:  # tpcli-state.json, read and checked when the folder was opened
+        mesh = checked.state.mesh
+        return recorded(Mesh(**{k: mesh[k] for k in state_manifest.MESH_KEYS}), len(checked.files))
     key = cache.key(CACHE_COMMAND, {"target": str(folder)}, sharded=True)
     doc = cache.get(key)
-    if _valid(doc) and doc["ranks"] == len(integrity["files"]):
+    if _valid(doc) and doc["ranks"] == len(checked.files):
         return _described(doc)  # the text is made here, never taken from the cache
-    plan = integrity.get("plan")
+    plan = checked.plan
     if plan is None:
         from tpcli.planning.plan import load_config, resolve_plan
 
         plan = resolve_plan(load_config(folder))
-    return cache.put(key, infer(plan, integrity["tensors"], integrity["files"]))
+    return cache.put(key, infer(plan, checked.tensors, checked.files))

@@ -31,12 +31,13 @@ from tpcli.errors import CheckpointError
 from tpcli.formats import manifest
 from tpcli.runtime.adaptations import with_library_plans
 from tpcli.runtime.fast_load import load_tpcli_shards
+from tpcli.runtime.folders import ShardedFolder
 from tpcli.runtime.meshinfo import mesh_config
 from tpcli.runtime.process_group import local_device, start_process_group
 
 
 @with_library_plans  # plans/: the automatic pick, `tp_plan="gpt2"`, and the plan's worker-side adaptations
-def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "auto", dtype=None,
+def load_model(path: str | os.PathLike | ShardedFolder | None = None, *, tp_plan: dict | str = "auto", dtype=None,
                timeout_s: float | None = None, auto_class=None, mesh=None,
                **kwargs):
     """Return the model sharded for this process's rank on the job's mesh.
@@ -45,12 +46,15 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     --fsdp --dp-replicate --ep`), else plain TP over the world (tp = WORLD_SIZE). Loaded with
     `from_pretrained(path, distributed_config=DistributedConfig(tp_size=T, fsdp_size=F, dp_replicate_size=R,
     ep_size=E, tp_plan=tp_plan))`; the model's `_device_mesh` is transformers' own. The process group, if this
-    call creates it, waits `timeout_s` seconds in a collective (default: `process_group_timeout`, 2 hours)."""
+    call creates it, waits `timeout_s` seconds in a collective (default: `process_group_timeout`, 2 hours).
+    A sharded folder is opened once, with `verify`'s cheap checks (`ShardedFolder.open(quick=True)`: no hashes);
+    `path` may be that object already (`with_library_plans` opens it to read the folder's plan)."""
     import torch
 
     from tpcli.formats.dcp import is_sharded_dir
 
-    path = Path(path or os.environ.get("TPCLI_MODEL") or "")
+    checked = path if isinstance(path, ShardedFolder) else None  # opened by `with_library_plans`
+    path = checked.path if checked is not None else Path(path or os.environ.get("TPCLI_MODEL") or "")
     if not str(path) or str(path) == ".":
         raise CheckpointError("load_model: pass a path or run under `tpcli run --model PATH` (sets TPCLI_MODEL).")
     start_process_group(timeout_s)
@@ -58,7 +62,11 @@ def load_model(path: str | os.PathLike | None = None, *, tp_plan: dict | str = "
     mesh = _job_mesh(mesh, world)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    doc = manifest.read(path) if path.is_dir() and is_sharded_dir(path) else None
+    # opened once, with the cheap checks (paths inside, sizes, headers, coverage, manifest = headers; not the sha256
+    # of `tpcli verify`: loading reads every byte it needs once, hashing would read them all again)
+    if checked is None and path.is_dir() and is_sharded_dir(path):
+        checked = ShardedFolder.open(path, quick=True)
+    doc = checked.manifest if checked is not None else None
     if doc is not None:
         why = fast_path_refusal(doc, mesh, world, tp_plan=tp_plan, kwargs=kwargs)
         if why is None:

@@ -34,9 +34,16 @@ from pathlib import Path
 
 from tpcli.errors import CheckpointError, OutputError, TpcliError, UsageError
 from tpcli.formats import state_manifest as sm
-from tpcli.formats.dcp_metadata import check_storage, metadata_limit, read_metadata
+from tpcli.formats.dcp_metadata import (
+    check_storage,
+    check_tiles,
+    metadata_limit,
+    optimizer_summary,
+    read_metadata,
+)
 from tpcli.formats.hashing import sha256_file
 from tpcli.formats.output import Words
+from tpcli.runtime.folders import StateFolder
 
 SAVE_STATE_WORDS = Words(out="save_state:", another="path", force="overwrite=True")  # the output checks' errors
 
@@ -112,27 +119,6 @@ def _optimizer_state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
-
-
-def optimizer_state_entries(metadata) -> dict[str, dict]:
-    """{parameter name: {state name ('exp_avg', 'step', ...): its DCP storage metadata}} from the metadata of an
-    optimizer saved by `save_optimizer_distributed` (keys 'optimizer.state.<parameter>.<state name>')."""
-    per_param: dict[str, dict] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("optimizer.state."):
-            param, _, state_key = key.removeprefix("optimizer.state.").rpartition(".")
-            per_param.setdefault(param, {})[state_key] = meta
-    return per_param
-
-
-def optimizer_summary(metadata) -> dict:
-    """{"tensors": the optimizer's state tensors, "state_keys": their sorted state names}: what the manifest
-    records and `tpcli verify STATE` checks."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    entries = optimizer_state_entries(metadata)
-    return {"tensors": sum(isinstance(m, TensorStorageMetadata) for e in entries.values() for m in e.values()),
-            "state_keys": sorted({k for e in entries.values() for k in e})}
 
 
 def _mesh_of(model) -> dict:
@@ -300,13 +286,10 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     tensors are exactly the ones `optimizer` holds for this model (same names, shapes and dtypes; an optimizer of
     another kind or with other parameters is refused)."""
     folder = Path(path).expanduser()
-
-    def check_files():
-        doc = sm.read(folder)
-        sm.check_sizes(folder, doc)
-        return doc
-
-    doc = _agree(check_files)
+    # opened once on every rank, as `verify STATE` opens it (its hashes spread over the ranks below): the manifest,
+    # the listed files at their sizes, the rank files' tensors tiling and equal to the manifest's model signature
+    state = _agree(lambda: StateFolder.open(folder, quick=True, optimizer=False))
+    doc = state.doc
     if check_hashes:
         names = sorted(doc["files"])
         digests = _spread_hashes(folder, names)
@@ -315,7 +298,7 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     model_sd = get_model_state_dict(model)
-    _agree(_check_model, folder, doc, _model_entries(model_sd), model.config.model_type)
+    _agree(_check_model, state, _model_entries(model_sd), model.config.model_type)
     optim_sd = _optimizer_state(model, optimizer)
     metadata = _agree(_check_optimizer, folder, doc, optim_sd, (doc["optimizer"]["class"], type(optimizer).__name__))
 
@@ -326,13 +309,11 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     return {"step": doc["step"], "extra": doc["extra"], "mesh": doc["mesh"]}
 
 
-def _check_model(folder: Path, doc: dict, entries: list, model_type: str) -> None:
-    """The saved parameters (the rank files' chunks, `dcp.scan`: tiling each tensor) are exactly the model's: same
-    names, global shapes, dtypes."""
-    from tpcli.formats.dcp import scan
-
+def _check_model(state, entries: list, model_type: str) -> None:
+    """The saved parameters (`state`: the `StateFolder` opened, its rank files' chunks tiling each tensor) are
+    exactly the model's: same names, global shapes, dtypes."""
+    folder, doc, saved = state.path, state.doc, state.tensors
     manifest = folder / sm.NAME
-    saved = scan(folder)
     if doc["model"]["model_type"] != model_type:
         raise CheckpointError(f"{manifest}: saved from a {doc['model']['model_type']} model, this model is "
                               f"{model_type}: load the state into the model it was saved from.")
@@ -390,15 +371,6 @@ def _check_optimizer(folder: Path, doc: dict, optim_sd: dict, classes: tuple[str
         raise CheckpointError(f"{where}: holds optimizer entry {extra[0]} that this optimizer does not have "
                               f"({len(extra)} such; {hint}); nothing was loaded.")
     return metadata
-
-
-def check_tiles(where: Path, what: str, meta) -> None:
-    """The saved chunks of one tensor tile its global box: no gap, no overlap (same rule as the weights)."""
-    from tpcli.formats.dcp import Chunk, ShardedTensor, check_coverage
-
-    t = ShardedTensor(name=f"optimizer tensor {what}", dtype="", shape=tuple(meta.size))
-    t.chunks = [Chunk(t.name, -1, sm.OPTIMIZER_DIR, tuple(c.offsets), tuple(c.sizes), "") for c in meta.chunks]
-    check_coverage(t, where.parent)
 
 
 def _load_optimizer(model, optimizer, folder: Path, optim_sd: dict, metadata) -> None:

@@ -22,9 +22,11 @@ import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tpcli.formats.dcp import is_sharded_dir
 from tpcli.planning import plans_library
 from tpcli.planning.plans_library import ADAPTATION_NAMES
 from tpcli.planning.style_classes import register as register_styles
+from tpcli.runtime.folders import ShardedFolder
 
 ADAPTATIONS: dict[str, Callable] = {}
 
@@ -91,7 +93,9 @@ def with_library_plans(load_model):
         lib = None
         if str(folder) not in ("", "."):  # otherwise load_model raises its own error
             register_styles()  # tpcli's own style classes, before transformers validates the plan
-            tp_plan, lib = _library_plan(folder, tp_plan)
+            if folder.is_dir() and is_sharded_dir(folder):  # opened once (cheap checks); load_model routes on it
+                path = ShardedFolder.open(folder, quick=True)
+            tp_plan, lib = _library_plan(folder, tp_plan, path.manifest if isinstance(path, ShardedFolder) else None)
         elif isinstance(tp_plan, plans_library.LibraryPlan):
             tp_plan, lib = dict(tp_plan.tp_plan), tp_plan
         model = load_model(path, tp_plan=tp_plan, **kwargs)
@@ -102,19 +106,18 @@ def with_library_plans(load_model):
     return wrapper
 
 
-def _library_plan(folder: Path, tp_plan):
-    """(tp_plan to hand to load_model, LibraryPlan | None), picked by `plans_library.select` as plan resolution does."""
+def _library_plan(folder: Path, tp_plan, doc: dict | None):
+    """(tp_plan to hand to load_model, LibraryPlan | None), picked by `plans_library.select` as plan resolution does.
+    `doc`: the folder's tpcli.json (from the opened `ShardedFolder`), None for any other folder."""
     from transformers import AutoConfig
 
     from tpcli.formats import manifest
-    from tpcli.formats.dcp import is_sharded_dir
     from tpcli.planning.plan import check_config_files
 
     check_config_files(folder)
     config = AutoConfig.from_pretrained(str(folder))
     spec = tp_plan
     if tp_plan == "auto":  # a tpcli folder's manifest holds the rules it was sharded with (load_model takes them)
-        doc = manifest.read(folder) if folder.is_dir() and is_sharded_dir(folder) else None
         spec = manifest.user_plan(doc) if doc is not None else None
     defaults = config.get_text_config().base_model_tp_plan or {}
     rules, lib = plans_library.select(config, spec, default_rules=defaults)
