@@ -32,6 +32,13 @@ INTERNALS: dict[str, tuple[str, str, str]] = {
                                               "(sizes, offsets) of a rank's DTensor chunk on a mesh"),
 }
 
+# Private methods of torch classes the functions below use: (owner, attribute), checked by tests/test_adapters.py.
+PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("torch.distributed.tensor.Shard", "_split_tensor"),
+    ("torch.distributed.tensor.placement_types._StridedShard", "_split_tensor"),
+    ("torch._C", "_get_accelerator"),
+)
+
 
 def __getattr__(name: str):
     """`INTERNALS[name]`, imported on first use."""

@@ -66,6 +66,19 @@ INTERNALS: dict[str, tuple[str, str, str]] = {
                                    "the KV-cache layer kinds a config builds"),
 }
 
+# Private methods and attributes of transformers classes the functions below use: (owner, attribute), checked to
+# exist by tests/test_adapters.py (run by `make test-newest` against the newest tested release too).
+PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("transformers.PreTrainedModel", "_resolve_parallel_plans"),
+    ("transformers.PreTrainedModel", "_from_config"),
+    ("transformers.PreTrainedModel", "_move_missing_keys_from_meta_to_device"),
+    ("transformers.AutoModel", "_model_mapping"),
+    ("transformers.AutoModelForCausalLM", "_model_mapping"),
+    ("transformers.integrations.finegrained_fp8.Fp8Dequantize", "_dequantize_one"),
+    ("transformers.integrations.finegrained_fp8.Fp8Quantize", "_quantize_one"),
+    ("transformers.distributed.mixin", "apply_tensor_parallelism"),
+)
+
 # The logger transformers' plan resolution warns on (rules that match nothing; tpcli reports those itself).
 PLAN_LOGGER = "transformers.distributed.mixin"
 
