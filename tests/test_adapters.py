@@ -194,3 +194,13 @@ def test_importing_the_adapters_imports_no_library():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_moved_internal_is_an_import_error_naming_the_library_module(monkeypatch):
+    """What `versions.moved_internal` turns into one line: the library's module, not the adapter's."""
+    import transformers.distributed.parallel_utils as pu
+
+    monkeypatch.delattr(pu, "replace_layer_number_by_wildcard")  # as if a release had moved it
+    with pytest.raises(ImportError, match="from 'transformers.distributed.parallel_utils'") as caught:
+        from tpcli.adapters.transformers_api import replace_layer_number_by_wildcard  # noqa: F401
+    assert caught.value.name == "transformers.distributed.parallel_utils"

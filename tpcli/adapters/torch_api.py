@@ -41,12 +41,17 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
 
 
 def __getattr__(name: str):
-    """`INTERNALS[name]`, imported on first use."""
+    """`INTERNALS[name]`, imported on first use. A torch release that moved it raises ImportError naming torch's
+    module (what `versions.moved_internal` reports), not this one."""
     try:
         module, attr, _ = INTERNALS[name]
     except KeyError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except AttributeError:
+        raise ImportError(f"cannot import name {attr!r} from {module!r} (wrapped as {__name__}.{name})",
+                          name=module) from None
 
 
 def split_tensor(placement, tensor, num_chunks: int) -> list:
