@@ -62,11 +62,6 @@ def split_tensor(placement, tensor, num_chunks: int) -> list:
     return pieces
 
 
-def has_local_tensor(value) -> bool:
-    """True for a DTensor (anything carrying `_local_tensor`)."""
-    return hasattr(value, "_local_tensor")
-
-
 def local_tensor(value):
     """This rank's shard of a DTensor, as the very tensor it holds (`DTensor._local_tensor`: no copy, no autograd
     node, unlike `to_local()`); a plain tensor is returned as it is."""
