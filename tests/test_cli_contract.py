@@ -143,11 +143,12 @@ def test_a_moved_transformers_internal_is_one_line(model_dirs, monkeypatch, caps
     versions and what failed. Inside the window the same failure is a tpcli bug and keeps its traceback."""
     import transformers.distributed.parallel_utils as pu
 
+    model = model_dirs("qwen3")  # built first: building it imports transformers modules that need the name
     monkeypatch.delattr(pu, "replace_layer_number_by_wildcard")  # as if a release had moved it
     with pytest.raises(ImportError):  # tested versions: a bug, the traceback is the useful report
-        run_main(monkeypatch, capsys, "inspect", model_dirs("qwen3"), "--tp", "2")
+        run_main(monkeypatch, capsys, "inspect", model, "--tp", "2")
     monkeypatch.setitem(versions.TESTED, "transformers", ("5.30", "5.31"))
-    rc, out, err = run_main(monkeypatch, capsys, "inspect", model_dirs("qwen3"), "--tp", "2")
+    rc, out, err = run_main(monkeypatch, capsys, "inspect", model, "--tp", "2")
     found = versions.installed("transformers")
     assert rc == 1 and out == ""
     assert err.splitlines()[0] == (f"Warning: tpcli {versions.__version__} is not tested with transformers {found} "
@@ -155,6 +156,7 @@ def test_a_moved_transformers_internal_is_one_line(model_dirs, monkeypatch, caps
     line = err.splitlines()[1]
     assert line.startswith("Error: tpcli 0.1.0 is tested with transformers 5.30-5.31 and torch ")
     assert f"found transformers {found}" in line and "replace_layer_number_by_wildcard" in line
+    assert "from 'transformers.distributed.parallel_utils'" in line  # the library's module, not the adapter
     assert len(err.splitlines()) == 2
 
 

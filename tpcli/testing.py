@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tpcli.adapters.transformers_api import auto_model_class, from_config
+
 # Sliding-window kinds: tpcli kind -> transformers model_type.
 SLIDING_KINDS = {"gemma2": "gemma2", "gemma3": "gemma3_text"}
 KINDS = ("llama", "qwen3", "mixtral", "qwen3_moe", "phi3", "opt", *SLIDING_KINDS, "deepseek_v3", "qwen2_5_vl", "llama4")
@@ -114,7 +116,7 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
         if not getattr(cfg, "architectures", None):
             from transformers import AutoModelForCausalLM
 
-            cfg.architectures = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+            cfg.architectures = [auto_model_class(AutoModelForCausalLM, cfg).__name__]
         return cfg
     head_dim = hidden // heads if hidden % heads == 0 else 16
     common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=vocab,
@@ -147,7 +149,7 @@ def tiny_config(kind: str, *, hidden: int = 64, layers: int = 2, heads: int = 4,
     if not getattr(cfg, "architectures", None):
         from transformers import AutoModelForCausalLM
 
-        cfg.architectures = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+        cfg.architectures = [auto_model_class(AutoModelForCausalLM, cfg).__name__]
     return cfg
 
 
@@ -275,7 +277,7 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
 
     `quantize="fp8"` then rewrites it as a block-scaled FP8 checkpoint (`quantize_fp8`, blocks of `block` x `block`)."""
     import torch
-    from transformers.utils import logging as hf_logging
+    from transformers import logging as hf_logging
 
     from tpcli.planning.plan import model_class
 
@@ -284,7 +286,7 @@ def build_tiny(kind: str, out: str | Path, *, seed: int = 0, max_shard_size: str
         raise ValueError(f"unknown tiny model kind {kind!r}; choose from {', '.join(KINDS)}")
     cfg = tiny_config(kind, **overrides)
     torch.manual_seed(seed)
-    model = model_class(cfg)._from_config(cfg, dtype=getattr(torch, cfg.dtype))
+    model = from_config(model_class(cfg), cfg, dtype=getattr(torch, cfg.dtype))
     with torch.no_grad():  # norms start at 1.0; perturb them so a wrong slice of them would show in the numerics
         for name, p in model.named_parameters():
             if p.dim() == 1 or name.endswith("_bias"):  # gpt_oss experts' biases are 2-D and start at 0
@@ -317,8 +319,8 @@ def quantize_fp8(folder: str | Path, *, block: tuple[int, int] = (16, 16)) -> Pa
 
     import torch
     from safetensors.torch import save_file
-    from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
+    from tpcli.adapters.transformers_api import Fp8Quantize, fp8_quantize
     from tpcli.formats.rankfile import RankFile
     from tpcli.planning.convert import Conversions
     from tpcli.planning.plan import build_meta_model, load_config
@@ -341,7 +343,7 @@ def quantize_fp8(folder: str | Path, *, block: tuple[int, int] = (16, 16)) -> Pa
     for group in groups:
         for key in group.keys:
             if group.first_target in fp8:
-                pair = op._quantize_one(key, tensors[key])
+                pair = fp8_quantize(op, key, tensors[key])
                 if len(pair) != 2:
                     raise ValueError(f"{key} {list(tensors[key].shape)} does not tile into {block} blocks")
                 out.update(pair)

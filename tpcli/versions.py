@@ -1,7 +1,7 @@
 """The dependency window: which transformers and torch releases tpcli is tested with.
 
 tpcli reads transformers' TP internals (plan resolution, weight converters, DCP layout), which move between minor
-releases. pyproject allows newer releases so users are not locked out; at run time tpcli warns once when the
+releases, all through the adapter modules named in `ADAPTERS` (tpcli/adapters/). pyproject allows newer releases so users are not locked out; at run time tpcli warns once when the
 installed version is outside the tested window, and `moved_internal` turns an ImportError/AttributeError raised by
 a moved internal into one line naming both versions. Versions are read from package metadata (no import).
 """
@@ -14,6 +14,12 @@ from tpcli import __version__
 
 # package -> (oldest tested, newest tested), compared on (major, minor)
 TESTED = {"transformers": ("5.23", "5.24"), "torch": ("2.13", "2.15")}
+
+# package -> the one tpcli module through which tpcli uses that package's private or unexported internals (written
+# against the oldest release of TESTED; tests/test_adapters.py checks every wrapped name exists in the installed
+# release, so `make test-newest` checks the newest). Every other tpcli module uses only the package's public API.
+# huggingface_hub and safetensors are used through their public API only: no adapter.
+ADAPTERS = {"transformers": "tpcli.adapters.transformers_api", "torch": "tpcli.adapters.torch_api"}
 
 
 def _minor(version: str) -> tuple[int, int]:

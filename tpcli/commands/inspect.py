@@ -155,7 +155,7 @@ def add_memory(report: dict, plan: ResolvedPlan, opts: MemoryOptions, *, gpu_mem
 
 
 def build_report(src: sources.Source, plan: ResolvedPlan, *, tp: int | None, max_tp: int = 64) -> dict:
-    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    from tpcli.adapters.transformers_api import replace_layer_number_by_wildcard
 
     unique = plan.unique_tensors
     sharded_bytes = sum(t.nbytes for t in unique if t.placement.is_sharded)

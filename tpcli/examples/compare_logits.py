@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("other")
     parser.add_argument("--atol", type=float, default=0.0)
     args = parser.parse_args()
-    from transformers.utils import logging
+    from transformers import logging
 
     logging.disable_progress_bar()
     ids = torch.tensor([[1, 17, 256, 3, 999, 42, 7, 512]])

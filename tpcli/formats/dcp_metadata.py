@@ -234,7 +234,6 @@ def check_structure(path: Path, meta) -> None:
     """Every field of `meta` has the type torch's writer gives it (so later checks and torch see only plain
     values): a CheckpointError naming `path` and the entry otherwise."""
     import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
         ChunkStorageMetadata,
@@ -243,6 +242,8 @@ def check_structure(path: Path, meta) -> None:
         TensorProperties,
         TensorStorageMetadata,
     )
+
+    from tpcli.adapters.torch_api import StorageInfo
 
     def bad(what: str):
         raise CheckpointError(f"{path}: {what}; the DCP metadata is corrupt or crafted, refusing to read it.")
@@ -273,7 +274,7 @@ def check_structure(path: Path, meta) -> None:
         if type(key) is not MetadataIndex or type(key.fqn) is not str \
                 or not (key.offset is None or _is_size(key.offset, size)):
             bad("a storage_data key is not a MetadataIndex")
-        if type(info) is not _StorageInfo or type(info.relative_path) is not str or not _is_int(info.offset) \
+        if type(info) is not StorageInfo or type(info.relative_path) is not str or not _is_int(info.offset) \
                 or not _is_int(info.length):
             bad(f"the storage of {key.fqn} is not a (relative_path, offset, length)")
         if getattr(info, "transform_descriptors", None):

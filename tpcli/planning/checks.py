@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tpcli.adapters.transformers_api import experts_implementation
 from tpcli.errors import PlanError
 from tpcli.formats.units import dtype_size
 from tpcli.planning.layout import rank_runs
@@ -93,7 +94,7 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
 
 
 def wildcard_name(name: str) -> str:
-    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    from tpcli.adapters.transformers_api import replace_layer_number_by_wildcard
 
     return replace_layer_number_by_wildcard(name)
 
@@ -347,7 +348,7 @@ def _grouped_mm_findings(t, runs) -> list[Finding]:
 def _experts_implementation(plan: ResolvedPlan) -> str | None:
     """What transformers picked for the experts on the meta model: "grouped_mm" unless the config says otherwise."""
     config = plan.model.config if plan.model is not None else plan.config
-    return getattr(config.get_text_config(), "_experts_implementation", None)
+    return experts_implementation(config.get_text_config())
 
 
 def _replication_findings(plan: ResolvedPlan) -> list[Finding]:

@@ -37,8 +37,14 @@ class Conversions:
     """The weight transforms transformers registers for one (meta) model."""
 
     def __init__(self, model):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
+        from tpcli.adapters.transformers_api import (
+            PrefixChange,
+            WeightConverter,
+            WeightRenaming,
+            get_model_conversion_mapping,
+            set_weight_conversions,
+            weight_conversions,
+        )
 
         self.model = model
         quantizer = getattr(model, "hf_quantizer", None)
@@ -51,18 +57,18 @@ class Conversions:
         if quantizer is not None:
             back = _quantized_way_back(model, quantizer)
         self.reverts = bool(back)
-        if back and getattr(model, "_weight_conversions", None) is None:
+        if back and weight_conversions(model) is None:
             # revert_weight_conversion rebuilds this very list on every call when the model has none attached: a
             # walk over every module per tensor group, quadratic in the layers (0.8 s of a 12-layer gather).
             # Attach it once, as from_pretrained does for the models it loads.
-            model._weight_conversions = back
+            set_weight_conversions(model, back)
         self.reverse_converters = [
             c for c in (t.reverse_transform() for t in back[::-1]) if isinstance(c, WeightConverter)
         ]
 
     def groups(self, checkpoint_keys: list[str]) -> tuple[list[Group], list[str]]:
         """Group checkpoint keys by the run-time tensor they load into. Returns (groups, unexpected keys)."""
-        from transformers.core_model_loading import dot_natural_key, rename_source_key
+        from tpcli.adapters.transformers_api import dot_natural_key, rename_source_key
 
         meta_sd = self.model.state_dict()
         prefix = self.model.base_model_prefix
@@ -80,7 +86,7 @@ class Conversions:
 
     def realize(self, group: Group, load: Callable[[str], object]) -> dict[str, object]:
         """Run the group's transform on tensors returned by `load(checkpoint_key)`: {run-time name: tensor}."""
-        from transformers.core_model_loading import WeightRenaming
+        from tpcli.adapters.transformers_api import WeightRenaming
 
         first_pattern = group.sources[0][1]
         if first_pattern is None:
@@ -99,7 +105,7 @@ class Conversions:
 
     def reverse_groups(self, runtime_names: list[str]) -> list[list[str]]:
         """Group run-time names that `revert_weight_conversion` must see together (usually one name each)."""
-        from transformers.core_model_loading import apply_converters, dot_natural_key
+        from tpcli.adapters.transformers_api import apply_converters, dot_natural_key
 
         groups: dict[str, list[str]] = {}
         for name in sorted(runtime_names, key=dot_natural_key):
@@ -109,7 +115,7 @@ class Conversions:
 
     def revert(self, tensors: dict[str, object]) -> dict[str, object]:
         """Checkpoint names and tensors for one reverse group (transformers' `revert_weight_conversion`)."""
-        from transformers.core_model_loading import revert_weight_conversion
+        from tpcli.adapters.transformers_api import revert_weight_conversion
 
         if not self.reverts:  # what revert_weight_conversion returns when the model has no conversions
             return dict(tensors)
@@ -122,12 +128,16 @@ def _quantized_way_back(model, quantizer) -> list:
     own renamings (`.scale` -> `.weight_scale_inv` for other checkpoint conventions) are left out: reverted, they
     would rename transformers' canonical names. They are set as `model._weight_conversions`, the list
     `revert_weight_conversion` reverts for a model loaded by from_pretrained."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange, WeightRenaming
+    from tpcli.adapters.transformers_api import (
+        PrefixChange,
+        WeightRenaming,
+        get_model_conversion_mapping,
+        set_weight_conversions,
+    )
 
     plain = get_model_conversion_mapping(model, add_legacy=False)
     quantized = quantizer.update_weight_conversions(plain, model)
     back = [c for c in quantized if not isinstance(c, PrefixChange)
             and not (isinstance(c, WeightRenaming) and not any(c is p for p in plain))]
-    model._weight_conversions = back or None
+    set_weight_conversions(model, back or None)
     return back

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from tpcli.adapters.torch_api import split_tensor
 from tpcli.formats import dcp
 from tpcli.planning.placements import ParamPlacement
 
@@ -26,7 +27,7 @@ def rank_runs(size: int, placement: ParamPlacement, world: int) -> tuple[Runs, .
     import torch
 
     along_0 = ParamPlacement(placement.kind, 0, placement.split_factor).to_torch()  # an index vector is 1-D
-    pieces, _ = along_0._split_tensor(torch.arange(size), world, with_padding=False)
+    pieces = split_tensor(along_0, torch.arange(size), world)
     return tuple(to_runs(piece.tolist()) for piece in pieces)
 
 
@@ -70,9 +71,10 @@ def plan_chunks(tensors: list, tp: int, stages=None) -> list[list[dcp.Chunk]]:
     tensor is written whole by the stages that hold it (`stages_of`); one held by several (a tied embedding on the
     first and last stage) is written once, by the rank torch's planner picks."""
     import torch
-    from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    from tpcli.adapters.torch_api import dedup_save_plans
 
     ranks = stages.pp if stages is not None else tp
     per_rank: list[list[WriteItem]] = [[] for _ in range(ranks)]

@@ -159,7 +159,7 @@ def _kv_layer_groups(plan: ResolvedPlan, layers: range | None = None) -> Counter
       conv and recurrent states, whole on every rank while the mixer's projections are not split.
     Anything else raises ModelError naming the layer and its type.
     """
-    from transformers.cache_utils import get_layer_types_and_kwargs
+    from tpcli.adapters.transformers_api import get_layer_types_and_kwargs
 
     text = plan.config.get_text_config(decoder=True)
     layer_types, kwargs = get_layer_types_and_kwargs(text)

@@ -46,11 +46,11 @@ equal tensors, whatever the model size.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
 
+from tpcli.adapters.transformers_api import resolve_parallel_plans
 from tpcli.errors import ModelError, UsageError
 from tpcli.formats.units import dtype_size
 from tpcli.planning import pipeline
@@ -105,7 +105,7 @@ def distributed_config(mesh: Mesh):
     here (they need no process group). A rule it refuses is a UsageError naming the flag. tp x pp, which it
     accepts but its own `from_pretrained` cannot load (`TP_PP_CRASH`), is planned here and loaded by
     `tpcli.load_model` (`tpcli.runtime.pipeline_tp`)."""
-    from transformers.distributed import DistributedConfig
+    from transformers import DistributedConfig
 
     try:
         dc = DistributedConfig(tp_size=mesh.tp, fsdp_size=mesh.fsdp, dp_replicate_size=mesh.dp_replicate,
@@ -136,19 +136,14 @@ def _resolved_plans(plan: ResolvedPlan, dc, mesh: Mesh) -> tuple[dict, dict, dic
     key = (mesh.tp > 1, mesh.ep > 1, mesh.dp_size > 1, mesh.pp > 1)
     cache = plan.__dict__.setdefault("_mesh_plans", {})
     if key not in cache:
-        # transformers warns about default rules that match nothing; tpcli reports those itself (checks.py)
-        tf_logger = logging.getLogger("transformers.distributed.mixin")
-        level = tf_logger.level
-        tf_logger.setLevel(logging.ERROR)
+        # transformers' warnings about rules that match nothing are silenced; tpcli reports those itself (checks.py)
         try:
-            cache[key] = plan.model._resolve_parallel_plans(dc)
+            cache[key] = resolve_parallel_plans(plan.model, dc)
         except ValueError as exc:  # refused before any expansion: cheap to ask again, so not kept
             if mesh.ep > 1 and not getattr(plan.model, "ep_plan", None):  # a dense model: nothing for EP to place
                 raise UsageError(f"--ep {mesh.ep}: {type(plan.model).__name__} has no experts to distribute (no "
                                  "expert-parallel plan, `ep_plan`); drop --ep, which applies to MoE models.") from None
             raise UsageError(_with_flag(str(exc).splitlines()[0], mesh, "transformers' plan resolution")) from None
-        finally:
-            tf_logger.setLevel(level)
     return cache[key]
 
 

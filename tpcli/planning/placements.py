@@ -84,13 +84,14 @@ class ParamPlacement:
     def to_torch(self):
         """The DTensor placement object (imports torch)."""
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.placement_types import _StridedShard
+
+        from tpcli.adapters.torch_api import StridedShard
 
         if self.kind == "replicate":
             return Replicate()
         if self.kind == "shard":
             return Shard(self.dim)
-        return _StridedShard(self.dim, split_factor=self.split_factor)
+        return StridedShard(self.dim, split_factor=self.split_factor)
 
     def as_contiguous(self) -> ParamPlacement:
         """What transformers' DCP save writes: `_StridedShard` is redistributed to a plain `Shard` first."""

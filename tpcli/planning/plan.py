@@ -13,12 +13,12 @@ quantizer's `update_parallel_plan`), with `dequantize=True` in the one a load wi
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpcli.adapters.transformers_api import auto_model_class, from_config
 from tpcli.errors import ModelError, PlanError
 from tpcli.formats.jsonfile import read_json
 from tpcli.formats.units import tensor_bytes
@@ -131,8 +131,9 @@ def model_class(config):
     from transformers import AutoModel, AutoModelForCausalLM
 
     for auto in (AutoModelForCausalLM, AutoModel):
-        if type(config) in auto._model_mapping:
-            return auto._model_mapping[type(config)]
+        cls = auto_model_class(auto, config)
+        if cls is not None:
+            return cls
     raise ModelError(f"model_type {config.model_type!r} has no transformers model class; is transformers too old?")
 
 
@@ -146,7 +147,7 @@ def build_meta_model(config, *, dtype=None):
         dtype = getattr(torch, dtype)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls._from_config(config, dtype=dtype)
+        return from_config(cls, config, dtype=dtype)
 
 
 def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: str | None = None,
@@ -155,9 +156,9 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
 
     A quantized checkpoint's model gets its quantizer (`tpcli.planning.quant`); `dequantize=True` builds the representation
     a load without an FP8 GPU produces, in `dtype` (the parameters' dtype, which is what dequantization casts to)."""
-    from transformers.distributed import DistributedConfig
-    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    from transformers import DistributedConfig
 
+    from tpcli.adapters.transformers_api import replace_layer_number_by_wildcard, resolve_parallel_plans
     from tpcli.planning.quant import apply_quantizer, quantization_of
     from tpcli.planning.style_classes import register as register_styles
 
@@ -178,17 +179,13 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
     register_styles()  # transformers validates style names against its registry, tpcli's own styles included
     # tp_size only has to be > 1 for transformers to keep the plan; the expansion does not depend on it.
     dc = DistributedConfig(tp_size=2, tp_plan=dict(user_plan) if user_plan else "auto")
-    # transformers warns about default rules that match nothing; tpcli reports those itself (tpcli.planning.checks).
-    tf_logger = logging.getLogger("transformers.distributed.mixin")
-    level = tf_logger.level
-    tf_logger.setLevel(logging.ERROR)
+    # transformers warns about default rules that match nothing; tpcli reports those itself (tpcli.planning.checks),
+    # so resolve_parallel_plans silences them.
     try:
-        expanded, _, _ = model._resolve_parallel_plans(dc)
+        expanded, _, _ = resolve_parallel_plans(model, dc)
     except ValueError as exc:
         where = f"--plan {plan_file}" if plan_file else "the model's plan"
         raise PlanError(f"{where}: {_capped(str(exc).splitlines()[0])}") from None
-    finally:
-        tf_logger.setLevel(level)
     rules = dict(model.tp_plan)
 
     params_by_id: dict[int, str] = {}
@@ -239,7 +236,7 @@ def resolve_plan(config, *, user_plan: dict[str, str] | None = None, plan_file: 
 
 def rule_matches(plan: ResolvedPlan) -> dict[str, list[str]]:
     """Rule -> concrete module/parameter names it applies to (empty list: matches nothing)."""
-    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+    from tpcli.adapters.transformers_api import replace_layer_number_by_wildcard
 
     out: dict[str, list[str]] = {rule: [] for rule in plan.rules}
     for name in list(plan.module_rules) + [t.name for t in plan.tensors.values() if t.rule]:

@@ -84,7 +84,7 @@ def quantization_of(config) -> Quantization | None:
 
 def make_quantizer(config, *, dequantize: bool):
     """transformers' quantizer for the checkpoint's config, in the stored or the dequantized representation."""
-    from transformers.quantizers.auto import AutoHfQuantizer
+    from tpcli.adapters.transformers_api import AutoHfQuantizer
 
     qc = AutoHfQuantizer.from_config(copy.deepcopy(config.quantization_config), pre_quantized=True)
     qc.quantization_config.dequantize = dequantize
@@ -157,9 +157,9 @@ def block_misalignments(weight_shape, scale_shape, dim: int, block: int, runs_w,
 
 def dequantize(weight, scales, dtype):
     """transformers' `Fp8Dequantize._dequantize_one`: fp8 (..., N, K) x float32 scales (..., N/bm, K/bn) -> dtype."""
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    from tpcli.adapters.transformers_api import fp8_dequantize
 
-    return Fp8Dequantize(None)._dequantize_one(weight, scales, output_dtype=dtype)
+    return fp8_dequantize(weight, scales, dtype)
 
 
 def quantization_record(plan, skipped_keys: list[str]) -> dict:

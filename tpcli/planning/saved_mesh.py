@@ -130,7 +130,8 @@ def _box(shape: tuple[int, ...], mesh: Mesh, stage: str, placement, fsdp: bool,
          rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(offsets, sizes) of `rank`'s chunk of a tensor as transformers' DCP save writes it on `mesh`."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    from tpcli.adapters.torch_api import compute_local_shape_and_global_offset
 
     c = mesh.coords(rank)
     if not shape:
@@ -142,7 +143,7 @@ def _box(shape: tuple[int, ...], mesh: Mesh, stage: str, placement, fsdp: bool,
     else:
         mesh_shape, coord = (mesh.dp_replicate, mesh.fsdp, mesh.tp), [c["dp_replicate"], c["fsdp"], c["tp"]]
         inner = placement.as_contiguous().to_torch() if stage == "tp" else Replicate()
-    sizes, offsets = _compute_local_shape_and_global_offset(shape, mesh_shape, coord, [Replicate(), outer, inner])
+    sizes, offsets = compute_local_shape_and_global_offset(shape, mesh_shape, coord, [Replicate(), outer, inner])
     return tuple(offsets), tuple(sizes)
 
 

@@ -50,6 +50,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tpcli.adapters.transformers_api import attn_implementation
 from tpcli.errors import ModelError
 from tpcli.formats.units import dtype_size
 from tpcli.planning.mesh import Mesh, mesh_plan
@@ -102,8 +103,8 @@ class StepModel:
             raise StepUnmodelled(f"{plan.architecture}: no language-modelling head to take a step with.")
         text = plan.config.get_text_config(decoder=True)
         self.text = text
-        if getattr(text, "_attn_implementation", "sdpa") not in (None, "sdpa"):
-            raise StepUnmodelled(f"{plan.architecture}: attention {text._attn_implementation!r} is not modelled "
+        if attn_implementation(text) not in (None, "sdpa"):
+            raise StepUnmodelled(f"{plan.architecture}: attention {attn_implementation(text)!r} is not modelled "
                                  "(SDPA is).")
         if any(t not in (None, "full_attention", "sliding_attention")
                for t in (getattr(text, "layer_types", None) or [])):

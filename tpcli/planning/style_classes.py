@@ -28,7 +28,7 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+    from tpcli.adapters.transformers_api import ALL_PARALLEL_STYLES
 
     for name, style in _styles().items():
         ALL_PARALLEL_STYLES.register(name, style)
@@ -38,13 +38,15 @@ def register() -> None:
 def _styles() -> dict:
     import torch
     from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
-    from transformers.distributed.parallel_utils import (
-        _AllReduceBackward,
-        _AllReduceForward,
-        _use_local_dtensor_params,
-    )
-    from transformers.distributed.tensor_parallel import MoeExpertsParallel, TensorParallelLayer
 
+    from tpcli.adapters.torch_api import module_parameters
+    from tpcli.adapters.transformers_api import (
+        AllReduceBackward,
+        AllReduceForward,
+        MoeExpertsParallel,
+        TensorParallelLayer,
+        use_local_dtensor_params,
+    )
     from tpcli.planning.placements import param_placement
 
     def _group(mesh):
@@ -59,11 +61,11 @@ def _styles() -> dict:
             return True
 
         def shard_param(self, module, param, mesh):
-            meta = module._parameters.get(param)
+            meta = module_parameters(module).get(param)
             if meta is None:
                 return
             placement = param_placement(self.name, param, meta.ndim).to_torch()
-            module._parameters[param] = torch.nn.Parameter(
+            module_parameters(module)[param] = torch.nn.Parameter(
                 distribute_tensor(meta, mesh, [placement], src_data_rank=None), requires_grad=meta.requires_grad)
 
     class Colwise(PlacedStyle):
@@ -74,12 +76,12 @@ def _styles() -> dict:
             if isinstance(x, DTensor):
                 x = x.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
             else:  # replicated input, partial input-gradient: summed over ranks in backward (identity forward)
-                x = _AllReduceBackward.apply(x, _group(mesh))
+                x = AllReduceBackward.apply(x, _group(mesh))
             return (x,) + args[1:], kwargs
 
         @contextlib.contextmanager
         def context_around_forward(self, module, mesh):
-            with _use_local_dtensor_params(module):
+            with use_local_dtensor_params(module):
                 if hasattr(module, "nf"):  # Conv1D views its output with the global width
                     nf, module.nf = module.nf, module.weight.shape[-1]
                     try:
@@ -100,32 +102,32 @@ def _styles() -> dict:
 
         @contextlib.contextmanager
         def context_around_forward(self, module, mesh):
-            with _use_local_dtensor_params(module):
-                bias = module._parameters["bias"]
-                module._parameters["bias"] = torch.zeros_like(bias)  # addmm needs a bias; adding 0 is exact
+            with use_local_dtensor_params(module):
+                bias = module_parameters(module)["bias"]
+                module_parameters(module)["bias"] = torch.zeros_like(bias)  # addmm needs a bias; adding 0 is exact
                 try:
                     yield
                 finally:
-                    module._parameters["bias"] = bias
+                    module_parameters(module)["bias"] = bias
 
         def transform_output_post_forward(self, module, output, mesh):
-            output = _AllReduceForward.apply(output, _group(mesh))  # sum of partials; identity backward
-            bias = module._parameters["bias"]
+            output = AllReduceForward.apply(output, _group(mesh))  # sum of partials; identity backward
+            bias = module_parameters(module)["bias"]
             return output + (bias.to_local() if isinstance(bias, DTensor) else bias)
 
     class MoeExpertsBiased(MoeExpertsParallel):
         @contextlib.contextmanager
         def context_around_forward(self, module, mesh):
-            with _use_local_dtensor_params(module):
-                bias = module._parameters.get("down_proj_bias")
+            with use_local_dtensor_params(module):
+                bias = module_parameters(module).get("down_proj_bias")
                 if bias is None or mesh.get_local_rank() == 0:
                     yield
                     return
-                module._parameters["down_proj_bias"] = torch.zeros_like(bias)
+                module_parameters(module)["down_proj_bias"] = torch.zeros_like(bias)
                 try:
                     yield
                 finally:
-                    module._parameters["down_proj_bias"] = bias
+                    module_parameters(module)["down_proj_bias"] = bias
 
     out = {"moe_tp_experts_biased": MoeExpertsBiased()}
     for name, cls in (("conv1d_colwise", Colwise), ("conv1d_qkv_colwise", Colwise), ("qkv_colwise", Colwise),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tpcli.adapters.torch_api import local_tensor, split_tensor
 from tpcli.errors import CheckpointError
 from tpcli.formats import manifest
 from tpcli.formats.rankfile import RankFile, box_byte_runs
@@ -43,10 +44,14 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
     transformers' code but has not run on a GPU in tpcli's tests.
     """
     import torch
-    from transformers import AutoConfig, GenerationConfig
-    from transformers.distributed import DistributedConfig
-    from transformers.utils.generic import ContextManagers
+    from transformers import AutoConfig, DistributedConfig, GenerationConfig
 
+    from tpcli.adapters.transformers_api import (
+        ContextManagers,
+        auto_model_class,
+        mark_initialized,
+        move_missing_keys_from_meta_to_device,
+    )
     from tpcli.planning.layout import rank_runs
     from tpcli.planning.placements import ParamPlacement
     from tpcli.planning.plan import check_config_files, model_class
@@ -56,7 +61,7 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
     world = len(doc["files"])
     check_config_files(folder)
     config = AutoConfig.from_pretrained(str(folder))
-    cls = model_class(config) if auto_class is None else auto_class._model_mapping[type(config)]
+    cls = model_class(config) if auto_class is None else auto_model_class(auto_class, config)
     if mesh is None:
         dc = DistributedConfig(tp_plan=manifest.user_plan(doc) or "auto")
     else:
@@ -85,7 +90,7 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
     model = cls.maybe_distribute_model(model, dc, mesh_manager)
     device_mesh = mesh_manager.get_mesh(("pp", "fsdp", "tp"))
     device_map = device_map if isinstance(device_map, dict) else {"": device_map}  # as from_pretrained expands it
-    model._move_missing_keys_from_meta_to_device(set(model.state_dict()), device_map, device_mesh, None)
+    move_missing_keys_from_meta_to_device(model, set(model.state_dict()), device_map, device_mesh, None)
     model.tie_weights(recompute_mapping=False)
 
     reader = SliceReader(folder)
@@ -101,7 +106,7 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
             entry = doc["tensors"].get(name)
             if entry is None:
                 raise CheckpointError(f"{folder / 'tpcli.json'}: no entry for {name}; re-shard with this version.")
-            local = target._local_tensor if hasattr(target, "_local_tensor") else target
+            local = local_tensor(target)
             if mesh is not None:  # any box of the global tensor: placements on the whole (dp, fsdp, tp) mesh
                 reader.read_box_into(local, name, entry, _mesh_runs(target))
                 continue
@@ -119,7 +124,7 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
             local.copy_(dequantize(stored, scales, local.dtype))  # computed on the host, then one copy to the target
     reader.finish()  # the last copies to the device have landed; the staging buffers can go
     for t in model.state_dict(keep_vars=True).values():
-        t._is_hf_initialized = True
+        mark_initialized(t)
     model.initialize_weights()  # non-persistent buffers (rotary frequencies) only
     if quantizer is not None:
         model.hf_quantizer = quantizer
@@ -133,11 +138,11 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
 
 def placement_of(p):
     from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.placement_types import _StridedShard
 
+    from tpcli.adapters.torch_api import StridedShard
     from tpcli.planning.placements import ParamPlacement
 
-    if isinstance(p, _StridedShard):
+    if isinstance(p, StridedShard):
         return ParamPlacement("strided", p.dim, p.split_factor)
     if isinstance(p, Shard):
         return ParamPlacement("shard", p.dim)
@@ -168,10 +173,10 @@ def _mesh_runs(target) -> list[tuple[tuple[int, int], ...]]:
             continue
         d = pp.dim % len(shape)
         along_0 = ParamPlacement(pp.kind, 0, pp.split_factor).to_torch()  # the index vector is 1-D
-        pieces, _ = along_0._split_tensor(index[d], mesh.size(i), with_padding=False)
+        pieces = split_tensor(along_0, index[d], mesh.size(i))
         index[d] = pieces[coord[i]]
     runs = [to_runs(v.tolist()) for v in index]
-    local = list(target._local_tensor.shape)
+    local = list(local_tensor(target).shape)
     if [sum(b - a for a, b in r) for r in runs] != local:  # DTensor's split and its local tensor must agree
         raise AssertionError(f"local shape {local} != the split {runs} of {shape} by {target.placements}")
     return runs

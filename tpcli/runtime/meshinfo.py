@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from tpcli.adapters.transformers_api import mesh_manager_meshes
 from tpcli.errors import UsageError
 from tpcli.planning.mesh import Mesh
 
@@ -88,17 +89,17 @@ class MeshInfo:
 
 def mesh_info(model=None) -> MeshInfo:
     """Where this rank sits. With `model` (loaded on a mesh by `tpcli.load_model` or transformers), read from its
-    own meshes (`model._mesh_manager`); otherwise from TPCLI_MESH, RANK and WORLD_SIZE (before loading anything).
+    own meshes (transformers' mesh manager); otherwise from TPCLI_MESH, RANK and WORLD_SIZE (before loading anything).
     A single process is the 1-rank mesh."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    manager = getattr(model, "_mesh_manager", None) if model is not None else None
-    if manager is None:
+    meshes = mesh_manager_meshes(model) if model is not None else None
+    if meshes is None:
         mesh = mesh_from_env(world)
         return MeshInfo(mesh, rank, mesh.coords(rank))
     import torch.distributed as dist
 
-    dense, expert = manager._dense_mesh, manager._expert_mesh
+    dense, expert = meshes
     sizes = dict(zip(dense.mesh_dim_names, dense.mesh.shape, strict=True))
     ep = dict(zip(expert.mesh_dim_names, expert.mesh.shape, strict=True))["ep"]
     mesh = Mesh(tp=sizes["tp"], fsdp=sizes["fsdp"], dp_replicate=sizes["dp_replicate"], ep=ep, pp=sizes.get("pp", 1))
@@ -113,7 +114,7 @@ def mesh_config(mesh, tp_plan="auto"):
     """transformers' `DistributedConfig` for `mesh` (a `tpcli.planning.mesh.Mesh`) with `tp_plan`: what
     `from_pretrained(distributed_config=...)` takes instead of the deprecated `tp_plan=` argument. Plain TP is
     `DistributedConfig(tp_size=world, tp_plan=tp_plan)`; the other sizes are passed only when a mesh has them."""
-    from transformers.distributed import DistributedConfig
+    from transformers import DistributedConfig
 
     sizes = {"tp_size": mesh.tp}
     if mesh.tp != mesh.world or mesh.ep > 1:

@@ -18,7 +18,7 @@ import contextlib
 
 def kept_names(model) -> set[str]:
     """Modules and parameters a stage still has: none under a `PipelineIdentityLayer`."""
-    from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+    from tpcli.adapters.transformers_api import PipelineIdentityLayer
 
     replaced = [f"{n}." for n, m in model.named_modules() if isinstance(m, PipelineIdentityLayer)]
     modules = {n for n, m in model.named_modules() if not isinstance(m, PipelineIdentityLayer)}
@@ -28,17 +28,13 @@ def kept_names(model) -> set[str]:
 
 @contextlib.contextmanager
 def stage_tp_plan():
-    """While active, transformers applies its TP plan only to the names a pipeline stage kept (see module doc)."""
-    from transformers.distributed import mixin
+    """While active, transformers applies its TP plan only to the names a pipeline stage kept (see module doc;
+    the patch of transformers' `apply_tensor_parallelism` is `tpcli.adapters.transformers_api`'s)."""
+    from tpcli.adapters.transformers_api import filtered_tensor_parallelism
 
-    original = mixin.apply_tensor_parallelism
-
-    def apply_to_kept(model, tp_mesh, tp_plan):
+    def kept_only(model, tp_plan: dict) -> dict:
         kept = kept_names(model)
-        return original(model, tp_mesh, {name: style for name, style in tp_plan.items() if name in kept})
+        return {name: style for name, style in tp_plan.items() if name in kept}
 
-    mixin.apply_tensor_parallelism = apply_to_kept
-    try:
+    with filtered_tensor_parallelism(kept_only):
         yield
-    finally:
-        mixin.apply_tensor_parallelism = original

@@ -9,6 +9,7 @@ import atexit
 import os
 from datetime import timedelta
 
+from tpcli.adapters.torch_api import accelerator_type
 from tpcli.errors import UsageError
 
 MAX_TIMEOUT_S = 10**7  # 115 days
@@ -43,11 +44,11 @@ def process_group_timeout() -> float:
 def local_device(accelerator: str | None = None):
     """This process's device: the accelerator at LOCAL_RANK, where transformers' TP load binds a rank, or the CPU.
 
-    `accelerator` is the device type torch finds on this machine (`torch._C._get_accelerator()`, what transformers
-    asks; "cpu" when no GPU is visible, as under `tpcli run --cpu`, which hides them): passed in only by tests."""
+    `accelerator` is the device type torch finds on this machine (`tpcli.adapters.torch_api.accelerator_type`, what
+    transformers asks; "cpu" when no GPU is visible, as under `tpcli run --cpu`, which hides them): passed in only by tests."""
     import torch
 
-    device_type = accelerator or torch._C._get_accelerator().type
+    device_type = accelerator or accelerator_type()
     if device_type in ("cpu", "mps"):  # transformers' TP mesh falls back to the CPU on MPS
         return torch.device("cpu")
     return torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0)))

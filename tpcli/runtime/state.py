@@ -32,6 +32,7 @@ import json
 import os
 from pathlib import Path
 
+from tpcli.adapters.torch_api import local_tensor
 from tpcli.errors import CheckpointError, OutputError, TpcliError, UsageError
 from tpcli.formats import state_manifest as sm
 from tpcli.formats.dcp_metadata import (
@@ -149,8 +150,7 @@ def save_state(path, model, optimizer, *, step: int, extra=None, overwrite: bool
     sibling folder (`.NAME.tpcli-tmp-*`) and renamed to `path` once complete and hashed, so a crash mid-save never
     leaves a folder that looks complete. An existing `path` is an error, unless `overwrite=True` and it is a
     tpcli output (an earlier save). Multi-node jobs need `path` on storage every node sees. Returns `path`."""
-    from transformers.distributed import save_optimizer_distributed
-
+    from tpcli.adapters.transformers_api import save_optimizer_distributed
     from tpcli.formats import output
     from tpcli.formats.manifest import versions
 
@@ -227,7 +227,8 @@ def _save_model(model, tmp: Path, rank: int) -> list:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from transformers.distributed.checkpoint import _redistribute_state_dict
+
+    from tpcli.adapters.transformers_api import redistribute_state_dict
 
     state_dict = get_model_state_dict(model)
     entries = _model_entries(state_dict)
@@ -236,7 +237,7 @@ def _save_model(model, tmp: Path, rank: int) -> list:
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
     writer = HuggingFaceStorageWriter(path=str(tmp), save_distributed=True, enable_consolidation=False)
-    dcp.save(_unaliased(_redistribute_state_dict(state_dict)), storage_writer=writer)
+    dcp.save(_unaliased(redistribute_state_dict(state_dict)), storage_writer=writer)
     return entries
 
 
@@ -246,7 +247,7 @@ def _unaliased(state_dict: dict) -> dict:
     seen: set[int] = set()
     out = {}
     for name, value in state_dict.items():
-        local = getattr(value, "_local_tensor", value)
+        local = local_tensor(value)
         ptr = local.untyped_storage().data_ptr() if hasattr(local, "untyped_storage") else 0
         if ptr and ptr in seen:
             value = value.detach().clone()
@@ -302,9 +303,9 @@ def load_state(path, model, optimizer, *, check_hashes: bool = True) -> dict:
     optim_sd = _optimizer_state(model, optimizer)
     metadata = _agree(_check_optimizer, folder, doc, optim_sd, (doc["optimizer"]["class"], type(optimizer).__name__))
 
-    from transformers.distributed.checkpoint import _load_model_checkpoint_distributed
+    from tpcli.adapters.transformers_api import load_model_checkpoint_distributed
 
-    _load_model_checkpoint_distributed(model, folder, strict=True)
+    load_model_checkpoint_distributed(model, folder, strict=True)
     _load_optimizer(model, optimizer, folder / sm.OPTIMIZER_DIR, optim_sd, metadata)
     return {"step": doc["step"], "extra": doc["extra"], "mesh": doc["mesh"]}
 
@@ -378,11 +379,12 @@ def _load_optimizer(model, optimizer, folder: Path, optim_sd: dict, metadata) ->
     planner."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    from transformers.distributed.checkpoint import _redistribute_state_dict
 
-    state = _redistribute_state_dict(optim_sd)
+    from tpcli.adapters.transformers_api import redistribute_state_dict
+
+    state = redistribute_state_dict(optim_sd)
     dcp.load({"optimizer": state}, storage_reader=_checked_reader(folder, metadata), planner=_safe_planner())
-    state = _redistribute_state_dict(state, reference_state_dict=optim_sd)
+    state = redistribute_state_dict(state, reference_state_dict=optim_sd)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 
@@ -407,8 +409,9 @@ def _checked_reader(folder: Path, meta):
 
 def _safe_planner():
     import torch
-    from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from tpcli.adapters.torch_api import set_element
 
     class SafePlanner(DefaultLoadPlanner):
         """Non-tensor values (lr, betas, ...) through torch.load(weights_only=True), not a full unpickle."""

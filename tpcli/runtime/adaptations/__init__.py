@@ -22,6 +22,7 @@ import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tpcli.adapters.transformers_api import device_mesh
 from tpcli.formats.dcp import is_sharded_dir
 from tpcli.planning import plans_library
 from tpcli.planning.plans_library import ADAPTATION_NAMES
@@ -69,7 +70,7 @@ def apply_adaptations(model, names) -> None:
 
     if not names or not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    mesh = getattr(model, "_device_mesh", None)
+    mesh = device_mesh(model)
     if mesh is not None and mesh["tp"].size() != dist.get_world_size():  # they divide by the world size
         from tpcli.errors import ModelError
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.errors import PlanError
 from tpcli.runtime.adaptations import adaptation, per_rank
 from tpcli.runtime.adaptations.heads import is_sharded, slice_heads
@@ -25,7 +26,7 @@ from tpcli.runtime.adaptations.heads import is_sharded, slice_heads
 @adaptation("bloom")
 def adapt_bloom(model, tp_size: int, rank: int) -> None:
     """Make every BloomAttention of the TP-loaded `model` compute this rank's heads only (in place)."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention
+    BloomAttention = modeling_class("bloom", "BloomAttention")
 
     config = model.config
     if config.pretraining_tp > 1 and config.slow_but_exact:

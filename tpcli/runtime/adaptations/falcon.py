@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.errors import PlanError
 from tpcli.runtime.adaptations import adaptation, per_rank
 from tpcli.runtime.adaptations.heads import head_rows, is_sharded, keep_rows, slice_heads
@@ -32,7 +33,7 @@ from tpcli.runtime.adaptations.heads import head_rows, is_sharded, keep_rows, sl
 @adaptation("falcon")
 def adapt_falcon(model, tp_size: int, rank: int) -> None:
     """Make every FalconAttention of the TP-loaded `model` compute this rank's heads only (in place)."""
-    from transformers.models.falcon.modeling_falcon import FalconAttention
+    FalconAttention = modeling_class("falcon", "FalconAttention")
 
     config = model.config
     heads = config.num_attention_heads

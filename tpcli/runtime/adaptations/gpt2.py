@@ -7,12 +7,13 @@ becomes embed_dim / tp. The head reshapes use `-1` heads and `head_dim`, which a
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.runtime.adaptations import adaptation, divide_attributes
 
 
 @adaptation("gpt2_attention")
 def gpt2_attention(model, tp_size: int, rank: int) -> None:
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+    GPT2Attention = modeling_class("gpt2", "GPT2Attention")
 
     divide_attributes(model, GPT2Attention, tp_size, num_heads="n_head", embed_dim="n_embd")
     for module in model.modules():

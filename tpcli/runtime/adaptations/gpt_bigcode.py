@@ -18,6 +18,7 @@ adaptation keeps the rank's rows after loading. Then the forward's global number
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.errors import PlanError
 from tpcli.runtime.adaptations import adaptation, per_rank
 from tpcli.runtime.adaptations.heads import head_rows, is_sharded, keep_rows
@@ -26,7 +27,7 @@ from tpcli.runtime.adaptations.heads import head_rows, is_sharded, keep_rows
 @adaptation("gpt_bigcode")
 def adapt_gpt_bigcode(model, tp_size: int, rank: int) -> None:
     """Make every GPTBigCodeAttention of the TP-loaded `model` compute this rank's heads only (in place)."""
-    from transformers.models.gpt_bigcode.modeling_gpt_bigcode import GPTBigCodeAttention
+    GPTBigCodeAttention = modeling_class("gpt_bigcode", "GPTBigCodeAttention")
 
     config = model.config
     if config.add_cross_attention:

@@ -7,11 +7,12 @@ Rotary embeddings act within each head (`rotary_dim` of `head_dim`), so they nee
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.runtime.adaptations import adaptation, divide_attributes
 
 
 @adaptation("gptj_attention")
 def gptj_attention(model, tp_size: int, rank: int) -> None:
-    from transformers.models.gptj.modeling_gptj import GPTJAttention
+    GPTJAttention = modeling_class("gptj", "GPTJAttention")
 
     divide_attributes(model, GPTJAttention, tp_size, num_attention_heads="n_head", embed_dim="n_embd")

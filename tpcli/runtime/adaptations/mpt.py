@@ -9,12 +9,13 @@ its own heads). `softmax_scale` was computed from the global sizes at init and i
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.runtime.adaptations import adaptation, per_rank
 
 
 @adaptation("mpt_attention")
 def mpt_attention(model, tp_size: int, rank: int) -> None:
-    from transformers.models.mpt.modeling_mpt import MptAttention
+    MptAttention = modeling_class("mpt", "MptAttention")
 
     for module in model.modules():
         if isinstance(module, MptAttention):

@@ -7,11 +7,12 @@ num_heads / tp heads that view folds the sequence into the head count (runs, wro
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.runtime.adaptations import adaptation, divide_attributes
 
 
 @adaptation("opt_attention")
 def opt_attention(model, tp_size: int, rank: int) -> None:
-    from transformers.models.opt.modeling_opt import OPTAttention
+    OPTAttention = modeling_class("opt", "OPTAttention")
 
     divide_attributes(model, OPTAttention, tp_size, num_heads="num_attention_heads", embed_dim="hidden_size")

@@ -7,11 +7,12 @@ which becomes num_heads / tp. q/k LayerNorms act on head_dim and are shared by a
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.runtime.adaptations import adaptation, divide_attributes
 
 
 @adaptation("persimmon_attention")
 def persimmon_attention(model, tp_size: int, rank: int) -> None:
-    from transformers.models.persimmon.modeling_persimmon import PersimmonAttention
+    PersimmonAttention = modeling_class("persimmon", "PersimmonAttention")
 
     divide_attributes(model, PersimmonAttention, tp_size, num_heads="num_attention_heads", hidden_size="hidden_size")

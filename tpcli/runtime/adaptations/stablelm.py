@@ -6,12 +6,13 @@ both become per-rank. `num_key_value_groups` (their ratio) and the partial rotar
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.runtime.adaptations import adaptation, divide_attributes
 
 
 @adaptation("stablelm_attention")
 def stablelm_attention(model, tp_size: int, rank: int) -> None:
-    from transformers.models.stablelm.modeling_stablelm import StableLmAttention
+    StableLmAttention = modeling_class("stablelm", "StableLmAttention")
 
     divide_attributes(model, StableLmAttention, tp_size, num_heads="num_attention_heads",
                       num_key_value_heads="num_key_value_heads", hidden_size="hidden_size")

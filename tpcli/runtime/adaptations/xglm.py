@@ -3,11 +3,12 @@ global `embed_dim`; both become per-rank (head_dim unchanged)."""
 
 from __future__ import annotations
 
+from tpcli.adapters.transformers_api import modeling_class
 from tpcli.runtime.adaptations import adaptation, divide_attributes
 
 
 @adaptation("xglm_attention")
 def xglm_attention(model, tp_size: int, rank: int) -> None:
-    from transformers.models.xglm.modeling_xglm import XGLMAttention
+    XGLMAttention = modeling_class("xglm", "XGLMAttention")
 
     divide_attributes(model, XGLMAttention, tp_size, num_heads="attention_heads", embed_dim="d_model")
