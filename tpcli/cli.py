@@ -27,6 +27,7 @@ from tpcli.cli_options import (
     PlanOpt,
     PpOpt,
     RevisionOpt,
+    SpOpt,
     check_plan_flag,
     check_run_script,
     mesh_flags,
@@ -89,6 +90,7 @@ def inspect(
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
     pp: PpOpt = None,
+    sp: SpOpt = False,
     gpus: Annotated[int | None, typer.Option("--gpus", help="With --gpu-mem: every valid mesh of this many GPUs, ranked, and the best.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node for --gpus (default: all on one node); TP stays inside a node.")] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="With --gpus --train --seq-len: the GPU of the step-time estimate (H100, H200, B200, A100, L40S, RTX4090; default H100).")] = None,
@@ -176,6 +178,7 @@ def verify(
     ep: EpOpt = None,
     config: ConfigOpt = None,
     pp: PpOpt = None,
+    sp: SpOpt = False,
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
@@ -274,6 +277,7 @@ def run(
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
     pp: PpOpt = None,
+    sp: SpOpt = False,
     nnodes: Annotated[int | None, typer.Option("--nnodes", help="Number of nodes (default 1; in SLURM: the job's).")] = None,
     node_rank: Annotated[int | None, typer.Option("--node-rank", help="This node's rank (default 0; in SLURM: SLURM_NODEID).")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,
