@@ -215,7 +215,7 @@ def shard(
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
-    pp: Annotated[int | None, typer.Option("--pp", help="One file per pipeline stage (with --tp 1): each holds only its stage's tensors.")] = None,
+    pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages: pp x tp rank files, each holding only its stage's tensors (its TP chunk of them).")] = None,
     json_out: JsonOpt = False,
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""

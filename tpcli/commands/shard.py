@@ -174,18 +174,15 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
                      byte_copy: bool = True, pp: int = 1) -> dict:
     """Write `out` with one file per rank plus tpcli.json; returns a summary dict.
 
-    With pp > 1 (and tp 1) one file per pipeline stage, holding whole the tensors that stage holds on a
-    `DistributedConfig(pp_size=pp)` load (`tpcli.planning.pipeline`); a pipeline folder is written at tp 1 only
-    (tp x pp folders are not written: shard at --tp T and load it on the tp x pp mesh, which DCP reshards).
+    With pp > 1, pp x tp rank files (rank p x tp + t, transformers' mesh order): rank (p, t) holds only the tensors
+    stage p holds on a `DistributedConfig(tp_size=tp, pp_size=pp)` load (`tpcli.planning.pipeline`), each cut as
+    the TP plan cuts it for TP rank t (whole at tp 1); `tpcli.load_model` reads it on that mesh.
 
     byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
     they are (`tpcli.formats.bytecopy`); the two write identical files (tests compare them)."""
     from tpcli.formats import cache, cache_check
 
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
-    if pp > 1 and tp > 1:
-        raise UsageError(f"--pp {pp} with --tp {tp}: pipeline folders are written at --tp 1 only; shard with --pp "
-                         f"alone (--tp 1), or with --tp {tp} alone (a tp x pp mesh loads it, resharded by DCP).")
     local = Path(model).expanduser()
     out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
     removed = remove_stale_temps(out_path.parent)
@@ -316,7 +313,7 @@ def _write_job(job: ShardJob, out_path: Path, *, tp: int, progress: Progress,
 
 def _label(job: ShardJob, tp: int) -> str:
     pp = job.doc.get("pp_size", 1)
-    return f"shard pp={pp}" if pp > 1 else f"shard tp={tp}"
+    return f"shard pp={pp} x tp={tp}" if pp > 1 else f"shard tp={tp}"
 
 
 def _stream(reader, steps, tied_after, chunk_of, writers, label: str, total: int, progress: Progress):
