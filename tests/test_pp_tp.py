@@ -113,17 +113,19 @@ def _stage_share(folder, doc, stage: int | None) -> int:
 
 @pytest.mark.dist
 @pytest.mark.e2e
-@pytest.mark.parametrize("name,tp", [("llama", 2), ("qwen3", 2), ("llama", 1)], ids=["llama-pp2xtp2",
-                                                                                     "qwen3-pp2xtp2", "llama-pp2"])
+@pytest.mark.parametrize("name,tp", [("llama", 2), ("qwen3", 2), ("mixtral", 2), ("llama", 1)],
+                         ids=["llama-pp2xtp2", "qwen3-pp2xtp2", "mixtral-pp2xtp2", "llama-pp2"])
 def test_a_pp_folder_loads_per_rank_on_its_mesh(models, tmp_path, name, tp):  # noqa: F811
     """`run --tp T --pp 2 --model FOLDER` with a `shard --tp T --pp 2` folder: `tpcli.load_model` takes the per-rank
     fast path; every parameter equals (placements and local tensor) transformers' load of the original on the same
     mesh, logits and greedy tokens equal one process's (fp32), and each rank reads (rchar) no more than its stage's
-    share of the files (its TP chunks of the stage's tensors, the replicated ones whole) plus metadata."""
+    share of the files (its TP chunks of the stage's tensors, the replicated ones whole) plus metadata. mixtral:
+    its experts' packed gate_up (`_StridedShard(1, sf=2)`) is read as two runs of the chunk of each half."""
     src, folder, out = models(name), tmp_path / "pp", tmp_path / "out"
     _tpcli("shard", src, "--tp", tp, "--pp", PP, "--out", folder)
     proc = _tpcli("run", "--cpu", tp * PP, "--tp", tp, "--pp", PP, "--model", folder, ORACLES / "pp_fast_worker.py",
                   folder, src, out, timeout=400)
+    assert f"is a tpcli pp=2 x tp={tp} sharded folder" in proc.stderr
     assert "reads it through the per-rank fast path" in proc.stderr
     doc = manifest.read(folder)
     layout = pipeline.stages(resolve_plan(load_config(src)), PP)

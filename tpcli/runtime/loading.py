@@ -132,8 +132,9 @@ def mesh_fast_path_refusal(doc: dict, mesh) -> str | None:
     """Why a tpcli folder (its manifest `doc`) on a mesh other than plain TP does not load through the fast path
     (None: it does). The fast path on a mesh takes a tpcli tp=T folder under tp=T with any fsdp and dp_replicate,
     and a pipeline folder (`shard --pp P --tp T`) on its own pp=P x tp=T mesh (each stage reads only its stage's
-    tensors, its TP chunk of them): exactly the shapes tested against transformers' own load; anything else goes
-    to `from_pretrained` (DCP: each stage's load plan reads what it needs, resharded)."""
+    tensors, its TP chunk of them; packed placements too, on a 1-D tp mesh): exactly the shapes tested against
+    transformers' own load; anything else goes to `from_pretrained` (DCP: each stage's load plan reads what it
+    needs, resharded)."""
     pp = doc.get("pp_size", 1)
     if pp != mesh.pp:
         return f"its pp={pp} differs from the mesh's pp={mesh.pp}"
@@ -146,8 +147,8 @@ def mesh_fast_path_refusal(doc: dict, mesh) -> str | None:
     if doc.get("quantization"):
         return "quantized folders load through the fast path only on plain TP"
     packed = sorted(n for n, t in doc["tensors"].items() if str(t.get("placement", "")).startswith("_Strided"))
-    if packed:
-        return f"packed (strided) TP placements ({packed[0]}) are not handled by the fast path on a mesh"
+    if packed and mesh.tp > 1 and (mesh.fsdp > 1 or mesh.dp_replicate > 1):
+        return f"packed (strided) TP placements ({packed[0]}) are not handled by the fast path on a mesh with FSDP"
     return None
 
 
