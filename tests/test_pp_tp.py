@@ -153,3 +153,14 @@ def test_pp_folders_take_the_fast_path_on_their_own_mesh_only(models, tmp_path, 
     assert mesh_fast_path_refusal(doc, Mesh(tp=1, pp=2)) == "its tp=2 differs from the mesh's tp=1"
     assert mesh_fast_path_refusal(doc, Mesh(tp=2, pp=2, ep=2)).startswith("expert parallelism")
     assert mesh_fast_path_refusal({**doc, "pp_size": 1}, Mesh(tp=2, pp=2)) == "its pp=1 differs from the mesh's pp=2"
+
+
+def test_shard_warns_of_a_stage_without_layers(models, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """3 layers at --pp 4: stages 0-2 own no decoder layer (transformers gives the last all 3); shard writes the
+    folder (their files hold the embeddings or nothing) and says so, as verify and inspect do."""
+    code, out, err = run_main(monkeypatch, capsys, "shard", models("llama"), "--tp", 2, "--pp", 4, "--out",
+                              tmp_path / "pp4", "--json")
+    warnings = [w for w in json.loads(out)["warnings"] if w["code"] == "pp-empty-stage"]
+    assert code == 0 and len(warnings) == 1 and "stages 0, 1, 2 without a layer" in warnings[0]["message"], err
+    code, report, _ = run_main(monkeypatch, capsys, "verify", tmp_path / "pp4", "--json")
+    assert code == 0 and json.loads(report)["saved_by"]["description"] == "pp=4 x tp=2"

@@ -222,7 +222,7 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
     """Resolve the plan with transformers, check it, and lay out every rank file (nothing written yet)."""
     src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
     try:
-        findings = require_valid(plan, tp)
+        findings = require_valid(plan, tp) + (pipeline.stage_findings(plan, pp) if pp > 1 else [])
         infos, steps, tied_after = layout(plan, reader, cast)
         chunks = plan_chunks(infos, tp, pipeline.stages(plan, pp) if pp > 1 else None)
         chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
