@@ -164,3 +164,19 @@ def test_shard_warns_of_a_stage_without_layers(models, tmp_path, monkeypatch, ca
     assert code == 0 and len(warnings) == 1 and "stages 0, 1, 2 without a layer" in warnings[0]["message"], err
     code, report, _ = run_main(monkeypatch, capsys, "verify", tmp_path / "pp4", "--json")
     assert code == 0 and json.loads(report)["saved_by"]["description"] == "pp=4 x tp=2"
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+def test_a_pp_x_tp_folder_loads_on_another_mesh_through_dcp(models, tmp_path):  # noqa: F811
+    """The folder is a transformers DCP folder too: `run --tp 2 --model FOLDER` (no pp) hands it to
+    `from_pretrained`, whose DCP load reassembles every rank's TP slice from the four stage files: each parameter
+    equal to transformers' tp=2 load of the original, logits and greedy tokens as one process."""
+    src, folder, out = models("qwen3"), tmp_path / "pp2tp2", tmp_path / "out"
+    _tpcli("shard", src, "--tp", TP, "--pp", PP, "--out", folder)
+    proc = _tpcli("run", "--cpu", 2, "--tp", 2, "--model", folder, ORACLES / "pp_fast_worker.py", folder, src, out)
+    assert "it was not saved at tp=2" in proc.stderr
+    for r in range(2):
+        rep = json.loads((out / f"rank{r}.json").read_text())
+        assert not rep["fast"] and rep["mismatch"] == [] and rep["n_params"] > 0, rep["mismatch"]
+        assert rep["logits_max_abs"] <= 1e-5 and rep["tokens_equal"], rep["logits_max_abs"]

@@ -1,4 +1,4 @@
-"""Worker for `tpcli run --cpu W --tp T --pp P --model FOLDER pp_fast_worker.py FOLDER ORIGINAL OUT`.
+"""Worker for `tpcli run --cpu W --tp T [--pp P] --model FOLDER pp_fast_worker.py FOLDER ORIGINAL OUT`.
 
 FOLDER is `tpcli shard ORIGINAL --tp T --pp P`. On every rank: first the oracle, ORIGINAL loaded on the same mesh by
 transformers (`from_pretrained(ORIGINAL, distributed_config=DistributedConfig(tp_size=T, pp_size=P))`; at T > 1
