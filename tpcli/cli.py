@@ -228,7 +228,7 @@ def shard(
         say("loading transformers")
         from tpcli.commands.shard import shard_checkpoint
 
-        say(f"reading {model} and planning the split into {tp} ranks")
+        say(f"reading {model} and planning the split into {tp * (pp or 1)} ranks")
         result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision,
                                   force=force, progress=progress_for(json_out), pp=pp or 1)
     print_json(result) if json_out else render_shard(result)
