@@ -27,6 +27,7 @@ from tpcli.cli_options import (
     PlanOpt,
     PpOpt,
     RevisionOpt,
+    SpOpt,
     check_plan_flag,
     check_run_script,
     mesh_flags,
@@ -89,6 +90,7 @@ def inspect(
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
     pp: PpOpt = None,
+    sp: SpOpt = False,
     gpus: Annotated[int | None, typer.Option("--gpus", help="With --gpu-mem: every valid mesh of this many GPUs, ranked, and the best.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="GPUs per node for --gpus (default: all on one node); TP stays inside a node.")] = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="With --gpus --train --seq-len: the GPU of the step-time estimate (H100, H200, B200, A100, L40S, RTX4090; default H100).")] = None,
@@ -176,6 +178,7 @@ def verify(
     ep: EpOpt = None,
     config: ConfigOpt = None,
     pp: PpOpt = None,
+    sp: SpOpt = False,
     json_out: JsonOpt = False,
 ):
     """Catch a broken TP setup before it costs GPU hours."""
@@ -212,7 +215,7 @@ def shard(
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
-    pp: Annotated[int | None, typer.Option("--pp", help="One file per pipeline stage (with --tp 1): each holds only its stage's tensors.")] = None,
+    pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages: pp x tp rank files, each holding only its stage's tensors (its TP chunk of them).")] = None,
     json_out: JsonOpt = False,
 ):
     """Pre-split a checkpoint into per-rank safetensors (transformers' DCP layout + tpcli.json manifest)."""
@@ -225,7 +228,7 @@ def shard(
         say("loading transformers")
         from tpcli.commands.shard import shard_checkpoint
 
-        say(f"reading {model} and planning the split into {tp} ranks")
+        say(f"reading {model} and planning the split into {tp * (pp or 1)} ranks")
         result = shard_checkpoint(model, tp=tp, out=out, plan_file=plan, dtype=dtype, revision=revision,
                                   force=force, progress=progress_for(json_out), pp=pp or 1)
     print_json(result) if json_out else render_shard(result)
@@ -274,6 +277,7 @@ def run(
     dp_replicate: DpReplicateOpt = None,
     ep: EpOpt = None,
     pp: PpOpt = None,
+    sp: SpOpt = False,
     nnodes: Annotated[int | None, typer.Option("--nnodes", help="Number of nodes (default 1; in SLURM: the job's).")] = None,
     node_rank: Annotated[int | None, typer.Option("--node-rank", help="This node's rank (default 0; in SLURM: SLURM_NODEID).")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous (multi-node).")] = None,

@@ -23,6 +23,24 @@ DpReplicateOpt = Annotated[int | None, typer.Option("--dp-replicate", help="Mesh
 EpOpt = Annotated[int | None, typer.Option("--ep", help="Mesh: expert-parallel ranks (a multiple of --tp dividing fsdp x tp).")]
 PpOpt = Annotated[int | None, typer.Option("--pp", help="Mesh: pipeline stages (transformers' PP: layers split across ranks, stages run one after another; inference only).")]
 
+
+def refuse_sp(value: bool) -> bool:
+    """`--sp`: refused in one line while parsing, before anything runs. transformers 5.23 (and 5.24) declares
+    `DistributedConfig.enable_sequence_parallel` ("Reserved ... Not wired up yet"): a tp=2 load with it has the same
+    parameters, placements, forward hooks, hidden states and logits as without (tests/test_sp.py, measured on CPU
+    workers). The registered `sequence_parallel` style is what a plan can use."""
+    if value:
+        from importlib.metadata import version
+
+        raise UsageError(f"--sp: transformers {version('transformers')} declares DistributedConfig("
+                         "enable_sequence_parallel) but does not wire it (a load with it is the load without: same "
+                         "placements and logits); drop --sp, or name the 'sequence_parallel' style for the norms in "
+                         "a --plan (transformers runs it; logits as one process).")
+    return value
+
+
+SpOpt = Annotated[bool, typer.Option("--sp", callback=refuse_sp, help="Sequence parallel (transformers' enable_sequence_parallel): refused while transformers does not wire it; a --plan may use the 'sequence_parallel' style.")]
+
 MAX_WORLD = 65536  # ranks of one mesh report
 MAX_TP = 1024  # no model has attention heads that split further; bounds the per-rank report and the rank files
 MAX_SEQ_LEN = 10**9

@@ -149,7 +149,8 @@ def preflight_mesh(spec: LaunchSpec, mesh) -> list[str]:
         doc = manifest.read(local)
         why = "no tpcli.json: not a tpcli folder" if doc is None else mesh_fast_path_refusal(doc, mesh)
         if why is None:
-            return [f"preflight: {spec.model} is a tpcli tp={doc['tp_size']} sharded folder: on the mesh "
+            made = (f"pp={doc['pp_size']} x " if doc.get("pp_size", 1) > 1 else "") + f"tp={doc['tp_size']}"
+            return [f"preflight: {spec.model} is a tpcli {made} sharded folder: on the mesh "
                     f"{describe_mesh(mesh)} it is not checked here; tpcli.load_model reads it through the per-rank "
                     "fast path (each rank only its own share of the rank files)"]
         return [f"preflight: {spec.model} is a sharded folder: on the mesh {describe_mesh(mesh)} it is not checked "

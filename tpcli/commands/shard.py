@@ -186,18 +186,15 @@ def shard_checkpoint(model: str, *, tp: int, out: str, plan_file: str | None = N
                      byte_copy: bool = True, pp: int = 1) -> dict:
     """Write `out` with one file per rank plus tpcli.json; returns a summary dict.
 
-    With pp > 1 (and tp 1) one file per pipeline stage, holding whole the tensors that stage holds on a
-    `DistributedConfig(pp_size=pp)` load (`tpcli.planning.pipeline`); a pipeline folder is written at tp 1 only
-    (tp x pp folders are not written: shard at --tp T and load it on the tp x pp mesh, which DCP reshards).
+    With pp > 1, pp x tp rank files (rank p x tp + t, transformers' mesh order): rank (p, t) holds only the tensors
+    stage p holds on a `DistributedConfig(tp_size=tp, pp_size=pp)` load (`tpcli.planning.pipeline`), each cut as
+    the TP plan cuts it for TP rank t (whole at tp 1); `tpcli.load_model` reads it on that mesh.
 
     byte_copy=False forces the general path (read, convert, slice, write) even where the bytes could be moved as
     they are (`tpcli.formats.bytecopy`); the two write identical files (tests compare them)."""
     from tpcli.formats import cache
 
     cast = parse_dtype(dtype, "--dtype", allowed=CAST_DTYPES)
-    if pp > 1 and tp > 1:
-        raise UsageError(f"--pp {pp} with --tp {tp}: pipeline folders are written at --tp 1 only; shard with --pp "
-                         f"alone (--tp 1), or with --tp {tp} alone (a tp x pp mesh loads it, resharded by DCP).")
     local = Path(model).expanduser()
     out_path = prepare_output(out, force=force, inputs=[local] if local.exists() else [])
     removed = remove_stale_temps(out_path.parent)
@@ -255,7 +252,7 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
     """Resolve the plan with transformers, check it, and lay out every rank file (nothing written yet)."""
     src, plan, reader, kind, check_hashes = open_source(model, plan_file=plan_file, revision=revision, cast=cast)
     try:
-        findings = require_valid(plan, tp)
+        findings = require_valid(plan, tp) + (pipeline.stage_findings(plan, pp) if pp > 1 else [])
         infos, steps, tied_after = layout(plan, reader, cast)
         chunks = plan_chunks(infos, tp, pipeline.stages(plan, pp) if pp > 1 else None)
         chunk_of = {(c.rank, c.name): c for rank in chunks for c in rank}
@@ -281,7 +278,7 @@ def plan_job(model: str, *, tp: int, plan_file: str | None, cast: str | None, re
 
         files = tuple(FilePlan(dcp.shard_file_name(r), tuple(tensor(chunk_of[r, n]) for n in order if (r, n) in chunk_of),
                                dcp.sharding_metadata(chunks[r])) for r in range(tp * pp))
-        label = f"shard pp={pp}" if pp > 1 else f"shard tp={tp}"
+        label = f"shard pp={pp} x tp={tp}" if pp > 1 else f"shard tp={tp}"
         byte_plan = BytePlan(
             command="shard", label=label, source=str(src.path), files=files,
             total=sum(reader.step_bytes(s) for s, _ in steps), aux_folder=str(src.path),

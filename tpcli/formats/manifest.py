@@ -18,8 +18,9 @@ Format (version 1), all keys always present:
 
 Optional (absent from manifests written before it; readers then take the path through transformers):
 
-    pp_size           P > 1 for a pipeline folder (`shard --pp P`, tp_size 1): one rank file per stage, each holding
-                      whole the tensors of its stage (`tpcli.planning.pipeline`); absent otherwise
+    pp_size           P > 1 for a pipeline folder (`shard --pp P --tp T`): P x T rank files, rank p x T + t holding
+                      only the tensors of stage p (`tpcli.planning.pipeline`), each cut for TP rank t (whole at
+                      T = 1); absent otherwise
     names             {"checkpoint": bool, "config_sha256": str}, written for a folder that is not quantized:
                       the sha256 of the config.json `shard` wrote beside the rank files, and whether the run-time
                       names are the checkpoint names (transformers has no conversion to revert). With it, `gather`
@@ -123,8 +124,8 @@ def _validate(path: Path, data: dict) -> None:
     if not count(data["tp_size"]) or data["tp_size"] < 1:
         bad("tp_size", "a positive integer")
     pp = data.get("pp_size", 1)
-    if not count(pp) or pp < 1 or (pp > 1 and data["tp_size"] != 1):
-        bad("pp_size", "a positive integer (with tp_size 1)")
+    if not count(pp) or pp < 1:
+        bad("pp_size", "a positive integer")
     world = data["tp_size"] * pp
     if not isinstance(data["plan"], dict) or not isinstance(data["plan"].get("user_plan") or {}, dict):
         bad("plan", "an object (with user_plan an object or null)")

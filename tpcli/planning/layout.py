@@ -67,21 +67,25 @@ def plan_chunks(tensors: list, tp: int, stages=None) -> list[list[dcp.Chunk]]:
     """Per rank, the chunks its file holds in transformers' pre-sharded layout (`tpcli.formats.dcp`), in DCP
     state-dict order: the write items `dcp.save` builds, deduplicated by torch's own planner.
 
-    With `stages` (a `tpcli.planning.pipeline.Stages`, at tp = 1) there is one rank per pipeline stage and each
-    tensor is written whole by the stages that hold it (`stages_of`); one held by several (a tied embedding on the
-    first and last stage) is written once, by the rank torch's planner picks."""
+    With `stages` (a `tpcli.planning.pipeline.Stages` of P stages) there are P x tp ranks, numbered as transformers'
+    mesh (pp, tp) numbers them: rank = p x tp + t. Rank (p, t) writes, for every tensor stage p holds
+    (`stages_of`), the t-th TP chunk of it (at tp = 1 the whole tensor): exactly what rank t of a plain TP load
+    holds, kept only by the stage that owns the tensor. A tensor several stages hold (a tied embedding: the first
+    and the last) is written by the first of them (the last stage has the tied lm_head under its own name), and a
+    chunk several TP ranks of a stage hold (a replicated tensor) once, by the rank torch's planner picks."""
     import torch
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
     from tpcli.adapters.torch_api import dedup_save_plans
 
-    ranks = stages.pp if stages is not None else tp
+    ranks = stages.pp * tp if stages is not None else tp
     per_rank: list[list[WriteItem]] = [[] for _ in range(ranks)]
     for t in tensors:
         dtype = getattr(torch, t.dtype)
-        for r in (sorted(stages.stages_of(t.name)) if stages is not None else range(tp)):
-            offsets, sizes = contiguous_chunk(t.shape, t.placement, tp, r if stages is None else 0)  # pp: whole
+        held = sorted(stages.stages_of(t.name))[:1] if stages is not None else [0]
+        for r in (p * tp + rank for p in held for rank in range(tp)):
+            offsets, sizes = contiguous_chunk(t.shape, t.placement, tp, r % tp)
             if t.placement.is_sharded and sizes[t.placement.dim] == 0:
                 # an empty rank sits at the end of the dim, as DTensor puts it (`zero_global_offset`): at offset 0
                 # it would share rank 0's MetadataIndex and `dedup_save_plans` could drop rank 0's real chunk

@@ -111,6 +111,10 @@ class StepModel:
             raise StepUnmodelled(f"{plan.architecture}: layer types {sorted(set(text.layer_types))} are not modelled "
                                  "(full and sliding-window attention are).")
         self.window = getattr(text, "sliding_window", None)
+        sp = sorted(k for k, style in self.mp.tp_plan.items() if style == "sequence_parallel") if mesh.tp > 1 else []
+        if sp:  # transformers 5.23's style re-wraps each rank's whole input as a sequence shard: not counted here
+            raise StepUnmodelled(f"{plan.architecture}: {sp[0]}: style 'sequence_parallel' is not modelled by "
+                                 "tpcli's step costs (colwise, rowwise are); drop it from --plan for the step figures.")
         if mesh.tp > 1 and mesh.ep > 1:  # measured: each TP rank dispatches part of the tokens, then gathers
             raise StepUnmodelled(f"{plan.architecture}: EP together with TP (--tp {mesh.tp} --ep {mesh.ep}) is not "
                                  "modelled by tpcli's step costs (its dispatch splits the tokens over the TP ranks); "

@@ -32,7 +32,10 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
     model is built with the mesh's whole `DistributedConfig`, so `maybe_distribute_model` applies TP and then FSDP2
     (`fully_shard`) exactly as `from_pretrained` does; each parameter's local tensor is then read from the global
     box its DTensor placements give this rank (`_mesh_runs`): e.g. `(_StridedShard(0, sf=T), Shard(0))` on
-    (fsdp, tp) is the f-th of F row blocks of the t-th TP chunk, one contiguous range of rank t's file.
+    (fsdp, tp) is the f-th of F row blocks of the t-th TP chunk, one contiguous range of rank t's file. On a pp x tp
+    mesh (a `shard --pp P --tp T` folder) `maybe_distribute_model` replaces the layers a stage does not own (with
+    the TP plan limited to what the stage kept, `tpcli.runtime.pipeline_tp`), so a rank reads only its stage's
+    tensors, its TP chunk of each.
 
     A folder holding a quantized checkpoint in its stored form (FP8 weights + `*_scale_inv`) goes through
     transformers' quantizer, as `from_pretrained` does: `validate_environment` decides whether this machine keeps
@@ -87,7 +90,13 @@ def load_tpcli_shards(folder: Path, doc: dict, *, dtype=None, auto_class=None, m
         if quantizer is not None:
             quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=None,
                                        use_kernels=False)
-    model = cls.maybe_distribute_model(model, dc, mesh_manager)
+    if mesh is not None and mesh.pp > 1 and mesh.tp > 1:  # transformers 5.23 would TP-shard the replaced layers
+        from tpcli.runtime.pipeline_tp import stage_tp_plan
+
+        with stage_tp_plan():
+            model = cls.maybe_distribute_model(model, dc, mesh_manager)
+    else:
+        model = cls.maybe_distribute_model(model, dc, mesh_manager)
     device_mesh = mesh_manager.get_mesh(("pp", "fsdp", "tp"))
     device_map = device_map if isinstance(device_map, dict) else {"": device_map}  # as from_pretrained expands it
     move_missing_keys_from_meta_to_device(model, set(model.state_dict()), device_map, device_mesh, None)

@@ -302,6 +302,7 @@ def _check_cuts(folder: Path, meta: dict, tensors: dict, expected: dict) -> None
         cut, shape = expected[name]["cut"], tuple(t.shape)
         if tp == 1:  # nothing is cut; a pp folder (`shard --tp 1 --pp P`) holds each tensor whole in its stage's file
             cut = None
+        # a pp x tp folder: rank p x tp + t holds TP chunk t of its stage's tensors (a chunk two stages hold, once)
         if cut is None:
             want = {(-1, (0,) * len(shape), shape)}
         else:  # DTensor's Shard split (torch.chunk): pieces of ceil(N / tp), the trailing ranks short or empty
@@ -313,7 +314,7 @@ def _check_cuts(folder: Path, meta: dict, tensors: dict, expected: dict) -> None
                 want.add((r, tuple(start if d == cut else 0 for d in range(len(shape))),
                           tuple(stop - start if d == cut else s for d, s in enumerate(shape))))
         want = {w for w in want if math.prod(w[2])}
-        have = {(c.rank if cut is not None else -1, tuple(c.offsets), tuple(c.sizes)) for c in t.chunks
+        have = {(c.rank % tp if cut is not None else -1, tuple(c.offsets), tuple(c.sizes)) for c in t.chunks
                 if math.prod(c.sizes)}
         if have != want:
             how = "whole (replicated)" if cut is None else f"along dim {cut} over {tp} ranks"

@@ -13,7 +13,8 @@
   rank takes only the bytes of its local shards from its own rank files: about 1/N of the model plus the replicated
   tensors. On a tp=T x fsdp=F (x dp_replicate=R) mesh the model is built with the mesh's whole config (FSDP2
   included) and each rank reads only the box its placements give it: 1/(T x F) of the sharded bytes plus 1/F of
-  the replicated ones. No collective, no DCP planning, no redistribution of strided shards. Every parameter owns its memory:
+  the replicated ones; a `shard --pp P --tp T` folder on its pp x tp mesh: each rank its stage's tensors, its TP
+  chunk of each. No collective, no DCP planning, no redistribution of strided shards. Every parameter owns its memory:
   the bytes are read (`readinto`) into it, never left as a view of a mapping of the rank file, so a file replaced,
   rewritten or truncated under a running job changes nothing the model computes (a private mapping is only
   copy-on-write for the pages the process writes: the others follow the file, and a truncated file is SIGBUS).
@@ -137,24 +138,25 @@ def fast_path_refusal(doc: dict, mesh, world: int, *, tp_plan="auto", kwargs=Non
 
 def mesh_fast_path_refusal(doc: dict, mesh) -> str | None:
     """Why a tpcli folder (its manifest `doc`) on a mesh other than plain TP does not load through the fast path
-    (None: it does). The fast path on a mesh takes a tpcli tp=T folder under tp=T with any fsdp and dp_replicate:
-    exactly the shapes tested against transformers' own load; anything else goes to `from_pretrained` (DCP), which
-    is also how a pipeline folder (`shard --pp`) or a pp mesh loads: each stage's DCP load plan reads only its own
-    tensors."""
-    if doc.get("pp_size", 1) > 1 or mesh.pp > 1:
-        return (f"a pipeline folder (pp={doc.get('pp_size', 1)}) or mesh (pp={mesh.pp}): transformers' DCP load "
-                "reads each stage's tensors")
+    (None: it does). The fast path on a mesh takes a tpcli tp=T folder under tp=T with any fsdp and dp_replicate,
+    and a pipeline folder (`shard --pp P --tp T`) on its own pp=P x tp=T mesh (each stage reads only its stage's
+    tensors, its TP chunk of them; packed placements too, on a 1-D tp mesh): exactly the shapes tested against
+    transformers' own load; anything else goes to `from_pretrained` (DCP: each stage's load plan reads what it
+    needs, resharded)."""
+    pp = doc.get("pp_size", 1)
+    if pp != mesh.pp:
+        return f"its pp={pp} differs from the mesh's pp={mesh.pp}"
     if doc["tp_size"] != mesh.tp:
         return f"its tp={doc['tp_size']} differs from the mesh's tp={mesh.tp}"
-    if mesh.tp < 2:
+    if mesh.tp < 2 and pp == 1:
         return "the mesh has no TP (tp=1)"
     if mesh.ep > 1:
         return f"expert parallelism (ep={mesh.ep}) is not handled by the fast path"
     if doc.get("quantization"):
         return "quantized folders load through the fast path only on plain TP"
     packed = sorted(n for n, t in doc["tensors"].items() if str(t.get("placement", "")).startswith("_Strided"))
-    if packed:
-        return f"packed (strided) TP placements ({packed[0]}) are not handled by the fast path on a mesh"
+    if packed and mesh.tp > 1 and (mesh.fsdp > 1 or mesh.dp_replicate > 1):
+        return f"packed (strided) TP placements ({packed[0]}) are not handled by the fast path on a mesh with FSDP"
     return None
 
 

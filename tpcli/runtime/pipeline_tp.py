@@ -8,7 +8,8 @@ before it is applied, is the whole fix: each stage then TP-shards the layers it 
 (measured: tiny llama and qwen3 at tp=2 x pp=2, logits within 3e-7 of one process, greedy tokens equal).
 
 `stage_tp_plan()` installs that filter for the duration of one `from_pretrained` (tpcli.load_model on a tp x pp
-mesh). A script calling transformers' `from_pretrained` itself on such a mesh still crashes.
+mesh) or one `maybe_distribute_model` (the fast path of a `shard --pp P --tp T` folder). A script calling
+transformers' `from_pretrained` itself on such a mesh still crashes.
 """
 
 from __future__ import annotations
