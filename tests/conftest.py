@@ -35,6 +35,14 @@ MODELS = {
 }
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The run's CPU at the end of the log (`make test-quick` promises a bound on it; --durations shows wall only):
+    this process's user+sys, and its waited-for children's (torchrun and its workers, tpcli subprocesses)."""
+    t = os.times()
+    terminalreporter.write_line(f"cpu: {t.user + t.system:.1f} s in pytest, {t.children_user + t.children_system:.1f} "
+                                "s in child processes (user+sys)")
+
+
 def base_env() -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")

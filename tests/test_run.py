@@ -166,11 +166,11 @@ def test_preflight_refuses_invalid_world_size(model_dirs, tmp_path, monkeypatch,
     assert not marker.exists() and "Traceback" not in err
 
 
-def test_usage_errors_exit_2(tmp_path):
-    proc = tpcli_run("--cpu", 2, check=False, timeout=60)
-    assert proc.returncode == 2 and "SCRIPT.py or -m MODULE" in proc.stderr
-    proc = tpcli_run("--cpu", 2, "--gpus", 2, "x.py", check=False, timeout=60)
-    assert proc.returncode == 2 and "exclusive" in proc.stderr
+def test_usage_errors_exit_2(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", 2)
+    assert code == 2 and "SCRIPT.py or -m MODULE" in err
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", 2, "--gpus", 2, "x.py")
+    assert code == 2 and "exclusive" in err
 
 
 def _free_port() -> int:

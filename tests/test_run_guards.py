@@ -137,13 +137,18 @@ def test_scontrol_is_called_only_when_needed_and_bounded(monkeypatch, tmp_path):
 
 # --- item 12: -m MODULE checked before spawning -------------------------------------------------------------------
 
-def test_missing_module_is_refused_before_spawning(tmp_path):
-    """Was: the workers started and printed 54 lines of traceback per rank after 11 s."""
-    env = {**base_env(), "TMPDIR": str(tmp_path / "tmp")}
+def test_missing_module_is_refused_before_spawning(tmp_path, monkeypatch, capsys):
+    """Was: the workers started and printed 54 lines of traceback per rank after 11 s. In-process (the real entry
+    point): a run folder would be made under the test's own temporary folder."""
+    import tempfile
+
     (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # gettempdir() caches TMPDIR's first value
+    monkeypatch.chdir(tmp_path)
     started = time.monotonic()
-    proc = tpcli_run("--cpu", 2, "-m", "no.such.module", env=env, cwd=tmp_path, timeout=120)
-    line = _one_usage_line(proc.returncode, proc.stderr, "-m no.such.module")
+    code, _, err = run_main(monkeypatch, capsys, "run", "--cpu", 2, "-m", "no.such.module")
+    line = _one_usage_line(code, err, "-m no.such.module")
     assert "no such module" in line and time.monotonic() - started < 10
     assert not list((tmp_path / "tmp").iterdir())  # no run folder: nothing started
 

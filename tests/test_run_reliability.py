@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import base_env
+from conftest import base_env, run_main
 
 from tpcli.commands.shard import shard_checkpoint
 
@@ -243,16 +243,21 @@ def test_no_descendant_outlives_tpcli_run(tmp_path, how):
                                        (["--max-restarts", "-1"], "--max-restarts -1"),
                                        (["--log-dir", "/etc/passwd"], "--log-dir /etc/passwd"),
                                        (["--log-dir", "/etc/passwd/sub"], "--log-dir /etc/passwd/sub")])
-def test_bad_run_flags_are_usage_errors_before_anything_starts(tmp_path, args, flag):
-    """Was torchrun's traceback (exit 1) with the log folder kept, or a FileExistsError leaving /tmp/tpcli-run-*."""
+def test_bad_run_flags_are_usage_errors_before_anything_starts(tmp_path, monkeypatch, capsys, args, flag):
+    """Was torchrun's traceback (exit 1) with the log folder kept, or a FileExistsError leaving /tmp/tpcli-run-*.
+    In-process (the real entry point, its error rendering included): the run folder would be made here, under the
+    test's own temporary folder, and a spawned worker would write the marker."""
+    import tempfile
+
     marker = tmp_path / "spawned"
     script = tmp_path / "s.py"
     script.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    env = {**base_env(), "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
-    proc = tpcli_run("--cpu", 2, *args, script, env=env, timeout=60)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and flag in lines[0], proc.stderr
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # gettempdir() caches TMPDIR's first value
+    code, out, err = run_main(monkeypatch, capsys, "run", "--cpu", 2, *args, script)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and flag in lines[0] and not out, err
     assert not marker.exists() and not list((tmp_path / "tmp").iterdir())
 
 

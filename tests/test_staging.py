@@ -2,9 +2,9 @@
 `chunk_bytes` each, piece by piece, so the pinned memory a rank holds is 2 x STAGING_CHUNK whatever the largest
 tensor (before: each buffer grew to the largest tensor carried, a replicated embedding whole).
 
-Proven here with CPU and `meta` targets and a chunk size of a few dozen bytes, so that every tensor of the fixture
-models goes in many pieces whose edges fall inside rows: the bytes equal the direct path's (and thereby DTensor's
-split, tests/test_loading_device.py), and no staging buffer is ever larger than a chunk. The CUDA side (pinned
+Proven here with CPU and `meta` targets and a chunk size of 50 or 100 bytes (CHUNKS), so that every tensor of the
+fixture models goes in many pieces whose edges fall inside rows: the bytes equal the direct path's (and thereby
+DTensor's split, tests/test_loading_device.py), and no staging buffer is ever larger than a chunk. The CUDA side (pinned
 buffers, events, the pinned memory given back) is tests/test_gpu.py::test_chunked_staging_on_a_delayed_stream.
 """
 
@@ -19,7 +19,10 @@ from test_loading_device import TP, _jobs, sharded  # noqa: F401 - `sharded` is 
 from tpcli.formats.staging import STAGING_CHUNK, staging_spans
 from tpcli.runtime.fast_load import SliceReader
 
-CHUNK = 50  # bytes: 12 fp32 or 25 bf16 elements per piece, never a whole row of the fixture models
+# bytes per piece, below the shortest row of each fixture model (so never a whole row, and edges inside rows):
+# qwen3's q/k norms are 16 fp32 (64 B): 12 fp32 per piece; mixtral's shortest rows, o_proj's 32 fp32 at tp=2
+# (128 B): 25 fp32 per piece (half the pieces of 50 B, the same paths: ~12,000 per read of the model)
+CHUNKS = {"qwen3": 50, "mixtral": 100}
 
 
 @pytest.mark.parametrize("numel", [0, 1, 11, 12, 13, 1000, 12_345])
@@ -44,13 +47,14 @@ def test_spans_examples():
 class _Pieces(SliceReader):
     """The staged path with its device-touching step observed: every piece copied, and the largest buffer."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, keep: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.pieces: list[tuple] = []
         self.largest = 0
+        self.keep = keep
 
     def _to_target(self, out, host):
-        self.pieces.append((out, host.clone()))  # the buffer is reused: keep what it held now
+        self.pieces.append((out, host.clone() if self.keep else None))  # the buffer is reused: keep what it held
         self.largest = max([self.largest] + [b.numel() for b in self.staging.buffers if b is not None])
         super()._to_target(out, host)
 
@@ -63,7 +67,8 @@ def test_pieces_rebuild_every_tensor_and_buffers_stay_one_chunk(sharded, name, d
     for rank in range(TP):
         plain = SliceReader(folder)
         direct = {n: plain.read_tensor(n, e, dim, runs) for n, e, dim, runs, _ in _jobs(doc, placements, rank)}
-        cpu, meta = _Pieces(folder, stage=True, chunk_bytes=CHUNK), _Pieces(folder, chunk_bytes=CHUNK)
+        chunk = CHUNKS[name]
+        cpu, meta = _Pieces(folder, stage=True, chunk_bytes=chunk, keep=False), _Pieces(folder, chunk_bytes=chunk)
         expected_pieces = 0
         for tname, entry, dim, runs, shape in _jobs(doc, placements, rank):
             stored = getattr(torch, entry["dtype"])
@@ -75,10 +80,10 @@ def test_pieces_rebuild_every_tensor_and_buffers_stay_one_chunk(sharded, name, d
             hosts = [host.reshape(-1) for _, host in meta.pieces[start:]]
             assert all(h.dtype == stored for h in hosts)
             assert torch.equal(torch.cat(hosts), direct[tname].reshape(-1)), (rank, tname)
-            expected_pieces += len(staging_spans(math.prod(shape), stored.itemsize, CHUNK))
+            expected_pieces += len(staging_spans(math.prod(shape), stored.itemsize, chunk))
         cpu.finish()
         meta.finish()
         assert len(meta.pieces) == len(cpu.pieces) == expected_pieces > 2 * len(direct)  # really in pieces
-        assert cpu.largest == meta.largest == CHUNK  # never grown to a tensor
+        assert cpu.largest == meta.largest == chunk  # never grown to a tensor
         assert cpu.bytes_read == meta.bytes_read == plain.bytes_read
         assert cpu.staging.buffers == [None, None]  # given back

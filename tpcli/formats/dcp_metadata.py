@@ -267,9 +267,10 @@ def check_structure(path: Path, meta) -> None:
             if type(c) is not ChunkStorageMetadata or not _is_size(c.offsets, size) or not _is_size(c.sizes, size) \
                     or len(c.offsets) != len(m.size) or len(c.sizes) != len(m.size):
                 bad(f"entry {fqn} has a malformed chunk")
-            starts.add(tuple(c.offsets))
-        if len(starts) != len(m.chunks):  # a pickle repeats a chunk in 2 bytes (a memo GET): refused before the
-            bad(f"entry {fqn} lists a chunk twice")  # later checks spend time on each copy
+            start = tuple(c.offsets)
+            if start in starts:  # a pickle repeats a chunk in 2 bytes (a memo GET): refused at the first copy,
+                bad(f"entry {fqn} lists a chunk twice")  # before this loop or the later checks visit the others
+            starts.add(start)
     for key, info in meta.storage_data.items():
         if type(key) is not MetadataIndex or type(key.fqn) is not str \
                 or not (key.offset is None or _is_size(key.offset, size)):
