@@ -34,10 +34,10 @@ def _copy(sharded: Path, tmp_path: Path) -> Path:
 
 
 def _flip(s: Path) -> None:
-    from tpcli.formats.dcp import data_ranges
+    from tpcli.formats.rankfile import data_spans
 
     f = s / SHARD1
-    begin, _ = data_ranges(f)["model.layers.0.mlp.down_proj.weight"]  # not part of the tie `quick` still compares
+    begin, _ = data_spans(f)["model.layers.0.mlp.down_proj.weight"]  # not part of the tie `quick` still compares
     data = bytearray(f.read_bytes())
     data[begin] ^= 1
     f.write_bytes(bytes(data))
