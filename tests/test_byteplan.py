@@ -34,10 +34,11 @@ def gather_plan(model_dirs, tmp_path_factory):
     """A byte-copy gather plan of its tp=2 folder ("dest" boxes: the chunks tile each tensor)."""
     from tpcli.commands.gather import _manifest_job
     from tpcli.commands.shard import shard_checkpoint
+    from tpcli.runtime.folders import ShardedFolder
 
     folder = tmp_path_factory.mktemp("bp") / "tp2"
     shard_checkpoint(str(model_dirs("llama")), tp=2, out=str(folder))
-    job, _ = _manifest_job(folder, max_shard_size="5GB", cast=None)
+    job, _ = _manifest_job(ShardedFolder.open(folder, defer_hashes=True), max_shard_size="5GB", cast=None)
     headers = {p.name: header_digest(p) for p in folder.glob("shard-*.safetensors")}
     return folder, BytePlan(**{**job.plan.__dict__, "headers": headers})
 
