@@ -30,6 +30,7 @@ from tpcli.cli_options import (
     SpOpt,
     check_plan_flag,
     check_run_script,
+    click_exception_types,
     mesh_flags,
     own_args,
     positive,
@@ -388,24 +389,6 @@ for _info in app.registered_commands:
     _info.short_help = SHORT_HELP.get(_info.name or _info.callback.__name__, _info.short_help)
 
 
-def _click_exception_types() -> tuple[type, ...]:
-    """typer >= 0.29 raises its vendored click's exceptions; older typer raises click's own."""
-    types = []
-    try:
-        from typer._click.exceptions import ClickException as TyperClickException
-
-        types.append(TyperClickException)
-    except ImportError:
-        pass
-    try:
-        from click.exceptions import ClickException
-
-        types.append(ClickException)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
 def _show_usage_error(exc) -> int:
     """One line on stderr: `Error: <what>` plus where to find help; no-arguments shows the help on stdout (exit 2)."""
     ctx = getattr(exc, "ctx", None)
@@ -477,7 +460,7 @@ def _main() -> None:
             sys.exit(0)
         raise
     except Exception as exc:
-        if isinstance(exc, _click_exception_types()):
+        if isinstance(exc, click_exception_types()):
             sys.exit(_show_usage_error(exc))
         moved = versions.moved_internal(exc)
         if moved:

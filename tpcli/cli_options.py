@@ -1,5 +1,6 @@
 """The flags of the `tpcli` command line: option aliases shared by several commands, the bounds and checks of their
-values (one line each, UsageError), and how `run` tells its own flags from the script's."""
+values (one line each, UsageError), how `run` tells its own flags from the script's, and which exceptions are click's
+usage errors."""
 
 from __future__ import annotations
 
@@ -151,3 +152,21 @@ def check_run_script(ctx: typer.Context, script: str | None) -> None:
         if Path(script).suffix == ".py" and (Path(examples.__file__).parent / f"{name}.py").is_file():
             raise UsageError(f"SCRIPT {script}: no such file; tpcli's example runs as a module: "
                              f"-m tpcli.examples.{name}")
+
+
+def click_exception_types() -> tuple[type, ...]:
+    """typer >= 0.29 raises its vendored click's exceptions; older typer raises click's own."""
+    types = []
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        types.append(TyperClickException)
+    except ImportError:
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        types.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
