@@ -122,3 +122,40 @@ def test_a_planted_module_level_cycle_is_found_and_a_lazy_one_is_not(tmp_path):
     modules, edges = import_edges(package)
     assert cycles(modules, {e for e, kind in edges.items() if kind == MODULE}) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
     assert cycles(modules, edges) == [["pkg.a", "pkg.c", "pkg.sub.b"], ["pkg.d", "pkg.d2"]]
+
+
+MAX_LINES = 500  # the core issue's bound: a module past it does more than one job
+
+
+def oversized(root: Path) -> dict[str, int]:
+    """{module: lines} for every module of the package at `root` longer than MAX_LINES."""
+    sizes = {_name(root, p): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
+    return {m: n for m, n in sizes.items() if n > MAX_LINES}
+
+
+def private_imports(root: Path) -> list[str]:
+    """`module: name` for every `from <package>... import _name` (a private name taken from another module of the
+    package); `import x as _x` (a private alias of a public name) and dunders (`__version__`) are fine."""
+    top = root.name
+    out = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == top):
+                out += [f"{_name(root, path)}: {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.endswith("__")]
+    return sorted(out)
+
+
+def test_no_module_over_500_lines_and_no_private_name_across_modules():
+    assert oversized(ROOT) == {}
+    assert private_imports(ROOT) == []
+
+
+def test_the_size_and_private_checks_find_planted_ones(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("_hidden = 1\n" + "x = 1\n" * MAX_LINES)
+    (package / "b.py").write_text("from pkg.a import _hidden\nfrom .a import x as _x\n")
+    assert oversized(package) == {"pkg.a": MAX_LINES + 1}
+    assert private_imports(package) == ["pkg.b: _hidden"]
