@@ -4,14 +4,16 @@
     make bench BENCH_ARGS="--sizes small,large,xl"
 
 Builds random bf16 Llama checkpoints locally (cached in ROOT, outside git; xl = 4.5 GB is opt-in: building it takes
-minutes), warms the page cache, then measures what a user waits for: the whole `tpcli shard` / `tpcli gather`
-process (start-up included), paired with `cp -r` of the same files run alternately (medians and ranges of the
-per-pair ratios), without the layout cache (planned with transformers: a first run) and with it (a repeat), next to
-the engine alone (imports done). Each command runs in its own process; wall, user and
-system time and peak RSS come from `wait4`. The load comparison runs `tpcli run --cpu 2`: tpcli.load_model of
-tpcli's tp=2 shards against transformers' reload of its own `distributed_checkpoint=True` save, time to a ready
-model per rank and to the end of its first forward, and the bytes each rank reads from storage with a cold page
-cache (/proc/self/io read_bytes after evicting the files with posix_fadvise). Nothing here is a test: the numbers depend on the machine and its load.
+minutes), then measures what a user waits for: the whole `tpcli shard` / `tpcli gather` process (start-up included),
+paired with `cp -r` of the same folder run alternately (every pair's raw times, medians and ranges of the per-pair
+ratios), each run with its input evicted from the page cache (posix_fadvise DONTNEED) and timed until its output is
+on the disk (fsync of every output file, after a `sync` before the run); without the layout cache (planned with
+transformers: a first run) and with it (a repeat), next to the engine alone (imports done, warm). Each command runs
+in its own process; wall, user and system time and peak RSS come from `wait4`. The load comparison runs
+`tpcli run --cpu 2`: tpcli.load_model of tpcli's tp=2 shards against transformers' reload of its own
+`distributed_checkpoint=True` save, time to a ready model per rank and to the end of its first forward, and the
+bytes each rank reads from storage with a cold page cache (/proc/self/io read_bytes after evicting the files with
+posix_fadvise). Nothing here is a test: the numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -102,20 +104,56 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     return res
 
 
+def evict(folder: Path) -> None:
+    """Drop the files' pages from the page cache (`posix_fadvise(DONTNEED)` after `fdatasync`: no root needed; a
+    page another process maps stays), so the next run reads them from storage."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def to_disk(folder: Path) -> float:
+    """Seconds to `fsync` every file and folder under `folder`: added to a run's wall time, so a command is timed
+    until its output is on the disk, not until it sits in the page cache."""
+    t = time.perf_counter()
+    for f in [*folder.rglob("*"), folder]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t
+
+
+def cold_to_disk(cmd: list[str], source: Path, out: Path, env: dict | None) -> dict:
+    """One timed run: `sync` (no earlier run's dirty pages left to throttle this one's writes), `source` evicted
+    from the page cache, then `cmd`, timed until `out` is on the disk (wall + `to_disk(out)`)."""
+    os.sync()
+    evict(source)
+    res = measure(cmd, env)
+    res["wall"] += to_disk(out)
+    return res
+
+
 def paired(runs: int, cmd: list[str], source: Path, out: Path, env: dict) -> tuple[dict, dict]:
-    """`cmd` (reading `source`, writing `out`) and `cp -r source out`, alternately, each into a fresh folder.
+    """`cmd` (reading `source`, writing `out`) and `cp -r source out`, alternately, each into a fresh folder, each
+    with `source` evicted from the page cache and timed to the disk (`cold_to_disk`).
 
     Returns (tpcli figures, cp figures): medians of wall/user/sys, max RSS, and the per-pair ratios."""
     ours, cps = [], []
     copy = out.with_name(out.name + "-cp")
     for i in range(runs):
         for which in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate who goes first: drift hits both alike
-            os.sync()  # start each run without the last one's dirty pages: writeback would throttle its writes
             if which == 0:
                 shutil.rmtree(out, ignore_errors=True)
-                ours.append(measure(cmd, env))
+                ours.append(cold_to_disk(cmd, source, out, env))
             else:
-                cps.append(measure(["cp", "-r", source, copy]))
+                cps.append(cold_to_disk(["cp", "-r", source, copy], source, copy, None))
                 shutil.rmtree(copy)
     ratios = sorted(o["wall"] / c["wall"] for o, c in zip(ours, cps, strict=True))
     med = {k: statistics.median(r[k] for r in ours) for k in ("wall", "user", "sys")}
@@ -299,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         row(f"{label} tpcli shard tp=2 (whole CLI, layout cached)",
             f"{sw['wall']:.2f} s (user {sw['user']:.1f}, sys {sw['sys']:.1f})",
             f"{sw['ratio']:.2f}x cp -r ({sw['lo']:.2f}-{sw['hi']:.2f}; cp {cpw['wall']:.2f} s)", "<= 2x cp -r")
+        row(f"{label}   each pair: ratio = tpcli / cp -r", pairs_text(s))
+        row(f"{label}   each pair, layout cached", pairs_text(sw))
         row(f"{label} tpcli shard tp=2 (engine, imports done)", f"{engine['shard']:.2f} s",
             f"{engine['shard'] / cp['wall']:.2f}x cp -r")
         row(f"{label} tpcli shard peak RSS", f"{s['rss']:.2f} GB", f"largest tensor {largest:.2f} GB", rss_target)
@@ -313,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()
     print()
     print(f"tpcli bench: {os.cpu_count()} CPUs, load average {load_before[0]:.1f} at the start, "
-          f"{load_after[0]:.1f} at the end; medians of {args.runs} paired runs; warm page cache unless 'cold'")
+          f"{load_after[0]:.1f} at the end; medians of {args.runs} paired runs; shard, gather and cp -r read an evicted source and are timed to the "
+          f"disk (fsync of the output); warm page cache elsewhere unless 'cold'")
     print(f"{'metric':62} | {'value':36} | {'ratio':46} | target")
     print("-" * 165)
     for metric, value, ratio, target in rows:
@@ -337,24 +378,35 @@ def train_rows(label: str, src: Path, root: Path, work: Path, tpcli_cmd: list[st
         if f.is_file():
             warm_file(f)
     merge = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cmds = {"tpcli gather (DCP)": [*tpcli_cmd, "gather", ckpt / "pytorch_model_fsdp_0", "--config", src, "--out",
-                                   work / "t-dcp", "--json"],
-            "tpcli gather (verl .pt)": [*tpcli_cmd, "gather", ckpt / "verl", "--config", src, "--out",
-                                        work / "t-pt", "--json"]}
+    dcp, verl = ckpt / "pytorch_model_fsdp_0", ckpt / "verl"
+    # name: (command, folder it reads, folder it writes, the `cp -r` it is paired with)
+    cmds = {"tpcli gather (DCP)": ([*tpcli_cmd, "gather", dcp, "--config", src, "--out", work / "t-dcp", "--json"],
+                                   dcp, work / "t-dcp", "cp -r (DCP)"),
+            "tpcli gather (verl .pt)": ([*tpcli_cmd, "gather", verl, "--config", src, "--out", work / "t-pt",
+                                         "--json"], verl, work / "t-pt", "cp -r (verl)"),
+            "cp -r (DCP)": (["cp", "-r", dcp, work / "c-dcp"], dcp, work / "c-dcp", None),
+            "cp -r (verl)": (["cp", "-r", verl, work / "c-pt"], verl, work / "c-pt", None)}
     if merge:
-        cmds["accelerate merge-weights (DCP)"] = [merge, "merge-weights", ckpt / "pytorch_model_fsdp_0", work / "acc"]
+        cmds["accelerate merge-weights (DCP)"] = ([merge, "merge-weights", dcp, work / "acc"], dcp, work / "acc",
+                                                  "cp -r (DCP)")
     figures: dict[str, list[dict]] = {k: [] for k in cmds}
     for i in range(runs):
         for name in (list(cmds) if i % 2 == 0 else list(cmds)[::-1]):
-            for d in ("t-dcp", "t-pt", "acc"):
-                shutil.rmtree(work / d, ignore_errors=True)
-            os.sync()
-            figures[name].append(measure(cmds[name], env))
+            cmd, source, out, _ = cmds[name]
+            shutil.rmtree(out, ignore_errors=True)
+            figures[name].append(cold_to_disk(cmd, source, out, None if cmd[0] == "cp" else env))
     for name, runs_ in figures.items():
         wall = statistics.median(r["wall"] for r in runs_)
+        paired_with = cmds[name][3]
+        pairs = "" if paired_with is None else "; ".join(
+            f"{o['wall'] / c['wall']:.2f}x = {o['wall']:.2f}/{c['wall']:.2f} s"
+            for o, c in zip(runs_, figures[paired_with], strict=True))
         row(f"{label} FSDP2 x2 checkpoint: {name}", f"{wall:.2f} s (user "
             f"{statistics.median(r['user'] for r in runs_):.1f}, sys {statistics.median(r['sys'] for r in runs_):.1f})",
-            f"peak RSS {max(r['rss'] for r in runs_):.2f} GB", rss_target if name.startswith("tpcli") else "")
+            f"peak RSS {max(r['rss'] for r in runs_):.2f} GB" + (f"; vs {paired_with}: {pairs}" if pairs else ""),
+            rss_target if name.startswith("tpcli") else "")
+    for _, _, out, _ in cmds.values():
+        shutil.rmtree(out, ignore_errors=True)
     if not merge:
         row(f"{label} accelerate merge-weights", "not installed")
 
