@@ -20,18 +20,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
-from worker_common import param_mismatches  # noqa: E402  (this script's folder is on sys.path)
+from worker_common import param_mismatches, rchar  # noqa: E402  (this script's folder is on sys.path)
 
 import tpcli
 from tpcli.runtime.pipeline_tp import stage_tp_plan
 
 folder, original, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 IDS = torch.tensor([[1, 17, 256, 3, 999, 42, 7, 512], [1, 5, 6, 7, 8, 900, 13, 21]])
-
-
-def rchar() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 m = tpcli.mesh_info().mesh

@@ -17,3 +17,24 @@ Adapters import nothing at module level besides the standard library: each wrapp
 used (a module `__getattr__` for classes and functions, plain functions for attributes), so importing an adapter
 costs no torch import and `tpcli --help` stays torch-free.
 """
+
+import importlib
+
+
+def lazy_internals(adapter: str, internals: dict[str, tuple[str, str, str]]):
+    """The module `__getattr__` of an adapter: `internals[name]` = (library module, attribute, what it is), imported
+    on first use. A release that moved it raises ImportError naming the library's module (what
+    `versions.moved_internal` reports), not the adapter's."""
+
+    def __getattr__(name: str):
+        try:
+            module, attr, _ = internals[name]
+        except KeyError:
+            raise AttributeError(f"module {adapter!r} has no attribute {name!r}") from None
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except AttributeError:
+            raise ImportError(f"cannot import name {attr!r} from {module!r} (wrapped as {adapter}.{name})",
+                              name=module) from None
+
+    return __getattr__

@@ -15,7 +15,7 @@ file naming it fails closed with a one-line CheckpointError.
 
 from __future__ import annotations
 
-import importlib
+from tpcli.adapters import lazy_internals
 
 # name -> (module, attribute, what tpcli uses it for). All present in torch 2.13.0.
 INTERNALS: dict[str, tuple[str, str, str]] = {
@@ -40,18 +40,7 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
 )
 
 
-def __getattr__(name: str):
-    """`INTERNALS[name]`, imported on first use. A torch release that moved it raises ImportError naming torch's
-    module (what `versions.moved_internal` reports), not this one."""
-    try:
-        module, attr, _ = INTERNALS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except AttributeError:
-        raise ImportError(f"cannot import name {attr!r} from {module!r} (wrapped as {__name__}.{name})",
-                          name=module) from None
+__getattr__ = lazy_internals(__name__, INTERNALS)
 
 
 def split_tensor(placement, tensor, num_chunks: int) -> list:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 
+from tpcli.adapters import lazy_internals
+
 # name -> (module, attribute, what tpcli uses it for). All present in transformers 5.23.0.
 INTERNALS: dict[str, tuple[str, str, str]] = {
     # weight conversions (checkpoint names <-> run-time names), tpcli.planning.convert
@@ -83,18 +85,7 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
 PLAN_LOGGER = "transformers.distributed.mixin"
 
 
-def __getattr__(name: str):
-    """`INTERNALS[name]`, imported on first use. A transformers release that moved it raises ImportError naming transformers's
-    module (what `versions.moved_internal` reports), not this one."""
-    try:
-        module, attr, _ = INTERNALS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except AttributeError:
-        raise ImportError(f"cannot import name {attr!r} from {module!r} (wrapped as {__name__}.{name})",
-                          name=module) from None
+__getattr__ = lazy_internals(__name__, INTERNALS)
 
 
 def modeling_class(model_type: str, name: str):
