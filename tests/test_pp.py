@@ -238,13 +238,17 @@ def test_load_model_on_a_pp_mesh_is_transformers_own(models, tmp_path, name):
 
 @pytest.mark.dist
 @pytest.mark.e2e
-def test_verify_numerics_on_a_pp_mesh(models):
-    """`verify --numerics --tp 1 --pp 2`: the pp workers' logits (broadcast from the last stage) and greedy tokens
-    against one process; transformers' PP forward returns no hidden states, so no per-layer rows."""
-    proc = _tpcli("verify", models("llama"), "--tp", 1, "--pp", 2, "--numerics", "--json")
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "pp2xtp2"])
+def test_verify_numerics_on_a_pp_mesh(models, tp):
+    """`verify --numerics --tp T --pp 2`: the pp workers' logits (broadcast from the last stage) and greedy tokens
+    against one process; transformers' PP forward returns no hidden states, so no per-layer rows. pp alone is
+    transformers' own load (bit for bit); tp x pp is tpcli's per-stage TP load (runtime/pipeline_tp), whose
+    all-reduces sum in another order (fp32 tolerance 1e-5)."""
+    proc = _tpcli("verify", models("llama"), "--tp", tp, "--pp", 2, "--numerics", "--json")
     doc = json.loads(proc.stdout)
-    assert doc["ok"] and doc["mesh"]["pp"] == 2 and doc["numerics"]["world_size"] == 2
-    assert doc["numerics"]["logits"]["max_abs"] == 0.0 and doc["numerics"]["tokens_equal"]
+    assert doc["ok"] and doc["mesh"]["pp"] == 2 and doc["mesh"]["tp"] == tp, doc
+    assert doc["numerics"]["world_size"] == 2 * tp and doc["numerics"]["tokens_equal"]
+    assert doc["numerics"]["logits"]["max_abs"] <= (0.0 if tp == 1 else 1e-5)
     assert doc["numerics"]["layers"] == []
 
 
