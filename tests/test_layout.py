@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tpcli.planning.layout import contiguous_chunk, local_shape, rank_runs
+from tpcli.planning.layout import contiguous_chunk, index_runs, local_shape, rank_runs
 from tpcli.planning.placements import ParamPlacement, param_placement
 
 
@@ -63,3 +63,26 @@ def test_strided_is_saved_as_contiguous_chunks():
 )
 def test_style_table(style, name, ndim, expected):
     assert param_placement(style, name, ndim) == expected
+
+
+def test_index_runs_are_the_runs_of_consecutive_values():
+    """The vectorised run finder against the plain loop, on sorted index sets (DTensor's pieces), shuffled ones and
+    repeats; a run that wrongly merged or split fails the comparison."""
+    import random
+
+    def loop(indices):
+        runs: list[tuple[int, int]] = []
+        for i in indices:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        return tuple(runs)
+
+    assert index_runs(torch.tensor([3, 4, 5, 9, 10])) == ((3, 6), (9, 11))
+    assert index_runs(torch.tensor([], dtype=torch.long)) == ()
+    rng = random.Random(0)
+    for _ in range(500):
+        n = rng.randint(1, 40)
+        idx = sorted(rng.sample(range(80), n)) if rng.random() < 0.7 else [rng.randint(0, 10) for _ in range(n)]
+        assert index_runs(torch.tensor(idx)) == loop(idx), idx

@@ -64,35 +64,47 @@ def _gathered_kv_families() -> list[str]:
     return found
 
 
-def test_every_gathered_kv_family_caches_every_kv_head_on_every_rank(tmp_path):
-    """transformers 5.23's families with a gathered k_proj: each rank's KV cache at tp=2 is the whole tp=1 cache.
+KNOWN_GATHERED = ("olmo2", "olmo3", "olmoe", "flex_olmo", "minimax_m2", "step3p7")  # transformers 5.23's, modelled
 
-    (olmo2 is also measured on a real TP run: tests/test_memory.py.) A family transformers cannot build from its
-    own default config, or whose other layers tpcli cannot model, is listed and skipped, not passed.
-    """
+
+def _kv_whole_on_every_rank(folder, model_type: str) -> None:
+    """At tp=2 k_proj's weight is split, and each rank's KV cache is the whole tp=1 cache."""
     from transformers import AutoConfig
 
+    AutoConfig.for_model(model_type).save_pretrained(folder)
+    plan = _plan(folder)
+    one = rank_memory(plan, 1, MemoryOptions(batch=1, seq_len=8))[0].kv_cache_bytes
+    two = rank_memory(plan, 2, MemoryOptions(batch=1, seq_len=8))
+    k_proj = [t for t in plan.tensors.values()
+              if t.name.endswith("self_attn.k_proj.weight") and t.style in ("colwise_gather_output", "colwise_rep")]
+    assert k_proj and all(t.placement.is_sharded for t in k_proj), model_type  # the weight is split ...
+    assert [m.kv_cache_bytes for m in two] == [one, one], model_type  # ... the cache is not
+
+
+@pytest.mark.parametrize("model_type", KNOWN_GATHERED)
+def test_a_gathered_kv_family_caches_every_kv_head_on_every_rank(tmp_path, model_type):
+    """(olmo2 is also measured on a real TP run: tests/test_memory.py.) The scan below finds these and any new one."""
+    _kv_whole_on_every_rank(tmp_path, model_type)
+
+
+@pytest.mark.scan
+def test_every_gathered_kv_family_caches_every_kv_head_on_every_rank(tmp_path):
+    """Every family of the installed transformers whose default plan gathers k_proj (found by importing every
+    config class: ~4 s, so the full suite only). A family transformers cannot build from its own default config,
+    or whose other layers tpcli cannot model, is listed and skipped, not passed."""
     from tpcli.errors import ModelError
 
     families = _gathered_kv_families()
-    assert {"olmo2", "olmo3", "olmoe", "flex_olmo", "minimax_m2", "step3p7"} <= set(families), families
+    assert set(KNOWN_GATHERED) <= set(families), families
     checked, skipped = [], {}
     for model_type in families:
-        folder = tmp_path / model_type
-        AutoConfig.for_model(model_type).save_pretrained(folder)
         try:
-            plan = _plan(folder)
-            one = rank_memory(plan, 1, MemoryOptions(batch=1, seq_len=8))[0].kv_cache_bytes
-            two = rank_memory(plan, 2, MemoryOptions(batch=1, seq_len=8))
+            _kv_whole_on_every_rank(tmp_path / model_type, model_type)
         except ModelError as exc:
             skipped[model_type] = str(exc)
             continue
-        k_proj = [t for t in plan.tensors.values()
-                  if t.name.endswith("self_attn.k_proj.weight") and t.style in ("colwise_gather_output", "colwise_rep")]
-        assert k_proj and all(t.placement.is_sharded for t in k_proj), model_type  # the weight is split ...
-        assert [m.kv_cache_bytes for m in two] == [one, one], model_type  # ... the cache is not
         checked.append(model_type)
-    assert {"olmo2", "olmo3", "olmoe", "flex_olmo", "minimax_m2", "step3p7"} <= set(checked), skipped
+    assert set(KNOWN_GATHERED) <= set(checked), skipped
     assert set(skipped) <= {"step3p5", "olmo_hybrid"}, skipped  # no model class / unmodelled linear_attention
 
 

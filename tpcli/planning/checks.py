@@ -6,6 +6,7 @@ One implementation serves `inspect` (valid TP sizes), `verify`, and the prefligh
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from tpcli.adapters.transformers_api import experts_implementation
 from tpcli.errors import PlanError
@@ -93,7 +94,10 @@ def check_plan(plan: ResolvedPlan, tp: int) -> list[Finding]:
     return sorted(unique, key=lambda f: order[f.severity])
 
 
+@lru_cache(maxsize=1 << 16)
 def wildcard_name(name: str) -> str:
+    """transformers' own `model.layers.3.mlp` -> `model.layers.*.mlp` (cached: the checks ask for each name once per
+    TP size, and valid_tp_sizes tries every size up to the world)."""
     from tpcli.adapters.transformers_api import replace_layer_number_by_wildcard
 
     return replace_layer_number_by_wildcard(name)

@@ -28,17 +28,21 @@ def rank_runs(size: int, placement: ParamPlacement, world: int) -> tuple[Runs, .
 
     along_0 = ParamPlacement(placement.kind, 0, placement.split_factor).to_torch()  # an index vector is 1-D
     pieces = split_tensor(along_0, torch.arange(size), world)
-    return tuple(to_runs(piece.tolist()) for piece in pieces)
+    return tuple(index_runs(piece) for piece in pieces)
 
 
-def to_runs(indices: list[int]) -> Runs:
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return tuple(runs)
+def index_runs(index) -> Runs:
+    """The half-open runs of consecutive values in a 1-D integer tensor, in order: [3, 4, 5, 9, 10] ->
+    ((3, 6), (9, 11)). A run breaks where index[i + 1] != index[i] + 1 (vectorised: a vocabulary-sized index is one
+    comparison, not a Python loop)."""
+    import torch
+
+    if index.numel() == 0:
+        return ()
+    breaks = torch.nonzero(index[1:] != index[:-1] + 1).flatten()
+    starts = torch.cat([index[:1], index[breaks + 1]]).tolist()
+    stops = torch.cat([index[breaks] + 1, index[-1:] + 1]).tolist()
+    return tuple(zip(starts, stops, strict=True))
 
 
 def local_shape(shape: tuple[int, ...], placement: ParamPlacement, world: int, rank: int) -> tuple[int, ...]:

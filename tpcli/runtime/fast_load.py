@@ -168,7 +168,7 @@ def _mesh_runs(target) -> list[tuple[tuple[int, int], ...]]:
     t*N/T + f*N/(T*F) ... + N/(T*F) (even sizes), the f-th block of the t-th TP chunk. A plain tensor: everything."""
     import torch
 
-    from tpcli.planning.layout import to_runs
+    from tpcli.planning.layout import index_runs
     from tpcli.planning.placements import ParamPlacement
 
     shape = list(target.shape)
@@ -184,7 +184,7 @@ def _mesh_runs(target) -> list[tuple[tuple[int, int], ...]]:
         along_0 = ParamPlacement(pp.kind, 0, pp.split_factor).to_torch()  # the index vector is 1-D
         pieces = split_tensor(along_0, index[d], mesh.size(i))
         index[d] = pieces[coord[i]]
-    runs = [to_runs(v.tolist()) for v in index]
+    runs = [index_runs(v) for v in index]
     local = list(local_tensor(target).shape)
     if [sum(b - a for a, b in r) for r in runs] != local:  # DTensor's split and its local tensor must agree
         raise AssertionError(f"local shape {local} != the split {runs} of {shape} by {target.placements}")
