@@ -66,6 +66,7 @@ EDITS = {  # what a planted or stale entry could hold; each must be refused
     "box of another size": lambda d: _box(d)[4].__setitem__(0, _box(d)[4][0] + 1),
     "box outside its array": lambda d: _box(d)[3].__setitem__(0, _box(d)[2][0]),
     "box in the header": lambda d: _box(d).__setitem__(1, 0),
+    "box in the JSON header": lambda d: _box(d).__setitem__(1, 8),
     "box past the end of its file": lambda d: _box(d).__setitem__(1, 10**12),
     "box from an unlisted file": lambda d: _box(d).__setitem__(0, "other.safetensors"),
     "source outside the folder": lambda d: d["headers"].update({"../x.safetensors": [8, "0" * 64]}),

@@ -169,9 +169,14 @@ class BytePlan:
 def header_digest(path: Path) -> list:
     """[size, sha256 of the safetensors header]: what the byte offsets of a plan depend on in a source file
     (offsets into a file move only when its header changes, so its data bytes need not be compared)."""
+    return _digest_and_data_start(path)[0]
+
+
+def _digest_and_data_start(path: Path) -> tuple[list, int]:
+    """(`header_digest(path)`, 8 + header length: the first byte a box may read)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return [os.fstat(f.fileno()).st_size, hashlib.sha256(f.read(n)).hexdigest()]
+        return [os.fstat(f.fileno()).st_size, hashlib.sha256(f.read(n)).hexdigest()], 8 + n
 
 
 def _need(ok: bool, what: str) -> None:
@@ -220,9 +225,9 @@ def _fields(entry, names: tuple[str, ...]) -> dict:
     return entry
 
 
-def _sources(headers, folder: Path) -> dict[str, int]:
+def _sources(headers, folder: Path) -> dict[str, tuple[int, int]]:
     """headers: {plain file name: [size, sha256 hex]}, each a regular file inside `folder` whose size and header are
-    still those; returns {file: size}."""
+    still those; returns {file: (data start, size)}: the bytes past the header a box may read."""
     from tpcli.errors import TpcliError
     from tpcli.formats.source import check_inside
 
@@ -232,15 +237,15 @@ def _sources(headers, folder: Path) -> dict[str, int]:
         _need(_plain(f) and isinstance(d, list) and len(d) == 2 and _int(d[0]) and _str(d[1]), f"header entry {f!r}")
         try:
             check_inside(folder, folder / f, "weights")
-            now = header_digest(folder / f)
+            now, data_start = _digest_and_data_start(folder / f)
         except (TpcliError, OSError, struct.error) as exc:
             raise Invalid(str(exc)) from None
         _need(now == d, f"{f}: changed since planning")
-        sizes[f] = d[0]
+        sizes[f] = (data_start, d[0])
     return sizes
 
 
-def _box(b, sizes: dict[str, int], itemsize: int) -> SourceBox:
+def _box(b, sizes: dict[str, tuple[int, int]], itemsize: int) -> SourceBox:
     _need(isinstance(b, list) and len(b) == 6, "box")
     file, start, shape, offsets, box, box_in = b
     _need(file in sizes and _int(start, 8) and _shape(shape) and _shape(offsets) and _shape(box)
@@ -248,7 +253,9 @@ def _box(b, sizes: dict[str, int], itemsize: int) -> SourceBox:
     _need(len(shape) == len(offsets) == len(box)
           and all(o + s <= n for n, o, s in zip(shape, offsets, box, strict=True)), "box outside its array")
     out = SourceBox(file, start, tuple(shape), tuple(offsets), tuple(box), box_in)
-    _need(start + out.source_bytes(itemsize) <= sizes[file], "box outside its source file")
+    data_start, size = sizes[file]
+    _need(start >= data_start, "box in its source file's header")
+    _need(start + out.source_bytes(itemsize) <= size, "box outside its source file")
     return out
 
 
