@@ -20,6 +20,7 @@ import torch
 from tpcli.commands.gather import gather_checkpoint
 from tpcli.commands.shard import shard_checkpoint
 from tpcli.formats import bytecopy
+from tpcli.formats.rankfile import box_run_starts
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -51,7 +52,7 @@ BOXES = [  # (shape, offsets, sizes)
 def test_box_runs_are_the_bytes_of_the_torch_slice(shape, offsets, sizes):
     t = torch.arange(math.prod(shape), dtype=torch.int16).reshape(shape)
     raw = t.view(-1).view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes()
-    starts, n = bytecopy.box_runs(shape, offsets, sizes, 2)
+    starts, n = box_run_starts(shape, offsets, sizes, 2)
     got = b"".join(raw[s:s + n] for s in starts)
     index = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
     want = t[index].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -127,7 +128,7 @@ def test_box_runs_cover_every_chunk_of_every_tp_exactly_once():
         covered = bytearray(math.prod(shape))
         for r in range(tp):
             offsets, sizes = contiguous_chunk(shape, ParamPlacement("shard", dim), tp, r)
-            starts, n = bytecopy.box_runs(shape, tuple(offsets), tuple(sizes), 1)
+            starts, n = box_run_starts(shape, tuple(offsets), tuple(sizes), 1)
             for s in starts:
                 covered[s:s + n] = bytes(b + 1 for b in covered[s:s + n])
         assert set(covered) == {1}, (tp, dim)

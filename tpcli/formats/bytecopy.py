@@ -2,7 +2,7 @@
 
 When a run-time tensor is a checkpoint tensor exactly as stored (transformers' converters at most rename it, and no
 `--dtype` cast), every chunk `shard` writes is a box of it, and every tensor `gather` writes is the union of its
-chunks' boxes. A box of a row-major array is a sequence of equal byte runs (`box_runs`):
+chunks' boxes. A box of a row-major array is a sequence of equal byte runs (`rankfile.box_run_starts`):
 
     shape (R, C), box rows [0, R) x columns [c0, c0 + n), itemsize b:
         R runs of n*b bytes, starting at (r*C + c0)*b for r in 0..R-1
@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpcli.formats.rankfile import RangeMap, RankFile
+from tpcli.formats.rankfile import RangeMap, RankFile, box_run_starts
 
 LONG = 1 << 20  # a box whose runs are at least this long is copied by the kernel, run by run
 SMALL = 64 * 1024  # bytes below this are hashed in batches (one hashlib call, and one GIL release, per MiB)
@@ -68,13 +68,13 @@ class Box:
 
     def runs(self) -> list[tuple[int, int, int]]:
         """(source offset, output offset, length) of each run, absolute, in the box's row-major order."""
-        starts, n = box_runs(self.shape, self.offsets, self.sizes, self.itemsize)
+        starts, n = box_run_starts(self.shape, self.offsets, self.sizes, self.itemsize)
         if self.box_in == "src":
             return [(self.src_start + s, self.dest_start + i * n, n) for i, s in enumerate(starts)]
         return [(self.src_start + i * n, self.dest_start + s, n) for i, s in enumerate(starts)]
 
     def long(self) -> bool:
-        starts, n = box_runs(self.shape, self.offsets, self.sizes, self.itemsize)
+        starts, n = box_run_starts(self.shape, self.offsets, self.sizes, self.itemsize)
         return len(starts) <= 1 or n >= LONG
 
 
@@ -102,26 +102,6 @@ def lay_out(path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
         starts[name] = pos
         pos += sizes[name]
     return OutputFile(Path(path), head, pos), starts
-
-
-def box_runs(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
-             itemsize: int) -> tuple[list[int], int]:
-    """Byte offsets, from the start of a row-major array of `shape`, of the runs that make up the box
-    [offsets, offsets + sizes), in row-major order of the box, and the length of each run.
-
-    k = the innermost dim where the box is narrower than the array; dims after k are whole, so each run covers
-    sizes[k] * prod(shape[k+1:]) elements, and there are prod(sizes[:k]) runs. An empty box has no runs.
-    """
-    if any(s == 0 for s in sizes):
-        return [], 0
-    k = max((d for d in range(len(shape)) if sizes[d] != shape[d]), default=-1)
-    if k < 0:
-        return [0], math.prod(shape) * itemsize
-    strides = [math.prod(shape[d + 1:]) * itemsize for d in range(len(shape))]
-    starts = [offsets[k] * strides[k]]
-    for d in range(k - 1, -1, -1):  # grow the run starts outward, one dim at a time (row-major order)
-        starts = [(offsets[d] + i) * strides[d] + s for i in range(sizes[d]) for s in starts]
-    return starts, sizes[k] * strides[k]
 
 
 def write_files(files: list[OutputFile], *, sha256: bool, advance=None, workers: int | None = None) -> list[str | None]:

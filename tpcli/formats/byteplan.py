@@ -18,7 +18,7 @@ validation a cached plan gets (an entry on disk is never trusted): every field t
 inside its tensor and inside its source file, the boxes of a tensor tiling it exactly once, every source a regular
 file inside the source folder whose header is still the one planned against.
 
-A box is cut from, or placed into, a row-major array (`tpcli.formats.bytecopy.box_runs` turns it into byte runs):
+A box is cut from, or placed into, a row-major array (`tpcli.formats.rankfile.box_run_starts` turns it into byte runs):
 
     box_in = "src":  the source holds the whole array of `shape` at byte `start`; the tensor is the dense box
                      [offsets, offsets + sizes)  (shard: one rank's chunk; sizes = the tensor's shape)

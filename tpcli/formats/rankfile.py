@@ -417,23 +417,34 @@ def _library_check(path: Path) -> None:
         raise CheckpointError(f"{path}: rejected by the safetensors library ({exc}).") from None
 
 
+def box_run_starts(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...],
+                   itemsize: int) -> tuple[list[int], int]:
+    """Byte offsets, from the start of a row-major array of `shape`, of the runs that make up the box
+    [offsets, offsets + sizes), in row-major order of the box, and the length of each run.
+
+    k = the innermost dim where the box is narrower than the array; dims after k are whole, so each run covers
+    sizes[k] * prod(shape[k+1:]) elements, and there are prod(sizes[:k]) runs. An empty box has no runs; a whole
+    array (or a 0-d one) is one run.
+
+        shape [4, 6], offsets [1, 2], sizes [2, 3], itemsize 1  ->  [8, 14], 3
+    """
+    if any(s <= 0 for s in sizes):
+        return [], 0
+    k = max((d for d in range(len(shape)) if sizes[d] != shape[d]), default=-1)
+    if k < 0:
+        return [0], math.prod(shape) * itemsize
+    strides = [math.prod(shape[d + 1:]) * itemsize for d in range(len(shape))]
+    starts = [offsets[k] * strides[k]]
+    for d in range(k - 1, -1, -1):  # grow the run starts outward, one dim at a time (row-major order)
+        starts = [(offsets[d] + i) * strides[d] + s for i in range(sizes[d]) for s in starts]
+    return starts, sizes[k] * strides[k]
+
+
 def box_byte_runs(sizes: list[int], lo: list[int], hi: list[int], itemsize: int) -> list[tuple[int, int]]:
     """The runs of bytes (offset in the array's data, length), in row-major order, that hold the sub-box [lo, hi)
-    of a contiguous array of shape `sizes`: with k the first dim after which the box spans whole dims, each index
-    of the dims before k is one run of (hi[k] - lo[k]) x prod(sizes[k+1:]) elements. A row block (every FSDP slice
-    along dim 0) is a single run; an empty box has none.
+    of a contiguous array of shape `sizes` (`box_run_starts` with offsets lo and sizes hi - lo). A row block (every
+    FSDP slice along dim 0) is a single run; an empty box has none.
 
         sizes [4, 6], lo [1, 2], hi [3, 5], itemsize 1  ->  [(8, 3), (14, 3)]"""
-    import itertools
-
-    if any(b <= a for a, b in zip(lo, hi, strict=True)):
-        return []
-    if not sizes:  # a 0-d tensor: its one element
-        return [(0, itemsize)]
-    k = len(sizes) - 1
-    while k > 0 and (lo[k], hi[k]) == (0, sizes[k]):
-        k -= 1
-    strides = [math.prod(sizes[d + 1:]) for d in range(len(sizes))]
-    n = (hi[k] - lo[k]) * strides[k] * itemsize
-    return [((sum(i * s for i, s in zip(outer, strides, strict=False)) + lo[k] * strides[k]) * itemsize, n)
-            for outer in itertools.product(*(range(lo[d], hi[d]) for d in range(k)))]
+    starts, n = box_run_starts(tuple(sizes), tuple(lo), tuple(b - a for a, b in zip(lo, hi, strict=True)), itemsize)
+    return [(s, n) for s in starts]
