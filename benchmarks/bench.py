@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     load_after = os.getloadavg()
     print()
     print(f"tpcli bench: {os.cpu_count()} CPUs, load average {load_before[0]:.1f} at the start, "
-          f"{load_after[0]:.1f} at the end; medians of {args.runs} paired runs; shard, gather and cp -r read an evicted source and are timed to the "
-          f"disk (fsync of the output); warm page cache elsewhere unless 'cold'")
+          f"{load_after[0]:.1f} at the end; medians of {args.runs} paired runs; shard, gather and cp -r read an "
+          "evicted source and are timed to the disk (fsync of the output); warm page cache elsewhere unless 'cold'")
     print(f"{'metric':62} | {'value':36} | {'ratio':46} | target")
     print("-" * 165)
     for metric, value, ratio, target in rows:
@@ -398,9 +398,8 @@ def train_rows(label: str, src: Path, root: Path, work: Path, tpcli_cmd: list[st
     for name, runs_ in figures.items():
         wall = statistics.median(r["wall"] for r in runs_)
         paired_with = cmds[name][3]
-        pairs = "" if paired_with is None else "; ".join(
-            f"{o['wall'] / c['wall']:.2f}x = {o['wall']:.2f}/{c['wall']:.2f} s"
-            for o, c in zip(runs_, figures[paired_with], strict=True))
+        pairs = "" if paired_with is None else pairs_text(
+            {"pairs": [(o["wall"], c["wall"]) for o, c in zip(runs_, figures[paired_with], strict=True)]})
         row(f"{label} FSDP2 x2 checkpoint: {name}", f"{wall:.2f} s (user "
             f"{statistics.median(r['user'] for r in runs_):.1f}, sys {statistics.median(r['sys'] for r in runs_):.1f})",
             f"peak RSS {max(r['rss'] for r in runs_):.2f} GB" + (f"; vs {paired_with}: {pairs}" if pairs else ""),
